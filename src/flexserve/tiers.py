@@ -33,8 +33,9 @@ _RANK = {
 }
 
 # What a client may put in `service_tier`. `scale` is an older OpenAI tier that
-# we serve as `default`; `batch` is reached only through the Batch API.
-REQUESTABLE_TIERS = ("auto", "default", "flex", "priority", "scale")
+# we serve as `default`; `fast` is OpenAI's other name for `priority`; `batch`
+# is reached only through the Batch API.
+REQUESTABLE_TIERS = ("auto", "default", "flex", "priority", "scale", "fast")
 
 
 def resolve_tier(requested: str | None, project_default: ServiceTier) -> ServiceTier:
@@ -43,6 +44,8 @@ def resolve_tier(requested: str | None, project_default: ServiceTier) -> Service
         return project_default
     if requested == "scale":
         return ServiceTier.DEFAULT
+    if requested == "fast":
+        return ServiceTier.PRIORITY
     if requested in ("default", "flex", "priority"):
         return ServiceTier(requested)
     raise InvalidRequestError(

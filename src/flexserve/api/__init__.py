@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, auth, validation, SSE and the one error envelope."""

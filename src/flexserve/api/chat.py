@@ -1,0 +1,259 @@
+"""`POST /v1/chat/completions`: the request path of the design, end to end.
+
+auth → bounded body → validation → tier → scheduler (queue, replica,
+generation) → response or SSE stream → usage record (handed to the batched
+writer, never awaited on the request path).
+
+A stream's headers are sent only once the first token exists, so anything
+that fails before generation (429 for flex, 503 for no replica, 400 from the
+engine) is a plain HTTP error with the envelope. A stream that fails later
+ends with an SSE ``error`` event and never with ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import anyio
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from flexserve.accounts import Principal
+from flexserve.api.auth import authenticate
+from flexserve.api.body import read_json
+from flexserve.api.errors import error_response
+from flexserve.api.state import Services
+from flexserve.api.validation import ChatRequest, parse_chat_request
+from flexserve.billing.usage import UsageRecord
+from flexserve.engines.base import Delta, EngineRequest, Usage
+from flexserve.errors import FlexServeError
+from flexserve.scheduler.scheduler import Ticket
+from flexserve.tiers import ServiceTier, resolve_tier
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(eq=False, slots=True)
+class _Call:
+    """What one chat call knows, for its response and its usage record."""
+
+    request_id: str
+    principal: Principal
+    chat: ChatRequest
+    ticket: Ticket
+    arrived_at: float
+    created: int
+    first_token_at: float | None = None
+    num_deltas: int = 0
+
+    @property
+    def served_tier(self) -> ServiceTier:
+        return self.ticket.served_tier or self.ticket.tier
+
+
+async def chat_completions(request: Request) -> Response:
+    services: Services = request.app.state.services
+    settings = services.settings
+    arrived_at = time.monotonic()
+    request_id: str = request.state.request_id
+    try:
+        principal = await authenticate(request, services.keys)
+        body = await read_json(request, settings.max_body_bytes)
+        chat = parse_chat_request(
+            body,
+            max_messages=settings.max_messages,
+            max_completion_tokens=settings.max_completion_tokens,
+        )
+        tier = resolve_tier(chat.service_tier, ServiceTier(principal.default_service_tier))
+        services.scheduler.pool(chat.model)  # 404 before anything queues
+        ticket = Ticket(
+            request_id=request_id,
+            model=chat.model,
+            tier=tier,
+            org_id=principal.org_id,
+            cost_tokens=_estimate_prompt_tokens(chat) + (chat.max_tokens or 256),
+            enqueued_at=arrived_at,
+        )
+        engine_request = EngineRequest(
+            request_id=request_id,
+            model=chat.model,
+            messages=chat.messages,
+            max_tokens=chat.max_tokens,
+            temperature=chat.temperature,
+            top_p=chat.top_p,
+            stop=chat.stop,
+            seed=chat.seed,
+            priority=tier.rank,
+        )
+        call = _Call(request_id, principal, chat, ticket, arrived_at, int(time.time()))
+        deltas = services.scheduler.stream(ticket, engine_request)
+        try:
+            first = await anext(deltas)
+        except BaseException:
+            await deltas.aclose()
+            raise
+    except FlexServeError as exc:
+        _count_refusal(services, request, exc)
+        return error_response(exc)
+    call.first_token_at = time.monotonic()
+
+    if chat.stream:
+        return StreamingResponse(
+            _sse(services, call, first, deltas), media_type="text/event-stream", headers=_SSE_HEADERS
+        )
+    return await _complete(services, call, first, deltas)
+
+
+def _estimate_prompt_tokens(chat: ChatRequest) -> int:
+    # About four characters a token: enough for fair shares and wait estimates.
+    return sum(len(m["content"]) for m in chat.messages) // 4 + 4 * len(chat.messages)
+
+
+def _count_refusal(services: Services, request: Request, exc: FlexServeError) -> None:
+    services.metrics.requests.labels("", "", str(exc.status_code)).inc()
+
+
+async def _complete(
+    services: Services, call: _Call, first: Delta, deltas: AsyncIterator[Delta]
+) -> Response:
+    parts = [first.text]
+    last = first
+    status = "error"
+    try:
+        if first.finish_reason is None:
+            async for delta in deltas:
+                parts.append(delta.text)
+                last = delta
+        status = "completed"
+    except FlexServeError as exc:
+        return error_response(exc)
+    finally:
+        call.num_deltas = len(parts)
+        with anyio.CancelScope(shield=True):
+            await deltas.aclose()
+        _finish(services, call, last.usage, status)
+    usage = last.usage or Usage(0, 0)
+    body = {
+        "id": "chatcmpl-" + call.request_id[4:],
+        "object": "chat.completion",
+        "created": call.created,
+        "model": call.chat.model,
+        "service_tier": call.served_tier.value,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "".join(parts), "refusal": None, "annotations": []},
+                "logprobs": None,
+                "finish_reason": last.finish_reason or "stop",
+            }
+        ],
+        "usage": _usage_dict(usage),
+    }
+    return Response(orjson.dumps(body), media_type="application/json")
+
+
+def _usage_dict(usage: Usage) -> dict[str, object]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
+
+
+class _ChunkWriter:
+    """SSE chunks for one stream, with the constant part serialised once."""
+
+    def __init__(self, call: _Call) -> None:
+        head = {
+            "id": "chatcmpl-" + call.request_id[4:],
+            "object": "chat.completion.chunk",
+            "created": call.created,
+            "model": call.chat.model,
+            "service_tier": call.served_tier.value,
+        }
+        # Everything up to the choices, without the closing brace.
+        self._head = b"data: " + orjson.dumps(head)[:-1]
+        self._usage_null = b',"usage":null' if call.chat.include_usage else b""
+
+    def delta(self, delta: dict[str, object], finish_reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._head + b',"choices":[' + orjson.dumps(choice) + b"]" + self._usage_null + b"}\n\n"
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._head + b',"choices":[],"usage":' + orjson.dumps(_usage_dict(usage)) + b"}\n\n"
+
+
+async def _sse(
+    services: Services, call: _Call, first: Delta, deltas: AsyncIterator[Delta]
+) -> AsyncIterator[bytes]:
+    writer = _ChunkWriter(call)
+    status = "client_disconnected"
+    usage: Usage | None = None
+    try:
+        yield writer.delta({"role": "assistant", "content": "", "refusal": None})
+        last = first
+        if first.text:
+            call.num_deltas += 1
+            yield writer.delta({"content": first.text})
+        if first.finish_reason is None:
+            async for delta in deltas:
+                last = delta
+                if delta.text:
+                    call.num_deltas += 1
+                    yield writer.delta({"content": delta.text})
+                if delta.finish_reason is not None:
+                    break
+        usage = last.usage
+        yield writer.delta({}, last.finish_reason or "stop")
+        if call.chat.include_usage:
+            yield writer.usage(usage or Usage(0, 0))
+        yield b"data: [DONE]\n\n"
+        status = "completed"
+    except FlexServeError as exc:
+        status = "error"
+        yield b"event: error\ndata: " + orjson.dumps(exc.to_dict()) + b"\n\n"
+    finally:
+        with anyio.CancelScope(shield=True):
+            await deltas.aclose()
+        _finish(services, call, usage, status)
+
+
+def _finish(services: Services, call: _Call, usage: Usage | None, status: str) -> None:
+    """Metrics and the usage record for a request that reached an engine."""
+    now = time.monotonic()
+    if usage is None:
+        # Ended early (client gone, engine failed): the tokens streamed so far.
+        usage = Usage(0, call.num_deltas)
+    tier = call.served_tier.value
+    metrics = services.metrics
+    metrics.requests.labels(call.chat.model, tier, status).inc()
+    metrics.tokens.labels(call.chat.model, tier, "prompt").inc(usage.prompt_tokens)
+    metrics.tokens.labels(call.chat.model, tier, "completion").inc(usage.completion_tokens)
+    metrics.latency.labels(tier).observe(now - call.arrived_at)
+    metrics.queue_time.labels(tier).observe(call.ticket.queue_time)
+    ttft = None if call.first_token_at is None else call.first_token_at - call.arrived_at
+    if ttft is not None:
+        metrics.ttft.labels(tier).observe(ttft)
+    services.usage.submit(
+        UsageRecord(
+            request_id=call.request_id,
+            org_id=call.principal.org_id,
+            project_id=call.principal.project_id,
+            api_key_id=call.principal.key_id,
+            model=call.chat.model,
+            requested_tier=call.chat.service_tier or "auto",
+            served_tier=tier,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            queue_time=call.ticket.queue_time,
+            ttft=ttft,
+            total_time=now - call.arrived_at,
+            status=status,
+            created_at=call.created,
+        )
+    )

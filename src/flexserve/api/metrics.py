@@ -1,0 +1,87 @@
+"""The gateway's Prometheus metrics, in a registry owned by the app.
+
+Counters and histograms are updated as requests finish; queue depths and
+in-flight counts are read from the scheduler at scrape time, so the request
+path pays nothing for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from flexserve.scheduler.scheduler import Scheduler
+from flexserve.tiers import ServiceTier
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class _SchedulerCollector(Collector):
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "flexserve_queue_depth", "Requests waiting in the gateway queue.", labels=["model", "tier"]
+        )
+        in_flight = GaugeMetricFamily(
+            "flexserve_in_flight", "Requests running on engines.", labels=["model", "tier"]
+        )
+        capacity = GaugeMetricFamily(
+            "flexserve_capacity", "Sequences the model's healthy replicas run at once.", labels=["model"]
+        )
+        for model, pool in self._scheduler.pools.items():
+            capacity.add_metric([model], pool.capacity)
+            for tier in ServiceTier:
+                depth.add_metric([model, tier.value], pool.queue.num_waiting(tier))
+                in_flight.add_metric(
+                    [model, tier.value], sum(r.num_in_flight_by_tier[tier] for r in pool.replicas)
+                )
+        yield depth
+        yield in_flight
+        yield capacity
+
+
+class GatewayMetrics:
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.requests = Counter(
+            "flexserve_requests",
+            "Chat completion requests by model, served tier and outcome.",
+            ["model", "tier", "status"],
+            registry=self.registry,
+        )
+        self.tokens = Counter(
+            "flexserve_tokens",
+            "Tokens processed, by model, served tier and kind (prompt or completion).",
+            ["model", "tier", "kind"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "flexserve_request_duration_seconds",
+            "Time from arrival to the last byte, by served tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            "flexserve_time_to_first_token_seconds",
+            "Time from arrival to the first generated token, by served tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_time = Histogram(
+            "flexserve_queue_time_seconds",
+            "Time spent waiting in the gateway queue, by tier.",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_SchedulerCollector(scheduler))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,57 @@
+"""Models, health and metrics endpoints."""
+
+from __future__ import annotations
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from flexserve.api.auth import authenticate
+from flexserve.api.state import Services
+from flexserve.errors import FlexServeError, ModelNotFoundError
+from flexserve.api.errors import error_response
+
+
+def _json(body: object, status_code: int = 200) -> Response:
+    return Response(orjson.dumps(body), status_code=status_code, media_type="application/json")
+
+
+def _model_object(services: Services, model: str) -> dict[str, object]:
+    pool = services.scheduler.pools[model]
+    card = next(c for r in pool.replicas for c in r.engine.models() if c.id == model)
+    return {"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by}
+
+
+async def list_models(request: Request) -> Response:
+    services: Services = request.app.state.services
+    try:
+        await authenticate(request, services.keys)
+    except FlexServeError as exc:
+        return error_response(exc)
+    data = [_model_object(services, model) for model in sorted(services.scheduler.pools)]
+    return _json({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    services: Services = request.app.state.services
+    model = request.path_params["model"]
+    try:
+        await authenticate(request, services.keys)
+        if model not in services.scheduler.pools:
+            raise ModelNotFoundError(model)
+    except FlexServeError as exc:
+        return error_response(exc)
+    return _json(_model_object(services, model))
+
+
+async def healthz(request: Request) -> Response:
+    services: Services = request.app.state.services
+    pools = services.scheduler.pools
+    healthy = {m: sum(1 for r in p.replicas if r.healthy) for m, p in pools.items()}
+    ok = bool(pools) and all(healthy.values())
+    return _json({"status": "ok" if ok else "degraded", "models": healthy}, 200 if ok else 503)
+
+
+async def metrics(request: Request) -> Response:
+    services: Services = request.app.state.services
+    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

@@ -1,0 +1,17 @@
+"""The HTTP surface, in one list."""
+
+from __future__ import annotations
+
+from starlette.routing import Route
+
+from flexserve.api import chat, ops
+
+
+def routes() -> list[Route]:
+    return [
+        Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        Route("/v1/models", ops.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", ops.retrieve_model, methods=["GET"]),
+        Route("/healthz", ops.healthz, methods=["GET"]),
+        Route("/metrics", ops.metrics, methods=["GET"]),
+    ]

@@ -1,0 +1,125 @@
+"""The ASGI app factory and its lifespan.
+
+Everything app-wide — database, accounts, engines, scheduler, usage writer,
+metrics — is built in the lifespan from the ``Settings`` handed in, kept on
+``app.state.services`` for the handlers, and torn down in reverse order (the
+usage writer is flushed last, so that no record of a finished request is lost
+on shutdown).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+
+from flexserve.accounts import Accounts
+from flexserve.api.auth import KeyCache
+from flexserve.api.errors import handle_exception
+from flexserve.api.metrics import GatewayMetrics
+from flexserve.api.request_id import RequestIdMiddleware
+from flexserve.api.routes import routes
+from flexserve.api.state import Services
+from flexserve.billing.usage import UsageWriter
+from flexserve.config import Settings
+from flexserve.engines.base import Engine
+from flexserve.errors import FlexServeError
+from flexserve.scheduler.scheduler import Scheduler
+from flexserve.store.database import Database
+
+log = logging.getLogger(__name__)
+
+
+def build_engines(settings: Settings) -> list[Engine]:
+    """The engine replicas the settings ask for (not started yet)."""
+    if settings.engine == "embedded":
+        from flexserve.engines.embedded import EmbeddedEngine
+
+        return [
+            EmbeddedEngine(
+                settings.embedded_model_path or None,
+                num_slots=settings.embedded_slots,
+                max_decoding=settings.embedded_max_decoding,
+                n_ctx=settings.embedded_n_ctx,
+            )
+        ]
+    if settings.engine == "sim":
+        from flexserve.engines.sim import SimEngine
+
+        return [
+            SimEngine(
+                settings.sim_profile, speed=settings.sim_speed, max_num_seqs=settings.sim_max_num_seqs
+            )
+        ]
+    from flexserve.engines.upstream import UpstreamEngine
+
+    return [
+        UpstreamEngine(
+            url,
+            api_key=settings.upstream_api_key,
+            capacity=settings.upstream_capacity,
+            timeout=settings.upstream_timeout,
+            connect_timeout=settings.upstream_connect_timeout,
+            send_priority=settings.upstream_priority_hint,
+        )
+        for url in settings.upstreams
+    ]
+
+
+async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[Engine]:
+    started = []
+    for engine in engines:
+        try:
+            await engine.start()
+        except FlexServeError as exc:
+            # One unreachable replica must not keep the gateway down.
+            log.error("engine %s did not start: %s", engine.name, exc.message)
+            await engine.close()
+            continue
+        stack.push_async_callback(engine.close)
+        started.append(engine)
+    return started
+
+
+def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starlette:
+    """The FlexServe ASGI app. ``engines`` overrides what the settings ask for
+    (tests hand in an in-process sim engine)."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            db = Database.from_url(settings.database_url)
+            stack.push_async_callback(db.close)
+            await db.migrate()
+            accounts = Accounts(db)
+            usage = UsageWriter(
+                db, flush_interval=settings.usage_flush_interval, batch_size=settings.usage_batch_size
+            )
+            await usage.start()
+            stack.push_async_callback(usage.close)
+            started = await _start_engines(
+                engines if engines is not None else build_engines(settings), stack
+            )
+            if not started:
+                log.error("no engine replica started: every model request will get 404/503")
+            scheduler = Scheduler.from_engines(started)
+            app.state.services = Services(
+                settings=settings,
+                accounts=accounts,
+                keys=KeyCache(accounts),
+                scheduler=scheduler,
+                usage=usage,
+                metrics=GatewayMetrics(scheduler),
+            )
+            yield
+
+    return Starlette(
+        routes=routes(),
+        middleware=[Middleware(RequestIdMiddleware)],
+        exception_handlers={HTTPException: handle_exception, Exception: handle_exception},
+        lifespan=lifespan,
+    )

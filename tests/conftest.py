@@ -1,0 +1,170 @@
+"""Shared fixtures: real servers on loopback, real SQLite files, real keys."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from flexserve.accounts import Accounts
+from flexserve.app import create_app
+from flexserve.config import Settings, load_settings
+from flexserve.engines.base import Engine
+from flexserve.store.database import Database
+
+T = TypeVar("T")
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine to completion on a fresh loop in a fresh thread
+    (safe to call from sync fixtures while pytest-asyncio owns a loop)."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            result.append(asyncio.run(coro))
+        except BaseException as exc:  # re-raised in the caller's thread
+            error.append(exc)
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    thread.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class ServerThread:
+    """A uvicorn server on a loopback port, in a thread with its own loop."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
+            loop="asyncio", http="httptools", lifespan="on", timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("server thread died during start-up")
+            if time.monotonic() > deadline:
+                raise RuntimeError("server did not start within 60 s")
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+async def _make_org(db_url: str, name: str, admin: bool) -> tuple[str, str]:
+    db = Database.from_url(db_url)
+    try:
+        await db.migrate()
+        accounts = Accounts(db)
+        await accounts.create_org(name)
+        key_id, key = await accounts.create_key(name, admin=admin)
+        return key_id, key
+    finally:
+        await db.close()
+
+
+@dataclass
+class Gateway:
+    """A running FlexServe gateway and a key to call it with."""
+
+    url: str
+    api_key: str
+    settings: Settings
+    db_url: str
+
+    def client(self, **kw: Any) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=self.api_key, max_retries=0, **kw)
+
+    def async_client(self, **kw: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=self.api_key, max_retries=0, **kw)
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=60
+        )
+
+    def new_key(self, org: str, admin: bool = False) -> str:
+        return run_async(_make_org(self.db_url, org, admin))[1]
+
+
+@pytest.fixture(scope="session")
+def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
+    """Start gateways on demand; all are stopped at the end of the session."""
+    running: list[ServerThread] = []
+
+    def start(engines: list[Engine] | None = None, **overrides: Any) -> Gateway:
+        home = tmp_path_factory.mktemp("flexserve-home")
+        overrides.setdefault("home", str(home))
+        overrides.setdefault("usage_flush_interval", 0.02)
+        settings = load_settings(overrides=overrides, environ={})
+        _, key = run_async(_make_org(settings.database_url, "test-org", admin=True))
+        server = ServerThread(create_app(settings, engines=engines))
+        server.__enter__()
+        running.append(server)
+        return Gateway(server.url, key, settings, settings.database_url)
+
+    yield start
+    for server in reversed(running):
+        server.__exit__(None, None, None)
+
+
+def sim_engine(speed: float = 50.0, max_num_seqs: int = 16, profile: str = "h100-llama3-8b") -> Engine:
+    from flexserve.engines.sim import SimEngine
+
+    return SimEngine(profile, speed=speed, max_num_seqs=max_num_seqs)
+
+
+@pytest.fixture(scope="session")
+def sim_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    """A gateway in front of an in-process sim engine (fast, deterministic)."""
+    return start_gateway(engines=[sim_engine()], engine="sim")
+
+
+def sim_model_id(gateway: Gateway) -> str:
+    with gateway.http() as http:
+        return str(http.get("/v1/models").json()["data"][0]["id"])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def tmp_db_url(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'flexserve.db'}"
