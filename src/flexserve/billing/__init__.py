@@ -1,0 +1,1 @@
+"""Billing: usage records now; prices, cost arithmetic, budgets and rate limits later."""

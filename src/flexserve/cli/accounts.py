@@ -1,0 +1,158 @@
+"""`flexserve orgs …` and `flexserve keys …`: accounts from the command line.
+
+Every command opens the database named by ``--db`` (or SQLite in ``--home``),
+brings its schema up to date, does its one thing and closes it. Errors are
+reported on stderr with exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from flexserve.accounts import AccountError, Accounts
+from flexserve.config import ConfigError, Settings, load_settings
+from flexserve.store import Database
+
+_T = TypeVar("_T")
+_Command = TypeVar("_Command", bound=Callable[..., None])
+
+
+def _database_options(command: _Command) -> _Command:
+    """The --db and --home options every accounts command takes."""
+    command = click.option(
+        "--home",
+        envvar="FLEXSERVE_HOME",
+        help="Data directory holding the SQLite file (default .flexserve).",
+    )(command)
+    command = click.option(
+        "--db",
+        envvar="FLEXSERVE_DB",
+        help="Database URL (sqlite:///path, postgresql://user@host/db); default: SQLite in --home.",
+    )(command)
+    return command
+
+
+def _settings(db: str | None, home: str | None) -> Settings:
+    try:
+        return load_settings(overrides={"db": db, "home": home})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def _run(settings: Settings, action: Callable[[Accounts], Awaitable[_T]]) -> _T:
+    """Run ``action`` against the migrated database; errors become a ClickException."""
+    url = settings.database_url
+    try:
+        return asyncio.run(_with_accounts(url, action))
+    except (AccountError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        # The URL without its password: this message may end up in a CI log.
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise click.ClickException(f"database {shown}: {exc}") from exc
+
+
+async def _with_accounts(url: str, action: Callable[[Accounts], Awaitable[_T]]) -> _T:
+    database = Database.from_url(url)
+    try:
+        await database.migrate()
+        return await action(Accounts(database))
+    finally:
+        await database.close()
+
+
+@click.group()
+def orgs() -> None:
+    """Create, list and verify organizations."""
+
+
+@orgs.command("create")
+@click.argument("name")
+@click.option(
+    "--default-tier",
+    type=click.Choice(["default", "flex", "priority"]),
+    help="Tier that `service_tier: auto` means for its default project "
+    "(default: the default_service_tier setting).",
+)
+@_database_options
+def create_org(name: str, default_tier: str | None, db: str | None, home: str | None) -> None:
+    """Create organization NAME, with a default project."""
+    settings = _settings(db, home)
+    tier = default_tier or settings.default_service_tier
+    org = _run(settings, lambda accounts: accounts.create_org(name, tier))
+    click.echo(f"Created organization {org.name!r} ({org.id}).")
+
+
+@orgs.command("list")
+@_database_options
+def list_orgs(db: str | None, home: str | None) -> None:
+    """List organizations, oldest first."""
+    found = _run(_settings(db, home), lambda accounts: accounts.list_orgs())
+    if not found:
+        click.echo("No organizations yet: create one with `flexserve orgs create NAME`.", err=True)
+        return
+    rows = [("ID", "NAME", "VERIFICATION", "CREATED (UTC)")] + [
+        (org.id, org.name, org.verification_status, _utc(org.created_at)) for org in found
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+
+
+@orgs.command("verify")
+@click.argument("name")
+@_database_options
+def verify_org(name: str, db: str | None, home: str | None) -> None:
+    """Mark organization NAME as verified: it may use what needs verification."""
+    org = _run(_settings(db, home), lambda accounts: accounts.set_verification(name, "verified"))
+    click.echo(f"Organization {org.name!r} is verified.")
+
+
+@click.group()
+def keys() -> None:
+    """Create and revoke API keys."""
+
+
+@keys.command("create")
+@click.option("--org", "org_name", required=True, help="Organization the key belongs to.")
+@click.option("--admin", is_flag=True, help="Let the key use the organization's admin endpoints.")
+@click.option("--project", "project_id", help="Project id (proj_…); default: the default project.")
+@_database_options
+def create_key(
+    org_name: str, admin: bool, project_id: str | None, db: str | None, home: str | None
+) -> None:
+    """Create an API key and print it, alone, on stdout.
+
+    The key is shown this once: only its hash is stored.
+    """
+    key_id, key = _run(
+        _settings(db, home),
+        lambda accounts: accounts.create_key(org_name, admin=admin, project_id=project_id),
+    )
+    # Stdout carries the key alone, so that `KEY=$(flexserve keys create …)` works.
+    click.echo(key)
+    kind = "admin key" if admin else "key"
+    click.echo(f"Created {kind} {key_id} for organization {org_name!r}.", err=True)
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@_database_options
+def revoke_key(key_id: str, db: str | None, home: str | None) -> None:
+    """Revoke the key with id KEY_ID (key_…); requests with it are refused."""
+    _run(_settings(db, home), lambda accounts: accounts.revoke_key(key_id))
+    click.echo(f"Revoked key {key_id}.")
+
+
+def _utc(unix_seconds: int) -> str:
+    moment = datetime.datetime.fromtimestamp(unix_seconds, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")

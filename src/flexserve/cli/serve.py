@@ -1,0 +1,140 @@
+"""`flexserve serve`: start the gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from flexserve.config import ConfigError, Settings, load_settings
+
+DEMO_ORG = "demo"
+
+
+async def _bootstrap_demo(settings: Settings) -> str | None:
+    """On an empty database, create the demo organization and return its new key."""
+    from flexserve.accounts import Accounts
+    from flexserve.store.database import Database
+
+    db = Database.from_url(settings.database_url)
+    try:
+        await db.migrate()
+        accounts = Accounts(db)
+        if await accounts.count_orgs() > 0:
+            return None
+        await accounts.create_org(DEMO_ORG, settings.default_service_tier)
+        _, key = await accounts.create_key(DEMO_ORG, admin=True)
+        return key
+    finally:
+        await db.close()
+
+
+def _print_welcome(settings: Settings, key: str | None, model_hint: str) -> None:
+    base = f"http://{settings.host}:{settings.port}"
+    key_file = Path(settings.home) / "demo_key"
+    if key is not None:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        key_file.write_text(key + "\n")
+        os.chmod(key_file, 0o600)
+        lines = [f"Created organization '{DEMO_ORG}' with an admin API key (also saved to {key_file}):", "", f"  {key}"]
+    elif key_file.exists():
+        key = key_file.read_text().strip()
+        lines = [f"Demo API key (from {key_file}):", "", f"  {key}"]
+    else:
+        key = "YOUR_KEY"
+        lines = ["Create a key with: flexserve keys create --org NAME"]
+    lines += [
+        "",
+        "Try it:",
+        "",
+        f"  curl {base}/v1/chat/completions \\",
+        f"    -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' \\",
+        f"    -d '{{\"model\": \"{model_hint}\", \"service_tier\": \"flex\", "
+        "\"messages\": [{\"role\": \"user\", \"content\": \"Say hello in five words.\"}]}'",
+        "",
+        "  python3 -c \"from openai import OpenAI; "
+        f"c = OpenAI(base_url='{base}/v1', api_key='{key}'); "
+        f"r = c.chat.completions.create(model='{model_hint}', service_tier='flex', "
+        "messages=[{'role': 'user', 'content': 'Say hello in five words.'}]); "
+        "print(r.service_tier, r.choices[0].message.content)\"",
+        "",
+        f"FlexServe listening on {base}  (Ctrl-C to stop)",
+    ]
+    click.echo("\n".join(lines), err=True)
+
+
+def _model_hint(settings: Settings) -> str:
+    if settings.engine == "embedded":
+        return "smollm2-135m-instruct"
+    if settings.engine == "sim":
+        from flexserve.engines.sim import PROFILES
+
+        return PROFILES[settings.sim_profile].model_id
+    return "MODEL"
+
+
+@click.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML settings file.")
+@click.option("--host", help="Address to bind (default 127.0.0.1).")
+@click.option("--port", type=int, help="Port to listen on (default 8000).")
+@click.option("--engine", type=click.Choice(["embedded", "sim", "upstream"]), help="Engine kind.")
+@click.option("--upstream", "upstreams", multiple=True, help="Upstream base URL (repeatable: replicas).")
+@click.option("--db", envvar="FLEXSERVE_DB", help="Database URL (sqlite:///path, postgresql://…).")
+@click.option("--home", envvar="FLEXSERVE_HOME", help="Data directory (default .flexserve).")
+@click.option("--sim-profile", help="Sim engine profile, with --engine sim.")
+@click.option("--sim-speed", type=float, help="Sim engine speed-up, with --engine sim.")
+def serve(
+    config_file: str | None,
+    host: str | None,
+    port: int | None,
+    engine: str | None,
+    upstreams: tuple[str, ...],
+    db: str | None,
+    home: str | None,
+    sim_profile: str | None,
+    sim_speed: float | None,
+) -> None:
+    """Start the OpenAI-compatible gateway.
+
+    On first start with an empty database it creates a demo organization and
+    prints its API key with a ready-to-paste curl command.
+    """
+    overrides = {
+        "host": host,
+        "port": port,
+        "engine": engine,
+        "upstreams": list(upstreams) or None,
+        "db": db,
+        "home": home,
+        "sim_profile": sim_profile,
+        "sim_speed": sim_speed,
+    }
+    try:
+        settings = load_settings(config_file, overrides)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    Path(settings.home).mkdir(parents=True, exist_ok=True)
+    key = asyncio.run(_bootstrap_demo(settings)) if settings.bootstrap_demo else None
+    _print_welcome(settings, key, _model_hint(settings))
+
+    import uvicorn
+
+    from flexserve.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop" if sys.platform != "win32" else "asyncio",
+        http="httptools",
+        log_level=settings.log_level,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )

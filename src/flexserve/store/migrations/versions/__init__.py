@@ -1,0 +1,1 @@
+"""Migration revisions, one per file, ids "0001", "0002", …"""
