@@ -1,0 +1,30 @@
+"""The `flexserve` command line: noun groups with verb subcommands.
+
+Each command lives in the module of its concept; this module only assembles
+them. A command's docstring is its ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import click
+
+from flexserve import __version__
+
+
+@click.group()
+@click.version_option(__version__, prog_name="flexserve")
+def main() -> None:
+    """FlexServe: an OpenAI-compatible gateway that sells spare inference
+    capacity as a flex service tier."""
+
+
+def _register() -> None:
+    from flexserve.cli.accounts import keys, orgs
+    from flexserve.cli.serve import serve
+    from flexserve.cli.sim import sim_engine
+
+    for command in (serve, orgs, keys, sim_engine):
+        main.add_command(command)
+
+
+_register()

@@ -1,0 +1,48 @@
+"""``flexserve sim-engine``: serve the simulated engine over HTTP."""
+
+from __future__ import annotations
+
+import click
+
+from flexserve.engines.sim.profiles import PROFILES
+
+
+@click.command("sim-engine")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", default=8100, show_default=True, type=int, help="Port to listen on.")
+@click.option("--profile", default="h100-llama3-8b", show_default=True,
+              type=click.Choice(sorted(PROFILES)),
+              help="Performance profile: step-time constants, token budget, KV cache.")
+@click.option("--speed", default=1.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True),
+              help="Run X times faster than real time (latency metrics stay in simulated seconds).")
+@click.option("--max-num-seqs", default=256, show_default=True, type=click.IntRange(min=1),
+              help="Most sequences in the running batch (vLLM's --max-num-seqs).")
+@click.option("--kv-tokens", default=None, type=click.IntRange(min=2),
+              help="KV-cache capacity in tokens; default: the profile's.")
+@click.option("--scheduling-policy", default="fcfs", show_default=True,
+              type=click.Choice(["fcfs", "priority"]),
+              help="fcfs, or priority: the request field `priority` orders the queue, lower first.")
+@click.option("--model-id", default=None, help="Model id to serve; default: the profile's.")
+def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: int,
+               kv_tokens: int | None, scheduling_policy: str, model_id: str | None) -> None:
+    """Serve a simulated vLLM-style engine for benchmarks, capacity planning and tests.
+
+    An OpenAI-compatible server (GET /v1/models, POST /v1/chat/completions,
+    streaming included) whose timing comes from a continuous-batching model
+    calibrated on published GPU profiles, and whose GET /metrics carries vLLM's
+    metric names (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...).
+    Output text is filler; a prompt's token count is, per message, 4 plus its
+    number of words, plus 2. Use --profile instant to measure a gateway's own
+    overhead: every request is answered at once.
+    """
+    # Imported here so that `flexserve --help` does not pay for uvicorn and starlette.
+    from flexserve.engines.sim.server import serve
+
+    click.echo(
+        f"sim engine {profile} at {speed}x on http://{host}:{port}/v1 "
+        f"(model {model_id or PROFILES[profile].model_id})",
+        err=True,
+    )
+    serve(host, port, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
+          kv_tokens=kv_tokens, scheduling_policy=scheduling_policy, model_id=model_id)

@@ -1,0 +1,310 @@
+"""The sim engine's continuous-batching model, without HTTP.
+
+Timings are read from the model's simulated clock (``busy_seconds``, the TTFT
+and inter-token histograms), never from the wall clock, so these tests do not
+depend on the host's speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from flexserve.engines.base import Delta, EngineRequest
+from flexserve.engines.sim import PROFILES, SimEngine, SimModel, SimProfile, step_time
+from flexserve.engines.sim.model import FILLER_WORDS, SchedulingPolicy
+from flexserve.errors import InvalidRequestError
+
+H100 = PROFILES["h100-llama3-8b"]
+FAST = 1000.0
+
+
+def make_request(request_id: str, words: int = 4, *, max_tokens: int | None = 8,
+                 priority: int = 0, seed: int | None = None) -> EngineRequest:
+    """A one-message request of exactly 4 + words + 2 prompt tokens."""
+    return EngineRequest(request_id=request_id, model="m",
+                         messages=[{"role": "user", "content": " ".join(["w"] * words)}],
+                         max_tokens=max_tokens, priority=priority, seed=seed)
+
+
+async def collect(model: SimModel, request: EngineRequest) -> list[Delta]:
+    return [delta async for delta in model.generate(request)]
+
+
+# --- the step-time formula ---------------------------------------------------------
+
+
+def test_step_time_follows_the_formula() -> None:
+    assert step_time(H100, 1, 0) == pytest.approx(0.006)
+    assert step_time(H100, 128, 0) == pytest.approx(0.006)  # the first 128 tokens are free
+    assert step_time(H100, 128 + 4700, 0) == pytest.approx(0.006 + 0.1)
+    assert step_time(H100, 64, 1_000_000) == pytest.approx(0.006 + 0.044)
+    a100 = PROFILES["a100-llama3-8b"]
+    # Vidur: 2,048 tokens take ~142 ms on an A100 (attention excluded).
+    assert step_time(a100, 2048, 0) == pytest.approx(0.142, rel=0.05)
+    assert step_time(PROFILES["instant"], 8192, 400_000) == 0.0
+
+
+def test_profiles_are_named_and_say_sim() -> None:
+    assert set(PROFILES) == {"h100-llama3-8b", "a100-llama3-8b", "instant"}
+    for name, profile in PROFILES.items():
+        assert profile.name == name
+        assert "sim" in profile.model_id
+    assert PROFILES["instant"].instant and not H100.instant
+
+
+# --- throughput ----------------------------------------------------------------
+
+
+async def measured_throughput(num_requests: int, max_num_seqs: int = 256) -> float:
+    """Output tokens per simulated second with `num_requests` concurrent requests."""
+    model = SimModel(H100, speed=FAST, max_num_seqs=max_num_seqs)
+    await asyncio.gather(*(collect(model, make_request(f"r{i}", max_tokens=32))
+                           for i in range(num_requests)))
+    await model.close()
+    return model.num_generation_tokens / model.busy_seconds
+
+
+async def test_throughput_rises_with_batch_size() -> None:
+    one, eight, thirty_two = [await measured_throughput(n) for n in (1, 8, 32)]
+    assert one == pytest.approx(32 / (32 * 0.006), rel=0.05)  # ~6 ms a token alone
+    assert eight > 6 * one
+    assert thirty_two > 3.5 * eight
+
+
+async def test_throughput_saturates() -> None:
+    # Capped by max_num_seqs, more clients add queueing but no throughput.
+    capped = await measured_throughput(16, max_num_seqs=16)
+    oversubscribed = await measured_throughput(64, max_num_seqs=16)
+    assert oversubscribed == pytest.approx(capped, rel=0.1)
+    # Uncapped, the per-token costs (a, c) bound it: doubling a huge batch gains little.
+    context = 1000
+
+    def decode_rate(batch: int) -> float:
+        return batch / step_time(H100, batch, batch * context)
+
+    assert decode_rate(64) > 8 * decode_rate(4)
+    assert decode_rate(4096) < 1.15 * decode_rate(2048)
+
+
+# --- chunked prefill -------------------------------------------------------------
+
+
+async def test_chunked_prefill_respects_the_budget() -> None:
+    profile = dataclasses.replace(H100, max_num_batched_tokens=256)
+    model = SimModel(profile, speed=FAST)
+    words = 994  # 1,000 prompt tokens: chunks of 256, 256, 256, 232
+    [*_, last] = await collect(model, make_request("long", words, max_tokens=2))
+    assert last.usage is not None and last.usage.prompt_tokens == 1000
+    # No step went past the budget (the 256 bucket holds every step).
+    buckets = model.iteration_tokens.buckets
+    assert model.iteration_tokens.cumulative()[buckets.index(256)] == model.num_steps == 5
+    # TTFT is the four prefill steps, each reading the KV computed so far.
+    expected = sum(step_time(profile, n, kv)
+                   for n, kv in ((256, 256), (256, 512), (256, 768), (232, 1001)))
+    assert model.ttft.sum == pytest.approx(expected)
+    await model.close()
+
+
+async def test_decodes_keep_running_during_a_long_prefill() -> None:
+    profile = dataclasses.replace(H100, max_num_batched_tokens=256)
+    model = SimModel(profile, speed=FAST)
+    decoder = model.generate(make_request("short", max_tokens=40))
+    await anext(decoder)  # it is now decoding
+    await collect(model, make_request("long", 2000, max_tokens=1))
+    # The long prompt took 8 steps of at most 256 tokens, one being the decoder's.
+    assert model.iteration_tokens.cumulative()[model.iteration_tokens.buckets.index(256)] \
+        == model.num_steps
+    await decoder.aclose()
+    await model.close()
+
+
+# --- KV-cache preemption and priority ------------------------------------------------
+
+
+async def run_kv_squeeze(policy: SchedulingPolicy) -> SimModel:
+    """Three sequences that need 510 KV tokens together in a 300-token cache."""
+    model = SimModel(H100, speed=FAST, kv_tokens=300, scheduling_policy=policy)
+    requests = [make_request("A", 44, max_tokens=120, priority=0),
+                make_request("B", 44, max_tokens=120, priority=1),
+                make_request("C", 44, max_tokens=120, priority=0)]
+    results = await asyncio.gather(*(collect(model, r) for r in requests))
+    for deltas in results:
+        assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 120
+        assert len("".join(d.text for d in deltas).split()) == 120
+    assert model.kv_cache_usage == 0.0 and model.num_running == 0
+    await model.close()
+    return model
+
+
+async def test_kv_preemption_picks_the_lowest_priority_sequence() -> None:
+    model = await run_kv_squeeze("priority")
+    assert model.num_preemptions >= 1
+    assert model.preemption_log[0] == "B"  # priority 1, although C is newer
+
+
+async def test_kv_preemption_under_fcfs_picks_the_newest_sequence() -> None:
+    model = await run_kv_squeeze("fcfs")
+    assert model.preemption_log[0] == "C"
+
+
+async def test_priority_policy_orders_by_priority_then_arrival() -> None:
+    model = SimModel(H100, speed=FAST, max_num_seqs=1, scheduling_policy="priority")
+    finished: list[str] = []
+
+    async def run(agen_request: EngineRequest) -> None:
+        await collect(model, agen_request)
+        finished.append(agen_request.request_id)
+
+    blocker = model.generate(make_request("X", max_tokens=20))
+    await anext(blocker)  # X holds the only slot
+    tasks = [asyncio.create_task(run(make_request(rid, priority=p)))
+             for rid, p in (("D", 5), ("E", 1), ("F", 1), ("G", 0))]
+    await asyncio.sleep(0)
+    assert model.num_waiting == 4
+    async for _ in blocker:
+        pass
+    await asyncio.gather(*tasks)
+    assert finished == ["G", "E", "F", "D"]
+    await model.close()
+
+
+async def test_fcfs_ignores_priority() -> None:
+    model = SimModel(H100, speed=FAST, max_num_seqs=1, scheduling_policy="fcfs")
+    finished: list[str] = []
+
+    async def run(request: EngineRequest) -> None:
+        await collect(model, request)
+        finished.append(request.request_id)
+
+    await asyncio.gather(*(run(make_request(rid, priority=p))
+                           for rid, p in (("D", 5), ("E", 1), ("G", 0))))
+    assert finished == ["D", "E", "G"]
+    await model.close()
+
+
+# --- output text and usage -------------------------------------------------------------
+
+
+async def test_text_is_deterministic_per_seed() -> None:
+    model = SimModel(H100, speed=FAST)
+
+    async def text(seed: int, max_tokens: int | None) -> str:
+        deltas = await collect(model, make_request(f"s{seed}", max_tokens=max_tokens, seed=seed))
+        return "".join(d.text for d in deltas)
+
+    same = await text(7, 30)
+    assert same == await text(7, 30)
+    assert same != await text(8, 30)
+    assert same.startswith(" ") and len(same.split()) == 30
+    assert (await text(7, 60)).startswith(same)  # a shorter output is a prefix
+    assert (await text(7, None)).startswith(same)
+    await model.close()
+
+
+def test_filler_words_are_distinct_and_divide_a_byte() -> None:
+    assert len(set(FILLER_WORDS)) == len(FILLER_WORDS) == 64  # 256 / 64: equal odds per word
+    assert all(w.startswith(" ") and len(w.split()) == 1 for w in FILLER_WORDS)
+
+
+async def test_usage_is_exact() -> None:
+    model = SimModel(H100, speed=FAST)
+    request = EngineRequest(request_id="u", model="m", max_tokens=9, messages=[
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "one two  three\nfour five"},
+    ])
+    deltas = await collect(model, request)
+    last = deltas[-1]
+    assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
+    assert last.finish_reason == "length"
+    assert last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == ((4 + 2) + (4 + 5) + 2, 9)
+    assert model.num_prompt_tokens == 17 and model.num_generation_tokens == 9
+    await model.close()
+
+
+async def test_unbounded_length_is_drawn_from_the_seed() -> None:
+    model = SimModel("instant")
+    lengths = set()
+    for _ in range(2):
+        [delta] = await collect(model, make_request("r", max_tokens=None, seed=42))
+        assert delta.finish_reason == "stop" and delta.usage is not None
+        assert 16 <= delta.usage.completion_tokens <= 512
+        assert len(delta.text.split()) == delta.usage.completion_tokens
+        lengths.add(delta.usage.completion_tokens)
+    assert len(lengths) == 1
+    by_id = [await collect(model, make_request(f"id{i}", max_tokens=None)) for i in range(8)]
+    assert len({d[-1].usage.completion_tokens for d in by_id if d[-1].usage}) > 1
+
+
+async def test_prompt_longer_than_the_context_is_refused() -> None:
+    model = SimModel(H100, speed=FAST)
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(model, make_request("big", H100.max_model_len))
+    assert info.value.param == "messages"
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(model, make_request("big", 10, max_tokens=H100.max_model_len))
+    assert info.value.param == "max_tokens"
+    assert model.num_waiting == 0 and model.num_running == 0
+
+
+# --- aborts ------------------------------------------------------------------------
+
+
+async def test_aborting_a_generation_frees_its_slot() -> None:
+    model = SimModel(H100, speed=FAST, max_num_seqs=1)
+    running = model.generate(make_request("a", max_tokens=500))
+    await anext(running)
+    waiting = asyncio.create_task(collect(model, make_request("b", max_tokens=500)))
+    await asyncio.sleep(0)
+    assert (model.num_running, model.num_waiting) == (1, 1)
+    assert model.kv_cache_usage > 0
+    waiting.cancel()  # aborted while queued
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert model.num_waiting == 0
+    await running.aclose()  # aborted while running
+    assert (model.num_running, model.kv_cache_usage) == (0, 0.0)
+    # The slot is free again: a new request completes.
+    deltas = await collect(model, make_request("c", max_tokens=3))
+    assert deltas[-1].finish_reason == "length"
+    await model.close()
+
+
+async def test_closing_the_model_fails_requests_in_flight() -> None:
+    model = SimModel(H100, speed=FAST)
+    agen = model.generate(make_request("a", max_tokens=500))
+    await anext(agen)
+    await model.close()
+    with pytest.raises(Exception) as info:
+        async for _ in agen:
+            pass
+    assert getattr(info.value, "status_code", None) == 503
+
+
+# --- the in-process engine -------------------------------------------------------------
+
+
+async def test_sim_engine_adapter() -> None:
+    engine = SimEngine("a100-llama3-8b", speed=FAST, max_num_seqs=4)
+    assert (engine.name, engine.capacity, engine.supports_pause) == ("sim", 4, False)
+    assert engine.accepts_priority
+    [card] = engine.models()
+    assert card.id == "llama3-8b-sim-a100" and card.max_model_len == 8192
+    deltas = [d async for d in engine.generate(make_request("e", max_tokens=5))]
+    assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 5
+    load = await engine.read_load()
+    assert (load.num_running, load.num_waiting, load.kv_cache_usage) == (0, 0, 0.0)
+    await engine.close()
+    assert not SimEngine(scheduling_policy="fcfs").accepts_priority
+
+
+def test_a_custom_profile_can_be_built() -> None:
+    profile = SimProfile(name="tiny", model_id="tiny-sim", t0=0.001, a=0.0, c=0.0,
+                         max_num_batched_tokens=64, kv_tokens=1000, max_model_len=512)
+    model = SimModel(profile, max_num_seqs=2)
+    assert model.load().num_running == 0 and model.max_model_len == 512
+    with pytest.raises(ValueError):
+        SimModel("no-such-profile")

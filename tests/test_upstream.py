@@ -1,0 +1,158 @@
+"""A FlexServe gateway in front of upstream servers: a real sim-engine server,
+and small real servers that misbehave the ways upstreams do."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import httpx
+import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from conftest import Gateway, ServerThread, free_port, sim_model_id
+from flexserve.engines.sim import SimModel
+from flexserve.engines.sim.server import create_sim_app
+from test_error_shape import assert_envelope
+
+MESSAGES = [{"role": "user", "content": "Summarise the flex tier."}]
+
+
+@pytest.fixture(scope="module")
+def sim_upstream() -> Iterator[ServerThread]:
+    model = SimModel("h100-llama3-8b", speed=50.0, max_num_seqs=16)
+    with ServerThread(create_sim_app(model)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def upstream_gateway(start_gateway: Callable[..., Gateway], sim_upstream: ServerThread) -> Gateway:
+    return start_gateway(engine="upstream", upstreams=[sim_upstream.url])
+
+
+def test_models_discovered_from_upstream(upstream_gateway: Gateway) -> None:
+    assert "sim" in sim_model_id(upstream_gateway)
+
+
+def test_non_stream_through_upstream(upstream_gateway: Gateway) -> None:
+    model = sim_model_id(upstream_gateway)
+    completion = upstream_gateway.client().chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=6, service_tier="flex", seed=3
+    )
+    assert completion.service_tier == "flex"
+    assert completion.usage is not None and completion.usage.completion_tokens == 6
+    assert len((completion.choices[0].message.content or "").split()) == 6
+
+
+async def test_stream_relayed_chunk_by_chunk(upstream_gateway: Gateway) -> None:
+    model = sim_model_id(upstream_gateway)
+    client = upstream_gateway.async_client()
+    stream = await client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=10, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content_chunks) == 10  # one upstream token, one chunk
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 10
+    assert all(c.service_tier == "default" for c in chunks)
+
+
+def test_replicas_share_the_load(start_gateway: Callable[..., Gateway], sim_upstream: ServerThread) -> None:
+    model = SimModel("h100-llama3-8b", speed=50.0, max_num_seqs=16)
+    with ServerThread(create_sim_app(model)) as second:
+        gateway = start_gateway(engine="upstream", upstreams=[sim_upstream.url, second.url])
+        with gateway.http() as http:
+            assert http.get("/healthz").json()["models"] == {sim_model_id(gateway): 2}
+
+
+# --- upstreams that fail -----------------------------------------------------
+
+
+def _broken_upstream(mode: str) -> Starlette:
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": f"broken-{mode}", "object": "model"}]})
+
+    async def chat(request: Request) -> Response:
+        if mode == "500":
+            return JSONResponse({"error": {"message": "CUDA out of memory"}}, status_code=500)
+        if mode == "400":
+            return JSONResponse({"error": {"message": "prompt is longer than the context", "param": "messages"}},
+                                status_code=400)
+
+        async def body() -> AsyncIterator[bytes]:
+            chunk = b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"m",' \
+                    b'"choices":[{"index":0,"delta":{"content":"partial"},"finish_reason":null}]}\n\n'
+            yield chunk
+            if mode == "midstream":
+                await asyncio.sleep(0.05)
+                raise RuntimeError("upstream crashed mid-stream")  # connection drops
+            await asyncio.sleep(30)  # mode == "slow": never finishes
+
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+@pytest.fixture(scope="module")
+def broken_gateway(start_gateway: Callable[..., Gateway]) -> Iterator[Gateway]:
+    servers = [ServerThread(_broken_upstream(mode)) for mode in ("500", "400", "midstream", "slow")]
+    for server in servers:
+        server.__enter__()
+    gateway = start_gateway(engine="upstream", upstreams=[s.url for s in servers], upstream_timeout=2.0)
+    yield gateway
+    for server in servers:
+        server.__exit__(None, None, None)
+
+
+def _post(gateway: Gateway, model: str, stream: bool = False) -> httpx.Response:
+    return httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": model, "messages": MESSAGES, "stream": stream},
+        headers={"Authorization": f"Bearer {gateway.api_key}"},
+        timeout=30,
+    )
+
+
+def test_upstream_500_is_a_502(broken_gateway: Gateway) -> None:
+    error = assert_envelope(_post(broken_gateway, "broken-500"), 502, code="upstream_error")
+    assert "CUDA out of memory" in error["message"]
+
+
+def test_upstream_400_is_the_clients_400(broken_gateway: Gateway) -> None:
+    error = assert_envelope(_post(broken_gateway, "broken-400"), 400, param="messages")
+    assert "longer than the context" in error["message"]
+
+
+def test_upstream_timeout_is_a_504(broken_gateway: Gateway) -> None:
+    assert_envelope(_post(broken_gateway, "broken-slow"), 504, code="upstream_timeout")
+
+
+def test_stream_failing_midway_ends_with_error_event(broken_gateway: Gateway) -> None:
+    response = _post(broken_gateway, "broken-midstream", stream=True)
+    assert response.status_code == 200
+    text = response.text
+    assert '"content":"partial"' in text
+    assert "event: error" in text
+    assert "[DONE]" not in text
+
+
+def test_stream_failure_raises_in_the_sdk(broken_gateway: Gateway) -> None:
+    client = broken_gateway.client()
+    with pytest.raises(openai.APIError):
+        for _ in client.chat.completions.create(model="broken-midstream", messages=MESSAGES, stream=True):  # type: ignore[arg-type]
+            pass
+
+
+def test_unreachable_upstream_does_not_stop_the_gateway(start_gateway: Callable[..., Gateway],
+                                                        sim_upstream: ServerThread) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    gateway = start_gateway(engine="upstream", upstreams=[dead, sim_upstream.url])
+    completion = gateway.client().chat.completions.create(
+        model=sim_model_id(gateway), messages=MESSAGES, max_tokens=2  # type: ignore[arg-type]
+    )
+    assert completion.usage is not None and completion.usage.completion_tokens == 2
