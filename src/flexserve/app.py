@@ -26,12 +26,30 @@ from flexserve.api.routes import routes
 from flexserve.api.state import Services
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
-from flexserve.engines.base import Engine
+from flexserve.engines.base import Engine, StepTimeModel
 from flexserve.errors import FlexServeError
+from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
 
 log = logging.getLogger(__name__)
+
+
+def scheduler_config(settings: Settings) -> SchedulerConfig:
+    return SchedulerConfig(
+        tiers_enabled=settings.tiers_enabled,
+        flex_max_wait=settings.flex_max_wait,
+        flex_headroom=settings.flex_headroom,
+        flex_kv_threshold=settings.flex_kv_threshold,
+        flex_max_engine_waiting=settings.flex_max_engine_waiting,
+        tpot_slo=settings.tpot_slo,
+        load_stale_after=settings.load_stale_after,
+        scrape_interval=settings.scrape_interval,
+        preempt_cooldown=settings.preempt_cooldown,
+        priority_share=settings.priority_share,
+        max_queue=settings.max_queue,
+        fair_quantum=settings.fair_quantum,
+    )
 
 
 def build_engines(settings: Settings) -> list[Engine]:
@@ -57,6 +75,12 @@ def build_engines(settings: Settings) -> list[Engine]:
         ]
     from flexserve.engines.upstream import UpstreamEngine
 
+    step_model = None
+    if settings.upstream_profile:
+        from flexserve.engines.sim import PROFILES
+
+        profile = PROFILES[settings.upstream_profile]
+        step_model = StepTimeModel(profile.t0, profile.a, profile.c)
     return [
         UpstreamEngine(
             url,
@@ -65,6 +89,7 @@ def build_engines(settings: Settings) -> list[Engine]:
             timeout=settings.upstream_timeout,
             connect_timeout=settings.upstream_connect_timeout,
             send_priority=settings.upstream_priority_hint,
+            step_model=step_model,
         )
         for url in settings.upstreams
     ]
@@ -106,7 +131,9 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
             )
             if not started:
                 log.error("no engine replica started: every model request will get 404/503")
-            scheduler = Scheduler.from_engines(started)
+            scheduler = Scheduler.from_engines(started, scheduler_config(settings))
+            await scheduler.start()
+            stack.push_async_callback(scheduler.close)
             app.state.services = Services(
                 settings=settings,
                 accounts=accounts,

@@ -78,6 +78,43 @@ class Settings:
         "default", "Tier that `auto` or an absent service_tier means for a new project."
     )
 
+    # --- scheduler -------------------------------------------------------------
+    tiers_enabled: bool = _opt(
+        True, "Tiered scheduling; false makes a tier-blind FCFS gateway (for comparison)."
+    )
+    flex_max_wait: float = _opt(
+        600.0, "Longest a flex request waits server-side before 429 (X-Flex-Max-Wait may shorten it)."
+    )
+    flex_headroom: float = _opt(
+        0.2, "Fraction of each replica's slots flex never takes, kept for default bursts."
+    )
+    flex_kv_threshold: float = _opt(
+        0.8, "Flex is not released while a replica's KV cache is fuller than this (0-1)."
+    )
+    flex_max_engine_waiting: int = _opt(
+        0, "Flex is not released while the engine itself has more requests waiting than this."
+    )
+    tpot_slo: float = _opt(
+        0.0, "Default-tier time per output token (seconds) flex admission must keep; 0: none."
+    )
+    load_stale_after: float = _opt(
+        0.5, "Load signals older than this many seconds count as saturated (for flex)."
+    )
+    scrape_interval: float = _opt(0.1, "Seconds between reads of each replica's load signals.")
+    preempt_cooldown: float = _opt(
+        1.0, "After flex is preempted on a replica, seconds before flex is released there again."
+    )
+    priority_share: float = _opt(
+        0.5, "Share of a model's capacity priority may hold; past it priority is served as default."
+    )
+    max_queue: int = _opt(20_000, "Most requests waiting per model; past it flex gets 429, others 503.")
+    fair_quantum: int = _opt(
+        2048, "Tokens an organization's flex flow earns per deficit-round-robin turn."
+    )
+    upstream_profile: str = _opt(
+        "", "Sim profile whose step-time model predicts upstream TPOT (e.g. h100-llama3-8b)."
+    )
+
     # --- usage records -------------------------------------------------------
     usage_flush_interval: float = _opt(0.2, "Seconds between batched writes of usage rows.")
     usage_batch_size: int = _opt(500, "Most usage rows written in one batch.")

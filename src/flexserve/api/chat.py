@@ -12,9 +12,12 @@ ends with an SSE ``error`` event and never with ``[DONE]``.
 
 from __future__ import annotations
 
+import asyncio
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 import orjson
@@ -29,11 +32,39 @@ from flexserve.api.state import Services
 from flexserve.api.validation import ChatRequest, parse_chat_request
 from flexserve.billing.usage import UsageRecord
 from flexserve.engines.base import Delta, EngineRequest, Usage
-from flexserve.errors import FlexServeError
+from flexserve.errors import FlexServeError, InvalidRequestError
 from flexserve.scheduler.scheduler import Ticket
 from flexserve.tiers import ServiceTier, resolve_tier
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+FLEX_MAX_WAIT_HEADER = "x-flex-max-wait"
+
+
+class _DisconnectWatch:
+    """Cancels the handler's task when its client disconnects, so that a request
+    whose client has gone leaves the queue (or stops generating) at once."""
+
+    def __init__(self, request: Request) -> None:
+        self.gone = False
+        self._handler = asyncio.current_task()
+        self._task = asyncio.ensure_future(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                self.gone = True
+                if self._handler is not None:
+                    self._handler.cancel()
+                return
+
+    def stop(self) -> None:
+        self._task.cancel()
+
+    def absorb(self) -> None:
+        """After the cancellation it caused: let the handler clean up normally."""
+        if self._handler is not None:
+            self._handler.uncancel()
 
 
 @dataclass(eq=False, slots=True)
@@ -46,7 +77,6 @@ class _Call:
     ticket: Ticket
     arrived_at: float
     created: int
-    first_token_at: float | None = None
     num_deltas: int = 0
 
     @property
@@ -75,6 +105,8 @@ async def chat_completions(request: Request) -> Response:
             tier=tier,
             org_id=principal.org_id,
             cost_tokens=_estimate_prompt_tokens(chat) + (chat.max_tokens or 256),
+            stream=chat.stream,
+            max_wait=_flex_max_wait(request),
             enqueued_at=arrived_at,
         )
         engine_request = EngineRequest(
@@ -89,22 +121,52 @@ async def chat_completions(request: Request) -> Response:
             priority=tier.rank,
         )
         call = _Call(request_id, principal, chat, ticket, arrived_at, int(time.time()))
-        deltas = services.scheduler.stream(ticket, engine_request)
-        try:
-            first = await anext(deltas)
-        except BaseException:
-            await deltas.aclose()
-            raise
     except FlexServeError as exc:
-        _count_refusal(services, request, exc)
+        _count_refusal(services, "", exc)
         return error_response(exc)
-    call.first_token_at = time.monotonic()
 
-    if chat.stream:
-        return StreamingResponse(
-            _sse(services, call, first, deltas), media_type="text/event-stream", headers=_SSE_HEADERS
+    deltas = services.scheduler.stream(ticket, engine_request)
+    watch = _DisconnectWatch(request)
+    first: Delta | None = None
+    try:
+        first = await anext(deltas)
+        if not chat.stream:
+            return await _complete(services, call, first, deltas)
+    except FlexServeError as exc:
+        _count_refusal(services, chat.model, exc)
+        await deltas.aclose()
+        return error_response(exc)
+    except asyncio.CancelledError:
+        if not watch.gone:
+            raise
+        # The client left while waiting: out of the queue, never run, never billed.
+        watch.absorb()
+        await deltas.aclose()
+        if first is None:  # otherwise _complete has metered the tokens generated
+            services.metrics.requests.labels(chat.model, tier.value, "client_gone").inc()
+        return Response(status_code=499)
+    finally:
+        watch.stop()
+    return StreamingResponse(
+        _sse(services, call, first, deltas), media_type="text/event-stream", headers=_SSE_HEADERS
+    )
+
+
+def _flex_max_wait(request: Request) -> float | None:
+    raw = request.headers.get(FLEX_MAX_WAIT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise InvalidRequestError(
+            f"Invalid X-Flex-Max-Wait header: {raw!r}; expected a number of seconds >= 0.",
+            param=None,
+            code="invalid_header",
         )
-    return await _complete(services, call, first, deltas)
+    return value
 
 
 def _estimate_prompt_tokens(chat: ChatRequest) -> int:
@@ -112,8 +174,8 @@ def _estimate_prompt_tokens(chat: ChatRequest) -> int:
     return sum(len(m["content"]) for m in chat.messages) // 4 + 4 * len(chat.messages)
 
 
-def _count_refusal(services: Services, request: Request, exc: FlexServeError) -> None:
-    services.metrics.requests.labels("", "", str(exc.status_code)).inc()
+def _count_refusal(services: Services, model: str, exc: FlexServeError) -> None:
+    services.metrics.requests.labels(model, "", exc.code or str(exc.status_code)).inc()
 
 
 async def _complete(
@@ -121,7 +183,8 @@ async def _complete(
 ) -> Response:
     parts = [first.text]
     last = first
-    status = "error"
+    # Stays so if the client leaves mid-generation (the watch cancels this task).
+    status = "client_disconnected"
     try:
         if first.finish_reason is None:
             async for delta in deltas:
@@ -129,9 +192,10 @@ async def _complete(
                 last = delta
         status = "completed"
     except FlexServeError as exc:
+        status = "error"
         return error_response(exc)
     finally:
-        call.num_deltas = len(parts)
+        call.num_deltas = sum(1 for part in parts if part)
         with anyio.CancelScope(shield=True):
             await deltas.aclose()
         _finish(services, call, last.usage, status)
@@ -236,7 +300,8 @@ def _finish(services: Services, call: _Call, usage: Usage | None, status: str) -
     metrics.tokens.labels(call.chat.model, tier, "completion").inc(usage.completion_tokens)
     metrics.latency.labels(tier).observe(now - call.arrived_at)
     metrics.queue_time.labels(tier).observe(call.ticket.queue_time)
-    ttft = None if call.first_token_at is None else call.first_token_at - call.arrived_at
+    first_token_at = call.ticket.first_token_at
+    ttft = None if first_token_at is None else first_token_at - call.arrived_at
     if ttft is not None:
         metrics.ttft.labels(tier).observe(ttft)
     services.usage.submit(

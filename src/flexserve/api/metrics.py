@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flexserve.scheduler.scheduler import Scheduler
@@ -23,7 +23,7 @@ class _SchedulerCollector(Collector):
     def __init__(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         depth = GaugeMetricFamily(
             "flexserve_queue_depth", "Requests waiting in the gateway queue.", labels=["model", "tier"]
         )
@@ -33,16 +33,50 @@ class _SchedulerCollector(Collector):
         capacity = GaugeMetricFamily(
             "flexserve_capacity", "Sequences the model's healthy replicas run at once.", labels=["model"]
         )
+        events = {
+            name: CounterMetricFamily(f"flexserve_{name}", help_text, labels=["model"])
+            for name, help_text in (
+                ("preemptions", "Flex runs aborted to make room for higher tiers (requeued, never billed)."),
+                ("flex_pauses", "Flex runs paused between tokens while higher tiers decoded."),
+                ("flex_refused", "Flex requests refused with 429 resource_unavailable."),
+                ("priority_downgrades", "Priority requests served (and billed) as default."),
+            )
+        }
+        spare = GaugeMetricFamily(
+            "flexserve_flex_spare_capacity", "Fraction of slots flex could take now.", labels=["model"]
+        )
         for model, pool in self._scheduler.pools.items():
             capacity.add_metric([model], pool.capacity)
             for tier in ServiceTier:
                 depth.add_metric([model, tier.value], pool.queue.num_waiting(tier))
-                in_flight.add_metric(
-                    [model, tier.value], sum(r.num_in_flight_by_tier[tier] for r in pool.replicas)
-                )
+                in_flight.add_metric([model, tier.value], pool.num_in_flight_of(tier))
+            events["preemptions"].add_metric([model], pool.num_preemptions)
+            events["flex_pauses"].add_metric([model], pool.num_pauses)
+            events["flex_refused"].add_metric([model], pool.num_flex_refused)
+            events["priority_downgrades"].add_metric([model], pool.num_downgraded)
+        for entry in self._scheduler.flex_status():
+            spare.add_metric([entry["model"]], entry["spare_capacity"])
+        load = {
+            name: GaugeMetricFamily(f"flexserve_engine_{name}", help_text, labels=["replica"])
+            for name, help_text in (
+                ("running", "Requests the engine reports running."),
+                ("waiting", "Requests the engine reports waiting in its own queue."),
+                ("kv_cache_usage", "Engine KV-cache use, 0-1 (absent when not reported)."),
+                ("healthy", "1 while the replica answers its load probe."),
+            )
+        }
+        for replica in self._scheduler.replicas():
+            load["running"].add_metric([replica.name], replica.load.num_running)
+            load["waiting"].add_metric([replica.name], replica.load.num_waiting)
+            if replica.load.kv_cache_usage is not None:
+                load["kv_cache_usage"].add_metric([replica.name], replica.load.kv_cache_usage)
+            load["healthy"].add_metric([replica.name], 1 if replica.healthy else 0)
         yield depth
         yield in_flight
         yield capacity
+        yield spare
+        yield from events.values()
+        yield from load.values()
 
 
 class GatewayMetrics:

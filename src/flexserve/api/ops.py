@@ -44,6 +44,16 @@ async def retrieve_model(request: Request) -> Response:
     return _json(_model_object(services, model))
 
 
+async def flex_status(request: Request) -> Response:
+    """Spare flex capacity, queue depth and expected wait per model."""
+    services: Services = request.app.state.services
+    try:
+        await authenticate(request, services.keys)
+    except FlexServeError as exc:
+        return error_response(exc)
+    return _json({"object": "list", "data": services.scheduler.flex_status()})
+
+
 async def healthz(request: Request) -> Response:
     services: Services = request.app.state.services
     pools = services.scheduler.pools

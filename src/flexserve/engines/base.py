@@ -75,6 +75,22 @@ class EngineLoad:
         return (time.monotonic() if now is None else now) - self.updated_at
 
 
+@dataclass(frozen=True, slots=True)
+class StepTimeModel:
+    """A continuous-batching engine's step time:
+    ``t0 + a * max(0, step_tokens - 128) + c * kv_held`` seconds."""
+
+    # Seconds per step for up to 128 tokens.
+    t0: float
+    # Seconds per step token beyond 128 (compute-bound slope).
+    a: float
+    # Seconds per KV-cache token held by the batch, per step (attention reads).
+    c: float
+
+    def step_time(self, step_tokens: int, kv_held: int) -> float:
+        return self.t0 + self.a * max(0, step_tokens - 128) + self.c * kv_held
+
+
 @dataclass(slots=True)
 class ModelCard:
     id: str
@@ -82,6 +98,11 @@ class ModelCard:
     created: int = 0
     # Context length in tokens, when the engine knows it.
     max_model_len: int | None = None
+
+
+class NoLoadSignalsError(Exception):
+    """Raised by ``Engine.read_load`` when the engine offers no load signals
+    (a provider, Ollama): the scheduler then counts its in-flight requests alone."""
 
 
 class SequenceControl:
@@ -151,6 +172,16 @@ class Engine(abc.ABC):
         Closing the iterator early (``aclose()`` or cancelling its consumer)
         aborts the sequence and frees its room in the engine.
         """
+
+    @property
+    def max_decoding(self) -> int:
+        """Sequences that make progress at once; the rest wait for a turn.
+        Batching engines advance every sequence they hold each step."""
+        return self.capacity
+
+    def step_time_model(self) -> StepTimeModel | None:
+        """The engine's step-time model, when known (for TPOT predictions)."""
+        return None
 
     async def read_load(self) -> EngineLoad:
         """The replica's live load. Engines without signals report none."""

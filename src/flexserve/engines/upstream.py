@@ -25,7 +25,9 @@ from flexserve.engines.base import (
     EngineLoad,
     EngineRequest,
     ModelCard,
+    NoLoadSignalsError,
     SequenceControl,
+    StepTimeModel,
     Usage,
 )
 from flexserve.engines.metrics import parse_vllm_load
@@ -51,6 +53,7 @@ class UpstreamEngine(Engine):
         timeout: float = 600.0,
         connect_timeout: float = 5.0,
         send_priority: bool = False,
+        step_model: StepTimeModel | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         if self.base_url.endswith("/v1"):
@@ -64,6 +67,8 @@ class UpstreamEngine(Engine):
         )
         self._session: aiohttp.ClientSession | None = None
         self._models: list[ModelCard] = []
+        # What the operator says this upstream's step time looks like (for TPOT SLOs).
+        self._step_model = step_model
 
     @property
     def capacity(self) -> int:
@@ -71,6 +76,9 @@ class UpstreamEngine(Engine):
 
     def models(self) -> list[ModelCard]:
         return list(self._models)
+
+    def step_time_model(self) -> StepTimeModel | None:
+        return self._step_model
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -169,6 +177,8 @@ class UpstreamEngine(Engine):
             async with self.session.get(
                 f"{self.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=2)
             ) as response:
+                if response.status == 404:
+                    raise NoLoadSignalsError(f"{self.name} has no /metrics (HTTP 404).")
                 if response.status != 200:
                     raise EngineError(f"{self.name}: GET /metrics answered HTTP {response.status}.")
                 text = await response.text()

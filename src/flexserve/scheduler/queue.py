@@ -1,8 +1,13 @@
-"""The gateway's waiting queue: one heap ordered by ``(tier_rank, arrival, seq)``.
+"""The gateway's waiting queue for one model.
+
+Priority and default waiters share one heap ordered by
+``(tier_rank, arrival, seq)``; flex (and batch) waiters sit in fair queues
+that share their tier across organizations by deficit round robin. Higher
+tiers always come out first. With tiers turned off (a tier-blind FCFS gateway,
+for comparison) every waiter goes in the heap by arrival alone.
 
 Entries are removed lazily: a waiter that leaves (client gone, deadline
-passed) is marked and skipped when it reaches the head, so leaving is O(1)
-and the heap is never rewritten.
+passed) is marked and skipped when it reaches the head, so leaving is O(1).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
+from flexserve.scheduler.fairness import FairQueue
 from flexserve.tiers import ServiceTier
 
 
@@ -22,26 +29,41 @@ class Waiter:
 
     tier: ServiceTier
     org_id: str
-    # Tokens this request is expected to cost (prompt + max output), for fairness.
+    # Tokens this request is expected to cost (prompt + max output), for fair shares.
     cost_tokens: int
     arrival: float = field(default_factory=time.monotonic)
-    # Set by the scheduler when a replica is granted; cancelled when the waiter leaves.
-    future: asyncio.Future[object] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # Resolved with the granted replica, or failed with the reason it was refused.
+    future: asyncio.Future[Any] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     seq: int = 0
     # False once the waiter has left the queue (granted, or gone).
     queued: bool = True
+    # time.monotonic() after which a flex waiter is refused with 429; None: waits.
+    deadline: float | None = None
+    # The timer that enforces the deadline, cancelled when the waiter leaves.
+    timer: asyncio.TimerHandle | None = None
+    # What the scheduler puts on the granted replica (a replicas.Running).
+    run: Any = None
 
-    def sort_key(self) -> tuple[int, float, int]:
-        return (self.tier.rank, self.arrival, self.seq)
+    def leave(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
 
 
 class TierQueue:
-    """Waiters by tier rank, then arrival; FIFO within a tier."""
+    """Waiters by tier rank; FIFO within priority and default; fair within flex."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, tiers_enabled: bool = True, fair_quantum: int = 2048) -> None:
+        self.tiers_enabled = tiers_enabled
         self._heap: list[tuple[tuple[int, float, int], Waiter]] = []
+        self._fair = {
+            ServiceTier.FLEX: FairQueue(fair_quantum),
+            ServiceTier.BATCH: FairQueue(fair_quantum),
+        }
         self._seq = itertools.count()
-        self._num_by_tier = {tier: 0 for tier in ServiceTier}
+        self._num_by_tier = dict.fromkeys(ServiceTier, 0)
 
     def __len__(self) -> int:
         return sum(self._num_by_tier.values())
@@ -49,30 +71,60 @@ class TierQueue:
     def num_waiting(self, tier: ServiceTier | None = None) -> int:
         return len(self) if tier is None else self._num_by_tier[tier]
 
-    def push(self, waiter: Waiter) -> None:
+    def push(self, waiter: Waiter, *, front: bool = False) -> None:
+        """Queue a waiter; ``front`` puts preempted work back at the head of its flow."""
         waiter.seq = next(self._seq)
         waiter.queued = True
         self._num_by_tier[waiter.tier] += 1
-        heapq.heappush(self._heap, (waiter.sort_key(), waiter))
+        fair = self._fair.get(waiter.tier) if self.tiers_enabled else None
+        if fair is not None:
+            fair.push(waiter, front=front)
+            return
+        rank = waiter.tier.rank if self.tiers_enabled else 0
+        arrival = float("-inf") if front else waiter.arrival
+        heapq.heappush(self._heap, ((rank, arrival, waiter.seq), waiter))
 
     def remove(self, waiter: Waiter) -> None:
-        """Take a waiter out (lazily: its heap entry is skipped later)."""
+        """Take a waiter out (lazily: its entry is skipped later)."""
         if waiter.queued:
+            fair = self._fair.get(waiter.tier) if self.tiers_enabled else None
+            if fair is not None:
+                fair.remove(waiter)
             waiter.queued = False
             self._num_by_tier[waiter.tier] -= 1
+        waiter.leave()
 
     def peek(self) -> Waiter | None:
-        self._drop_stale()
-        return self._heap[0][1] if self._heap else None
-
-    def pop(self) -> Waiter | None:
-        self._drop_stale()
-        if not self._heap:
-            return None
-        _, waiter = heapq.heappop(self._heap)
-        self.remove(waiter)
-        return waiter
-
-    def _drop_stale(self) -> None:
         while self._heap and not self._heap[0][1].queued:
             heapq.heappop(self._heap)
+        if self._heap:
+            return self._heap[0][1]
+        if self.tiers_enabled:
+            for fair in self._fair.values():
+                head = fair.peek()
+                if head is not None:
+                    assert isinstance(head, Waiter)
+                    return head
+        return None
+
+    def pop(self) -> Waiter | None:
+        head = self.peek()
+        if head is None:
+            return None
+        fair = self._fair.get(head.tier) if self.tiers_enabled else None
+        if fair is not None:
+            fair.pop()  # marks the waiter as no longer queued
+            self._num_by_tier[head.tier] -= 1
+            head.leave()
+        else:
+            heapq.heappop(self._heap)
+            self.remove(head)
+        return head
+
+    def flex_waiters(self) -> list[Waiter]:
+        """Flex waiters in arrival order (for wait estimates and shedding)."""
+        if not self.tiers_enabled:
+            return []
+        waiters = [w for w in self._fair[ServiceTier.FLEX].waiting() if isinstance(w, Waiter)]
+        waiters.sort(key=lambda w: w.arrival)
+        return waiters

@@ -1,12 +1,43 @@
-"""Replicas and the pools of replicas that serve one model."""
+"""Replicas, what runs on them, and the pools of replicas that serve one model."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import dataclass, field
+from typing import Any
 
-from flexserve.engines.base import Engine, EngineLoad
+from flexserve.engines.base import Engine, EngineLoad, SequenceControl
+from flexserve.scheduler.estimates import RateWindow
 from flexserve.scheduler.queue import TierQueue
 from flexserve.tiers import ServiceTier
+
+
+@dataclass(eq=False)
+class Running:
+    """One sequence the gateway has released onto a replica."""
+
+    tier: ServiceTier
+    org_id: str
+    cost_tokens: int
+    # True for a stream: once a token has reached the client the work cannot restart
+    # (a non-streamed flex run is held back by the scheduler until it ends).
+    stream: bool
+    started_at: float = field(default_factory=time.monotonic)
+    control: SequenceControl = field(default_factory=SequenceControl)
+    # Set when output has been handed to the client.
+    delivered: bool = False
+    # Set by the scheduler when it aborts this sequence to make room.
+    preempted: bool = False
+    # The task pumping the engine's deltas (flex only), cancelled to abort.
+    pump: asyncio.Task[Any] | None = None
+    # Wakes the consumer when the pump is aborted.
+    inbox: asyncio.Queue[Any] | None = None
+
+    @property
+    def can_restart(self) -> bool:
+        """Aborting it loses nothing the client has seen."""
+        return not (self.stream and self.delivered)
 
 
 @dataclass(eq=False)
@@ -16,28 +47,49 @@ class Replica:
     engine: Engine
     # Sequences the gateway runs on this replica at once.
     capacity: int
-    num_in_flight: int = 0
+    running: list[Running] = field(default_factory=list)
     num_in_flight_by_tier: dict[ServiceTier, int] = field(
-        default_factory=lambda: {tier: 0 for tier in ServiceTier}
+        default_factory=lambda: dict.fromkeys(ServiceTier, 0)
     )
-    load: EngineLoad = field(default_factory=EngineLoad)
+    # Expected tokens (prompt + output) of the sequences in flight.
+    tokens_in_flight: int = 0
+    load: EngineLoad = field(default_factory=lambda: EngineLoad(updated_at=float("-inf")))
+    # False for engines without load signals: capacity then comes from in-flight counts.
+    has_signals: bool = True
     healthy: bool = True
+    num_failed_reads: int = 0
+    last_preempted_at: float = float("-inf")
+    # Observed / predicted TPOT (EWMA): calibrates the step-time model to this replica.
+    tpot_scale: float = 1.0
 
     @property
     def name(self) -> str:
         return self.engine.name
 
     @property
+    def num_in_flight(self) -> int:
+        return len(self.running)
+
+    @property
     def free_slots(self) -> int:
-        return self.capacity - self.num_in_flight
+        return self.capacity - len(self.running)
 
-    def take(self, tier: ServiceTier) -> None:
-        self.num_in_flight += 1
-        self.num_in_flight_by_tier[tier] += 1
+    def mean_cost_tokens(self) -> int:
+        return self.tokens_in_flight // len(self.running) if self.running else 0
 
-    def give_back(self, tier: ServiceTier) -> None:
-        self.num_in_flight -= 1
-        self.num_in_flight_by_tier[tier] -= 1
+    def add(self, run: Running) -> None:
+        self.running.append(run)
+        self.num_in_flight_by_tier[run.tier] += 1
+        self.tokens_in_flight += run.cost_tokens
+
+    def discard(self, run: Running) -> None:
+        self.running.remove(run)
+        self.num_in_flight_by_tier[run.tier] -= 1
+        self.tokens_in_flight -= run.cost_tokens
+
+    def observe_tpot(self, observed: float, predicted: float, weight: float = 0.1) -> None:
+        if predicted > 0 and observed > 0:
+            self.tpot_scale += weight * (observed / predicted - self.tpot_scale)
 
 
 @dataclass(eq=False)
@@ -47,15 +99,14 @@ class ModelPool:
     model: str
     replicas: list[Replica]
     queue: TierQueue = field(default_factory=TierQueue)
-
-    def least_loaded(self) -> Replica | None:
-        """The healthy replica with the most free slots, if any has one."""
-        best: Replica | None = None
-        for replica in self.replicas:
-            if replica.healthy and replica.free_slots > 0:
-                if best is None or replica.free_slots > best.free_slots:
-                    best = replica
-        return best
+    # Flex releases onto replicas, for wait estimates.
+    flex_admissions: RateWindow = field(default_factory=RateWindow)
+    # Aborts of flex ordered by the scheduler and not yet carried out.
+    num_preempting: int = 0
+    num_preemptions: int = 0
+    num_pauses: int = 0
+    num_flex_refused: int = 0
+    num_downgraded: int = 0
 
     @property
     def capacity(self) -> int:
@@ -64,3 +115,6 @@ class ModelPool:
     @property
     def num_in_flight(self) -> int:
         return sum(r.num_in_flight for r in self.replicas)
+
+    def num_in_flight_of(self, tier: ServiceTier) -> int:
+        return sum(r.num_in_flight_by_tier[tier] for r in self.replicas)

@@ -1,23 +1,57 @@
-"""The scheduler: queues requests by tier and releases them onto replicas.
+"""The scheduler: tier queues in front of replicas, admission by live load.
 
 The API hands the scheduler a ``Ticket`` and an ``EngineRequest`` and iterates
-``Scheduler.stream``: the scheduler waits for room (woken by futures, never by
-polling), runs the generation on a replica, and gives the room back however
-the generation ends. What happened is written back on the ticket (served
-tier, queue time, replica) for the response and the usage record.
+``Scheduler.stream``. The scheduler:
+
+* queues the request by ``(tier_rank, arrival)`` — flex fairly across
+  organizations — and releases it when ``policy.can_admit`` says a replica has
+  room for its tier (waiters are woken by futures, never by polling);
+* refuses flex at once with 429 when its estimated wait exceeds its deadline,
+  and later when the deadline passes (a timer per waiter);
+* makes room for default and priority work by preempting flex: on engines that
+  pause between tokens (embedded) the newest flex sequences are paused while
+  higher tiers need the decode slots; elsewhere the newest flex sequence whose
+  output has not reached its client is aborted and requeued at the head of its
+  organization's flow, to be run again from scratch (never billed twice: only
+  the run that finishes is metered);
+* downgrades priority to default once priority holds its share of capacity;
+* gives the room back however a generation ends, and releases the next waiter.
+
+What happened is written on the ticket (served tier, queue time, preemptions)
+for the response, the metrics and the usage record.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
-from flexserve.engines.base import Delta, Engine, EngineRequest, SequenceControl
-from flexserve.errors import EngineUnavailableError, ModelNotFoundError
-from flexserve.scheduler.queue import Waiter
-from flexserve.scheduler.replicas import ModelPool, Replica
+from flexserve.engines.base import Delta, Engine, EngineRequest, NoLoadSignalsError
+from flexserve.errors import (
+    EngineUnavailableError,
+    FlexServeError,
+    ModelNotFoundError,
+    ResourceUnavailableError,
+)
+from flexserve.scheduler.estimates import estimate_wait
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, predicted_tpot, spare_capacity
+from flexserve.scheduler.queue import TierQueue, Waiter
+from flexserve.scheduler.replicas import ModelPool, Replica, Running
 from flexserve.tiers import ServiceTier
+
+log = logging.getLogger(__name__)
+
+_ABORTED = object()  # put in a run's inbox when the scheduler aborts it
+
+
+class _Preempted(Exception):
+    """Internal: the run was aborted to make room; requeue it."""
 
 
 @dataclass(eq=False, slots=True)
@@ -26,15 +60,22 @@ class Ticket:
 
     request_id: str
     model: str
+    # The tier the request asked for, after `auto` was resolved.
     tier: ServiceTier
     org_id: str
-    # Expected prompt + output tokens, for fair shares and wait estimates.
+    # Expected prompt + output tokens, for fair shares and TPOT predictions.
     cost_tokens: int = 0
+    stream: bool = False
+    # Client's own limit on the flex wait (X-Flex-Max-Wait), seconds.
+    max_wait: float | None = None
     # Filled in by the scheduler:
     served_tier: ServiceTier | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     replica_name: str | None = None
+    num_preemptions: int = 0
+    # time.monotonic() of the first generated token of the run that counts.
+    first_token_at: float | None = None
 
     @property
     def queue_time(self) -> float:
@@ -46,23 +87,38 @@ class Ticket:
 class Scheduler:
     """Per-model tier queues in front of a set of replicas."""
 
-    def __init__(self, pools: dict[str, ModelPool]) -> None:
+    def __init__(self, pools: dict[str, ModelPool], config: SchedulerConfig | None = None) -> None:
+        self.config = config or SchedulerConfig()
         self._pools = pools
+        for pool in pools.values():
+            pool.queue = TierQueue(
+                tiers_enabled=self.config.tiers_enabled, fair_quantum=self.config.fair_quantum
+            )
+        self._watchers: list[asyncio.Task[None]] = []
 
     @classmethod
-    def from_engines(cls, engines: list[Engine], capacity: dict[Engine, int] | None = None) -> Scheduler:
+    def from_engines(
+        cls, engines: list[Engine], config: SchedulerConfig | None = None,
+        capacity: dict[Engine, int] | None = None,
+    ) -> Scheduler:
         """Group started engines into one pool per model they serve."""
         pools: dict[str, ModelPool] = {}
-        replicas = {e: Replica(e, (capacity or {}).get(e, e.capacity)) for e in engines}
-        for engine, replica in replicas.items():
+        for engine in engines:
+            replica = Replica(engine, (capacity or {}).get(engine, engine.capacity))
             for card in engine.models():
-                pool = pools.setdefault(card.id, ModelPool(card.id, []))
-                pool.replicas.append(replica)
-        return cls(pools)
+                pools.setdefault(card.id, ModelPool(card.id, [])).replicas.append(replica)
+        return cls(pools, config)
 
     @property
     def pools(self) -> dict[str, ModelPool]:
         return self._pools
+
+    def replicas(self) -> list[Replica]:
+        seen: dict[int, Replica] = {}
+        for pool in self._pools.values():
+            for replica in pool.replicas:
+                seen.setdefault(id(replica), replica)
+        return list(seen.values())
 
     def pool(self, model: str) -> ModelPool:
         try:
@@ -70,62 +126,363 @@ class Scheduler:
         except KeyError:
             raise ModelNotFoundError(model) from None
 
+    # --- load signals ---------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start reading every replica's load signals."""
+        for replica in self.replicas():
+            self._watchers.append(asyncio.create_task(self._watch_load(replica)))
+
+    async def close(self) -> None:
+        for task in self._watchers:
+            task.cancel()
+        for task in self._watchers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._watchers.clear()
+
+    async def _watch_load(self, replica: Replica) -> None:
+        pools = [p for p in self._pools.values() if replica in p.replicas]
+        while True:
+            try:
+                replica.load = await replica.engine.read_load()
+                replica.num_failed_reads = 0
+                replica.healthy = True
+            except NoLoadSignalsError:
+                # No metrics endpoint (a provider, Ollama): in-flight counts alone.
+                replica.has_signals = False
+                return
+            except FlexServeError as exc:
+                replica.num_failed_reads += 1
+                if replica.num_failed_reads >= 3 and replica.healthy:
+                    log.warning("replica %s unhealthy: %s", replica.name, exc.message)
+                    replica.healthy = False
+            for pool in pools:
+                self._dispatch(pool)
+                self._shed_hopeless_flex(pool)
+            await asyncio.sleep(self.config.scrape_interval)
+
+    # --- the request path -------------------------------------------------------
+
     async def stream(self, ticket: Ticket, request: EngineRequest) -> AsyncIterator[Delta]:
         """Admit the ticket, run it, and yield its deltas."""
         pool = self.pool(ticket.model)
-        replica = await self._admit(pool, ticket)
-        control = SequenceControl()
-        try:
-            async for delta in replica.engine.generate(request, control):
-                yield delta
-        finally:
-            self._release(pool, replica, ticket)
+        self._maybe_downgrade(pool, ticket)
+        requeue = False
+        while True:
+            run = Running(ticket.served_tier or ticket.tier, ticket.org_id, ticket.cost_tokens, ticket.stream)
+            replica = await self._admit(pool, ticket, run, front=requeue)
+            self._balance_decoding(replica)
+            request.priority = run.tier.rank
+            num_tokens = 0
+            first_at = last_at = 0.0
+            finished = False
+            abortable = self.config.tiers_enabled and run.tier.is_preemptible
+            # A non-streamed abortable run is held back until it ends, so that an
+            # abort can restart it without the client ever seeing a first attempt.
+            held: list[str] | None = [] if abortable and not ticket.stream else None
+            try:
+                engine_deltas = replica.engine.generate(request, run.control)
+                deltas = self._pumped(run, engine_deltas) if abortable else engine_deltas
+                async for delta in deltas:
+                    if delta.text:
+                        num_tokens += 1
+                        last_at = time.monotonic()
+                        if num_tokens == 1:
+                            first_at = last_at
+                            ticket.first_token_at = last_at
+                    if held is not None:
+                        held.append(delta.text)
+                        if delta.finish_reason is None:
+                            continue
+                        delta = Delta("".join(held), delta.finish_reason, delta.usage)
+                    run.delivered = True
+                    yield delta
+                finished = True
+                return
+            except _Preempted:
+                ticket.num_preemptions += 1
+                ticket.first_token_at = None
+                requeue = True
+            finally:
+                self._release(pool, replica, run)
+                if finished and run.tier is ServiceTier.DEFAULT and num_tokens > 2:
+                    self._calibrate(replica, run, (last_at - first_at) / (num_tokens - 1))
 
-    async def _admit(self, pool: ModelPool, ticket: Ticket) -> Replica:
+    async def _pumped(self, run: Running, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
+        """Iterate ``deltas`` in a task the scheduler can cancel to abort the run."""
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for delta in deltas:
+                    inbox.put_nowait(delta)
+                inbox.put_nowait(None)
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:  # handed to the consumer, raised there
+                inbox.put_nowait(exc)
+            finally:
+                aclose = getattr(deltas, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+
+        run.inbox = inbox
+        run.pump = asyncio.create_task(pump())
+        try:
+            while True:
+                item = await inbox.get()
+                if item is None:
+                    return
+                if item is _ABORTED:
+                    raise _Preempted
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            if not run.pump.done():
+                run.pump.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await run.pump
+
+    async def _admit(self, pool: ModelPool, ticket: Ticket, run: Running, *, front: bool = False) -> Replica:
+        """Wait for a replica that admits ``run``, which is added to it."""
+        tier = run.tier
         if not any(r.healthy for r in pool.replicas):
             raise EngineUnavailableError(f"No healthy replica serves `{ticket.model}` right now.")
-        replica = pool.least_loaded() if pool.queue.peek() is None else None
-        if replica is None:
-            waiter = Waiter(ticket.tier, ticket.org_id, ticket.cost_tokens)
-            pool.queue.push(waiter)
-            try:
-                granted = await waiter.future
-            except BaseException:
-                pool.queue.remove(waiter)
-                if waiter.future.done() and not waiter.future.cancelled():
-                    # Granted at the same moment the waiter left: hand the room on.
-                    lost = waiter.future.result()
-                    assert isinstance(lost, Replica)
-                    lost.give_back(ticket.tier)
-                    self._dispatch(pool)
-                raise
-            assert isinstance(granted, Replica)
-            replica = granted
-        else:
-            replica.take(ticket.tier)
-        ticket.admitted_at = time.monotonic()
-        ticket.served_tier = ticket.tier
+        now = time.monotonic()
+        head = pool.queue.peek()
+        if head is None or (front and tier.rank <= head.tier.rank):
+            replica = self._pick(pool, tier, now)
+            if replica is not None:
+                replica.add(run)
+                return self._granted(pool, ticket, replica, tier)
+        waiter = Waiter(tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run)
+        if self.config.tiers_enabled and tier.is_preemptible:
+            self._check_flex_deadline(pool, ticket, waiter, now)
+        if len(pool.queue) >= self.config.max_queue:
+            if tier.is_preemptible:
+                pool.num_flex_refused += 1
+                raise ResourceUnavailableError(
+                    "The flex queue for this model is full; retry later.",
+                    retry_after=self._retry_after(pool, len(pool.queue), now),
+                )
+            raise EngineUnavailableError(f"The queue for `{ticket.model}` is full; retry later.")
+        pool.queue.push(waiter, front=front)
+        if waiter.deadline is not None:
+            waiter.timer = asyncio.get_running_loop().call_at(
+                waiter.deadline, self._expire, pool, waiter
+            )
+        # A preemption may be what the head of the queue needs.
+        self._dispatch(pool)
+        try:
+            replica = await waiter.future
+        except BaseException:
+            pool.queue.remove(waiter)
+            future = waiter.future
+            if future.done() and not future.cancelled() and future.exception() is None:
+                # Granted at the moment the client left: hand the room on.
+                future.result().discard(run)
+                self._dispatch(pool)
+            raise
+        assert isinstance(replica, Replica)
+        return self._granted(pool, ticket, replica, tier)
+
+    def _granted(self, pool: ModelPool, ticket: Ticket, replica: Replica, tier: ServiceTier) -> Replica:
+        now = time.monotonic()
+        if ticket.admitted_at is None:
+            ticket.admitted_at = now
+        ticket.served_tier = tier
         ticket.replica_name = replica.name
+        if tier is ServiceTier.FLEX:
+            pool.flex_admissions.record(now)
         return replica
 
-    def _release(self, pool: ModelPool, replica: Replica, ticket: Ticket) -> None:
-        replica.give_back(ticket.served_tier or ticket.tier)
+    def _pick(self, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
+        """The admissible replica with the most free slots."""
+        best: Replica | None = None
+        for replica in pool.replicas:
+            if can_admit(self.config, replica, tier, now):
+                if best is None or replica.free_slots > best.free_slots:
+                    best = replica
+        return best
+
+    def _release(self, pool: ModelPool, replica: Replica, run: Running) -> None:
+        replica.discard(run)
+        if run.preempted:
+            pool.num_preempting = max(0, pool.num_preempting - 1)
+        self._balance_decoding(replica)
         self._dispatch(pool)
 
     def _dispatch(self, pool: ModelPool) -> None:
-        """Hand free room to the waiters at the head of the queue."""
+        """Release waiters from the head of the queue while replicas admit them;
+        preempt flex when higher-tier work is stuck at the head."""
+        now = time.monotonic()
         while True:
             waiter = pool.queue.peek()
             if waiter is None:
                 return
-            replica = pool.least_loaded()
+            if waiter.future.done():
+                pool.queue.pop()
+                continue
+            replica = self._pick(pool, waiter.tier, now)
             if replica is None:
+                if self.config.tiers_enabled and not waiter.tier.is_preemptible:
+                    self._preempt_for(pool, now)
                 return
             pool.queue.pop()
-            if waiter.future.done():
-                continue
-            replica.take(waiter.tier)
+            # The slot is taken now, before the waiter's task wakes up to use it.
+            replica.add(waiter.run)
             waiter.future.set_result(replica)
 
-    def queue_depth(self, model: str, tier: ServiceTier | None = None) -> int:
-        return self._pools[model].queue.num_waiting(tier)
+    # --- preemption --------------------------------------------------------------
+
+    def _preempt_for(self, pool: ModelPool, now: float) -> None:
+        """Abort the newest restartable flex run, unless enough aborts are under way."""
+        num_stuck = pool.queue.num_waiting(ServiceTier.PRIORITY) + pool.queue.num_waiting(ServiceTier.DEFAULT)
+        if pool.num_preempting >= num_stuck:
+            return
+        victim: tuple[Replica, Running] | None = None
+        for replica in pool.replicas:
+            if not replica.healthy:
+                continue
+            for run in replica.running:
+                if run.tier.is_preemptible and not run.preempted and run.can_restart and run.pump:
+                    if victim is None or run.started_at > victim[1].started_at:
+                        victim = (replica, run)
+        if victim is None:
+            return
+        replica, run = victim
+        run.preempted = True
+        pool.num_preempting += 1
+        pool.num_preemptions += 1
+        replica.last_preempted_at = now
+        assert run.pump is not None and run.inbox is not None
+        run.pump.cancel()
+        run.inbox.put_nowait(_ABORTED)
+
+    def _balance_decoding(self, replica: Replica) -> None:
+        """On engines that pause between tokens, pause the newest flex runs while
+        default and priority need the engine's decode slots; resume them after."""
+        if not replica.engine.supports_pause or not self.config.tiers_enabled:
+            return
+        runs = [r for r in replica.running if r.tier.is_preemptible and not r.preempted]
+        num_urgent = len(replica.running) - len(runs)
+        num_flex_running = max(0, replica.engine.max_decoding - num_urgent)
+        runs.sort(key=lambda r: r.started_at)
+        pools = None
+        for index, run in enumerate(runs):
+            if index < num_flex_running:
+                run.control.resume()
+            elif not run.control.paused:
+                run.control.pause()
+                if pools is None:
+                    pools = [p for p in self._pools.values() if replica in p.replicas]
+                for pool in pools:
+                    pool.num_pauses += 1
+
+    # --- tiers, deadlines and estimates ---------------------------------------------
+
+    def _maybe_downgrade(self, pool: ModelPool, ticket: Ticket) -> None:
+        if ticket.tier is not ServiceTier.PRIORITY or not self.config.tiers_enabled:
+            return
+        limit = max(1, math.floor(self.config.priority_share * pool.capacity))
+        held = pool.num_in_flight_of(ServiceTier.PRIORITY) + pool.queue.num_waiting(ServiceTier.PRIORITY)
+        if held >= limit:
+            ticket.served_tier = ServiceTier.DEFAULT
+            pool.num_downgraded += 1
+
+    def flex_deadline(self, ticket: Ticket) -> float:
+        limit = self.config.flex_max_wait
+        if ticket.max_wait is not None:
+            limit = min(limit, ticket.max_wait)
+        return max(0.0, limit)
+
+    def estimated_flex_wait(self, pool: ModelPool, position: int, now: float) -> float | None:
+        return estimate_wait(position, pool.flex_admissions.rate(now))
+
+    def _retry_after(self, pool: ModelPool, position: int, now: float) -> float:
+        estimate = self.estimated_flex_wait(pool, position, now)
+        if estimate is None:
+            return self.config.unknown_wait_retry_after
+        return min(max(estimate, 1.0), self.config.flex_max_wait)
+
+    def _check_flex_deadline(self, pool: ModelPool, ticket: Ticket, waiter: Waiter, now: float) -> None:
+        wait_limit = self.flex_deadline(ticket)
+        position = pool.queue.num_waiting(ServiceTier.FLEX) + 1
+        estimate = self.estimated_flex_wait(pool, position, now)
+        if wait_limit <= 0 or (estimate is not None and estimate > wait_limit):
+            pool.num_flex_refused += 1
+            raise _refusal(self._retry_after(pool, position, now), estimate)
+        waiter.deadline = ticket.enqueued_at + wait_limit
+
+    def _expire(self, pool: ModelPool, waiter: Waiter) -> None:
+        if not waiter.queued or waiter.future.done():
+            return
+        pool.queue.remove(waiter)
+        pool.num_flex_refused += 1
+        now = time.monotonic()
+        waiter.future.set_exception(_refusal(self._retry_after(pool, pool.queue.num_waiting(ServiceTier.FLEX), now), None))
+
+    def _shed_hopeless_flex(self, pool: ModelPool) -> None:
+        """Refuse waiting flex whose estimated wait now exceeds its deadline."""
+        now = time.monotonic()
+        rate = pool.flex_admissions.rate(now)
+        if rate is None or pool.queue.num_waiting(ServiceTier.FLEX) == 0:
+            return
+        waiters = pool.queue.flex_waiters()
+        for position in range(len(waiters), 0, -1):
+            waiter = waiters[position - 1]
+            estimate = position / rate
+            if waiter.deadline is None or now + estimate <= waiter.deadline:
+                break  # those ahead of it wait less and no longer
+            pool.queue.remove(waiter)
+            pool.num_flex_refused += 1
+            if not waiter.future.done():
+                waiter.future.set_exception(_refusal(min(estimate, self.config.flex_max_wait), estimate))
+
+    # --- what clients and operators can see ------------------------------------------
+
+    def flex_status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        status = []
+        for model, pool in sorted(self._pools.items()):
+            depth = pool.queue.num_waiting(ServiceTier.FLEX)
+            spare = spare_capacity(self.config, pool.replicas, now) if self.config.tiers_enabled else 0.0
+            estimate = 0.0 if spare > 0 and depth == 0 else self.estimated_flex_wait(pool, depth + 1, now)
+            accepting = len(pool.queue) < self.config.max_queue and (
+                estimate is None or estimate <= self.config.flex_max_wait
+            ) and any(r.healthy for r in pool.replicas)
+            status.append(
+                {
+                    "model": model,
+                    "spare_capacity": round(spare, 4),
+                    "queue_depth": depth,
+                    "estimated_wait_seconds": None if estimate is None else round(estimate, 3),
+                    "accepting": accepting,
+                }
+            )
+        return status
+
+    def _calibrate(self, replica: Replica, run: Running, observed_tpot: float) -> None:
+        """Learn how this replica's TPOT compares with its step-time model."""
+        predicted = predicted_tpot(
+            replica, replica.num_in_flight + 1, replica.tokens_in_flight + run.cost_tokens,
+            calibrated=False,
+        )
+        if predicted:
+            replica.observe_tpot(observed_tpot, predicted)
+
+
+def _refusal(retry_after: float, estimate: float | None) -> ResourceUnavailableError:
+    why = (
+        f"the estimated wait ({estimate:.0f} s) is longer than this request's deadline"
+        if estimate is not None
+        else "no flex capacity became free before this request's deadline"
+    )
+    return ResourceUnavailableError(
+        f"Flex capacity is unavailable right now: {why}. Retry later, or send the "
+        "request on the default tier.",
+        retry_after=retry_after,
+    )
+

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from flexserve.engines.base import (
+    StepTimeModel,
     Delta,
     Engine,
     EngineLoad,
@@ -66,6 +67,12 @@ class SimEngine(Engine):
     ) -> AsyncIterator[Delta]:
         # `control` is ignored: supports_pause is False, so the scheduler aborts instead.
         return self.model.generate(request)
+
+    def step_time_model(self) -> StepTimeModel:
+        profile = self.model.profile
+        # Wall-clock seconds: the model runs `speed` times faster than real time.
+        speed = self.model.speed
+        return StepTimeModel(profile.t0 / speed, profile.a / speed, profile.c / speed)
 
     async def read_load(self) -> EngineLoad:
         return self.model.load()

@@ -1,0 +1,109 @@
+"""Fairness inside a tier: deficit round robin by tokens across organizations.
+
+Each organization has a FIFO flow of waiters. Organizations take turns; on its
+turn an organization's deficit grows by ``quantum`` tokens and its waiters are
+released while their expected cost fits the deficit. One organization's
+100,000-request evaluation therefore gets the same token share as another's
+10-request job, not 10,000 times more.
+
+Removal is lazy (a waiter that leaves is marked and skipped), so leaving is
+O(1) for any of thousands of waiting connections.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from typing import Protocol
+
+
+class FairWaiter(Protocol):
+    org_id: str
+    cost_tokens: int
+    arrival: float
+    queued: bool
+
+
+class FairQueue:
+    """Deficit round robin over per-organization FIFO flows."""
+
+    def __init__(self, quantum: int = 2048) -> None:
+        if quantum < 1:
+            raise ValueError("quantum must be at least one token")
+        self.quantum = quantum
+        self._flows: dict[str, deque[FairWaiter]] = {}
+        self._deficit: dict[str, int] = {}
+        # Organizations with waiters, in turn order; the first one has the turn.
+        self._turns: deque[str] = deque()
+        # The organization whose turn has started (its quantum already added).
+        self._turn_of: str | None = None
+        self._num_waiting = 0
+
+    def __len__(self) -> int:
+        return self._num_waiting
+
+    def push(self, waiter: FairWaiter, *, front: bool = False) -> None:
+        """Queue a waiter at the back of its organization's flow (or the front,
+        for work that was preempted and goes back to where it stood)."""
+        flow = self._flows.get(waiter.org_id)
+        if flow is None:
+            flow = self._flows[waiter.org_id] = deque()
+            self._deficit[waiter.org_id] = 0
+            self._turns.append(waiter.org_id)
+        if front:
+            flow.appendleft(waiter)
+        else:
+            flow.append(waiter)
+        waiter.queued = True
+        self._num_waiting += 1
+
+    def remove(self, waiter: FairWaiter) -> None:
+        if waiter.queued:
+            waiter.queued = False
+            self._num_waiting -= 1
+
+    def peek(self) -> FairWaiter | None:
+        """The waiter deficit round robin releases next (not removed)."""
+        while self._turns:
+            org = self._turns[0]
+            flow = self._flows[org]
+            while flow and not flow[0].queued:
+                flow.popleft()
+            if not flow:
+                self._drop_flow(org)
+                continue
+            if self._turn_of != org:
+                self._turn_of = org
+                self._deficit[org] += self.quantum
+            head = flow[0]
+            if head.cost_tokens <= self._deficit[org]:
+                return head
+            # Not enough deficit: the turn passes, the deficit is kept.
+            self._turns.rotate(-1)
+            self._turn_of = None
+        return None
+
+    def pop(self) -> FairWaiter | None:
+        head = self.peek()
+        if head is None:
+            return None
+        org = head.org_id
+        self._flows[org].popleft()
+        self._deficit[org] -= head.cost_tokens
+        self.remove(head)
+        return head
+
+    def _drop_flow(self, org: str) -> None:
+        # An emptied flow forfeits its deficit, as in DRR: idle time earns no credit.
+        self._turns.popleft()
+        del self._flows[org]
+        del self._deficit[org]
+        if self._turn_of == org:
+            self._turn_of = None
+
+    def waiting(self) -> Iterator[FairWaiter]:
+        """Every waiting waiter, in no particular order."""
+        for flow in self._flows.values():
+            for waiter in flow:
+                if waiter.queued:
+                    yield waiter

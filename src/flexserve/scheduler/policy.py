@@ -1,0 +1,109 @@
+"""Admission policy: the scheduler's settings and the pure decisions made from them.
+
+Default and priority go whenever a replica has a free slot (the gateway's
+capacity for a replica is what the engine runs at once, so the engine's own
+waiting queue — where priority inversion happens — stays short). Flex goes
+only on spare capacity: fresh load signals, no engine queue, KV use under a
+threshold, a headroom of slots left for default bursts, no recent preemption
+on that replica (hysteresis), and a predicted default time-per-output-token
+within the operator's SLO.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from flexserve.scheduler.replicas import Replica
+from flexserve.tiers import ServiceTier
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    # False: a tier-blind FCFS gateway (for comparison): no flex rules, no preemption.
+    tiers_enabled: bool = True
+    # Longest a flex request waits server-side before 429 (clients may ask for less).
+    flex_max_wait: float = 600.0
+    # Fraction of a replica's slots flex never takes, kept for default bursts.
+    flex_headroom: float = 0.2
+    # Flex is not released while the engine's KV cache is fuller than this.
+    flex_kv_threshold: float = 0.8
+    # Flex is not released while the engine itself has more than this many waiting.
+    flex_max_engine_waiting: int = 0
+    # Predicted default TPOT (seconds) that flex admission must keep; 0: no SLO.
+    tpot_slo: float = 0.0
+    # Load signals older than this count as saturated (for flex).
+    load_stale_after: float = 0.5
+    # Seconds between reads of each replica's load signals.
+    scrape_interval: float = 0.1
+    # After preempting flex on a replica, flex is not released there for this long.
+    preempt_cooldown: float = 1.0
+    # Share of a model's capacity priority may hold; past it priority is served as default.
+    priority_share: float = 0.5
+    # Most requests waiting per model; past it flex gets 429 and others 503.
+    max_queue: int = 20_000
+    # Tokens an organization's flex flow earns per round-robin turn.
+    fair_quantum: int = 2048
+    # Retry-After (seconds) when no flex has been served lately to estimate from.
+    unknown_wait_retry_after: float = 30.0
+
+
+def headroom_slots(config: SchedulerConfig, capacity: int) -> int:
+    if capacity <= 1:
+        return 0
+    return min(capacity - 1, math.ceil(config.flex_headroom * capacity))
+
+
+def predicted_tpot(
+    replica: Replica, num_sequences: int, tokens_held: int, *, calibrated: bool = True
+) -> float | None:
+    """Seconds per output token for a batch of ``num_sequences`` holding
+    ``tokens_held`` KV tokens; ``calibrated`` scales the step-time model by what
+    this replica has been observed to do."""
+    model = replica.engine.step_time_model()
+    if model is None:
+        return None
+    raw = model.step_time(num_sequences, tokens_held)
+    return raw * replica.tpot_scale if calibrated else raw
+
+
+def can_admit(
+    config: SchedulerConfig, replica: Replica, tier: ServiceTier, now: float
+) -> bool:
+    """Whether a request of ``tier`` may start on ``replica`` now."""
+    if not replica.healthy or replica.free_slots <= 0:
+        return False
+    if not config.tiers_enabled or not tier.is_preemptible:
+        return True
+    if replica.num_in_flight >= replica.capacity - headroom_slots(config, replica.capacity):
+        return False
+    if now - replica.last_preempted_at < config.preempt_cooldown:
+        return False
+    if replica.has_signals:
+        load = replica.load
+        if load.age(now) > config.load_stale_after:
+            return False
+        if load.num_waiting > config.flex_max_engine_waiting:
+            return False
+        if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
+            return False
+    if config.tpot_slo > 0:
+        tpot = predicted_tpot(
+            replica, replica.num_in_flight + 1, replica.tokens_in_flight + replica.mean_cost_tokens()
+        )
+        if tpot is not None and tpot > config.tpot_slo:
+            return False
+    return True
+
+
+def spare_capacity(config: SchedulerConfig, replicas: list[Replica], now: float) -> float:
+    """Fraction (0–1) of the model's slots flex could take right now."""
+    total = sum(r.capacity for r in replicas if r.healthy)
+    if total == 0:
+        return 0.0
+    spare = 0
+    for replica in replicas:
+        if can_admit(config, replica, ServiceTier.FLEX, now):
+            limit = replica.capacity - headroom_slots(config, replica.capacity)
+            spare += max(0, limit - replica.num_in_flight)
+    return spare / total

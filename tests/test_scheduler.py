@@ -1,0 +1,376 @@
+"""The scheduler without a network: synthetic requests in, order and
+admission decisions out. The engine is a small scripted Engine implementation
+(registered like a real one), not a mock."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from flexserve.engines.base import (
+    Delta,
+    Engine,
+    EngineLoad,
+    EngineRequest,
+    ModelCard,
+    SequenceControl,
+    StepTimeModel,
+    Usage,
+)
+from flexserve.errors import ResourceUnavailableError
+from flexserve.scheduler.fairness import FairQueue
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots
+from flexserve.scheduler.replicas import Replica, Running
+from flexserve.scheduler.scheduler import Scheduler, Ticket
+from flexserve.tiers import ServiceTier
+
+MODEL = "scripted"
+
+
+class ScriptedEngine(Engine):
+    """Generates ``max_tokens`` tokens, one every ``token_time`` seconds, and
+    records the order in which requests started."""
+
+    name = "scripted"
+
+    def __init__(self, capacity: int, token_time: float = 0.001, pausable: bool = False,
+                 max_decoding: int | None = None, step_model: StepTimeModel | None = None) -> None:
+        self._capacity = capacity
+        self.token_time = token_time
+        self.supports_pause = pausable
+        self._max_decoding = max_decoding or capacity
+        self._step_model = step_model
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.aborted: list[str] = []
+        self.load = EngineLoad()
+
+    @property
+    def capacity(self) -> int:
+        return self._capacity
+
+    @property
+    def max_decoding(self) -> int:
+        return self._max_decoding
+
+    def step_time_model(self) -> StepTimeModel | None:
+        return self._step_model
+
+    def models(self) -> list[ModelCard]:
+        return [ModelCard(MODEL)]
+
+    async def read_load(self) -> EngineLoad:
+        return EngineLoad(self.load.num_running, self.load.num_waiting, self.load.kv_cache_usage)
+
+    async def generate(self, request: EngineRequest, control: SequenceControl | None = None) -> AsyncIterator[Delta]:
+        self.started.append(request.request_id)
+        n = request.max_tokens or 1
+        try:
+            for _ in range(n):
+                if control is not None:
+                    await control.wait_runnable()
+                await asyncio.sleep(self.token_time)
+                yield Delta("x ")
+        except GeneratorExit:
+            self.aborted.append(request.request_id)
+            raise
+        except asyncio.CancelledError:
+            self.aborted.append(request.request_id)
+            raise
+        self.finished.append(request.request_id)
+        yield Delta("", finish_reason="length", usage=Usage(3, n))
+
+
+async def make_scheduler(engine: ScriptedEngine, **config: Any) -> Scheduler:
+    config.setdefault("scrape_interval", 0.01)
+    scheduler = Scheduler.from_engines([engine], SchedulerConfig(**config))
+    await scheduler.start()
+    await asyncio.sleep(0.03)  # first load read
+    return scheduler
+
+
+async def run(scheduler: Scheduler, request_id: str, tier: ServiceTier, tokens: int = 2,
+              org: str = "org-a", stream: bool = False, max_wait: float | None = None,
+              cost: int = 100) -> tuple[Ticket, str]:
+    ticket = Ticket(request_id, MODEL, tier, org, cost_tokens=cost, stream=stream, max_wait=max_wait)
+    text = ""
+    async for delta in scheduler.stream(ticket, EngineRequest(request_id, MODEL, [], max_tokens=tokens)):
+        text += delta.text
+    return ticket, text
+
+
+async def until(predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.002)
+
+
+async def test_tiers_released_in_rank_order_then_arrival() -> None:
+    engine = ScriptedEngine(capacity=1)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=30))
+    await until(lambda: engine.started == ["blocker"])
+    tasks = [
+        asyncio.create_task(run(scheduler, rid, tier))
+        for rid, tier in [("f1", ServiceTier.FLEX), ("d1", ServiceTier.DEFAULT), ("p1", ServiceTier.PRIORITY),
+                          ("f2", ServiceTier.FLEX), ("d2", ServiceTier.DEFAULT)]
+    ]
+    await asyncio.gather(blocker, *tasks)
+    assert engine.started == ["blocker", "p1", "d1", "d2", "f1", "f2"]
+    await scheduler.close()
+
+
+async def test_tier_blind_gateway_is_fcfs() -> None:
+    engine = ScriptedEngine(capacity=1)
+    scheduler = await make_scheduler(engine, tiers_enabled=False)
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=30))
+    await until(lambda: engine.started == ["blocker"])
+    tasks = []
+    for rid, tier in [("f1", ServiceTier.FLEX), ("d1", ServiceTier.DEFAULT), ("p1", ServiceTier.PRIORITY)]:
+        tasks.append(asyncio.create_task(run(scheduler, rid, tier)))
+        await asyncio.sleep(0.001)
+    await asyncio.gather(blocker, *tasks)
+    assert engine.started == ["blocker", "f1", "d1", "p1"]
+    await scheduler.close()
+
+
+def test_fair_queue_shares_tokens_across_organizations() -> None:
+    class W:
+        def __init__(self, org: str, n: int, cost: int) -> None:
+            self.org_id, self.cost_tokens, self.arrival, self.queued = org, cost, float(n), True
+            self.name = f"{org}{n}"
+
+    queue = FairQueue(quantum=1000)
+    for n in range(1000):  # a big evaluation arrives first
+        queue.push(W("big", n, 500))  # type: ignore[arg-type]
+    for n in range(10):
+        queue.push(W("small", n, 500))  # type: ignore[arg-type]
+    order = [queue.pop().name for _ in range(40)]  # type: ignore[union-attr]
+    small_positions = [i for i, name in enumerate(order) if name.startswith("small")]
+    assert len(small_positions) == 10
+    assert small_positions[-1] < 25  # served alongside, not after 1,000 big ones
+    # Equal token shares while both have work: two of each per turn.
+    assert order[:8] == ["big0", "big1", "small0", "small1", "big2", "big3", "small2", "small3"]
+
+
+def test_fair_queue_charges_tokens_not_requests() -> None:
+    class W:
+        def __init__(self, org: str, cost: int) -> None:
+            self.org_id, self.cost_tokens, self.arrival, self.queued = org, cost, 0.0, True
+
+    queue = FairQueue(quantum=1000)
+    for _ in range(20):
+        queue.push(W("heavy", 1000))  # type: ignore[arg-type]
+        queue.push(W("light", 100))  # type: ignore[arg-type]
+    served = [queue.pop().org_id for _ in range(22)]  # type: ignore[union-attr]
+    assert served.count("light") == 20  # ten light requests cost what one heavy one does
+    assert served.count("heavy") == 2
+
+
+async def test_flex_leaves_headroom_for_default() -> None:
+    engine = ScriptedEngine(capacity=5)
+    scheduler = await make_scheduler(engine, flex_headroom=0.2)
+    assert headroom_slots(scheduler.config, 5) == 1
+    flex = [asyncio.create_task(run(scheduler, f"f{i}", ServiceTier.FLEX, tokens=200)) for i in range(6)]
+    await until(lambda: len(engine.started) == 4)
+    await asyncio.sleep(0.05)
+    assert len(engine.started) == 4  # the fifth slot is kept
+    assert scheduler.pools[MODEL].queue.num_waiting(ServiceTier.FLEX) == 2
+    ticket, _ = await run(scheduler, "d1", ServiceTier.DEFAULT, tokens=2)
+    assert ticket.queue_time < 0.05 and ticket.num_preemptions == 0
+    for task in flex:
+        task.cancel()
+    await asyncio.gather(*flex, return_exceptions=True)
+    await scheduler.close()
+
+
+def _replica(capacity: int = 4, **load: Any) -> Replica:
+    replica = Replica(ScriptedEngine(capacity), capacity)
+    replica.load = EngineLoad(**load)
+    return replica
+
+
+@pytest.mark.parametrize(
+    ("load", "flex_ok"),
+    [
+        ({}, True),
+        ({"num_waiting": 1}, False),  # the engine queues: no spare capacity
+        ({"kv_cache_usage": 0.85}, False),  # KV nearly full
+        ({"kv_cache_usage": 0.5}, True),
+        ({"updated_at": time.monotonic() - 5}, False),  # stale signal counts as saturated
+    ],
+)
+def test_flex_admission_follows_load_signals(load: dict[str, Any], flex_ok: bool) -> None:
+    config = SchedulerConfig(load_stale_after=0.5)
+    replica = _replica(**load)
+    now = time.monotonic()
+    assert can_admit(config, replica, ServiceTier.FLEX, now) is flex_ok
+    assert can_admit(config, replica, ServiceTier.DEFAULT, now) is True
+
+
+def test_engine_without_signals_uses_in_flight_counts() -> None:
+    replica = _replica(updated_at=float("-inf"))
+    replica.has_signals = False
+    assert can_admit(SchedulerConfig(), replica, ServiceTier.FLEX, time.monotonic())
+
+
+def test_tpot_slo_caps_flex_in_flight() -> None:
+    model = StepTimeModel(t0=0.010, a=0.0, c=1e-5)  # 10 ms + 10 µs per KV token held
+    engine = ScriptedEngine(64, step_model=model)
+    replica = Replica(engine, 64, load=EngineLoad())
+    config = SchedulerConfig(tpot_slo=0.020, flex_headroom=0.0)
+    now = time.monotonic()
+    admitted = 0
+    while can_admit(config, replica, ServiceTier.FLEX, now):
+        replica.add(Running(ServiceTier.FLEX, "o", 100, stream=False))
+        admitted += 1
+    # 10 ms + n * 100 tokens * 10 µs <= 20 ms  =>  n <= 10
+    assert admitted == 10
+    assert can_admit(config, replica, ServiceTier.DEFAULT, now)
+
+
+async def test_flex_refused_with_retry_after_at_its_deadline() -> None:
+    engine = ScriptedEngine(capacity=1)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=500))
+    await until(lambda: engine.started == ["blocker"])
+    started = time.monotonic()
+    with pytest.raises(ResourceUnavailableError) as caught:
+        await run(scheduler, "f1", ServiceTier.FLEX, max_wait=0.2)
+    waited = time.monotonic() - started
+    assert 0.15 < waited < 2.0
+    assert int(caught.value.headers["Retry-After"]) >= 1
+    assert caught.value.code == "resource_unavailable"
+    assert "f1" not in engine.started  # never ran
+    assert scheduler.pools[MODEL].queue.num_waiting() == 0
+    blocker.cancel()
+    await asyncio.gather(blocker, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_flex_refused_at_once_when_estimate_exceeds_deadline() -> None:
+    engine = ScriptedEngine(capacity=1, token_time=0.002)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    # A backlog of flex that drains at a measurable rate.
+    backlog = [asyncio.create_task(run(scheduler, f"b{i}", ServiceTier.FLEX, tokens=10)) for i in range(40)]
+    await until(lambda: len(engine.finished) >= 5)
+    pool = scheduler.pools[MODEL]
+    rate = pool.flex_admissions.rate(time.monotonic())
+    assert rate is not None
+    depth = pool.queue.num_waiting(ServiceTier.FLEX)
+    started = time.monotonic()
+    with pytest.raises(ResourceUnavailableError) as caught:
+        await run(scheduler, "late", ServiceTier.FLEX, max_wait=0.001 * depth / rate)
+    assert time.monotonic() - started < 0.05  # refused on arrival, not after waiting
+    assert int(caught.value.headers["Retry-After"]) >= 1
+    for task in backlog:
+        task.cancel()
+    await asyncio.gather(*backlog, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_waiter_whose_client_leaves_is_dropped() -> None:
+    engine = ScriptedEngine(capacity=1)
+    scheduler = await make_scheduler(engine)
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=100))
+    await until(lambda: engine.started == ["blocker"])
+    waiting = [asyncio.create_task(run(scheduler, f"d{i}", ServiceTier.DEFAULT)) for i in range(50)]
+    await until(lambda: scheduler.pools[MODEL].queue.num_waiting() == 50)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    assert scheduler.pools[MODEL].queue.num_waiting() == 0
+    await blocker
+    assert engine.started == ["blocker"]  # none of the departed ever ran
+    await scheduler.close()
+
+
+async def test_default_preempts_newest_restartable_flex() -> None:
+    engine = ScriptedEngine(capacity=2, token_time=0.002)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0, preempt_cooldown=0.2)
+    old = asyncio.create_task(run(scheduler, "old", ServiceTier.FLEX, tokens=100))
+    await until(lambda: engine.started == ["old"])
+    new = asyncio.create_task(run(scheduler, "new", ServiceTier.FLEX, tokens=30))
+    await until(lambda: engine.started == ["old", "new"])
+    ticket, _ = await run(scheduler, "d1", ServiceTier.DEFAULT, tokens=5)
+    assert ticket.served_tier is ServiceTier.DEFAULT
+    assert engine.aborted == ["new"]  # the newest flex yielded, the older kept going
+    new_ticket, text = await new
+    assert new_ticket.num_preemptions == 1
+    assert text.count("x") == 30  # restarted from scratch, output complete and not doubled
+    assert engine.started.count("new") == 2
+    await old
+    assert scheduler.pools[MODEL].num_preemptions == 1
+    await scheduler.close()
+
+
+async def test_streamed_flex_with_output_is_not_aborted() -> None:
+    engine = ScriptedEngine(capacity=1, token_time=0.002)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=40, stream=True))
+    await until(lambda: engine.started == ["f"])
+    await asyncio.sleep(0.02)  # tokens have reached the client
+    ticket, _ = await run(scheduler, "d", ServiceTier.DEFAULT, tokens=2)
+    assert engine.aborted == []
+    assert ticket.queue_time > 0.01  # it waited for the stream to end instead
+    await flex
+    await scheduler.close()
+
+
+async def test_preemption_cooldown_keeps_flex_out() -> None:
+    engine = ScriptedEngine(capacity=1, token_time=0.002)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0, preempt_cooldown=0.3)
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=200))
+    await until(lambda: engine.started == ["f"])
+    await run(scheduler, "d", ServiceTier.DEFAULT, tokens=2)
+    finished_default = time.monotonic()
+    await until(lambda: engine.started.count("f") == 2)
+    assert time.monotonic() - finished_default >= 0.25  # hysteresis, no thrash
+    flex.cancel()
+    await asyncio.gather(flex, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_pausable_engine_pauses_flex_for_default() -> None:
+    engine = ScriptedEngine(capacity=3, token_time=0.002, pausable=True, max_decoding=1)
+    scheduler = await make_scheduler(engine, flex_headroom=0.34)
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=60, stream=True))
+    await until(lambda: engine.started == ["f"])
+    await asyncio.sleep(0.01)
+    await run(scheduler, "d", ServiceTier.DEFAULT, tokens=20)
+    assert engine.aborted == []  # paused, not aborted
+    assert scheduler.pools[MODEL].num_pauses == 1
+    ticket, text = await flex
+    assert text.count("x") == 60 and ticket.num_preemptions == 0
+    await scheduler.close()
+
+
+async def test_priority_over_its_share_is_served_as_default() -> None:
+    engine = ScriptedEngine(capacity=4)
+    scheduler = await make_scheduler(engine, priority_share=0.5)
+    tasks = [asyncio.create_task(run(scheduler, f"p{i}", ServiceTier.PRIORITY, tokens=20)) for i in range(3)]
+    results = await asyncio.gather(*tasks)
+    served = sorted(t.served_tier.value for t, _ in results)  # type: ignore[union-attr]
+    assert served == ["default", "priority", "priority"]
+    assert scheduler.pools[MODEL].num_downgraded == 1
+    await scheduler.close()
+
+
+async def test_flex_status_reports_queue_and_spare_capacity() -> None:
+    engine = ScriptedEngine(capacity=5)
+    scheduler = await make_scheduler(engine, flex_headroom=0.2)
+    (idle,) = scheduler.flex_status()
+    assert idle["spare_capacity"] == pytest.approx(0.8) and idle["queue_depth"] == 0 and idle["accepting"]
+    flex = [asyncio.create_task(run(scheduler, f"f{i}", ServiceTier.FLEX, tokens=300)) for i in range(7)]
+    await until(lambda: scheduler.pools[MODEL].queue.num_waiting(ServiceTier.FLEX) == 3)
+    (busy,) = scheduler.flex_status()
+    assert busy["spare_capacity"] == 0.0 and busy["queue_depth"] == 3
+    for task in flex:
+        task.cancel()
+    await asyncio.gather(*flex, return_exceptions=True)
+    await scheduler.close()
