@@ -1,0 +1,5 @@
+"""`python -m flexserve.cli`: the same as the `flexserve` command."""
+
+from flexserve.cli import main
+
+main()

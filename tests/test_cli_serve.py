@@ -1,0 +1,77 @@
+"""`flexserve serve` as a user runs it: a real process, the welcome it prints,
+the demo key working with the official SDK."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+
+from conftest import free_port
+
+
+@contextmanager
+def serve(home: Path, *args: str) -> Iterator[tuple[str, list[str]]]:
+    port = free_port()
+    log = home / f"serve-{port}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXSERVE_")}
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flexserve.cli", "serve", "--engine", "sim", "--sim-speed", "50",
+             "--port", str(port), "--home", str(home), *args],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield url, log.read_text().splitlines()
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_first_start_prints_a_working_demo_key(tmp_path: Path) -> None:
+    with serve(tmp_path) as (url, lines):
+        keys = [m.group(0) for line in lines for m in [re.search(r"sk-fs-[A-Za-z0-9_-]+", line)] if m]
+        assert keys, lines
+        key = keys[0]
+        assert any("curl " in line for line in lines)
+        assert any("from openai import OpenAI" in line for line in lines)
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        model = client.models.list().data[0].id
+        reply = client.chat.completions.create(
+            model=model, service_tier="flex", max_tokens=4,
+            messages=[{"role": "user", "content": "Say hello in five words."}],
+        )
+        assert reply.service_tier == "flex"
+        assert (tmp_path / "demo_key").read_text().strip() == key
+    # A second start keeps the same organization and shows the saved key.
+    with serve(tmp_path) as (url, lines):
+        assert any(key in line for line in lines)
+        assert not any("Created organization" in line for line in lines)
+
+
+def test_serve_rejects_a_bad_setting(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flexserve.cli", "serve", "--home", str(tmp_path)],
+        capture_output=True, text=True, env={**os.environ, "FLEXSERVE_FLEX_HEADROOM": "lots"},
+    )
+    assert result.returncode != 0
+    assert "flex_headroom" in result.stderr
