@@ -95,6 +95,15 @@ async def test_a_row_is_stored_with_durations_in_ms(db: Database) -> None:
         "total_time_ms": 1500,
         "status": "completed",
         "created_at": 1_750_000_000,
+        # Unpriced and uncached: the billing columns keep their defaults.
+        "cached_tokens": 0,
+        "input_price_micro": None,
+        "cached_input_price_micro": None,
+        "output_price_micro": None,
+        "input_cost_pico": 0,
+        "cached_input_cost_pico": 0,
+        "output_cost_pico": 0,
+        "list_cost_pico": 0,
     }
     assert (rows[1].ttft_ms, rows[1].status) == (None, "client_disconnected")
     assert writer.num_written == 2

@@ -18,8 +18,10 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from flexserve.accounts import Accounts
+from flexserve.accounts.verification import Verifications
 from flexserve.api.auth import KeyCache
 from flexserve.api.errors import handle_exception
+from flexserve.api.gates import Gate
 from flexserve.api.metrics import GatewayMetrics
 from flexserve.api.request_id import RequestIdMiddleware
 from flexserve.api.routes import routes
@@ -134,6 +136,14 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
             scheduler = Scheduler.from_engines(started, scheduler_config(settings))
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
+            gate = Gate(
+                db,
+                refresh_interval=settings.policy_refresh_interval,
+                max_output_tokens=settings.max_completion_tokens,
+                context_lengths={c.id: c.max_model_len for e in started for c in e.models()},
+            )
+            await gate.start()
+            stack.push_async_callback(gate.close)
             app.state.services = Services(
                 settings=settings,
                 accounts=accounts,
@@ -141,6 +151,9 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
                 scheduler=scheduler,
                 usage=usage,
                 metrics=GatewayMetrics(scheduler),
+                gate=gate,
+                verifications=Verifications(db),
+                db=db,
             )
             yield
 

@@ -119,6 +119,11 @@ class Settings:
     usage_flush_interval: float = _opt(0.2, "Seconds between batched writes of usage rows.")
     usage_batch_size: int = _opt(500, "Most usage rows written in one batch.")
 
+    # --- billing and governance ------------------------------------------------
+    policy_refresh_interval: float = _opt(
+        5.0, "Seconds between reloads of prices, model gates, budgets and rate limits."
+    )
+
     @property
     def database_url(self) -> str:
         return self.db or f"sqlite:///{Path(self.home) / 'flexserve.db'}"

@@ -22,7 +22,7 @@ from flexserve.store.schema import api_keys, organizations, projects
 from flexserve.tiers import ServiceTier
 
 DEFAULT_PROJECT_NAME = "Default project"
-VERIFICATION_STATUSES = ("unverified", "verified")
+VERIFICATION_STATUSES = ("unverified", "pending", "verified", "rejected")
 
 # Letters, digits, space, '-' and '_', 1 to 64 of them; no space at either end,
 # so that "acme" and "acme " cannot be two organizations.
@@ -102,7 +102,7 @@ class Accounts:
                 f"use one of {', '.join(_PROJECT_TIERS)}"
             )
         org = Organization(
-            id=_new_id("org-"), name=name, verification_status="unverified", created_at=_now()
+            id=new_id("org-"), name=name, verification_status="unverified", created_at=_now()
         )
         try:
             async with self._db.engine.begin() as conn:
@@ -116,7 +116,7 @@ class Accounts:
                 )
                 await conn.execute(
                     insert(projects).values(
-                        id=_new_id("proj_"),
+                        id=new_id("proj_"),
                         org_id=org.id,
                         name=DEFAULT_PROJECT_NAME,
                         default_service_tier=default_service_tier,
@@ -142,7 +142,9 @@ class Accounts:
         return _organization(row._mapping)
 
     async def set_verification(self, name: str, status: str) -> Organization:
-        """Mark an organization verified (or unverified again)."""
+        """Set an organization's verification status directly, without a
+        document or an audit entry (``accounts.verification`` is the audited
+        workflow)."""
         if status not in VERIFICATION_STATUSES:
             raise AccountError(
                 f"invalid verification status {status!r}: use one of "
@@ -193,7 +195,7 @@ class Accounts:
             raise AccountError(f"organization {org_name!r} has no project {project_id!r}")
         org_id, key_project_id = row
 
-        key_id = _new_id("key_")
+        key_id = new_id("key_")
         key = generate_key()
         # A separate, write-only transaction (see set_verification); the
         # foreign keys still refuse a project deleted in between.
@@ -258,7 +260,7 @@ def _organization(row: RowMapping) -> Organization:
     )
 
 
-def _new_id(prefix: str) -> str:
+def new_id(prefix: str) -> str:
     """``org-…``, ``proj_…``, ``key_…``: 24 random letters and digits after the prefix."""
     return prefix + "".join(secrets.choice(_ID_ALPHABET) for _ in range(24))
 

@@ -28,6 +28,7 @@ from flexserve.accounts import Principal
 from flexserve.api.auth import authenticate
 from flexserve.api.body import read_json
 from flexserve.api.errors import error_response
+from flexserve.api.gates import Admission
 from flexserve.api.state import Services
 from flexserve.api.validation import ChatRequest, parse_chat_request
 from flexserve.billing.usage import UsageRecord
@@ -78,6 +79,8 @@ class _Call:
     arrived_at: float
     created: int
     num_deltas: int = 0
+    # The gates' holds (budget, rate limit), settled or released exactly once.
+    admission: Admission | None = None
 
     @property
     def served_tier(self) -> ServiceTier:
@@ -99,6 +102,7 @@ async def chat_completions(request: Request) -> Response:
         )
         tier = resolve_tier(chat.service_tier, ServiceTier(principal.default_service_tier))
         services.scheduler.pool(chat.model)  # 404 before anything queues
+        admission = await services.gate.admit(principal, chat, tier)  # 403/429 before queueing
         ticket = Ticket(
             request_id=request_id,
             model=chat.model,
@@ -120,7 +124,9 @@ async def chat_completions(request: Request) -> Response:
             seed=chat.seed,
             priority=tier.rank,
         )
-        call = _Call(request_id, principal, chat, ticket, arrived_at, int(time.time()))
+        call = _Call(
+            request_id, principal, chat, ticket, arrived_at, int(time.time()), admission=admission
+        )
     except FlexServeError as exc:
         _count_refusal(services, "", exc)
         return error_response(exc)
@@ -147,8 +153,12 @@ async def chat_completions(request: Request) -> Response:
         return Response(status_code=499)
     finally:
         watch.stop()
+        if first is None:  # never generated: the gates' holds go back, nothing is billed
+            services.gate.release(admission)
     return StreamingResponse(
-        _sse(services, call, first, deltas), media_type="text/event-stream", headers=_SSE_HEADERS
+        _sse(services, call, first, deltas),
+        media_type="text/event-stream",
+        headers={**_SSE_HEADERS, **admission.headers},
     )
 
 
@@ -216,7 +226,8 @@ async def _complete(
         ],
         "usage": _usage_dict(usage),
     }
-    return Response(orjson.dumps(body), media_type="application/json")
+    headers = call.admission.headers if call.admission is not None else None
+    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
 
 
 def _usage_dict(usage: Usage) -> dict[str, object]:
@@ -304,21 +315,22 @@ def _finish(services: Services, call: _Call, usage: Usage | None, status: str) -
     ttft = None if first_token_at is None else first_token_at - call.arrived_at
     if ttft is not None:
         metrics.ttft.labels(tier).observe(ttft)
-    services.usage.submit(
-        UsageRecord(
-            request_id=call.request_id,
-            org_id=call.principal.org_id,
-            project_id=call.principal.project_id,
-            api_key_id=call.principal.key_id,
-            model=call.chat.model,
-            requested_tier=call.chat.service_tier or "auto",
-            served_tier=tier,
-            prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens,
-            queue_time=call.ticket.queue_time,
-            ttft=ttft,
-            total_time=now - call.arrived_at,
-            status=status,
-            created_at=call.created,
-        )
+    record = UsageRecord(
+        request_id=call.request_id,
+        org_id=call.principal.org_id,
+        project_id=call.principal.project_id,
+        api_key_id=call.principal.key_id,
+        model=call.chat.model,
+        requested_tier=call.chat.service_tier or "auto",
+        served_tier=tier,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        queue_time=call.ticket.queue_time,
+        ttft=ttft,
+        total_time=now - call.arrived_at,
+        status=status,
+        created_at=call.created,
     )
+    # Costed at the served tier's price; the budget hold swapped for the cost.
+    services.gate.settle(call.admission, record)
+    services.usage.submit(record)

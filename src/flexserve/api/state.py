@@ -5,11 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flexserve.accounts import Accounts
+from flexserve.accounts.verification import Verifications
 from flexserve.api.auth import KeyCache
+from flexserve.api.gates import Gate
 from flexserve.api.metrics import GatewayMetrics
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.scheduler.scheduler import Scheduler
+from flexserve.store.database import Database
 
 
 @dataclass(eq=False)
@@ -20,3 +23,8 @@ class Services:
     scheduler: Scheduler
     usage: UsageWriter
     metrics: GatewayMetrics
+    # Billing and governance (issue 4): admission gates and metering, the
+    # verification workflow, and the database the admin reports read.
+    gate: Gate
+    verifications: Verifications
+    db: Database

@@ -1,4 +1,9 @@
-"""Usage records, written in batches by one background task, off the request path.
+"""Usage records — the ledger — written in batches by one background task,
+off the request path.
+
+A record carries its cost, made at the served tier's price, and that price
+beside it (``billing.cost``, ``billing.pricing``); a request id is stored once
+(see below), so each finished request is charged exactly once.
 
 ``UsageWriter.submit`` appends a record to an in-memory buffer and returns:
 a request never waits for the database. The writer task wakes on the first
@@ -32,6 +37,8 @@ from sqlalchemy import Insert
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DataError, IntegrityError
 
+from flexserve.billing.cost import NO_COST, LineCosts
+from flexserve.billing.pricing import ModelPrice
 from flexserve.store.database import Database
 from flexserve.store.schema import usage_records
 
@@ -60,6 +67,12 @@ class UsageRecord:
     total_time: float  # seconds from arrival to the end of the response
     status: str  # "completed", "client_disconnected", "error", …
     created_at: float = field(default_factory=time.time)  # unix seconds; default: now
+    # Billing, filled in by the gate when the request settles (api.gates):
+    cached_tokens: int = 0  # the part of prompt_tokens served from a prompt cache
+    # The served tier's price, micro-dollars per 1M tokens; None: model unpriced.
+    price: ModelPrice | None = None
+    costs: LineCosts = NO_COST  # what is charged, pico-dollars per line item
+    list_cost: int = 0  # the same tokens at the list (default-tier) price, pico-dollars
 
     def to_row(self) -> dict[str, Any]:
         """The ``usage_records`` row: durations in integer ms, time in whole seconds."""
@@ -78,6 +91,14 @@ class UsageRecord:
             "total_time_ms": _ms(self.total_time),
             "status": self.status,
             "created_at": int(self.created_at),
+            "cached_tokens": int(self.cached_tokens),
+            "input_price_micro": None if self.price is None else self.price.input,
+            "cached_input_price_micro": None if self.price is None else self.price.cached_input,
+            "output_price_micro": None if self.price is None else self.price.output,
+            "input_cost_pico": self.costs.input,
+            "cached_input_cost_pico": self.costs.cached_input,
+            "output_cost_pico": self.costs.output,
+            "list_cost_pico": self.list_cost,
         }
 
 

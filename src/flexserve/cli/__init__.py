@@ -20,11 +20,25 @@ def main() -> None:
 
 def _register() -> None:
     from flexserve.cli.accounts import keys, orgs
+    from flexserve.cli.bench import bench
     from flexserve.cli.serve import serve
     from flexserve.cli.sim import sim_engine
 
-    for command in (serve, orgs, keys, sim_engine):
+    for command in (serve, orgs, keys, sim_engine, bench):
         main.add_command(command)
+    _register_billing()
+
+
+def _register_billing() -> None:
+    from flexserve.cli.accounts import orgs
+    from flexserve.cli.governance import ORG_COMMANDS
+    from flexserve.cli.prices import models, prices
+    from flexserve.cli.projects import projects
+
+    for group in (prices, models, projects):
+        main.add_command(group)
+    for command in ORG_COMMANDS:
+        orgs.add_command(command)
 
 
 _register()

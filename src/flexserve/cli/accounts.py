@@ -112,9 +112,14 @@ def list_orgs(db: str | None, home: str | None) -> None:
 @click.argument("name")
 @_database_options
 def verify_org(name: str, db: str | None, home: str | None) -> None:
-    """Mark organization NAME as verified: it may use what needs verification."""
-    org = _run(_settings(db, home), lambda accounts: accounts.set_verification(name, "verified"))
-    click.echo(f"Organization {org.name!r} is verified.")
+    """Mark organization NAME as verified: it may use what needs verification.
+
+    Approves its pending identity document, if any; refused (exit 1) when that
+    document verified another organization within 90 days. Audited.
+    """
+    from flexserve.cli.governance import verify_org_audited
+
+    verify_org_audited(db, home, name)
 
 
 @click.group()

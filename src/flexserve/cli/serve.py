@@ -77,6 +77,22 @@ def _model_hint(settings: Settings) -> str:
     return "MODEL"
 
 
+def _raise_open_files_limit() -> None:
+    """Every waiting request holds a socket: lift the soft open-files limit
+    (often 1,024) to the hard one, so that thousands of flex requests can wait."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            # An unlimited hard limit may be refused: the soft one then stays.
+            logging.getLogger(__name__).warning("could not raise the open-files limit from %d", soft)
+
+
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML settings file.")
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
@@ -121,7 +137,12 @@ def serve(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     Path(settings.home).mkdir(parents=True, exist_ok=True)
+    _raise_open_files_limit()
     key = asyncio.run(_bootstrap_demo(settings)) if settings.bootstrap_demo else None
+    if config_file:
+        from flexserve.cli.prices import load_config_prices
+
+        load_config_prices(settings, config_file)
     _print_welcome(settings, key, _model_hint(settings))
 
     import uvicorn

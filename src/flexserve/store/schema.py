@@ -42,9 +42,11 @@ organizations = Table(
     metadata,
     Column("id", String(40), primary_key=True),  # "org-…"
     Column("name", String(64), nullable=False, unique=True),
-    # "unverified" or "verified": gates the models and features that need it.
+    # unverified, pending, verified or rejected: gates the models that need it.
     Column("verification_status", String(16), nullable=False, server_default="unverified"),
     Column("created_at", BigInteger, nullable=False),
+    # Hard monthly budget in micro-dollars; NULL: no budget.
+    Column("monthly_budget_micro", BigInteger, nullable=True),
 )
 
 projects = Table(
@@ -56,6 +58,8 @@ projects = Table(
     # The tier a request with `service_tier: auto` (or none) is queued on.
     Column("default_service_tier", String(16), nullable=False, server_default="default"),
     Column("created_at", BigInteger, nullable=False),
+    # Hard monthly budget in micro-dollars; NULL: no budget of its own.
+    Column("monthly_budget_micro", BigInteger, nullable=True),
     UniqueConstraint("org_id", "name"),
 )
 
@@ -98,6 +102,104 @@ usage_records = Table(
     Column("total_time_ms", Integer, nullable=False),
     Column("status", String(32), nullable=False),  # completed, client_disconnected, error…
     Column("created_at", BigInteger, nullable=False),
+    # The part of prompt_tokens served from a prompt cache.
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),
+    # The served tier's price the costs below were made from, in micro-dollars
+    # per 1M tokens (= pico-dollars per token); NULL: the model had no price.
+    Column("input_price_micro", BigInteger, nullable=True),
+    Column("cached_input_price_micro", BigInteger, nullable=True),
+    Column("output_price_micro", BigInteger, nullable=True),
+    # What the request was charged, per line item, in pico-dollars (0 when the
+    # status is not billable: see billing.cost.is_billable).
+    Column("input_cost_pico", BigInteger, nullable=False, server_default="0"),
+    Column("cached_input_cost_pico", BigInteger, nullable=False, server_default="0"),
+    Column("output_cost_pico", BigInteger, nullable=False, server_default="0"),
+    # What the same tokens cost at the default tier's (list) price: the
+    # difference is what flex and batch saved.
+    Column("list_cost_pico", BigInteger, nullable=False, server_default="0"),
     # Usage and cost reports read one organization's rows over a time range.
     Index("ix_usage_records_org_id_created_at", "org_id", "created_at"),
+)
+
+# The price catalog as operators set it (billing.price_book). Tier `default`
+# is a model's list price; a row for another tier overrides the multiplier.
+model_prices = Table(
+    "model_prices",
+    metadata,
+    Column("model", String, primary_key=True),
+    Column("tier", String(16), primary_key=True),
+    # Micro-dollars per 1M tokens.
+    Column("input_micro", BigInteger, nullable=False),
+    Column("cached_input_micro", BigInteger, nullable=False),
+    Column("output_micro", BigInteger, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Tier multipliers in basis points; model "*" applies to every model without its own.
+tier_multipliers = Table(
+    "tier_multipliers",
+    metadata,
+    Column("model", String, primary_key=True),
+    Column("tier", String(16), primary_key=True),
+    Column("multiplier_bp", Integer, nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Which models need a verified organization: "none", "streaming" or "all".
+model_gates = Table(
+    "model_gates",
+    metadata,
+    Column("model", String, primary_key=True),
+    Column("verification", String(16), nullable=False),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Requests and tokens per minute, per organization and tier; NULL: no limit.
+rate_limits = Table(
+    "rate_limits",
+    metadata,
+    Column("org_id", String(40), ForeignKey("organizations.id"), primary_key=True),
+    Column("tier", String(16), primary_key=True),
+    Column("requests_per_minute", Integer, nullable=True),
+    Column("tokens_per_minute", BigInteger, nullable=True),
+    Column("updated_at", BigInteger, nullable=False),
+)
+
+# Identity documents submitted for verification (accounts.verification). The
+# document number is never stored: only a keyed hash that finds the same
+# document again (the one-organization-per-90-days rule).
+verification_requests = Table(
+    "verification_requests",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "vrq_…"
+    Column("org_id", String(40), ForeignKey("organizations.id"), nullable=False, index=True),
+    Column("document_type", String(32), nullable=False),
+    Column("country", String(2), nullable=False),
+    Column("document_hash", String(64), nullable=False, index=True),
+    Column("status", String(16), nullable=False),  # pending, verified, rejected, superseded
+    Column("reason", String, nullable=True),  # why it was rejected
+    Column("submitted_at", BigInteger, nullable=False),
+    Column("decided_at", BigInteger, nullable=True),
+)
+
+# Every verification decision (and other operator changes), append-only.
+audit_log = Table(
+    "audit_log",
+    metadata,
+    Column("id", _BigId, primary_key=True, autoincrement=True),
+    Column("created_at", BigInteger, nullable=False),
+    Column("actor", String, nullable=False),  # "cli:alice", "key:key_…", "system"
+    Column("action", String(64), nullable=False),  # "verification.rejected", …
+    Column("org_id", String(40), nullable=True),
+    Column("detail", String, nullable=False),  # JSON object
+    Index("ix_audit_log_org_id_created_at", "org_id", "created_at"),
+)
+
+# Secrets the server generates for itself once (the verification hash key).
+server_secrets = Table(
+    "server_secrets",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
 )

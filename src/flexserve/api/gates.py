@@ -1,0 +1,248 @@
+"""The gates a chat request passes before it is queued, and the meter after.
+
+``Gate.admit`` runs once the tier is resolved: model verification gate, rate
+limits (one request and its estimated tokens taken), budget (the request's
+maximum cost reserved). It raises the client's error (403
+``organization_verification_required``, 429 ``rate_limit_exceeded``, 429
+``insufficient_quota``) or returns an ``Admission``. Every request admitted
+ends in exactly one of:
+
+- ``settle``: it reached an engine and finished, however it finished. Its
+  cost is made at the *served* tier's price from the admission's price
+  snapshot, written on the usage record with the price beside it, and the
+  budget hold is swapped for the actual cost (nothing when the status is not
+  billable, ``billing.cost.is_billable``);
+- ``release``: it never produced a token (flex refused, no replica, client
+  gone while queued). Nothing is charged.
+
+Nothing here touches the database on the request path: prices, gates,
+budgets and limits are in memory, reloaded every ``policy_refresh_interval``
+seconds by a background task, so a change made with the CLI (another
+process) is seen within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from flexserve.accounts import Principal
+from flexserve.accounts.gates import ModelGates, needs_verification
+from flexserve.api.validation import ChatRequest
+from flexserve.billing.budget import (
+    BudgetExceeded,
+    Budgets,
+    LocalBudgets,
+    Reservation,
+    month_of,
+    month_start,
+    org_scope,
+    project_scope,
+)
+from flexserve.billing.controls import Controls
+from flexserve.billing.cost import NO_COST, TokenCounts, billed_costs, line_costs, max_cost
+from flexserve.billing.price_book import PriceBook
+from flexserve.billing.pricing import MICRO_PER_USD, PICO_PER_USD, PriceCatalog, format_micro_usd
+from flexserve.billing.ratelimit import RateLimiter, RateTake
+from flexserve.billing.usage import UsageRecord
+from flexserve.errors import InsufficientQuotaError, VerificationRequiredError
+from flexserve.store.database import Database
+from flexserve.tiers import ServiceTier
+
+log = logging.getLogger(__name__)
+
+# Output tokens assumed for the tokens-per-minute estimate when max_tokens is
+# absent (corrected to the real count when the request ends).
+_TPM_OUTPUT_GUESS = 256
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What admission reads, swapped whole on each refresh."""
+
+    prices: PriceCatalog = field(default_factory=PriceCatalog)
+    model_gates: Mapping[str, str] = field(default_factory=dict)  # model → streaming/all
+
+
+@dataclass(eq=False, slots=True)
+class Admission:
+    """One admitted request's holds, until it settles or is released."""
+
+    prices: PriceCatalog  # the snapshot its cost is made from
+    reservation: Reservation
+    rate: RateTake
+    # x-ratelimit-* headers for the response (empty when no limit applies).
+    headers: dict[str, str]
+    done: bool = False
+
+
+class Gate:
+    """Admission and settlement, over in-memory policy refreshed in the background."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        refresh_interval: float = 5.0,
+        max_output_tokens: int = 65536,
+        context_lengths: Mapping[str, int | None] | None = None,
+        budgets: Budgets | None = None,
+        limiter: RateLimiter | None = None,
+    ) -> None:
+        self._db = db
+        self._refresh_interval = refresh_interval
+        self._max_output_tokens = max_output_tokens
+        self._context_lengths = dict(context_lengths or {})
+        self.budgets = budgets if budgets is not None else LocalBudgets()
+        self.limiter = limiter if limiter is not None else RateLimiter()
+        self.policy = Policy()
+        self._closing = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Load the policy and the month's spend so far, then keep them fresh."""
+        await self.refresh()
+        now = time.time()
+        spent = await Controls(self._db).spend_since(month_start(now))
+        self.budgets.load_spent(month_of(now), spent)
+        self._task = asyncio.create_task(self._refresh_forever(), name="policy-refresh")
+
+    async def close(self) -> None:
+        self._closing.set()
+        task, self._task = self._task, None
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def refresh(self) -> None:
+        """Reload prices, gates, budgets and rate limits from the database."""
+        controls = Controls(self._db)
+        prices = await PriceBook(self._db).load()
+        gates = await ModelGates(self._db).load()
+        budget_limits = await controls.load_budget_limits()
+        rate_limits = await controls.load_rate_limits()
+        self.policy = Policy(prices, gates)
+        self.budgets.set_limits(budget_limits)
+        self.limiter.set_limits(rate_limits)
+
+    async def _refresh_forever(self) -> None:
+        while not self._closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._refresh_interval)
+            if self._closing.is_set():
+                return
+            try:
+                await self.refresh()
+            except Exception:
+                # Keep serving on the last good policy; say so loudly.
+                log.exception("reloading prices, gates, budgets and limits failed")
+
+    async def admit(self, principal: Principal, chat: ChatRequest, tier: ServiceTier) -> Admission:
+        """Check every gate and take the request's holds, or raise its 403/429."""
+        policy = self.policy
+        _check_verification(policy, principal, chat)
+        approx_tokens = _approx_prompt_tokens(chat) + (chat.max_tokens or _TPM_OUTPUT_GUESS)
+        # Synchronous check-and-take: no await between the check and the hold.
+        rate = self.limiter.take(principal.org_id, tier, approx_tokens)
+        price = policy.prices.price(chat.model, tier)
+        most = (
+            0
+            if price is None
+            else max_cost(_prompt_token_bound(chat), self._max_output(chat), price)
+        )
+        scopes = (org_scope(principal.org_id), project_scope(principal.project_id))
+        try:
+            reservation = await self.budgets.reserve(scopes, most)
+        except BudgetExceeded as exc:
+            self.limiter.give_back(rate)
+            raise InsufficientQuotaError(_quota_message(principal, exc)) from None
+        return Admission(policy.prices, reservation, rate, rate.headers)
+
+    def settle(self, admission: Admission | None, record: UsageRecord) -> None:
+        """Cost a finished request onto its usage record and settle its holds."""
+        tokens = TokenCounts(record.prompt_tokens, record.cached_tokens, record.completion_tokens)
+        prices = admission.prices if admission is not None else self.policy.prices
+        price = prices.price(record.model, ServiceTier(record.served_tier))
+        record.price = price
+        record.costs = billed_costs(record.status, tokens, price)
+        list_price = prices.list_price(record.model)
+        record.list_cost = (
+            0
+            if record.costs is NO_COST or list_price is None
+            else line_costs(tokens, list_price).total
+        )
+        if admission is None or admission.done:
+            return
+        admission.done = True
+        self.budgets.settle(admission.reservation, record.costs.total)
+        self.limiter.settle(admission.rate, tokens.input + tokens.output)
+
+    def release(self, admission: Admission) -> None:
+        """An admitted request that never reached generation: charge nothing."""
+        if admission.done:
+            return
+        admission.done = True
+        self.budgets.release(admission.reservation)
+        self.limiter.settle(admission.rate, 0)
+
+    def _max_output(self, chat: ChatRequest) -> int:
+        if chat.max_tokens is not None:
+            return chat.max_tokens
+        context = self._context_lengths.get(chat.model)
+        return min(context or self._max_output_tokens, self._max_output_tokens)
+
+
+def _check_verification(policy: Policy, principal: Principal, chat: ChatRequest) -> None:
+    gate = policy.model_gates.get(chat.model)
+    if gate is None or not needs_verification(gate, chat.stream):
+        return
+    if principal.verification_status == "verified":
+        return
+    what = (
+        f"stream the model `{chat.model}`"
+        if gate == "streaming"
+        else f"use the model `{chat.model}`"
+    )
+    if principal.verification_status == "pending":
+        next_step = (
+            "Its verification is pending review; try again once an operator has approved it."
+        )
+    else:
+        again = " another" if principal.verification_status == "rejected" else " an"
+        next_step = (
+            f"An admin of the organization can submit{again} identity document with "
+            "POST /v1/organization/verification (type, country, number); access follows "
+            "within seconds of approval."
+        )
+    if principal.verification_status == "rejected":
+        next_step = "Its last verification was rejected. " + next_step
+    raise VerificationRequiredError(
+        f"Your organization must be verified to {what}. {next_step}",
+        param="stream" if gate == "streaming" else "model",
+    )
+
+
+def _quota_message(principal: Principal, exc: BudgetExceeded) -> str:
+    budget = "$" + format_micro_usd(exc.limit // (PICO_PER_USD // MICRO_PER_USD))
+    if exc.scope.startswith("project:"):
+        whose = f"project {principal.project_id}"
+    else:
+        whose = f"organization '{principal.org_name}'"
+    return (
+        f"You exceeded your current quota: the monthly budget of {whose} ({budget}) is spent. "
+        "Requests are accepted again once the budget is raised or a new month begins (UTC)."
+    )
+
+
+def _approx_prompt_tokens(chat: ChatRequest) -> int:
+    # About four characters a token, as the scheduler estimates it.
+    return sum(len(m["content"]) for m in chat.messages) // 4 + 4 * len(chat.messages)
+
+
+def _prompt_token_bound(chat: ChatRequest) -> int:
+    """At most one token per byte of text, plus a chat template's few tokens
+    per message: an upper bound, so that a budget hold is never too small."""
+    return sum(len(m["content"].encode()) + 8 for m in chat.messages) + 8

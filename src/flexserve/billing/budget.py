@@ -1,0 +1,180 @@
+"""Hard monthly budgets: reserve at admission, settle at the end.
+
+A request reserves its *maximum* cost (every prompt token and every token it
+may generate, at its tier's price) before it is admitted, and settles when it
+ends: the reservation is released and the actual cost added to the month's
+spend. A scope (an organization, a project) admits a request while its spend
+plus what is reserved is still under its budget. So however many requests
+arrive at once, the month's spend ends at most one request's maximum cost
+over the budget: the last request admitted below the line.
+
+``Budgets`` is the interface the gateway uses; ``LocalBudgets`` keeps the
+numbers in this process (one gateway, SQLite). A shared implementation (Redis,
+for several gateway replicas) keeps the same contract; that is why
+``reserve`` is a coroutine while ``settle`` must never block.
+
+Scopes are plain strings (``org:org-…``, ``project:proj_…``); amounts are
+pico-dollars; months are UTC calendar months (``"2025-06"``).
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+
+def org_scope(org_id: str) -> str:
+    return f"org:{org_id}"
+
+
+def project_scope(project_id: str) -> str:
+    return f"project:{project_id}"
+
+
+def month_of(unix_seconds: float) -> str:
+    """The UTC calendar month of a moment: ``"2025-06"``."""
+    return datetime.datetime.fromtimestamp(unix_seconds, tz=datetime.UTC).strftime("%Y-%m")
+
+
+def month_start(unix_seconds: float) -> int:
+    """Unix seconds at 00:00 UTC on the first day of that moment's month."""
+    moment = datetime.datetime.fromtimestamp(unix_seconds, tz=datetime.UTC)
+    return int(moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp())
+
+
+class BudgetExceeded(Exception):
+    """A scope's monthly budget is spent (or promised to requests in flight)."""
+
+    def __init__(self, scope: str, limit: int, committed: int) -> None:
+        super().__init__(f"{scope}: budget {limit} pico-USD, {committed} spent or reserved")
+        self.scope = scope
+        self.limit = limit  # pico-dollars
+        self.committed = committed  # spent + reserved, pico-dollars
+
+
+@dataclass(eq=False, slots=True)
+class Reservation:
+    """A hold on budget for one request in flight."""
+
+    scopes: tuple[str, ...]
+    amount: int  # pico-dollars held in each scope
+    month: str  # the month it was made in: its cost belongs to that month
+    settled: bool = False
+
+
+class Budgets(abc.ABC):
+    """Monthly budgets per scope. The contract:
+
+    - ``reserve`` either holds ``amount`` in every scope or raises
+      ``BudgetExceeded`` and holds nothing; it admits while, in each scope with
+      a budget, spend + reserved < budget;
+    - ``settle`` releases a reservation and adds the actual cost to the
+      spend of the reservation's month; a second call changes nothing. It
+      never blocks (an implementation that talks to a server queues it);
+    - ``set_limits`` replaces every budget at once (the operator's settings).
+    """
+
+    @abc.abstractmethod
+    def load_spent(self, month: str, spent: Mapping[str, int]) -> None:
+        """Seed ``month``'s spend per scope, read from the ledger at start-up
+        (an implementation whose store already holds it may ignore this)."""
+
+    @abc.abstractmethod
+    async def reserve(self, scopes: Sequence[str], amount: int) -> Reservation: ...
+
+    @abc.abstractmethod
+    def settle(self, reservation: Reservation, actual: int) -> None: ...
+
+    def release(self, reservation: Reservation) -> None:
+        """Give a reservation back unused: the request was never served."""
+        self.settle(reservation, 0)
+
+    @abc.abstractmethod
+    def set_limits(self, limits: Mapping[str, int]) -> None: ...
+
+    @abc.abstractmethod
+    def spent(self, scope: str) -> int:
+        """This month's settled spend in ``scope``, pico-dollars."""
+
+    @abc.abstractmethod
+    def reserved(self, scope: str) -> int:
+        """What requests in flight hold in ``scope`` now, pico-dollars."""
+
+    @abc.abstractmethod
+    def limit(self, scope: str) -> int | None:
+        """The scope's monthly budget, pico-dollars; None: no budget."""
+
+
+class LocalBudgets(Budgets):
+    """Budgets kept in this process, seeded with the month's spend from the
+    ledger at start-up (``load_spent``) and kept current by ``settle``."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._limits: dict[str, int] = {}
+        self._spent: dict[str, int] = {}
+        self._reserved: dict[str, int] = {}
+        self._month = month_of(clock())
+
+    def load_spent(self, month: str, spent: Mapping[str, int]) -> None:
+        if month == self._current_month():
+            self._spent = dict(spent)
+
+    async def reserve(self, scopes: Sequence[str], amount: int) -> Reservation:
+        # No await in here: the check and the hold are one step of the loop,
+        # so requests arriving together cannot all pass the same check.
+        return self.reserve_now(scopes, amount)
+
+    def reserve_now(self, scopes: Sequence[str], amount: int) -> Reservation:
+        if amount < 0:
+            raise ValueError(f"cannot reserve a negative amount: {amount}")
+        month = self._current_month()
+        for scope in scopes:
+            limit = self._limits.get(scope)
+            if limit is None:
+                continue
+            committed = self._spent.get(scope, 0) + self._reserved.get(scope, 0)
+            if committed >= limit:
+                raise BudgetExceeded(scope, limit, committed)
+        for scope in scopes:
+            self._reserved[scope] = self._reserved.get(scope, 0) + amount
+        return Reservation(tuple(scopes), amount, month)
+
+    def settle(self, reservation: Reservation, actual: int) -> None:
+        if reservation.settled:
+            return
+        reservation.settled = True
+        for scope in reservation.scopes:
+            left = self._reserved.get(scope, 0) - reservation.amount
+            if left > 0:
+                self._reserved[scope] = left
+            else:
+                self._reserved.pop(scope, None)
+        # A request that began last month is that month's cost, not this one's.
+        if actual and reservation.month == self._current_month():
+            for scope in reservation.scopes:
+                self._spent[scope] = self._spent.get(scope, 0) + actual
+
+    def set_limits(self, limits: Mapping[str, int]) -> None:
+        self._limits = dict(limits)
+
+    def spent(self, scope: str) -> int:
+        self._current_month()
+        return self._spent.get(scope, 0)
+
+    def reserved(self, scope: str) -> int:
+        return self._reserved.get(scope, 0)
+
+    def limit(self, scope: str) -> int | None:
+        return self._limits.get(scope)
+
+    def _current_month(self) -> str:
+        month = month_of(self._clock())
+        if month != self._month:
+            # A new month: spend starts from nothing; holds in flight stay.
+            self._month = month
+            self._spent = {}
+        return month

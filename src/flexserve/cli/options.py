@@ -1,0 +1,88 @@
+"""What the billing and governance commands share: the database options, a
+runner that opens the migrated database for one action, and table output.
+
+Errors a command can expect (a bad price, an unknown organization…) become a
+message on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+import click
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
+
+from flexserve.accounts import AccountError
+from flexserve.accounts.gates import GateError
+from flexserve.billing.controls import ControlError
+from flexserve.billing.pricing import PriceError
+from flexserve.config import ConfigError, Settings, load_settings
+from flexserve.store import Database
+
+_T = TypeVar("_T")
+_Command = TypeVar("_Command", bound=Callable[..., None])
+_EXPECTED = (AccountError, ConfigError, ControlError, GateError, PriceError)
+
+
+def database_options(command: _Command) -> _Command:
+    """The --db and --home options every database command takes."""
+    command = click.option(
+        "--home",
+        envvar="FLEXSERVE_HOME",
+        help="Data directory holding the SQLite file (default .flexserve).",
+    )(command)
+    command = click.option(
+        "--db",
+        envvar="FLEXSERVE_DB",
+        help="Database URL (sqlite:///path, postgresql://user@host/db); default: SQLite in --home.",
+    )(command)
+    return command
+
+
+def settings_for(db: str | None, home: str | None) -> Settings:
+    try:
+        return load_settings(overrides={"db": db, "home": home})
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]]) -> _T:
+    """Run ``action`` against the migrated database, then close it."""
+    url = settings.database_url
+
+    async def with_database() -> _T:
+        database = Database.from_url(url)
+        try:
+            await database.migrate()
+            return await action(database)
+        finally:
+            await database.close()
+
+    try:
+        return asyncio.run(with_database())
+    except _EXPECTED as exc:
+        raise click.ClickException(str(exc)) from exc
+    except (SQLAlchemyError, OSError) as exc:
+        # The URL without its password: this message may end up in a CI log.
+        shown = make_url(url).render_as_string(hide_password=True)
+        raise click.ClickException(f"database {shown}: {exc}") from exc
+
+
+def cli_actor() -> str:
+    """Who the audit log says made a change from this shell."""
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name in a bare container
+        return "cli"
+
+
+def echo_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """Columns padded to their widest cell, one row a line."""
+    every = [tuple(header), *(tuple(row) for row in rows)]
+    widths = [max(len(row[i]) for row in every) for i in range(len(header))]
+    for row in every:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,103 @@
+"""Helpers for the billing end-to-end tests: the real CLI against the
+gateway's database, organizations with their own keys, admin API calls."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import openai
+from click.testing import CliRunner
+
+from conftest import Gateway
+from flexserve.cli import main
+
+
+def cli(db_url: str, *args: str) -> str:
+    """Run `flexserve ARGS --db DB_URL`; its stdout (fails the test on exit ≠ 0)."""
+    result = CliRunner().invoke(main, [*args, "--db", db_url])
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.stdout
+
+
+def cli_fails(db_url: str, *args: str) -> str:
+    result = CliRunner().invoke(main, [*args, "--db", db_url])
+    assert result.exit_code == 1, (args, result.output)
+    return result.output
+
+
+@dataclass
+class Org:
+    """An organization of the test's own, with an admin key."""
+
+    name: str
+    key: str
+    gateway: Gateway
+
+    def client(self, key: str | None = None) -> openai.OpenAI:
+        return openai.OpenAI(
+            base_url=self.gateway.url + "/v1", api_key=key or self.key, max_retries=0
+        )
+
+    def async_client(self, key: str | None = None) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(
+            base_url=self.gateway.url + "/v1", api_key=key or self.key, max_retries=0
+        )
+
+    def get(self, path: str, key: str | None = None, **params: Any) -> httpx.Response:
+        return httpx.get(
+            self.gateway.url + path,
+            params=params,
+            timeout=30,
+            headers={"Authorization": f"Bearer {key or self.key}"},
+        )
+
+    def post(self, path: str, body: Any, key: str | None = None) -> httpx.Response:
+        return httpx.post(
+            self.gateway.url + path,
+            json=body,
+            timeout=30,
+            headers={"Authorization": f"Bearer {key or self.key}"},
+        )
+
+    def member_key(self, project_id: str | None = None) -> str:
+        """A new non-admin key (of the default project unless given)."""
+        args = ["keys", "create", "--org", self.name]
+        if project_id is not None:
+            args += ["--project", project_id]
+        return cli(self.gateway.db_url, *args).strip()
+
+    def usage(self, **params: Any) -> dict[str, Any]:
+        params.setdefault("start_time", int(time.time()) - 3600)
+        response = self.get("/v1/organization/usage/completions", **params)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    def costs(self, **params: Any) -> dict[str, Any]:
+        params.setdefault("start_time", int(time.time()) - 3600)
+        response = self.get("/v1/organization/costs", **params)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+
+def new_org(gateway: Gateway, name: str) -> Org:
+    return Org(name, gateway.new_key(name, admin=True), gateway)
+
+
+def ledger(gateway: Gateway, where: str = "1 = 1", *args: Any) -> list[sqlite3.Row]:
+    path = gateway.db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(f"SELECT * FROM usage_records WHERE {where}", args).fetchall()
+
+
+def pico(value: float) -> int:
+    """A JSON dollar amount back as the ledger's pico-dollars."""
+    return round(value * 10**12)
+
+
+def results(page: dict[str, Any]) -> list[dict[str, Any]]:
+    return [result for bucket in page["data"] for result in bucket["results"]]
