@@ -6,6 +6,21 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 
+# llama-cpp-python compiles llama.cpp (about 8 minutes on two cores). We build
+# its wheel once into a cache outside the checkout, so fresh clones on the same
+# machine reuse it. On x86-64 the build targets AVX2 rather than the build
+# machine's every feature: llama.cpp's AMX kernels die with SIGILL on hosts
+# that advertise AMX but do not grant it (virtual machines, sandboxes).
+LLAMA_VERSION ?= 0.3.36
+WHEEL_DIR     ?= $(HOME)/.cache/flexserve/wheels
+LLAMA_BUILD   := -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TOOLS=OFF
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON $(LLAMA_BUILD)
+else
+LLAMA_CMAKE_ARGS ?= $(LLAMA_BUILD)
+endif
+LLAMA_WHEEL_GLOB := $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
+
 .PHONY: run test install install-test lint clean
 
 run: $(VENV)/.installed
@@ -22,13 +37,20 @@ $(BIN)/python:
 	@$(PYTHON) -m venv $(VENV) || { echo "Could not create a virtualenv: on Debian/Ubuntu run 'apt-get install python3-venv' first." >&2; exit 1; }
 	$(PIP) install --quiet --upgrade pip
 
-# llama-cpp-python compiles llama.cpp on first install (several minutes on two
-# cores); pip keeps the built wheel in its cache, so later installs are quick.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
+$(VENV)/.llama-$(LLAMA_VERSION): | $(BIN)/python
+	@if ! ls $(LLAMA_WHEEL_GLOB) >/dev/null 2>&1; then \
+		echo "Building llama-cpp-python $(LLAMA_VERSION) (compiles llama.cpp: several minutes, once per machine)"; \
+		mkdir -p $(WHEEL_DIR); \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) wheel --no-deps --no-cache-dir -w $(WHEEL_DIR) llama-cpp-python==$(LLAMA_VERSION); \
+	fi
+	$(PIP) install --progress-bar off --force-reinstall --no-deps $(LLAMA_WHEEL_GLOB)
+	@touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
 	$(PIP) install --progress-bar off -e '.[embedded]'
 	@touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
 	$(PIP) install --progress-bar off -e '.[embedded,test]'
 	@touch $(VENV)/.installed $@
 
