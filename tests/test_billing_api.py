@@ -457,6 +457,7 @@ def test_flex_refused_for_capacity_is_not_billed_and_a_disconnect_pays_what_it_g
     # It pays for the tokens generated so far, at the served tier's price.
     assert row["output_cost_pico"] == row["completion_tokens"] * OUTPUT
     assert row["input_cost_pico"] == row["prompt_tokens"] * INPUT
+    assert row["prompt_tokens"] > 0  # the prompt was processed: it is billed too
     assert ledger(tiny, "request_id = ?", refused_id) == []
     (only,) = results(org.costs())
     assert pico(only["amount"]["value"]) == (

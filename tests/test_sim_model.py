@@ -217,7 +217,11 @@ async def test_usage_is_exact() -> None:
     ])
     deltas = await collect(model, request)
     last = deltas[-1]
-    assert all(d.finish_reason is None and d.usage is None for d in deltas[:-1])
+    assert all(d.finish_reason is None for d in deltas[:-1])
+    # Earlier deltas carry the usage so far: the prompt, and tokens generated up to them.
+    so_far = [d.usage.completion_tokens for d in deltas[:-1] if d.usage is not None]
+    assert so_far == sorted(so_far) and all(0 < n < 9 for n in so_far)
+    assert all(d.usage is not None and d.usage.prompt_tokens == 17 for d in deltas[:-1])
     assert last.finish_reason == "length"
     assert last.usage is not None
     assert (last.usage.prompt_tokens, last.usage.completion_tokens) == ((4 + 2) + (4 + 5) + 2, 9)

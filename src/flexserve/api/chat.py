@@ -79,6 +79,8 @@ class _Call:
     arrived_at: float
     created: int
     num_deltas: int = 0
+    # The latest usage an engine reported before the end (for streams cut short).
+    partial_usage: Usage | None = None
     # The gates' holds (budget, rate limit), settled or released exactly once.
     admission: Admission | None = None
 
@@ -193,6 +195,7 @@ async def _complete(
 ) -> Response:
     parts = [first.text]
     last = first
+    call.partial_usage = first.usage
     # Stays so if the client leaves mid-generation (the watch cancels this task).
     status = "client_disconnected"
     try:
@@ -200,6 +203,8 @@ async def _complete(
             async for delta in deltas:
                 parts.append(delta.text)
                 last = delta
+                if delta.usage is not None:
+                    call.partial_usage = delta.usage
         status = "completed"
     except FlexServeError as exc:
         status = "error"
@@ -272,18 +277,21 @@ async def _sse(
     try:
         yield writer.delta({"role": "assistant", "content": "", "refusal": None})
         last = first
+        call.partial_usage = first.usage
         if first.text:
             call.num_deltas += 1
             yield writer.delta({"content": first.text})
         if first.finish_reason is None:
             async for delta in deltas:
                 last = delta
+                if delta.usage is not None:
+                    call.partial_usage = delta.usage
                 if delta.text:
                     call.num_deltas += 1
                     yield writer.delta({"content": delta.text})
                 if delta.finish_reason is not None:
                     break
-        usage = last.usage
+        usage = last.usage if last.finish_reason is not None else None
         yield writer.delta({}, last.finish_reason or "stop")
         if call.chat.include_usage:
             yield writer.usage(usage or Usage(0, 0))
@@ -302,8 +310,10 @@ def _finish(services: Services, call: _Call, usage: Usage | None, status: str) -
     """Metrics and the usage record for a request that reached an engine."""
     now = time.monotonic()
     if usage is None:
-        # Ended early (client gone, engine failed): the tokens streamed so far.
-        usage = Usage(0, call.num_deltas)
+        # Ended early (client gone, engine failed): what the engine last said it
+        # had done, or, from engines that only report at the end, the tokens
+        # streamed so far (prompt unknown: not billed).
+        usage = call.partial_usage or Usage(0, call.num_deltas)
     tier = call.served_tier.value
     metrics = services.metrics
     metrics.requests.labels(call.chat.model, tier, status).inc()

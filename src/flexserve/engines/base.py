@@ -53,7 +53,9 @@ class Usage:
 @dataclass(slots=True)
 class Delta:
     """A piece of generated text. The last delta of a generation carries
-    ``finish_reason`` ("stop" or "length") and ``usage``."""
+    ``finish_reason`` ("stop" or "length") and ``usage``; an earlier delta may
+    carry the usage so far (prompt tokens, tokens generated up to it), which is
+    what a client that leaves mid-stream is billed for."""
 
     text: str
     finish_reason: str | None = None

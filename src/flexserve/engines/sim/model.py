@@ -274,7 +274,8 @@ class SimModel:
                     yield Delta(text, finish_reason, usage)
                     return
                 if text:
-                    yield Delta(text)
+                    # Usage so far rides along, so that a stream cut short is billed exactly.
+                    yield Delta(text, usage=Usage(prompt_tokens, num_generated))
         finally:
             if seq.state is _State.WAITING or seq.state is _State.RUNNING:
                 self._abort(seq)

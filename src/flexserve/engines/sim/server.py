@@ -239,7 +239,7 @@ class _ChatCompletions:
         try:
             async for delta in agen:
                 payload = reply.chunk(delta.text, delta.finish_reason)
-                if delta.usage is not None and include_usage:
+                if delta.finish_reason is not None and delta.usage is not None and include_usage:
                     payload += reply.usage_chunk(delta.usage)
                 await send({"type": "http.response.body", "body": payload, "more_body": True})
         except FlexServeError as exc:
