@@ -15,9 +15,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 import orjson
@@ -191,7 +190,7 @@ def _count_refusal(services: Services, model: str, exc: FlexServeError) -> None:
 
 
 async def _complete(
-    services: Services, call: _Call, first: Delta, deltas: AsyncIterator[Delta]
+    services: Services, call: _Call, first: Delta, deltas: AsyncGenerator[Delta, None]
 ) -> Response:
     parts = [first.text]
     last = first
@@ -269,7 +268,7 @@ class _ChunkWriter:
 
 
 async def _sse(
-    services: Services, call: _Call, first: Delta, deltas: AsyncIterator[Delta]
+    services: Services, call: _Call, first: Delta, deltas: AsyncGenerator[Delta, None]
 ) -> AsyncIterator[bytes]:
     writer = _ChunkWriter(call)
     status = "client_disconnected"

@@ -7,9 +7,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
+from flexserve.api.errors import error_response
 from flexserve.api.state import Services
 from flexserve.errors import FlexServeError, ModelNotFoundError
-from flexserve.api.errors import error_response
 
 
 def _json(body: object, status_code: int = 200) -> Response:

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +164,7 @@ class Scheduler:
 
     # --- the request path -------------------------------------------------------
 
-    async def stream(self, ticket: Ticket, request: EngineRequest) -> AsyncIterator[Delta]:
+    async def stream(self, ticket: Ticket, request: EngineRequest) -> AsyncGenerator[Delta, None]:
         """Admit the ticket, run it, and yield its deltas."""
         pool = self.pool(ticket.model)
         self._maybe_downgrade(pool, ticket)
@@ -218,9 +218,7 @@ class Scheduler:
                 async for delta in deltas:
                     inbox.put_nowait(delta)
                 inbox.put_nowait(None)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as exc:  # handed to the consumer, raised there
+            except Exception as exc:  # handed to the consumer, raised there
                 inbox.put_nowait(exc)
             finally:
                 aclose = getattr(deltas, "aclose", None)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from flexserve.engines.base import (
-    StepTimeModel,
     Delta,
     Engine,
     EngineLoad,
     EngineRequest,
     ModelCard,
     SequenceControl,
+    StepTimeModel,
 )
 from flexserve.engines.sim.model import SchedulingPolicy, SimModel
 from flexserve.engines.sim.profiles import SimProfile
