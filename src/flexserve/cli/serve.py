@@ -56,7 +56,7 @@ def _print_welcome(settings: Settings, key: str | None, model_hint: str) -> None
         f"    -d '{{\"model\": \"{model_hint}\", \"service_tier\": \"flex\", "
         "\"messages\": [{\"role\": \"user\", \"content\": \"Say hello in five words.\"}]}'",
         "",
-        "  python3 -c \"from openai import OpenAI; "
+        f"  {_python()} -c \"from openai import OpenAI; "
         f"c = OpenAI(base_url='{base}/v1', api_key='{key}'); "
         f"r = c.chat.completions.create(model='{model_hint}', service_tier='flex', "
         "messages=[{'role': 'user', 'content': 'Say hello in five words.'}]); "
@@ -65,6 +65,15 @@ def _print_welcome(settings: Settings, key: str | None, model_hint: str) -> None
         f"FlexServe listening on {base}  (Ctrl-C to stop)",
     ]
     click.echo("\n".join(lines), err=True)
+
+
+def _python() -> str:
+    """The interpreter to paste: this one (it has the openai package), relative when short."""
+    try:
+        relative = os.path.relpath(sys.executable)
+    except ValueError:
+        return sys.executable
+    return relative if not relative.startswith("..") else sys.executable
 
 
 def _model_hint(settings: Settings) -> str:
