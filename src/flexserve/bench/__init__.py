@@ -1,0 +1,1 @@
+"""Benchmarks: load generators, scenarios and the JSON reports they write."""

@@ -1,0 +1,100 @@
+"""End to end on the real embedded model: SmolLM2-135M through llama.cpp,
+behind a real gateway on loopback, called with the official openai SDK."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+
+import pytest
+
+from conftest import Gateway, wait_for
+from openapi import validate
+
+pytestmark = pytest.mark.embedded
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def embedded_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    from flexserve.engines.embedded import EmbeddedEngine
+
+    # One decode at a time makes the contention (and so the pausing) certain.
+    engine = EmbeddedEngine(num_slots=3, max_decoding=1, n_ctx=1024)
+    return start_gateway(engines=[engine], engine="embedded", flex_headroom=0.34)
+
+
+def usage_rows(gateway: Gateway, request_id: str) -> list[sqlite3.Row]:
+    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchall()
+
+
+def test_real_completion_on_flex(embedded_gateway: Gateway) -> None:
+    raw = embedded_gateway.client().chat.completions.with_raw_response.create(
+        model=MODEL, service_tier="flex", max_tokens=24, temperature=0.0,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+    )
+    completion = raw.parse()
+    validate(raw.http_response.json(), "CreateChatCompletionResponse")
+    assert completion.service_tier == "flex"
+    assert completion.model == MODEL
+    assert (completion.choices[0].message.content or "").strip()  # SmolLM2's own words
+    assert completion.usage is not None and 0 < completion.usage.completion_tokens <= 24
+    assert completion.usage.prompt_tokens > 5
+
+
+async def test_async_stream_real_tokens(embedded_gateway: Gateway) -> None:
+    client = embedded_gateway.async_client()
+    stream = await client.chat.completions.create(
+        model=MODEL, max_tokens=12, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Count from one to five."}],
+    )
+    chunks = [chunk async for chunk in stream]
+    await client.close()
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    assert all(c.service_tier == "default" for c in chunks)
+
+
+def test_flex_stream_paused_by_default_completes_and_is_recorded_once(embedded_gateway: Gateway) -> None:
+    client = embedded_gateway.client()
+    flex_result: dict[str, object] = {}
+
+    def flex_stream() -> None:
+        stream = client.chat.completions.with_raw_response.create(
+            model=MODEL, service_tier="flex", max_tokens=40, temperature=0.0, stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Write a short story about a lighthouse."}],
+        )
+        flex_result["request_id"] = stream.headers["x-request-id"]
+        chunks = list(stream.parse())
+        flex_result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        flex_result["usage"] = chunks[-1].usage
+        flex_result["tiers"] = {c.service_tier for c in chunks}
+
+    thread = threading.Thread(target=flex_stream)
+    thread.start()
+    time.sleep(1.0)  # the flex stream is decoding
+    default = client.chat.completions.create(
+        model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Say hi."}]
+    )
+    thread.join(timeout=120)
+    assert default.service_tier == "default"
+    assert flex_result["tiers"] == {"flex"}
+    assert str(flex_result["text"]).strip()
+    usage = flex_result["usage"]
+    assert usage is not None and usage.completion_tokens == 40  # type: ignore[attr-defined]
+    with embedded_gateway.http() as http:
+        metrics = http.get("/metrics").text
+    pauses = [line for line in metrics.splitlines() if line.startswith("flexserve_flex_pauses_total")]
+    assert pauses and float(pauses[0].split()[-1]) >= 1.0
+    request_id = str(flex_result["request_id"])
+    wait_for(lambda: len(usage_rows(embedded_gateway, request_id)) == 1)
+    (row,) = usage_rows(embedded_gateway, request_id)
+    assert row["served_tier"] == "flex" and row["status"] == "completed"
+    assert row["completion_tokens"] == 40
