@@ -1,17 +1,21 @@
 """Who is calling: API key → principal, with a short-lived in-memory cache.
 
 A cached answer lives ``ttl`` seconds, so a revoked key is refused within that
-time while the request path almost never touches the database. Unknown keys
-are cached too (briefly), so a client hammering with a bad key costs no
-database round-trips. The key itself is never logged, echoed or kept: the cache
-is keyed by its hash.
+time while the request path almost never touches the database: past half its
+life a hit starts a refresh in the background, so under steady traffic no
+request waits for the database at all, and concurrent misses of one key share
+a single lookup instead of each querying. Unknown keys are cached too
+(briefly), so a client hammering with a bad key costs no database round-trips.
+The key itself is never logged, echoed or kept: the cache is keyed by its hash.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 
 from starlette.requests import Request
 
@@ -19,30 +23,69 @@ from flexserve.accounts import Accounts, Principal
 from flexserve.errors import AuthenticationError, PermissionDeniedError
 
 
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    principal: Principal | None
+    refresh_at: float  # monotonic time after which a hit starts a refresh
+    expires_at: float  # monotonic time after which a hit no longer counts
+
+
 class KeyCache:
-    """Principal lookups by key hash, with expiry and a size bound."""
+    """Principal lookups by key hash, with expiry, refresh ahead and a size bound."""
 
     def __init__(self, accounts: Accounts, ttl: float = 5.0, max_entries: int = 100_000) -> None:
         self._accounts = accounts
         self._ttl = ttl
         self._max_entries = max_entries
-        self._entries: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()
+        # Lookups in flight, by key hash: one per key at a time.
+        self._lookups: dict[str, asyncio.Task[Principal | None]] = {}
+        # Bumped by forget(), so that a lookup begun before it stores nothing.
+        self._generation = 0
 
     async def principal(self, api_key: str) -> Principal | None:
         digest = hashlib.sha256(api_key.encode()).hexdigest()
         now = time.monotonic()
         hit = self._entries.get(digest)
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        principal = await self._accounts.authenticate(api_key)
-        self._entries[digest] = (now + self._ttl, principal)
-        self._entries.move_to_end(digest)
-        while len(self._entries) > self._max_entries:
-            self._entries.popitem(last=False)
+        if hit is not None and now < hit.expires_at:
+            if now >= hit.refresh_at and digest not in self._lookups:
+                self._start_lookup(digest, api_key)
+            return hit.principal
+        lookup = self._lookups.get(digest) or self._start_lookup(digest, api_key)
+        # Shielded: a caller that goes away does not cancel the others' lookup.
+        return await asyncio.shield(lookup)
+
+    def _start_lookup(self, digest: str, api_key: str) -> asyncio.Task[Principal | None]:
+        task = asyncio.get_running_loop().create_task(self._lookup(digest, api_key))
+        self._lookups[digest] = task
+        # A background refresh may fail with nobody awaiting it: the next miss retries.
+        task.add_done_callback(_retrieve_exception)
+        return task
+
+    async def _lookup(self, digest: str, api_key: str) -> Principal | None:
+        generation, started = self._generation, time.monotonic()
+        try:
+            principal = await self._accounts.authenticate(api_key)
+        finally:
+            if self._lookups.get(digest) is asyncio.current_task():
+                del self._lookups[digest]
+        if generation == self._generation:
+            # Its life counts from the query, not the answer: what the database said then.
+            self._entries[digest] = _Entry(principal, started + self._ttl / 2, started + self._ttl)
+            self._entries.move_to_end(digest)
+            while len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
         return principal
 
     def forget(self) -> None:
+        self._generation += 1
         self._entries.clear()
+        self._lookups.clear()
+
+
+def _retrieve_exception(task: asyncio.Task[Principal | None]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def bearer_key(request: Request) -> str:

@@ -210,35 +210,54 @@ async def _error_from_response(name: str, response: aiohttp.ClientResponse) -> E
     return EngineError(f"{name} answered HTTP {response.status}: {message}")
 
 
+async def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+    """The body's lines, in batches: those each read completed.
+
+    Split out of whatever the socket delivered rather than awaited one by one,
+    so that an answer arriving in one read costs one await, not one per line.
+    """
+    pending = b""
+    async for block in response.content.iter_any():
+        *lines, pending = (pending + block).split(b"\n")
+        if lines:
+            yield lines
+    if pending:
+        yield [pending]
+
+
 async def _relay_sse(name: str, response: aiohttp.ClientResponse) -> AsyncIterator[Delta]:
     finish_reason: str | None = None
     usage: Usage | None = None
     num_chunks = 0
-    async for raw_line in response.content:
-        line = raw_line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
+    done = False
+    async for lines in _sse_lines(response):
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            data = line[5:].strip()
+            if data == b"[DONE]":
+                done = True
+                break
+            try:
+                chunk = orjson.loads(data)
+            except orjson.JSONDecodeError as exc:
+                raise EngineError(f"{name} sent a malformed stream chunk.") from exc
+            if "error" in chunk:
+                error = chunk["error"]
+                message = error.get("message") if isinstance(error, dict) else str(error)
+                raise EngineError(f"{name} failed mid-stream: {message}")
+            if chunk.get("usage"):
+                u = chunk["usage"]
+                usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+            for choice in chunk.get("choices") or ():
+                text = (choice.get("delta") or {}).get("content") or ""
+                if choice.get("finish_reason"):
+                    finish_reason = choice["finish_reason"]
+                if text:
+                    num_chunks += 1
+                    yield Delta(text)
+        if done:
             break
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise EngineError(f"{name} sent a malformed stream chunk.") from exc
-        if "error" in chunk:
-            error = chunk["error"]
-            message = error.get("message") if isinstance(error, dict) else str(error)
-            raise EngineError(f"{name} failed mid-stream: {message}")
-        if chunk.get("usage"):
-            u = chunk["usage"]
-            usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
-        for choice in chunk.get("choices") or ():
-            text = (choice.get("delta") or {}).get("content") or ""
-            if choice.get("finish_reason"):
-                finish_reason = choice["finish_reason"]
-            if text:
-                num_chunks += 1
-                yield Delta(text)
     if finish_reason is None:
         raise EngineError(f"{name} closed the stream before it finished.")
     if usage is None:

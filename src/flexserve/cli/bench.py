@@ -1,0 +1,237 @@
+"""`flexserve bench …`: benchmark scenarios, each writing a JSON report and printing a table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import click
+
+
+def _floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _names(text: str | None, allowed: tuple[str, ...]) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(part.strip() for part in text.split(",") if part.strip())
+    unknown = [name for name in names if name not in allowed]
+    if unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown)}; choose from {', '.join(allowed)}")
+    return names
+
+
+@click.group()
+def bench() -> None:
+    """Run a benchmark scenario and write its JSON report."""
+
+
+@bench.command("overhead")
+@click.option("--rates", help="Request rates per second, comma-separated [20,200,1000].")
+@click.option("--duration", type=float, help="Seconds of sending per phase [3].")
+@click.option("--min-requests", type=int, help="Each phase sends at least this many requests [100].")
+@click.option("--rounds", type=int, help="Interleaved rounds per rate [4].")
+@click.option("--modes", help="non-stream, stream or both, comma-separated [both].")
+@click.option("--targets", help="direct, passthrough, flexserve, litellm (direct always runs) [all].")
+@click.option("--baseline-src", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The `src` folder of another FlexServe tree (say a `git worktree` of main), run "
+              "as target `baseline` beside this one: an A/B of a change in one run.")
+@click.option("--litellm", "litellm", type=click.Path(dir_okay=False),
+              help="The `litellm` executable of a separate virtualenv; without it LiteLLM is skipped.")
+@click.option("--litellm-max-rate", type=float, help="Highest rate sent to LiteLLM [20].")
+@click.option("--sustain-rates", help="Rates tried for the sustained-rate search, '' for none "
+              "[250,500,750,1000,1500,2000].")
+@click.option("--sustain-rounds", type=int, help="Rounds per rate in that search [2].")
+@click.option("--sustain-p99-ms", type=float, help="p99 overhead bound of that search [10].")
+@click.option("--arrivals", type=click.Choice(["poisson", "fixed"]), help="Arrival process [poisson].")
+@click.option("--warmup", type=float, help="Seconds of unrecorded warm-up per target and mode [1].")
+@click.option("--service-tier", type=click.Choice(["auto", "default", "flex", "priority"]),
+              help="service_tier sent with every request [none: the project's default].")
+@click.option("--profile-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Sample the proxies with py-spy during their phases, raw stacks to this "
+              "folder (the latencies of such a run are not figures).")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the servers' logs here (default: a temporary folder).")
+@click.option("--quick", is_flag=True, help="A smoke run: 20 and 200 req/s, half-second phases, one round.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/overhead.json"), show_default=True, help="JSON report path.")
+def overhead(quick: bool, out: Path, **options: Any) -> None:
+    """Gateway overhead over a direct call, against a bare proxy and LiteLLM.
+
+    Starts a sim engine (profile `instant`), a FlexServe gateway in front of
+    it, the bare pass-through proxy and, with --litellm, the LiteLLM proxy,
+    each as its own process on loopback; sends the same open-loop load to
+    each, interleaved in short rounds, non-streaming and streaming (time to
+    first byte); reports p50/p99 latency and overhead per target and rate and
+    the highest rate FlexServe sustains with p99 overhead within the bound.
+    """
+    from flexserve.bench.overhead import (
+        MODES,
+        QUICK,
+        TARGETS,
+        OverheadConfig,
+        format_report,
+        run_overhead,
+    )
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+
+    changes = {
+        "rates": _floats(options["rates"]),
+        "duration": options["duration"],
+        "min_requests": options["min_requests"],
+        "rounds": options["rounds"],
+        "modes": _names(options["modes"], MODES),
+        "targets": _names(options["targets"], TARGETS),
+        "litellm": options["litellm"],
+        "baseline_src": options["baseline_src"],
+        "litellm_max_rate": options["litellm_max_rate"],
+        "sustain_rates": _floats(options["sustain_rates"]),
+        "sustain_rounds": options["sustain_rounds"],
+        "sustain_p99_ms": options["sustain_p99_ms"],
+        "arrivals": options["arrivals"],
+        "warmup": options["warmup"],
+        "service_tier": options["service_tier"],
+        "profile_dir": options["profile_dir"],
+        "log_dir": options["log_dir"],
+    }
+    base = QUICK if quick else OverheadConfig()
+    config = dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+    try:
+        report = run_overhead(config)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    click.echo(format_report(report))
+    click.echo(f"report: {out}", err=True)
+
+
+@bench.command("flex-queue")
+@click.option("--num-waiting", type=int, help="Flex requests left waiting in the queue [10000].")
+@click.option("--hold", type=float, help="Seconds measured while they all wait [10].")
+@click.option("--ramp-rate", type=float, help="Flex connections opened per second [2000].")
+@click.option("--max-wait", type=float, help="X-Flex-Max-Wait of each flex request, seconds [600].")
+@click.option("--quick", is_flag=True, help="A smoke run: 200 waiting requests, one-second hold.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/flex-queue.json"), show_default=True, help="JSON report path.")
+def flex_queue(quick: bool, out: Path, **options: Any) -> None:
+    """Memory and event-loop lag with N flex requests waiting in the queue.
+
+    A gateway with one slot on a slow sim engine; long default streams hold
+    the slot while N flex requests wait, each on its own connection. Reports
+    the gateway's RSS (/proc/PID/status) and its loop lag, measured from
+    outside as GET /healthz latency over the idle gateway's.
+    """
+    from flexserve.bench.flex_queue import QUICK, FlexQueueConfig, format_report, run_flex_queue
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+
+    base = QUICK if quick else FlexQueueConfig()
+    config = dataclasses.replace(base, **{k: v for k, v in options.items() if v is not None})
+    try:
+        report = run_flex_queue(config)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    click.echo(format_report(report))
+    click.echo(f"report: {out}", err=True)
+
+
+@bench.command("hot-path")
+@click.option("--baseline-src", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The `src` folder of another FlexServe tree, measured the same way, interleaved.")
+@click.option("--requests", "num_requests", type=int, default=1000, show_default=True,
+              help="Requests per repeat.")
+@click.option("--repeats", type=int, default=7, show_default=True, help="Repeats per trial.")
+@click.option("--trials", type=int, default=3, show_default=True,
+              help="Fresh interpreters per tree; the minimum of all is kept.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/hot-path.json"), show_default=True, help="JSON report path.")
+def hot_path(baseline_src: Path | None, num_requests: int, repeats: int, trials: int,
+             out: Path) -> None:
+    """CPU cost of the request path and its parts, in process (no sockets).
+
+    Minimum over repeats of the mean per request: noise on a shared machine
+    only adds, so these figures hold still where end-to-end latencies do not.
+    With --baseline-src, an A/B of a change against another tree.
+    """
+    from flexserve.bench.hot_path import format_report, run_hot_path
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+
+    try:
+        report = run_hot_path(baseline_src, num_requests=num_requests, repeats=repeats,
+                              trials=trials)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    click.echo(format_report(report))
+    click.echo(f"report: {out}", err=True)
+
+
+@bench.command("tiers")
+@click.option("--engine", type=click.Choice(["sim", "embedded"]), default="sim", show_default=True,
+              help="sim: the sim engine behind an upstream gateway; embedded: SmolLM2 inside it.")
+@click.option("--duration", type=float, help="Measured seconds per scenario [sim 60, embedded 45].")
+@click.option("--warmup", type=float, help="Seconds of flex backlog before each window [10%].")
+@click.option("--quick", is_flag=True, help="A smoke run: short outputs, 2-second scenarios "
+              "(15 s on the embedded engine).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of all traffic.")
+@click.option("--profile", default="h100-llama3-8b", show_default=True, help="Sim engine profile.")
+@click.option("--speed", type=float, default=1.0, show_default=True,
+              help="Sim engine speed-up; client latencies x speed = engine time.")
+@click.option("--max-num-seqs", type=int, default=32, show_default=True,
+              help="Sim engine batch size, and the gateway's upstream capacity.")
+@click.option("--flex-clients", type=int, help="Closed-loop flex clients [2x the engine's batch].")
+@click.option("--load", type=float, default=0.4, show_default=True,
+              help="Default traffic as a fraction of D's output tokens/s.")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+              help="A gateway setting (FLEXSERVE_NAME), e.g. --set tpot_slo=0.02; repeatable.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="JSON report path [reports/bench-tiers.json, -embedded.json].")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the servers' logs here (default: a temporary directory).")
+def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
+          profile: str, speed: float, max_num_seqs: int, flex_clients: int | None, load: float,
+          settings: tuple[str, ...], out: Path | None, log_dir: Path | None) -> None:
+    """Default latency under a flex backlog: scenarios A-E in one run.
+
+    D: a saturating flex backlog straight to the engine (its maximum output
+    tokens/s); A: default traffic alone at --load of D, through a FlexServe
+    gateway; B: A plus the flex backlog; C: B through a tier-blind FCFS
+    gateway (tiers_enabled=false); E (sim only): B's traffic straight to the
+    engine, ordered by its own priority queue. Prints the table and the goal
+    ratios (docs/benchmarks.md explains each figure and its clock).
+    """
+    import sys
+
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.tiers import TiersOptions, command_line, render, run_tiers
+
+    pairs: dict[str, str] = {}
+    for item in settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
+        pairs[name.strip().lower()] = value
+    default_out = "reports/bench-tiers.json" if engine == "sim" else "reports/bench-tiers-embedded.json"
+    options = TiersOptions(
+        engine=engine, duration=duration or (
+            (2.0 if engine == "sim" else 15.0) if quick else (60.0 if engine == "sim" else 45.0)),
+        warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
+        flex_clients=flex_clients, load=load, settings=pairs, out=out or Path(default_out),
+        quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),
+    )
+    try:
+        report = run_tiers(options)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(render(report))
+    click.echo(f"report: {options.out}", err=True)

@@ -1,0 +1,105 @@
+"""The benchmarks end to end in their smoke modes: every report has its shape.
+
+Run as the documented commands (real processes on loopback); no timing is
+asserted, only that every target, mode and rate was measured.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from flexserve.bench.overhead import QUICK
+from flexserve.bench.report import format_table, percentile
+
+FLEXSERVE = [sys.executable, "-c", "from flexserve.cli import main; main()"]
+
+
+def _run(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*FLEXSERVE, *args], capture_output=True, text=True, timeout=timeout,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def _positive(summary: dict[str, float] | None) -> None:
+    assert summary is not None
+    for name in ("p50", "p90", "p99", "max", "mean"):
+        assert summary[name] > 0 and math.isfinite(summary[name]), (name, summary)
+
+
+def test_overhead_quick_report(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    done = _run("bench", "overhead", "--quick", "--out", str(out))
+    report: dict[str, Any] = json.loads(out.read_text())
+
+    rows = {(r["target"], r["mode"], r["rate"]): r for r in report["results"]}
+    for target in ("direct", "passthrough", "flexserve"):
+        for mode in ("non-stream", "stream"):
+            for rate in QUICK.rates:
+                row = rows[(target, mode, rate)]
+                assert row["num_sent"] > 0 and row["num_ok"] > 0
+                assert row["num_errors"] == 0, row["errors"]
+                _positive(row["latency_ms"])
+                if mode == "stream":
+                    _positive(row["ttfb_ms"])
+                if target == "direct":
+                    assert row["overhead_ms"] is None
+                else:
+                    assert all(math.isfinite(row["overhead_ms"][q]) for q in ("p50", "p99"))
+                assert row["server_cpu_us_per_request"] >= 0
+    assert not any(r["target"] == "litellm" for r in report["results"])
+    assert any(s["target"] == "litellm" for s in report["skipped"])  # not installed here
+
+    sustained = report["sustained"]
+    assert [step["rate"] for step in sustained["steps"]] == list(QUICK.sustain_rates)
+    assert sustained["limited_by"]
+    assert "p99_overhead_ms_at_200" in report["goals"]
+    assert report["host"]["cpus"] >= 1
+    # The printed table names every target.
+    for target in ("direct", "passthrough", "flexserve"):
+        assert target in done.stdout
+
+
+def test_flex_queue_quick_report(tmp_path: Path) -> None:
+    out = tmp_path / "flex-queue.json"
+    done = _run("bench", "flex-queue", "--quick", "--out", str(out))
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert report["num_waiting_reached"] == report["config"]["num_waiting"]
+    assert report["answered_early"] == {}
+    assert 0 < report["rss_mib"]["idle"] <= report["rss_mib"]["peak"]
+    for stage in ("idle", "ramp", "waiting"):
+        _positive(report["healthz_ms"][stage])
+    assert report["loop_lag_ms"] is not None
+    assert report["open_files_limit"]["gateway"] >= report["config"]["num_waiting"]
+    assert "RSS" in done.stdout
+
+
+def test_percentile_interpolates_between_ranks() -> None:
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile([1.0, 2.0], 50) == 1.5
+    assert percentile([5.0], 99) == 5.0
+    assert math.isnan(percentile([], 50))
+
+
+def test_table_aligns_numbers_right() -> None:
+    table = format_table(("name", "ms"), [("a", 1.5), ("bb", None)])
+    assert table.splitlines() == ["name    ms", "a     1.50", "bb       -"]
+
+
+def test_hot_path_report(tmp_path: Path) -> None:
+    out = tmp_path / "hot-path.json"
+    _run("bench", "hot-path", "--requests", "50", "--repeats", "1", "--trials", "1",
+         "--out", str(out))
+    report: dict[str, Any] = json.loads(out.read_text())
+    current = report["trees"]["current"]
+    assert set(current["request_us"]) == {
+        "non-stream/default", "non-stream/flex", "stream/default", "stream/flex"
+    }
+    assert all(value > 0 for value in current["request_us"].values())
+    assert current["sse_relay_us"] > 0
+    assert all(value >= 0 for value in report["parts_us"].values())
