@@ -7,65 +7,22 @@ reported on stderr with exit status 1.
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import click
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
 
-from flexserve.accounts import AccountError, Accounts
-from flexserve.config import ConfigError, Settings, load_settings
-from flexserve.store import Database
+from flexserve.accounts import Accounts
+from flexserve.cli.options import database_options, run_db, settings_for
+from flexserve.config import Settings
 
 _T = TypeVar("_T")
-_Command = TypeVar("_Command", bound=Callable[..., None])
-
-
-def _database_options(command: _Command) -> _Command:
-    """The --db and --home options every accounts command takes."""
-    command = click.option(
-        "--home",
-        envvar="FLEXSERVE_HOME",
-        help="Data directory holding the SQLite file (default .flexserve).",
-    )(command)
-    command = click.option(
-        "--db",
-        envvar="FLEXSERVE_DB",
-        help="Database URL (sqlite:///path, postgresql://user@host/db); default: SQLite in --home.",
-    )(command)
-    return command
-
-
-def _settings(db: str | None, home: str | None) -> Settings:
-    try:
-        return load_settings(overrides={"db": db, "home": home})
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from exc
 
 
 def _run(settings: Settings, action: Callable[[Accounts], Awaitable[_T]]) -> _T:
-    """Run ``action`` against the migrated database; errors become a ClickException."""
-    url = settings.database_url
-    try:
-        return asyncio.run(_with_accounts(url, action))
-    except (AccountError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (SQLAlchemyError, OSError) as exc:
-        # The URL without its password: this message may end up in a CI log.
-        shown = make_url(url).render_as_string(hide_password=True)
-        raise click.ClickException(f"database {shown}: {exc}") from exc
-
-
-async def _with_accounts(url: str, action: Callable[[Accounts], Awaitable[_T]]) -> _T:
-    database = Database.from_url(url)
-    try:
-        await database.migrate()
-        return await action(Accounts(database))
-    finally:
-        await database.close()
+    """Run ``action`` with the accounts of the migrated database."""
+    return run_db(settings, lambda database: action(Accounts(database)))
 
 
 @click.group()
@@ -81,20 +38,20 @@ def orgs() -> None:
     help="Tier that `service_tier: auto` means for its default project "
     "(default: the default_service_tier setting).",
 )
-@_database_options
+@database_options
 def create_org(name: str, default_tier: str | None, db: str | None, home: str | None) -> None:
     """Create organization NAME, with a default project."""
-    settings = _settings(db, home)
+    settings = settings_for(db, home)
     tier = default_tier or settings.default_service_tier
     org = _run(settings, lambda accounts: accounts.create_org(name, tier))
     click.echo(f"Created organization {org.name!r} ({org.id}).")
 
 
 @orgs.command("list")
-@_database_options
+@database_options
 def list_orgs(db: str | None, home: str | None) -> None:
     """List organizations, oldest first."""
-    found = _run(_settings(db, home), lambda accounts: accounts.list_orgs())
+    found = _run(settings_for(db, home), lambda accounts: accounts.list_orgs())
     if not found:
         click.echo("No organizations yet: create one with `flexserve orgs create NAME`.", err=True)
         return
@@ -110,7 +67,7 @@ def list_orgs(db: str | None, home: str | None) -> None:
 
 @orgs.command("verify")
 @click.argument("name")
-@_database_options
+@database_options
 def verify_org(name: str, db: str | None, home: str | None) -> None:
     """Mark organization NAME as verified: it may use what needs verification.
 
@@ -131,7 +88,7 @@ def keys() -> None:
 @click.option("--org", "org_name", required=True, help="Organization the key belongs to.")
 @click.option("--admin", is_flag=True, help="Let the key use the organization's admin endpoints.")
 @click.option("--project", "project_id", help="Project id (proj_…); default: the default project.")
-@_database_options
+@database_options
 def create_key(
     org_name: str, admin: bool, project_id: str | None, db: str | None, home: str | None
 ) -> None:
@@ -140,7 +97,7 @@ def create_key(
     The key is shown this once: only its hash is stored.
     """
     key_id, key = _run(
-        _settings(db, home),
+        settings_for(db, home),
         lambda accounts: accounts.create_key(org_name, admin=admin, project_id=project_id),
     )
     # Stdout carries the key alone, so that `KEY=$(flexserve keys create …)` works.
@@ -151,10 +108,10 @@ def create_key(
 
 @keys.command("revoke")
 @click.argument("key_id")
-@_database_options
+@database_options
 def revoke_key(key_id: str, db: str | None, home: str | None) -> None:
     """Revoke the key with id KEY_ID (key_…); requests with it are refused."""
-    _run(_settings(db, home), lambda accounts: accounts.revoke_key(key_id))
+    _run(settings_for(db, home), lambda accounts: accounts.revoke_key(key_id))
     click.echo(f"Revoked key {key_id}.")
 
 
