@@ -156,3 +156,58 @@ def test_unreachable_upstream_does_not_stop_the_gateway(start_gateway: Callable[
         model=sim_model_id(gateway), messages=MESSAGES, max_tokens=2  # type: ignore[arg-type]
     )
     assert completion.usage is not None and completion.usage.completion_tokens == 2
+
+
+# --- what is asked of the upstream ------------------------------------------
+
+
+def _recording_upstream(seen: list[bool]) -> Starlette:
+    """Answers as asked (a whole completion or SSE) and records `stream`."""
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": "recorder", "object": "model"}]})
+
+    async def chat(request: Request) -> Response:
+        body = await request.json()
+        seen.append(body.get("stream"))
+        if not body.get("stream"):
+            return JSONResponse({
+                "id": "x", "object": "chat.completion", "created": 0, "model": "recorder",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "two words"},
+                             "finish_reason": "length"}],
+                "usage": {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9},
+            })
+
+        async def sse() -> AsyncIterator[bytes]:
+            head = b'data: {"id":"x","object":"chat.completion.chunk","created":0,"model":"recorder","choices":'
+            yield head + b'[{"index":0,"delta":{"content":"two"},"finish_reason":null}]}\n\n'
+            yield head + b'[{"index":0,"delta":{"content":" words"},"finish_reason":"length"}]}\n\n'
+            yield head + b'[],"usage":{"prompt_tokens":7,"completion_tokens":2,"total_tokens":9}}\n\n'
+            yield b"data: [DONE]\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/v1/chat/completions", chat, methods=["POST"])])
+
+
+def test_whole_completion_asked_only_when_not_streamed_nor_preemptible(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    seen: list[bool] = []
+    with ServerThread(_recording_upstream(seen)) as server:
+        gateway = start_gateway(engine="upstream", upstreams=[server.url])
+        client = gateway.client()
+        for tier in ("default", "priority", "flex"):
+            completion = client.chat.completions.create(
+                model="recorder", messages=MESSAGES, service_tier=tier  # type: ignore[arg-type]
+            )
+            assert completion.choices[0].message.content == "two words"
+            assert completion.choices[0].finish_reason == "length"
+            assert completion.usage is not None
+            assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (7, 2)
+        chunks = list(client.chat.completions.create(
+            model="recorder", messages=MESSAGES, stream=True  # type: ignore[arg-type]
+        ))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "two words"
+    # Default and priority: one JSON body; flex (abortable) and a client's stream: SSE.
+    assert seen == [False, False, True, True]

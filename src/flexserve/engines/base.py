@@ -38,6 +38,10 @@ class EngineRequest:
     seed: int | None = None
     # Scheduling hint for engines that take one (vLLM/sim: lower runs first).
     priority: int = 0
+    # False: the caller wants only the whole completion (a non-streamed run that
+    # is never aborted), so an upstream may be asked for it in one JSON body
+    # instead of SSE; such a run yields one Delta. Other engines ignore it.
+    stream: bool = True
 
 
 @dataclass(slots=True)

@@ -1,17 +1,19 @@
 """An upstream OpenAI-compatible server as an engine replica.
 
 vLLM, SGLang, llama.cpp's server, Ollama or a provider: models are
-discovered from its ``/v1/models``; every generation is requested as a stream
+discovered from its ``/v1/models``; a generation is requested as a stream
 (so that time to first token is real and an abort closes the connection,
 which vLLM, SGLang and llama.cpp honour by freeing the sequence), and relayed
-delta by delta. aiohttp's client is used for its speed under load; its
-exceptions are translated into FlexServe's Engine* errors here, and nowhere
+delta by delta, unless the caller wants only the whole completion
+(``EngineRequest.stream`` False: not streamed to the client, never aborted),
+which is then requested with ``stream: false`` and yielded as one delta
+(no SSE framing and parsing on either side). aiohttp's client is used for its
+speed under load; its exceptions are translated into FlexServe's Engine* errors here, and nowhere
 else.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -56,8 +58,7 @@ class UpstreamEngine(Engine):
         step_model: StepTimeModel | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
-        if self.base_url.endswith("/v1"):
-            self.base_url = self.base_url[: -len("/v1")]
+        self.base_url = self.base_url.removesuffix("/v1")
         self.name = f"upstream:{self.base_url}"
         self.accepts_priority = send_priority
         self._api_key = api_key
@@ -117,7 +118,7 @@ class UpstreamEngine(Engine):
                 data = orjson.loads(await response.read())
         except aiohttp.ClientError as exc:
             raise EngineUnavailableError(f"{self.name} is unreachable: {exc}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise EngineTimeoutError(f"{self.name} did not list its models in time.") from exc
         self._models = [
             ModelCard(
@@ -135,9 +136,12 @@ class UpstreamEngine(Engine):
         payload: dict[str, Any] = {
             "model": request.model,
             "messages": request.messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
         }
+        if request.stream:
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
+        else:
+            payload["stream"] = False
         if request.max_tokens is not None:
             payload["max_tokens"] = request.max_tokens
         if request.temperature is not None:
@@ -162,14 +166,20 @@ class UpstreamEngine(Engine):
             ) as response:
                 if response.status != 200:
                     raise await _error_from_response(self.name, response)
-                async for delta in _relay_sse(self.name, response):
-                    yield delta
+                if request.stream or response.content_type == "text/event-stream":
+                    async for delta in _relay_sse(self.name, response):
+                        yield delta
+                    return
+                # A whole completion: read, and the connection back to the pool
+                # before the delta is handed on.
+                body = await response.read()
         except aiohttp.ClientConnectorError as exc:
             raise EngineUnavailableError(f"{self.name} is unreachable: {exc.os_error}") from exc
         except aiohttp.ClientError as exc:
             raise EngineError(f"{self.name} failed mid-request: {exc!r}") from exc
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise EngineTimeoutError(f"{self.name} did not answer in time.") from exc
+        yield _completion_delta(self.name, body)
 
     async def read_load(self) -> EngineLoad:
         """vLLM-style load signals from the upstream's /metrics."""
@@ -182,7 +192,7 @@ class UpstreamEngine(Engine):
                 if response.status != 200:
                     raise EngineError(f"{self.name}: GET /metrics answered HTTP {response.status}.")
                 text = await response.text()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise EngineUnavailableError(f"{self.name}: metrics unreadable: {exc!r}") from exc
         return parse_vllm_load(text)
 
@@ -208,6 +218,31 @@ async def _error_from_response(name: str, response: aiohttp.ClientResponse) -> E
     if response.status == 504:
         return EngineTimeoutError(f"{name} timed out: {message}")
     return EngineError(f"{name} answered HTTP {response.status}: {message}")
+
+
+def _completion_delta(name: str, body: bytes) -> Delta:
+    """A whole (non-streamed) chat completion as one final Delta."""
+    try:
+        data = orjson.loads(body)
+        error = data.get("error")
+        if error is None:
+            choice = data["choices"][0]
+            text = (choice.get("message") or {}).get("content") or ""
+            finish_reason = choice.get("finish_reason") or "stop"
+            u = data.get("usage")
+            usage = (
+                Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
+                if u
+                # An upstream that reports no usage: about four characters a
+                # token (prompt tokens unknown), as the API layer estimates prompts.
+                else Usage(0, (len(text) + 3) // 4)
+            )
+    except (orjson.JSONDecodeError, AttributeError, LookupError, TypeError, ValueError) as exc:
+        raise EngineError(f"{name} sent a malformed completion.") from exc
+    if error is not None:
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise EngineError(f"{name} failed: {message}")
+    return Delta(text, finish_reason=finish_reason, usage=usage)
 
 
 async def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
