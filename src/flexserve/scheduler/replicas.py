@@ -107,6 +107,8 @@ class ModelPool:
     num_pauses: int = 0
     num_flex_refused: int = 0
     num_downgraded: int = 0
+    # time.monotonic() of the last pass refusing flex that can no longer make its deadline.
+    last_shed_at: float = float("-inf")
 
     @property
     def capacity(self) -> int:
