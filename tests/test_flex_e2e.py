@@ -21,7 +21,8 @@ MESSAGES = [{"role": "user", "content": "Label this record."}]
 
 @pytest.fixture(scope="module")
 def busy_gateway(start_gateway: Callable[..., Gateway]) -> Iterator[tuple[Gateway, str]]:
-    """A gateway whose only replica (two slots) is held by long default streams."""
+    """A gateway whose only replica (two slots) is held by long default streams
+    (24 s each at speed 1: no gap in which a flex request could slip in)."""
     gateway = start_gateway(
         engines=[sim_engine(speed=1.0, max_num_seqs=2)], engine="sim", flex_headroom=0.5,
         max_queue=5000,
@@ -33,7 +34,7 @@ def busy_gateway(start_gateway: Callable[..., Gateway]) -> Iterator[tuple[Gatewa
         client = gateway.client()
         while not stop.is_set():
             stream = client.chat.completions.create(
-                model=model, messages=MESSAGES, max_tokens=400, stream=True
+                model=model, messages=MESSAGES, max_tokens=4000, stream=True
             )
             for _ in stream:
                 if stop.is_set():
