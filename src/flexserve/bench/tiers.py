@@ -1,0 +1,483 @@
+"""``flexserve bench tiers``: default latency under a flex backlog, in one run.
+
+Scenarios on the same seeded traffic (``bench/traffic.py``):
+
+- D: a saturating flex backlog (closed loop) straight to the sim engine, no
+  gateway: the engine's true maximum output tokens/s. Run first, because
+- A: default alone, Poisson arrivals at ``load`` (0.4) of D's output tokens/s
+  with ShareGPT-like lengths, streamed, through a FlexServe gateway;
+- B: A's requests plus the flex backlog, through the same gateway;
+- C: B through the same gateway with ``tiers_enabled=false`` (every tier FCFS,
+  no flex headroom, no preemption): the damage that tiers prevent;
+- E (sim only, an extra): B's traffic straight to the engine with vLLM's
+  ``priority`` field, default before flex, no gateway: what the engine's own
+  priority queue does alone, and the maximum for B's mix of lengths (D's
+  flex-only mix has more prompt per output token, so it yields fewer output
+  tokens per second than B's mix).
+
+With ``engine="embedded"`` the gateway runs SmolLM2 itself; there is no
+engine without a gateway, so D is the backlog through the tier-blind gateway.
+
+Each server is its own process (``bench/processes.py``); the load generator
+(``bench/tiers_load.py``) runs here; figures and the report's table come
+from ``bench/tiers_report.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from flexserve.bench.processes import (
+    BenchError,
+    Server,
+    create_key,
+    flexserve_command,
+    free_port,
+    raise_nofile_limit,
+    start_server,
+)
+from flexserve.bench.tiers_load import (
+    FlexLoop,
+    Outcome,
+    Target,
+    drain,
+    flex_client,
+    scrape,
+    send_job,
+)
+from flexserve.bench.tiers_report import Window, format_table, goal_ratios, summarize
+from flexserve.bench.traffic import (
+    EMBEDDED_DEFAULT,
+    EMBEDDED_FLEX,
+    FLEX_LENGTHS,
+    SHAREGPT_LENGTHS,
+    Job,
+    LengthMix,
+    default_schedule,
+    flex_jobs,
+)
+from flexserve.config import Settings
+
+__all__ = ["TiersOptions", "run_tiers"]
+
+_SIM_BUSY = ("vllm:num_requests_running", "vllm:num_requests_waiting")
+_GATEWAY_BUSY = ("flexserve_in_flight", "flexserve_queue_depth")
+# Longest output of a --quick run (tokens).
+_QUICK_MAX_OUTPUT = 48
+
+
+@dataclass(frozen=True)
+class TiersOptions:
+    """Everything one ``bench tiers`` run needs; the CLI fills it in."""
+
+    engine: str = "sim"
+    duration: float = 60.0
+    warmup: float | None = None
+    seed: int = 0
+    profile: str = "h100-llama3-8b"
+    speed: float = 1.0
+    max_num_seqs: int = 32
+    flex_clients: int | None = None
+    load: float = 0.4
+    settings: Mapping[str, str] = field(default_factory=dict)
+    out: Path = Path("reports/bench-tiers.json")
+    quick: bool = False
+    log_dir: Path | None = None
+    command: str = ""
+
+    @property
+    def warmup_seconds(self) -> float:
+        if self.warmup is not None:
+            return self.warmup
+        if self.quick:
+            return 5.0 if self.engine == "embedded" else 0.5
+        return min(10.0, max(2.0, 0.1 * self.duration))
+
+    @property
+    def num_flex_clients(self) -> int:
+        """Closed-loop flex clients: twice the sequences the engine runs at once."""
+        if self.flex_clients is not None:
+            return self.flex_clients
+        if self.engine == "embedded":
+            return 2 * int(self.settings.get("embedded_slots", "4"))
+        return 2 * self.max_num_seqs
+
+    @property
+    def default_wait(self) -> float:
+        """Seconds to let default requests sent in the window finish after it."""
+        if self.quick:
+            return 10.0 if self.engine == "embedded" else 3.0
+        return max(60.0, self.duration)
+
+
+def _mixes(opts: TiersOptions, default: LengthMix, flex: LengthMix) -> tuple[LengthMix, LengthMix]:
+    """The length mixes of a run; a smoke run clips outputs so that its requests end quickly."""
+    if not opts.quick:
+        return default, flex
+    return default.shortened(_QUICK_MAX_OUTPUT), flex.shortened(_QUICK_MAX_OUTPUT)
+
+
+@dataclass
+class _Scenario:
+    """One scenario to run: where to send, what to send, what to read."""
+
+    name: str
+    description: str
+    target: Target
+    defaults: Sequence[Job]
+    num_flex: int
+    flex_stream: bool
+    engine_metrics: str | None
+    gateway_metrics: str | None
+    token_counter: str
+
+
+def tiers_enabled_available() -> bool:
+    """True once the gateway has the tier-blind switch (the tiered scheduler landed)."""
+    return any(f.name == "tiers_enabled" for f in dataclasses.fields(Settings))
+
+
+def check_settings(settings: Mapping[str, str]) -> None:
+    """Refuse ``--set`` names the gateway does not know (they would be ignored silently)."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise BenchError(f"unknown gateway setting(s): {', '.join(unknown)}")
+
+
+async def _run_scenario(sc: _Scenario, opts: TiersOptions,
+                        flex_lengths: LengthMix) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
+    began = time.monotonic()
+    load_start = round(os.getloadavg()[0], 2)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        loop = FlexLoop(stream=sc.flex_stream)
+        flex_tasks = [
+            asyncio.create_task(flex_client(session, sc.target,
+                                            flex_jobs(opts.seed, i, flex_lengths), loop))
+            for i in range(sc.num_flex)
+        ]
+        try:
+            if flex_tasks:
+                await asyncio.sleep(opts.warmup_seconds)
+            window, defaults = await _measure(session, sc, opts)
+        finally:
+            loop.stopping = True
+            for task in flex_tasks:
+                task.cancel()
+            await asyncio.gather(*flex_tasks, return_exceptions=True)
+        drained_at = time.monotonic()
+        busy_url = sc.engine_metrics or sc.gateway_metrics
+        if busy_url is not None:
+            busy = _SIM_BUSY if sc.engine_metrics else _GATEWAY_BUSY
+            if not await drain(session, busy_url, busy, timeout=60.0):
+                print(f"warning: scenario {sc.name}: the servers did not drain in 60 s",
+                      file=sys.stderr)
+    result = summarize(sc.name, sc.description, window, defaults, len(sc.defaults), loop.outcomes)
+    result["host_load_1m"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
+    result["seconds"] = {"total": round(time.monotonic() - began, 1),
+                         "after_window": round(drained_at - window.end, 1),
+                         "drain": round(time.monotonic() - drained_at, 1)}
+    return result
+
+
+def _run(sc: _Scenario, opts: TiersOptions, flex_mix: LengthMix,
+         servers: Sequence[Server]) -> dict[str, Any]:
+    """Run one scenario; a server that died on the way fails the run with its log's tail."""
+    cpu_before = {server.name: _cpu_seconds(server.pid) for server in servers}
+    own_before, wall_before = time.process_time(), time.monotonic()
+    try:
+        result = asyncio.run(_run_scenario(sc, opts, flex_mix))
+    except (aiohttp.ClientError, OSError) as exc:
+        for server in servers:
+            if server.process.poll() is not None:
+                raise BenchError(f"scenario {sc.name}: {server.name} exited with status "
+                                 f"{server.process.returncode}:\n{server.log_tail()}") from exc
+        raise BenchError(f"scenario {sc.name}: {exc!r}") from exc
+    wall = time.monotonic() - wall_before
+    cpu = {server.name: (_cpu_seconds(server.pid) - cpu_before[server.name]) / wall * 100
+           for server in servers}
+    cpu["load-generator"] = (time.process_time() - own_before) / wall * 100
+    # Each process's CPU over the whole scenario (warm-up, window, wait): % of one core.
+    result["cpu_percent"] = {name: round(value, 1) for name, value in cpu.items()}
+    _progress(result)
+    return result
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def _scrape_or_empty(session: aiohttp.ClientSession, url: str | None) -> dict[str, float]:
+    return {} if url is None else await scrape(session, url)
+
+
+async def _measure(session: aiohttp.ClientSession, sc: _Scenario,
+                   opts: TiersOptions) -> tuple[Window, list[Outcome]]:
+    """The measured window: default jobs on schedule; then wait for them to finish."""
+    engine_before = await _scrape_or_empty(session, sc.engine_metrics)
+    gateway_before = await _scrape_or_empty(session, sc.gateway_metrics)
+    start = time.monotonic()
+    tasks = [asyncio.create_task(_send_at(session, sc.target, job, start + job.at))
+             for job in sc.defaults]
+    await asyncio.sleep(max(0.0, start + opts.duration - time.monotonic()))
+    engine_after = await _scrape_or_empty(session, sc.engine_metrics)
+    gateway_after = await _scrape_or_empty(session, sc.gateway_metrics)
+    end = time.monotonic()
+    speed = opts.speed if opts.engine == "sim" else 1.0
+    counter = ("vllm:generation_tokens_total" if sc.engine_metrics
+               else "flexserve_tokens_total|kind=completion")
+    window = Window(start, end, speed, engine_before, engine_after, gateway_before,
+                    gateway_after, counter)
+    defaults: list[Outcome] = []
+    if tasks:
+        finished, pending = await asyncio.wait(tasks, timeout=opts.default_wait)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        defaults = [t.result() for t in finished]
+    return window, defaults
+
+
+async def _send_at(session: aiohttp.ClientSession, target: Target, job: Job,
+                   when: float) -> Outcome:
+    await asyncio.sleep(max(0.0, when - time.monotonic()))
+    return await send_job(session, target, job, "default", stream=True, scheduled_at=when)
+
+
+def _model_id(url: str, api_key: str = "") -> str:
+    async def fetch() -> str:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        async with aiohttp.ClientSession() as session, session.get(
+                f"{url}/v1/models", headers=headers) as response:
+            data = await response.json()
+        return str(data["data"][0]["id"])
+    return asyncio.run(fetch())
+
+
+def _start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions) -> Server:
+    port = free_port()
+    argv = flexserve_command(
+        "sim-engine", "--port", str(port), "--profile", opts.profile, "--speed", str(opts.speed),
+        "--max-num-seqs", str(opts.max_num_seqs), "--scheduling-policy", "priority",
+    )
+    return start_server(stack, "sim-engine", argv, port, "/health", log_dir)
+
+
+def _start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptions, *,
+                   tiers: bool, upstream: str | None) -> Server:
+    """``flexserve serve`` in front of ``upstream`` (or the embedded engine)."""
+    port = free_port()
+    env: dict[str, str | None] = {
+        "FLEXSERVE_BOOTSTRAP_DEMO": "false",
+        "FLEXSERVE_LOG_LEVEL": "warning",
+        "FLEXSERVE_TIERS_ENABLED": "true" if tiers else "false",
+    }
+    if upstream is not None:
+        env["FLEXSERVE_UPSTREAM_CAPACITY"] = str(opts.max_num_seqs)
+        env["FLEXSERVE_UPSTREAM_PRIORITY_HINT"] = "true"
+        engine_args = ["--engine", "upstream", "--upstream", upstream]
+    else:
+        engine_args = ["--engine", "embedded"]
+    env.update({"FLEXSERVE_" + name.upper(): value for name, value in opts.settings.items()})
+    argv = flexserve_command("serve", *engine_args, "--port", str(port), "--home", str(home),
+                             "--db", _db_url(home))
+    name = f"gateway-{'tiers' if tiers else 'fcfs'}"
+    return start_server(stack, name, argv, port, "/healthz", log_dir, env)
+
+
+def _db_url(home: Path) -> str:
+    return f"sqlite:///{home / 'flexserve.db'}"
+
+
+def _rate_for(opts: TiersOptions, max_tps_engine: float, lengths: LengthMix) -> tuple[float, float]:
+    """Default arrivals per second (engine time, wall time) at ``load`` of the maximum."""
+    if max_tps_engine <= 0:
+        raise BenchError("scenario D produced no output tokens in its window, so there is no "
+                         "maximum to set the default rate from: give a longer --duration")
+    per_engine_second = opts.load * max_tps_engine / lengths.expected_output(opts.seed)
+    speed = opts.speed if opts.engine == "sim" else 1.0
+    return per_engine_second, per_engine_second * speed
+
+
+def _run_sim(opts: TiersOptions, log_dir: Path,
+             home: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    scenarios: dict[str, Any] = {}
+    default_mix, flex_mix = _mixes(opts, SHAREGPT_LENGTHS, FLEX_LENGTHS)
+    with ExitStack() as stack:
+        engine = _start_sim_engine(stack, log_dir, opts)
+        model = _model_id(engine.url)
+        key = create_key(_db_url(home), home)
+        gateway_target = Target(url="", model=model, api_key=key)
+        direct = Target(engine.url, model, default_tier=None, flex_tier=None)
+        engine_metrics = f"{engine.url}/metrics"
+        d = _Scenario("D", "flex backlog straight to the engine (no gateway)", direct, [],
+                      opts.num_flex_clients, True, engine_metrics, None,
+                      "vllm:generation_tokens_total")
+        scenarios["D"] = _run(d, opts, flex_mix, [engine])
+        rate_engine, rate_wall = _rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
+                                           default_mix)
+        jobs = default_schedule(opts.seed, rate_wall, opts.duration, default_mix)
+        # Extra: B's traffic straight to the engine, ordered only by its own priority queue
+        # (vLLM's `priority` field, default 1 before flex 2, as the gateway's hint sends).
+        by_priority = dataclasses.replace(direct, default_priority=1, flex_priority=2)
+        e = _Scenario("E", "default + flex backlog straight to the engine (its priority "
+                      "queue only, no gateway)", by_priority, jobs, opts.num_flex_clients, True,
+                      engine_metrics, None, "vllm:generation_tokens_total")
+        scenarios["E"] = _run(e, opts, flex_mix, [engine])
+        for tiers, plan in ((True, (("A", "default alone, tiered gateway", 0),
+                                    ("B", "default + flex backlog, tiered gateway",
+                                     opts.num_flex_clients))),
+                            (False, (("C", "default + flex backlog, tier-blind FCFS gateway",
+                                      opts.num_flex_clients),))):
+            with ExitStack() as gateway_stack:
+                gateway = _start_gateway(gateway_stack, log_dir, home, opts, tiers=tiers,
+                                         upstream=engine.url)
+                target = dataclasses.replace(gateway_target, url=gateway.url)
+                for name, description, num_flex in plan:
+                    sc = _Scenario(name, description, target, jobs, num_flex, False,
+                                   engine_metrics, f"{gateway.url}/metrics",
+                                   "vllm:generation_tokens_total")
+                    scenarios[name] = _run(sc, opts, flex_mix, [engine, gateway])
+    setup = {
+        "profile": opts.profile,
+        "speed": opts.speed,
+        "max_num_seqs": opts.max_num_seqs,
+        "scheduling_policy": "priority",
+        "default_rate_per_engine_second": round(rate_engine, 3),
+        "default_rate_per_wall_second": round(rate_wall, 3),
+        "default_requests": len(jobs),
+        "default_lengths": default_mix.describe(),
+        "flex_lengths": flex_mix.describe(),
+    }
+    return scenarios, setup
+
+
+def _run_embedded(opts: TiersOptions, log_dir: Path,
+                  home: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    scenarios: dict[str, Any] = {}
+    default_mix, flex_mix = _mixes(opts, EMBEDDED_DEFAULT, EMBEDDED_FLEX)
+    key = create_key(_db_url(home), home)
+    jobs: list[Job] = []
+    rate_engine = 0.0
+    for tiers in (False, True):
+        with ExitStack() as stack:
+            gateway = _start_gateway(stack, log_dir, home, opts, tiers=tiers, upstream=None)
+            target = Target(gateway.url, _model_id(gateway.url, key), key, real_text=True)
+            metrics = f"{gateway.url}/metrics"
+            counter = "flexserve_tokens_total|kind=completion"
+            if not tiers:
+                d = _Scenario("D", "flex backlog through the tier-blind gateway", target, [],
+                              opts.num_flex_clients, False, None, metrics, counter)
+                scenarios["D"] = _run(d, opts, flex_mix, [gateway])
+                rate_engine, _ = _rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
+                                           default_mix)
+                jobs = default_schedule(opts.seed, rate_engine, opts.duration, default_mix)
+                plan: tuple[tuple[str, str, int], ...] = (
+                    ("C", "default + flex backlog, tier-blind FCFS gateway",
+                     opts.num_flex_clients),)
+            else:
+                plan = (("A", "default alone, tiered gateway", 0),
+                        ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients))
+            for name, description, num_flex in plan:
+                sc = _Scenario(name, description, target, jobs, num_flex, False, None, metrics,
+                               counter)
+                scenarios[name] = _run(sc, opts, flex_mix, [gateway])
+    setup = {
+        "model": "SmolLM2-135M-Instruct (embedded, llama.cpp on the CPU)",
+        "default_rate_per_second": round(rate_engine, 3),
+        "default_requests": len(jobs),
+        "default_lengths": default_mix.describe() + " (max_tokens; the model may stop sooner)",
+        "flex_lengths": flex_mix.describe() + " (max_tokens; the model may stop sooner)",
+        "engine_tokens_from": "the gateway's flexserve_tokens_total{kind=completion}, "
+                              "counted as requests finish",
+    }
+    return scenarios, setup
+
+
+def _progress(result: Mapping[str, Any]) -> None:
+    print(f"scenario {result['scenario']}: default {result['default_completed']} done, "
+          f"flex {result['flex_completed']} done, "
+          f"{result['engine_output_tps_engine']} output tokens/s, {result['seconds']}, "
+          f"CPU % {result['cpu_percent']}",
+          file=sys.stderr)
+
+
+def run_tiers(opts: TiersOptions) -> dict[str, Any]:
+    """Run the four scenarios, write the JSON report, return it."""
+    if opts.engine not in ("sim", "embedded"):
+        raise BenchError(f"engine must be sim or embedded, not {opts.engine!r}")
+    check_settings(opts.settings)
+    raise_nofile_limit()
+    with contextlib.ExitStack() as stack:
+        if opts.log_dir is not None:
+            log_dir = opts.log_dir
+            log_dir.mkdir(parents=True, exist_ok=True)
+        else:
+            log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tiers-")))
+        home = log_dir / "gateway-home"
+        home.mkdir(exist_ok=True)
+        runner = _run_sim if opts.engine == "sim" else _run_embedded
+        scenarios, setup = runner(opts, log_dir, home)
+    report = {
+        "benchmark": "tiers",
+        "command": opts.command,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                 "load_average_1m": os.getloadavg()[0]},
+        "setup": {
+            "engine": opts.engine,
+            "duration_seconds": opts.duration,
+            "warmup_seconds": opts.warmup_seconds,
+            "seed": opts.seed,
+            "load": opts.load,
+            "flex_clients": opts.num_flex_clients,
+            "gateway_settings": dict(opts.settings),
+            "scheduler_has_tiers_enabled": tiers_enabled_available(),
+            **setup,
+            "clocks": "TTFT/TPOT *_ms: wall clock at the client; *_engine_ms: wall x speed. "
+                      "Output tokens/s: engine counter over the window's wall seconds "
+                      "(_wall), divided by speed (_engine). pace: engine ITL (simulated) / "
+                      "client ITL x speed; 1 = the sim engine kept real time.",
+        },
+        "scenarios": scenarios,
+        "ratios": goal_ratios(scenarios),
+    }
+    opts.out.parent.mkdir(parents=True, exist_ok=True)
+    opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def render(report: Mapping[str, Any], markdown: bool = False) -> str:
+    """The printed table of a report."""
+    return format_table(report["scenarios"], report["ratios"], markdown=markdown)
+
+
+def command_line(argv: Sequence[str]) -> str:
+    """The command as typed, for the report."""
+    return "flexserve " + " ".join(shlex.quote(a) for a in argv)

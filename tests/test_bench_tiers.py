@@ -1,0 +1,66 @@
+"""`flexserve bench tiers --quick` end to end against the sim engine: the report's shape.
+
+A smoke run of a few seconds per scenario on a shared machine: this checks
+that every scenario ran and counted something, never how fast anything was.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexserve.bench.traffic import FLEX_LENGTHS, SHAREGPT_LENGTHS, default_schedule, flex_jobs
+
+FLEXSERVE = Path(sys.executable).parent / "flexserve"
+
+
+def test_traffic_is_seeded_and_shaped() -> None:
+    first = default_schedule(7, 3.0, 20.0, SHAREGPT_LENGTHS)
+    again = default_schedule(7, 3.0, 20.0, SHAREGPT_LENGTHS)
+    assert first == again and len(first) > 10
+    assert all(0 <= job.at < 20.0 for job in first)
+    assert [job.at for job in first] == sorted(job.at for job in first)
+    jobs = flex_jobs(7, 0, FLEX_LENGTHS)
+    flex = [next(jobs) for _ in range(50)]
+    assert all(500 <= job.prompt_tokens <= 2000 and 50 <= job.output_tokens <= 300 for job in flex)
+    mean_output = SHAREGPT_LENGTHS.expected_output()
+    assert 300 < mean_output < 360  # ShareGPT's 338, after clipping
+
+
+@pytest.mark.timeout(120)
+def test_bench_tiers_quick_writes_a_complete_report(tmp_path: Path) -> None:
+    out = tmp_path / "tiers.json"
+    done = subprocess.run(
+        [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "16", "--out", str(out)],
+        capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+
+    scenarios = report["scenarios"]
+    assert set(scenarios) == {"A", "B", "C", "D", "E"}
+    for name in ("A", "B", "C", "E"):
+        assert scenarios[name]["default_sent"] > 0
+        assert scenarios[name]["default_completed"] > 0
+        assert scenarios[name]["default_ttft_p99_ms"] is not None
+        assert scenarios[name]["default_tpot_p99_ms"] is not None
+    for name in ("B", "C", "D", "E"):
+        assert scenarios[name]["flex_completed"] > 0
+    assert scenarios["A"]["flex_completed"] == 0
+    for scenario in scenarios.values():
+        assert scenario["engine_output_tokens"] > 0
+        assert scenario["engine_preemptions"] is not None
+        assert isinstance(scenario["disturbed"], list)
+        assert "load-generator" in scenario["cpu_percent"]
+
+    setup = report["setup"]
+    assert setup["engine"] == "sim" and setup["max_num_seqs"] == 16
+    assert setup["default_rate_per_engine_second"] > 0
+    goals = {row["ratio"]: row for row in report["ratios"]}
+    for label in ("B/A default TTFT p99", "B/A default TPOT p99", "B/D engine output tokens/s"):
+        assert goals[label]["value"] is not None and "goal" in goals[label]
+    assert "B/A default TTFT p99" in done.stdout
