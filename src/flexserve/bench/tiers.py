@@ -62,7 +62,13 @@ from flexserve.bench.tiers_load import (
     scrape,
     send_job,
 )
-from flexserve.bench.tiers_report import Window, format_table, goal_ratios, summarize
+from flexserve.bench.tiers_report import (
+    Window,
+    disturbances,
+    format_table,
+    goal_ratios,
+    summarize,
+)
 from flexserve.bench.traffic import (
     EMBEDDED_DEFAULT,
     EMBEDDED_FLEX,
@@ -193,6 +199,7 @@ async def _run_scenario(sc: _Scenario, opts: TiersOptions,
                       file=sys.stderr)
     result = summarize(sc.name, sc.description, window, defaults, len(sc.defaults), loop.outcomes)
     result["host_load_1m"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
+    result["disturbed"] = disturbances(result)
     result["seconds"] = {"total": round(time.monotonic() - began, 1),
                          "after_window": round(drained_at - window.end, 1),
                          "drain": round(time.monotonic() - drained_at, 1)}

@@ -15,6 +15,7 @@ was too busy and engine-time figures derived from wall time are too low.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +39,11 @@ GOALS: tuple[tuple[str, str, str, str, float, str], ...] = (
 )
 
 
-# Below this pace, or above this send lateness, a scenario is flagged as disturbed.
+# Below this pace, above this send lateness, or on a host whose 1-minute load average
+# exceeds this share of its CPUs, a scenario is flagged as disturbed.
 MIN_PACE = 0.97
-MAX_LATENESS_MS = 20.0
+MAX_LATENESS_MS = 5.0
+MAX_HOST_LOAD_PER_CPU = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,8 +141,11 @@ def summarize(name: str, description: str, window: Window, defaults: Sequence[Ou
         "gateway_flex_pauses": window.gateway_delta("flexserve_flex_pauses_total"),
         "gateway_flex_refused": window.gateway_delta("flexserve_flex_refused_total"),
         "pace": _pace(window, [*defaults, *flex]),
+        "gateway_default_queue_ms_mean": _mean_ms(window, "flexserve_queue_time_seconds",
+                                                  "tier=default"),
+        "gateway_flex_queue_ms_mean": _mean_ms(window, "flexserve_queue_time_seconds",
+                                               "tier=flex"),
     }
-    out["disturbed"] = disturbances(out)
     return out
 
 
@@ -152,7 +158,18 @@ def disturbances(result: Mapping[str, Any]) -> list[str]:
     late = result.get("default_send_lateness_p99_ms")
     if late is not None and late > MAX_LATENESS_MS:
         found.append(f"the load generator sent late (p99 {late} ms > {MAX_LATENESS_MS} ms)")
+    load = result.get("host_load_1m")
+    limit = MAX_HOST_LOAD_PER_CPU * (os.cpu_count() or 1)
+    if load and max(load.values()) > limit:
+        found.append(f"the host was busy (1-minute load average {max(load.values())} > {limit:g})")
     return found
+
+
+def _mean_ms(window: Window, histogram: str, label: str) -> float | None:
+    """Mean of a gateway histogram's observations in the window, for one label value."""
+    total = window.gateway_delta(f"{histogram}_sum|{label}")
+    count = window.gateway_delta(f"{histogram}_count|{label}")
+    return None if not count or total is None else round(total / count * 1000, 2)
 
 
 def _statuses(outcomes: Sequence[Outcome]) -> dict[int | str, int]:
@@ -210,6 +227,7 @@ _ROWS: tuple[tuple[str, str], ...] = (
     ("preemptions: gateway (aborts)", "gateway_preemptions"),
     ("preemptions: gateway (pauses)", "gateway_flex_pauses"),
     ("preemptions: engine", "engine_preemptions"),
+    ("gateway queue time, default, mean (ms)", "gateway_default_queue_ms_mean"),
     ("sim clock pace (1 = on time)", "pace"),
     ("default send lateness p99 (ms)", "default_send_lateness_p99_ms"),
 )
