@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError
 
 from flexserve.accounts.service import AccountError, new_id
-from flexserve.store.audit import append_audit
+from flexserve.store.audit import append_audit, update_one
 from flexserve.store.database import Database
 from flexserve.store.schema import organizations, projects
 from flexserve.tiers import ServiceTier
@@ -105,16 +105,12 @@ class Projects:
         """Set the tier `auto` means for the project."""
         _check_tier(tier)
         async with self._db.engine.begin() as conn:
-            result = await conn.execute(
-                update(projects)
-                .where(projects.c.id == project_id)
-                .values(default_service_tier=tier)
+            org_id = await update_one(
+                conn, projects, projects.c.id == project_id,
+                {"default_service_tier": tier}, projects.c.org_id,
             )
-            if result.rowcount == 0:
+            if org_id is None:
                 raise AccountError(f"no project with id {project_id!r}")
-            org_id = (
-                await conn.execute(select(projects.c.org_id).where(projects.c.id == project_id))
-            ).scalar_one()
             await append_audit(
                 conn,
                 actor=actor,

@@ -11,14 +11,14 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from sqlalchemy import ColumnElement, func, select, update
+from sqlalchemy import ColumnElement, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from flexserve.billing.budget import org_scope, project_scope
 from flexserve.billing.cost import BILLABLE_STATUSES
 from flexserve.billing.pricing import MICRO_PER_USD, PICO_PER_USD, format_micro_usd
 from flexserve.billing.ratelimit import RateLimit
-from flexserve.store.audit import append_audit
+from flexserve.store.audit import append_audit, update_one
 from flexserve.store.database import Database
 from flexserve.store.schema import organizations, projects, rate_limits, usage_records
 from flexserve.tiers import ServiceTier
@@ -51,18 +51,12 @@ class Controls:
     async def set_org_budget(self, org_name: str, budget_micro: int | None, *, actor: str) -> str:
         """Set (None: remove) an organization's monthly budget; returns its id."""
         async with self._db.engine.begin() as conn:
-            result = await conn.execute(
-                update(organizations)
-                .where(organizations.c.name == org_name)
-                .values(monthly_budget_micro=budget_micro)
+            org_id = await update_one(
+                conn, organizations, organizations.c.name == org_name,
+                {"monthly_budget_micro": budget_micro}, organizations.c.id,
             )
-            if result.rowcount == 0:
+            if org_id is None:
                 raise ControlError(f"no organization named {org_name!r}")
-            org_id = (
-                await conn.execute(
-                    select(organizations.c.id).where(organizations.c.name == org_name)
-                )
-            ).scalar_one()
             await append_audit(
                 conn,
                 actor=actor,
@@ -77,16 +71,12 @@ class Controls:
     ) -> None:
         """Set (None: remove) a project's own monthly budget."""
         async with self._db.engine.begin() as conn:
-            result = await conn.execute(
-                update(projects)
-                .where(projects.c.id == project_id)
-                .values(monthly_budget_micro=budget_micro)
+            org_id = await update_one(
+                conn, projects, projects.c.id == project_id,
+                {"monthly_budget_micro": budget_micro}, projects.c.org_id,
             )
-            if result.rowcount == 0:
+            if org_id is None:
                 raise ControlError(f"no project with id {project_id!r}")
-            org_id = (
-                await conn.execute(select(projects.c.org_id).where(projects.c.id == project_id))
-            ).scalar_one()
             await append_audit(
                 conn,
                 actor=actor,

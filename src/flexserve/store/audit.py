@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import ColumnElement, Table, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from flexserve.store.schema import audit_log
@@ -66,3 +66,21 @@ async def read_audit(
         )
         for row in rows
     ]
+
+
+async def update_one(
+    conn: AsyncConnection,
+    table: Table,
+    where: ColumnElement[bool],
+    values: dict[str, Any],
+    read: ColumnElement[Any],
+) -> Any | None:
+    """Update the row matching ``where`` and return its ``read`` column, or None
+    when no row matched. Writes first, then reads: on SQLite a transaction that
+    reads before it writes can fail at once when another connection wrote in
+    between."""
+    result = await conn.execute(update(table).where(where).values(**values))
+    if result.rowcount == 0:
+        return None
+    return (await conn.execute(select(read).where(where))).scalar_one()
+
