@@ -24,6 +24,7 @@ from flexserve.engines.base import (
 from flexserve.errors import ResourceUnavailableError
 from flexserve.scheduler.fairness import FairQueue
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots
+from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.replicas import Replica, Running
 from flexserve.scheduler.scheduler import Scheduler, Ticket
 from flexserve.tiers import ServiceTier
@@ -227,11 +228,71 @@ def test_tpot_slo_caps_flex_in_flight() -> None:
     now = time.monotonic()
     admitted = 0
     while can_admit(config, replica, ServiceTier.FLEX, now):
-        replica.add(Running(ServiceTier.FLEX, "o", 100, stream=False))
+        replica.add(Running(ServiceTier.FLEX, "o", 100, stream=False), now)
         admitted += 1
     # 10 ms + n * 100 tokens * 10 µs <= 20 ms  =>  n <= 10
     assert admitted == 10
     assert can_admit(config, replica, ServiceTier.DEFAULT, now)
+
+
+def test_prefill_budget_banks_a_share_of_time_and_goes_into_debt() -> None:
+    budget = PrefillBudget()
+    assert budget.credit(0.0, 0.5) == pytest.approx(0.05)  # starts with one prompt's worth
+    budget.charge(0.0, 0.15)
+    assert budget.credit(0.0, 0.5) == pytest.approx(-0.10)
+    assert budget.credit(0.1, 0.5) == pytest.approx(-0.05)  # earns half of each second
+    assert budget.credit(10.0, 0.5) == pytest.approx(0.05)  # and banks no more than the cap
+    assert budget.recent_share(5.0) == pytest.approx(0.15 / 10)
+    assert budget.recent_share(10.5) == 0.0  # the charge left the window
+
+
+def _paced_flex_seconds(config: SchedulerConfig, model: StepTimeModel, default_prompt: int) -> tuple[float, float]:
+    """Ten simulated seconds, every 10 ms: a default request with ``default_prompt``
+    tokens every 100 ms, and flex (1,000-token prompts) whenever admitted; runs end
+    at once so the decode step stays the same; at most five flex per look.
+    Prefill seconds charged to (flex, default)."""
+    replica = Replica(ScriptedEngine(64, step_model=model), 64, load=EngineLoad())
+    flex_seconds = default_seconds = 0.0
+    for tick in range(1000):
+        now = 1000.0 + tick * 0.01
+        replica.load = EngineLoad(updated_at=now)
+        if tick % 10 == 0 and default_prompt:
+            run = Running(ServiceTier.DEFAULT, "o", 0, stream=False, prompt_tokens=default_prompt)
+            replica.add(run, now)
+            replica.discard(run)
+            default_seconds += replica.prefill_seconds(default_prompt)
+        for _ in range(5):  # at most five flex per look
+            if not can_admit(config, replica, ServiceTier.FLEX, now):
+                break
+            run = Running(ServiceTier.FLEX, "o", 0, stream=False, prompt_tokens=1000)
+            replica.add(run, now)
+            replica.discard(run)
+            flex_seconds += replica.prefill_seconds(1000)
+    return flex_seconds, default_seconds
+
+
+def test_flex_prefill_paced_to_the_share_the_tpot_slo_leaves() -> None:
+    # Decode step 10 ms, prefill 10k tokens/s; SLO 12.5 ms leaves prefill 1 - 10/12.5 = 20 %.
+    model = StepTimeModel(t0=0.010, a=1e-4, c=0.0)
+    config = SchedulerConfig(tpot_slo=0.0125, flex_headroom=0.0)
+    flex_seconds, _ = _paced_flex_seconds(config, model, default_prompt=0)
+    # 20 % of 10 s = 2 s of prefill (20 prompts of 0.1 s), give or take the bank and one prompt.
+    assert 1.9 <= flex_seconds <= 2.2
+    # Default's own prompts (100 ms of every second: 1,000 tokens every 100 ms) come first.
+    flex_seconds, default_seconds = _paced_flex_seconds(config, model, default_prompt=100)
+    assert default_seconds == pytest.approx(1.0)
+    assert 0.9 <= flex_seconds <= 1.2
+    # No SLO, no pacing: five flex on every look.
+    unpaced, _ = _paced_flex_seconds(SchedulerConfig(flex_headroom=0.0), model, default_prompt=0)
+    assert unpaced == pytest.approx(5 * 1000 * 0.1)
+
+
+def test_prompt_estimate_corrected_by_what_the_engine_counts() -> None:
+    replica = Replica(ScriptedEngine(4, step_model=StepTimeModel(0.01, 1e-4, 0.0)), 4)
+    for _ in range(100):
+        replica.observe_prompt(engine_tokens=50, estimated=100)
+    assert replica.prompt_scale == pytest.approx(0.5, rel=1e-3)
+    assert replica.prefill_seconds(1000) == pytest.approx(0.05, rel=1e-3)
 
 
 async def test_flex_refused_with_retry_after_at_its_deadline() -> None:

@@ -105,12 +105,14 @@ async def chat_completions(request: Request) -> Response:
         tier = resolve_tier(chat.service_tier, ServiceTier(principal.default_service_tier))
         services.scheduler.pool(chat.model)  # 404 before anything queues
         admission = await services.gate.admit(principal, chat, tier)  # 403/429 before queueing
+        prompt_tokens = _estimate_prompt_tokens(chat)
         ticket = Ticket(
             request_id=request_id,
             model=chat.model,
             tier=tier,
             org_id=principal.org_id,
-            cost_tokens=_estimate_prompt_tokens(chat) + (chat.max_tokens or 256),
+            prompt_tokens=prompt_tokens,
+            cost_tokens=prompt_tokens + (chat.max_tokens or 256),
             stream=chat.stream,
             max_wait=_flex_max_wait(request),
             enqueued_at=arrived_at,

@@ -6,7 +6,9 @@ waiting queue — where priority inversion happens — stays short). Flex goes
 only on spare capacity: fresh load signals, no engine queue, KV use under a
 threshold, a headroom of slots left for default bursts, no recent preemption
 on that replica (hysteresis), and a predicted default time-per-output-token
-within the operator's SLO.
+within the operator's SLO — counting both the decode step (more sequences, more
+KV to read) and the share of engine time prompts take to prefill, which flex
+may use only as fast as the SLO leaves room for (``prefill.PrefillBudget``).
 """
 
 from __future__ import annotations
@@ -88,11 +90,15 @@ def can_admit(
         if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
             return False
     if config.tpot_slo > 0:
-        tpot = predicted_tpot(
+        step = predicted_tpot(
             replica, replica.num_in_flight + 1, replica.tokens_in_flight + replica.mean_cost_tokens()
         )
-        if tpot is not None and tpot > config.tpot_slo:
-            return False
+        if step is not None:
+            if step > config.tpot_slo:
+                return False
+            # Prefill may take the rest of the SLO (see scheduler/prefill.py).
+            if replica.prefill.credit(now, 1.0 - step / config.tpot_slo) < 0:
+                return False
     return True
 
 

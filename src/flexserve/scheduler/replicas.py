@@ -9,6 +9,7 @@ from typing import Any
 
 from flexserve.engines.base import Engine, EngineLoad, SequenceControl
 from flexserve.scheduler.estimates import RateWindow
+from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.queue import TierQueue
 from flexserve.tiers import ServiceTier
 
@@ -23,6 +24,8 @@ class Running:
     # True for a stream: once a token has reached the client the work cannot restart
     # (a non-streamed flex run is held back by the scheduler until it ends).
     stream: bool
+    # Estimated prompt tokens, for the replica's prefill budget.
+    prompt_tokens: int = 0
     started_at: float = field(default_factory=time.monotonic)
     control: SequenceControl = field(default_factory=SequenceControl)
     # Set when output has been handed to the client.
@@ -61,6 +64,10 @@ class Replica:
     last_preempted_at: float = float("-inf")
     # Observed / predicted TPOT (EWMA): calibrates the step-time model to this replica.
     tpot_scale: float = 1.0
+    # Engine's / gateway's prompt token counts (EWMA): corrects the gateway's estimate.
+    prompt_scale: float = 1.0
+    # Engine time prompts may still take without pushing default's TPOT past the SLO.
+    prefill: PrefillBudget = field(default_factory=PrefillBudget)
 
     @property
     def name(self) -> str:
@@ -77,10 +84,18 @@ class Replica:
     def mean_cost_tokens(self) -> int:
         return self.tokens_in_flight // len(self.running) if self.running else 0
 
-    def add(self, run: Running) -> None:
+    def add(self, run: Running, now: float) -> None:
         self.running.append(run)
         self.num_in_flight_by_tier[run.tier] += 1
         self.tokens_in_flight += run.cost_tokens
+        self.prefill.charge(now, self.prefill_seconds(run.prompt_tokens))
+
+    def prefill_seconds(self, prompt_tokens: int) -> float:
+        """Engine seconds a prompt of ``prompt_tokens`` (gateway's estimate) takes to prefill."""
+        model = self.engine.step_time_model()
+        if model is None:
+            return 0.0
+        return model.a * prompt_tokens * self.prompt_scale
 
     def discard(self, run: Running) -> None:
         self.running.remove(run)
@@ -90,6 +105,10 @@ class Replica:
     def observe_tpot(self, observed: float, predicted: float, weight: float = 0.1) -> None:
         if predicted > 0 and observed > 0:
             self.tpot_scale += weight * (observed / predicted - self.tpot_scale)
+
+    def observe_prompt(self, engine_tokens: int, estimated: int, weight: float = 0.1) -> None:
+        if engine_tokens > 0 and estimated > 0:
+            self.prompt_scale += weight * (engine_tokens / estimated - self.prompt_scale)
 
 
 @dataclass(eq=False)

@@ -63,6 +63,8 @@ class Ticket:
     # The tier the request asked for, after `auto` was resolved.
     tier: ServiceTier
     org_id: str
+    # Expected prompt tokens (the gateway's estimate), for the prefill budget.
+    prompt_tokens: int = 0
     # Expected prompt + output tokens, for fair shares and TPOT predictions.
     cost_tokens: int = 0
     stream: bool = False
@@ -170,7 +172,8 @@ class Scheduler:
         self._maybe_downgrade(pool, ticket)
         requeue = False
         while True:
-            run = Running(ticket.served_tier or ticket.tier, ticket.org_id, ticket.cost_tokens, ticket.stream)
+            run = Running(ticket.served_tier or ticket.tier, ticket.org_id, ticket.cost_tokens,
+                          ticket.stream, ticket.prompt_tokens)
             replica = await self._admit(pool, ticket, run, front=requeue)
             self._balance_decoding(replica)
             request.priority = run.tier.rank
@@ -191,6 +194,8 @@ class Scheduler:
                         if num_tokens == 1:
                             first_at = last_at
                             ticket.first_token_at = last_at
+                    if delta.finish_reason is not None and delta.usage is not None:
+                        replica.observe_prompt(delta.usage.prompt_tokens, ticket.prompt_tokens)
                     if held is not None:
                         held.append(delta.text)
                         if delta.finish_reason is None:
@@ -253,7 +258,7 @@ class Scheduler:
         if head is None or (front and tier.rank <= head.tier.rank):
             replica = self._pick(pool, tier, now)
             if replica is not None:
-                replica.add(run)
+                replica.add(run, now)
                 return self._granted(pool, ticket, replica, tier)
         waiter = Waiter(tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run)
         if self.config.tiers_enabled and tier.is_preemptible:
@@ -330,7 +335,7 @@ class Scheduler:
                 return
             pool.queue.pop()
             # The slot is taken now, before the waiter's task wakes up to use it.
-            replica.add(waiter.run)
+            replica.add(waiter.run, now)
             waiter.future.set_result(replica)
 
     # --- preemption --------------------------------------------------------------
@@ -468,13 +473,15 @@ class Scheduler:
         return status
 
     def _calibrate(self, replica: Replica, run: Running, observed_tpot: float) -> None:
-        """Learn how this replica's TPOT compares with its step-time model."""
-        predicted = predicted_tpot(
+        """Learn how this replica's TPOT compares with its step-time model: the
+        decode step stretched by the share of time prompts took lately."""
+        step = predicted_tpot(
             replica, replica.num_in_flight + 1, replica.tokens_in_flight + run.cost_tokens,
             calibrated=False,
         )
-        if predicted:
-            replica.observe_tpot(observed_tpot, predicted)
+        if step:
+            share = replica.prefill.recent_share(time.monotonic())
+            replica.observe_tpot(observed_tpot, step / (1.0 - share))
 
 
 def _refusal(retry_after: float, estimate: float | None) -> ResourceUnavailableError:
