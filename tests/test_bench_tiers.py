@@ -64,3 +64,34 @@ def test_bench_tiers_quick_writes_a_complete_report(tmp_path: Path) -> None:
     for label in ("B/A default TTFT p99", "B/A default TPOT p99", "B/D engine output tokens/s"):
         assert goals[label]["value"] is not None and "goal" in goals[label]
     assert "B/A default TTFT p99" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    done = subprocess.run(
+        [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "16", "--skip", "C",
+         "--skip", "E", "--variant", "flex_headroom=0.9", "--out", str(out)],
+        capture_output=True, text=True, timeout=110, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    scenarios = report["scenarios"]
+    assert set(scenarios) == {"A", "B", "D", "B1"}
+    assert scenarios["B1"]["settings"] == {"flex_headroom": "0.9"}
+    assert scenarios["B1"]["default_completed"] > 0
+    # 90 % headroom leaves flex one slot of sixteen: far fewer flex done than in B.
+    assert 0 < scenarios["B1"]["flex_completed"] < scenarios["B"]["flex_completed"]
+    goals = {row["ratio"]: row for row in report["ratios"]}
+    assert goals["B1/A default TPOT p99"]["value"] is not None
+    assert "B1: B with flex_headroom=0.9" in done.stdout
+
+
+def test_bench_tiers_refuses_an_unknown_variant_setting(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(FLEXSERVE), "bench", "tiers", "--quick", "--variant", "no_such_setting=1",
+         "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode != 0
+    assert "unknown gateway setting(s): no_such_setting" in done.stderr

@@ -103,6 +103,10 @@ class TiersOptions:
     flex_clients: int | None = None
     load: float = 0.4
     settings: Mapping[str, str] = field(default_factory=dict)
+    # Sim only: more B scenarios (B1, B2, ...), each with these settings on top of ``settings``.
+    variants: Sequence[Mapping[str, str]] = ()
+    # Contrast scenarios to leave out ("C", "E").
+    skip: frozenset[str] = frozenset()
     out: Path = Path("reports/bench-tiers.json")
     quick: bool = False
     log_dir: Path | None = None
@@ -297,7 +301,8 @@ def _start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions) -> Se
 
 
 def _start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptions, *,
-                   tiers: bool, upstream: str | None) -> Server:
+                   tiers: bool, upstream: str | None, variant: Mapping[str, str] | None = None,
+                   name: str | None = None) -> Server:
     """``flexserve serve`` in front of ``upstream`` (or the embedded engine)."""
     port = free_port()
     env: dict[str, str | None] = {
@@ -311,10 +316,11 @@ def _start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptio
         engine_args = ["--engine", "upstream", "--upstream", upstream]
     else:
         engine_args = ["--engine", "embedded"]
-    env.update({"FLEXSERVE_" + name.upper(): value for name, value in opts.settings.items()})
+    settings = {**opts.settings, **(variant or {})}
+    env.update({"FLEXSERVE_" + key.upper(): value for key, value in settings.items()})
     argv = flexserve_command("serve", *engine_args, "--port", str(port), "--home", str(home),
                              "--db", _db_url(home))
-    name = f"gateway-{'tiers' if tiers else 'fcfs'}"
+    name = name or f"gateway-{'tiers' if tiers else 'fcfs'}"
     return start_server(stack, name, argv, port, "/healthz", log_dir, env)
 
 
@@ -356,12 +362,15 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
         e = _Scenario("E", "default + flex backlog straight to the engine (its priority "
                       "queue only, no gateway)", by_priority, jobs, opts.num_flex_clients, True,
                       engine_metrics, None, "vllm:generation_tokens_total")
-        scenarios["E"] = _run(e, opts, flex_mix, [engine])
-        for tiers, plan in ((True, (("A", "default alone, tiered gateway", 0),
-                                    ("B", "default + flex backlog, tiered gateway",
-                                     opts.num_flex_clients))),
-                            (False, (("C", "default + flex backlog, tier-blind FCFS gateway",
-                                      opts.num_flex_clients),))):
+        if "E" not in opts.skip:
+            scenarios["E"] = _run(e, opts, flex_mix, [engine])
+        gateways: list[tuple[bool, tuple[tuple[str, str, int], ...]]] = [
+            (True, (("A", "default alone, tiered gateway", 0),
+                    ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients)))]
+        if "C" not in opts.skip:
+            gateways.append((False, (("C", "default + flex backlog, tier-blind FCFS gateway",
+                                      opts.num_flex_clients),)))
+        for tiers, plan in gateways:
             with ExitStack() as gateway_stack:
                 gateway = _start_gateway(gateway_stack, log_dir, home, opts, tiers=tiers,
                                          upstream=engine.url)
@@ -371,6 +380,19 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
                                    engine_metrics, f"{gateway.url}/metrics",
                                    "vllm:generation_tokens_total")
                     scenarios[name] = _run(sc, opts, flex_mix, [engine, gateway])
+        for number, variant in enumerate(opts.variants, start=1):
+            name = f"B{number}"
+            with ExitStack() as gateway_stack:
+                gateway = _start_gateway(gateway_stack, log_dir, home, opts, tiers=True,
+                                         upstream=engine.url, variant=variant,
+                                         name=f"gateway-{name}")
+                target = dataclasses.replace(gateway_target, url=gateway.url)
+                settings = ",".join(f"{k}={v}" for k, v in variant.items())
+                sc = _Scenario(name, f"B with {settings}", target, jobs, opts.num_flex_clients,
+                               False, engine_metrics, f"{gateway.url}/metrics",
+                               "vllm:generation_tokens_total")
+                scenarios[name] = {**_run(sc, opts, flex_mix, [engine, gateway]),
+                                   "settings": dict(variant)}
     setup = {
         "profile": opts.profile,
         "speed": opts.speed,
@@ -440,6 +462,10 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
     if opts.engine not in ("sim", "embedded"):
         raise BenchError(f"engine must be sim or embedded, not {opts.engine!r}")
     check_settings(opts.settings)
+    for variant in opts.variants:
+        check_settings(variant)
+    if opts.variants and opts.engine != "sim":
+        raise BenchError("--variant runs on the sim engine only")
     raise_nofile_limit()
     with contextlib.ExitStack() as stack:
         if opts.log_dir is not None:

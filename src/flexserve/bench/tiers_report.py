@@ -196,10 +196,20 @@ def _pace(window: Window, outcomes: Sequence[Outcome]) -> float | None:
     return round((itl_sum / itl_count) / (spans / gaps * window.speed), 3)
 
 
+def _variants(scenarios: Mapping[str, Any]) -> list[str]:
+    """B1, B2, ...: the B scenarios run with --variant settings, in order."""
+    return sorted((n for n in scenarios if n[:1] == "B" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+
+
 def goal_ratios(scenarios: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The goal ratios between scenarios, with whether each goal is met."""
+    """The goal ratios between scenarios, with whether each goal is met; the
+    three goals again for each variant of B."""
+    goals = list(GOALS)
+    for variant in _variants(scenarios):
+        goals += [(label.replace("B/", f"{variant}/", 1), variant, bottom, metric, goal, sense)
+                  for label, top, bottom, metric, goal, sense in GOALS[:3]]
     out = []
-    for label, top, bottom, metric, goal, sense in GOALS:
+    for label, top, bottom, metric, goal, sense in goals:
         num = scenarios.get(top, {}).get(metric)
         den = scenarios.get(bottom, {}).get(metric)
         ratio = None if num is None or not den else round(num / den, 3)
@@ -244,9 +254,10 @@ def _cell(value: Any) -> str:
 def format_table(scenarios: Mapping[str, Mapping[str, Any]], ratios: Sequence[Mapping[str, Any]],
                  markdown: bool = False) -> str:
     """The report as a text (or Markdown) table, then the goal ratios."""
-    names = [n for n in ("A", "B", "C", "D", "E") if n in scenarios]
+    names = [n for n in ("A", "B", "C", "D", "E") if n in scenarios] + _variants(scenarios)
     header = ["", *names]
     rows = [[label, *(_cell(scenarios[n].get(key)) for n in names)] for label, key in _ROWS]
+    variants = [f"{n}: {scenarios[n].get('description', '')}" for n in _variants(scenarios)]
     ratio_rows = [[r["ratio"], _cell(r["value"]), r.get("goal", ""),
                    "" if "met" not in r else ("-" if r["met"] is None else
                                               ("met" if r["met"] else "MISSED"))]
@@ -259,9 +270,12 @@ def format_table(scenarios: Mapping[str, Mapping[str, Any]], ratios: Sequence[Ma
         lines += ["", "| ratio | value | goal | |", "| --- | --- | --- | --- |"]
         lines += ["| " + " | ".join(row) + " |" for row in ratio_rows]
         lines += ["", *(f"- {w}" for w in warnings)] if warnings else []
+        lines += ["", *(f"- {v}" for v in variants)] if variants else []
         return "\n".join(lines)
     text = _aligned([header, *rows]) + "\n\n" + _aligned([["ratio", "value", "goal", ""],
                                                            *ratio_rows])
+    if variants:
+        text += "\n\n" + "\n".join(variants)
     if warnings:
         text += "\n\n" + "\n".join(f"warning: {w}; rerun on a quieter host" for w in warnings)
     return text

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -194,39 +195,43 @@ def hot_path(baseline_src: Path | None, num_requests: int, repeats: int, trials:
               help="Default traffic as a fraction of D's output tokens/s.")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
               help="A gateway setting (FLEXSERVE_NAME), e.g. --set tpot_slo=0.02; repeatable.")
+@click.option("--variant", "variants", multiple=True, metavar="NAME=VALUE[,NAME=VALUE...]",
+              help="Sim only: one more B scenario (B1, B2, ...) with these gateway settings "
+              "on top of --set, e.g. --variant tpot_slo=0.0075; repeatable: a sweep in one run.")
+@click.option("--skip", type=click.Choice(["C", "E"]), multiple=True,
+              help="Leave out a contrast scenario (sim: C, E) to shorten a sweep; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON report path [reports/bench-tiers.json, -embedded.json].")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the servers' logs here (default: a temporary directory).")
 def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
           profile: str, speed: float, max_num_seqs: int, flex_clients: int | None, load: float,
-          settings: tuple[str, ...], out: Path | None, log_dir: Path | None) -> None:
+          settings: tuple[str, ...], variants: tuple[str, ...], skip: tuple[str, ...],
+          out: Path | None, log_dir: Path | None) -> None:
     """Default latency under a flex backlog: scenarios A-E in one run.
 
     D: a saturating flex backlog straight to the engine (its maximum output
     tokens/s); A: default traffic alone at --load of D, through a FlexServe
     gateway; B: A plus the flex backlog; C: B through a tier-blind FCFS
     gateway (tiers_enabled=false); E (sim only): B's traffic straight to the
-    engine, ordered by its own priority queue. Prints the table and the goal
-    ratios (docs/benchmarks.md explains each figure and its clock).
+    engine, ordered by its own priority queue; B1, B2, ...: B with each
+    --variant's settings. Prints the table and the goal ratios
+    (docs/benchmarks.md explains each figure and its clock).
     """
     import sys
 
     from flexserve.bench.processes import BenchError
     from flexserve.bench.tiers import TiersOptions, command_line, render, run_tiers
 
-    pairs: dict[str, str] = {}
-    for item in settings:
-        name, sep, value = item.partition("=")
-        if not sep or not name.strip():
-            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint="--set")
-        pairs[name.strip().lower()] = value
+    pairs = _settings(settings, "--set")
+    sweep = tuple(_settings(v.split(","), "--variant") for v in variants)
     default_out = "reports/bench-tiers.json" if engine == "sim" else "reports/bench-tiers-embedded.json"
     options = TiersOptions(
         engine=engine, duration=duration or (
             (2.0 if engine == "sim" else 15.0) if quick else (60.0 if engine == "sim" else 45.0)),
         warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
-        flex_clients=flex_clients, load=load, settings=pairs, out=out or Path(default_out),
+        flex_clients=flex_clients, load=load, settings=pairs, variants=sweep, skip=frozenset(skip),
+        out=out or Path(default_out),
         quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),
     )
     try:
@@ -235,3 +240,14 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         raise click.ClickException(str(exc)) from exc
     click.echo(render(report))
     click.echo(f"report: {options.out}", err=True)
+
+
+def _settings(items: Sequence[str], option: str) -> dict[str, str]:
+    """``NAME=VALUE`` items as a dict of lower-case gateway setting names."""
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
+        pairs[name.strip().lower()] = value
+    return pairs
