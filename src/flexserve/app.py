@@ -5,6 +5,10 @@ metrics — is built in the lifespan from the ``Settings`` handed in, kept on
 ``app.state.services`` for the handlers, and torn down in reverse order (the
 usage writer is flushed last, so that no record of a finished request is lost
 on shutdown).
+
+The app is Starlette, except for ``POST /v1/chat/completions``: nearly all of
+the traffic, answered by a bare ASGI handler ahead of Starlette's middleware
+and routing (``FlexServeApp``, ``api/chat.py``).
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.types import Receive, Scope, Send
 
 from flexserve.accounts import Accounts
 from flexserve.accounts.verification import Verifications
 from flexserve.api.auth import KeyCache
+from flexserve.api.chat import CHAT_PATH, chat_completions
 from flexserve.api.errors import handle_exception
 from flexserve.api.gates import Gate
 from flexserve.api.metrics import GatewayMetrics
@@ -113,6 +119,29 @@ async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[E
     return started
 
 
+class FlexServeApp(Starlette):
+    """Starlette, with ``POST /v1/chat/completions`` answered before its
+    middleware and routing. In process, on an instant reply, Starlette's
+    request and response objects, router and middleware took about 40 µs of a
+    non-streamed request's 140, and 260 of a stream's 370 (``flexserve bench
+    hot-path``)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and _is_chat(scope):
+            await chat_completions(self.state.services, scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
+def _is_chat(scope: Scope) -> bool:
+    """The request is for the chat route, as Starlette's router would match it."""
+    path: str = scope["path"]
+    if path == CHAT_PATH:
+        return True
+    root_path: str = scope.get("root_path", "")
+    return bool(root_path) and path == root_path + CHAT_PATH
+
+
 def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starlette:
     """The FlexServe ASGI app. ``engines`` overrides what the settings ask for
     (tests hand in an in-process sim engine)."""
@@ -158,7 +187,7 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
             )
             yield
 
-    return Starlette(
+    return FlexServeApp(
         routes=routes(),
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: handle_exception, Exception: handle_exception},

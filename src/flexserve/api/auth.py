@@ -88,15 +88,15 @@ def _retrieve_exception(task: asyncio.Task[Principal | None]) -> None:
         task.exception()
 
 
-def bearer_key(request: Request) -> str:
-    header = request.headers.get("authorization")
-    if not header:
+def bearer_key(authorization: str | None) -> str:
+    """The key in an ``Authorization: Bearer …`` header value."""
+    if not authorization:
         raise AuthenticationError(
             "You didn't provide an API key. Send it in the Authorization header "
             "as 'Authorization: Bearer YOUR_KEY'.",
             code="missing_api_key",
         )
-    scheme, _, key = header.partition(" ")
+    scheme, _, key = authorization.partition(" ")
     key = key.strip()
     if scheme.lower() != "bearer" or not key:
         raise AuthenticationError(
@@ -105,12 +105,17 @@ def bearer_key(request: Request) -> str:
     return key
 
 
-async def authenticate(request: Request, cache: KeyCache) -> Principal:
-    principal = await cache.principal(bearer_key(request))
+async def principal_of(authorization: str | None, cache: KeyCache) -> Principal:
+    """Who sends ``authorization`` (the header's value), or 401."""
+    principal = await cache.principal(bearer_key(authorization))
     if principal is None:
         # Never echo the key, not even masked: error bodies end up in logs.
         raise AuthenticationError("Incorrect or revoked API key provided.")
     return principal
+
+
+async def authenticate(request: Request, cache: KeyCache) -> Principal:
+    return await principal_of(request.headers.get("authorization"), cache)
 
 
 async def authenticate_admin(request: Request, cache: KeyCache) -> Principal:

@@ -4,6 +4,12 @@ auth → bounded body → validation → tier → scheduler (queue, replica,
 generation) → response or SSE stream → usage record (handed to the batched
 writer, never awaited on the request path).
 
+Most of a gateway's traffic is this one route, so it is served as a bare ASGI
+app ahead of Starlette's routing and middleware (``app.FlexServeApp``): the
+request is read from ``receive`` and the response written with ``send``
+(``api/asgi.py``), and the ``x-request-id`` header RequestIdMiddleware gives
+the other routes is added here.
+
 A stream's headers are sent only once the first token exists, so anything
 that fails before generation (429 for flex, 503 for no replica, 400 from the
 engine) is a plain HTTP error with the envelope. A stream that fails later
@@ -15,51 +21,81 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import anyio
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.requests import ClientDisconnect
+from starlette.types import Receive, Scope, Send
 
 from flexserve.accounts import Principal
-from flexserve.api.auth import authenticate
-from flexserve.api.body import read_json
-from flexserve.api.errors import error_response
+from flexserve.api.asgi import (
+    EVENT_STREAM,
+    Headers,
+    encode_headers,
+    send_error,
+    send_json,
+    send_part,
+    send_start,
+)
+from flexserve.api.auth import principal_of
+from flexserve.api.body import receive_json
+from flexserve.api.errors import error_parts
 from flexserve.api.gates import Admission
+from flexserve.api.request_id import new_request_id
 from flexserve.api.state import Services
 from flexserve.api.validation import ChatRequest, parse_chat_request
 from flexserve.billing.usage import UsageRecord
 from flexserve.engines.base import Delta, EngineRequest, Usage
 from flexserve.errors import FlexServeError, InvalidRequestError
+from flexserve.scheduler.queue import on_wait
 from flexserve.scheduler.scheduler import Ticket
 from flexserve.tiers import ServiceTier, resolve_tier
 
-_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-FLEX_MAX_WAIT_HEADER = "x-flex-max-wait"
+CHAT_PATH = "/v1/chat/completions"
+FLEX_MAX_WAIT_HEADER = b"x-flex-max-wait"
+_SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_DONE = b"data: [DONE]\n\n"
 
 
 class _DisconnectWatch:
     """Cancels the handler's task when its client disconnects, so that a request
-    whose client has gone leaves the queue (or stops generating) at once."""
+    whose client has gone leaves the queue (or stops generating) at once.
 
-    def __init__(self, request: Request) -> None:
+    The watch is a task waiting on ``receive`` (5-6 µs and ~1.2 KB a request),
+    started only for a request that streams, or when one has to wait in the
+    scheduler's queue (``queue.on_wait``). A non-streamed request admitted at
+    once is not watched: if its client leaves during generation, it is
+    finished, and billed, as if the client had stayed.
+    """
+
+    __slots__ = ("_handler", "_receive", "_stopped", "_task", "gone")
+
+    def __init__(self, receive: Receive) -> None:
         self.gone = False
         self._handler = asyncio.current_task()
-        self._task = asyncio.ensure_future(self._watch(request))
+        self._receive = receive
+        self._task: asyncio.Task[None] | None = None
+        self._stopped = False
 
-    async def _watch(self, request: Request) -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                self.gone = True
-                if self._handler is not None:
-                    self._handler.cancel()
-                return
+    def start(self) -> None:
+        if self._task is None and not self._stopped:
+            self._task = asyncio.get_running_loop().create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+        self.gone = True
+        if self._handler is not None:
+            self._handler.cancel()
 
     def stop(self) -> None:
-        self._task.cancel()
+        """Before the response's last part: once it is sent, ``receive`` says
+        "disconnect" too."""
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
 
     def absorb(self) -> None:
         """After the cancellation it caused: let the handler clean up normally."""
@@ -88,20 +124,32 @@ class _Call:
         return self.ticket.served_tier or self.ticket.tier
 
 
-async def chat_completions(request: Request) -> Response:
-    services: Services = request.app.state.services
+class ChatCompletionsRoute:
+    """The route as Starlette's router holds it, finding the services on the
+    app. ``app.FlexServeApp`` answers every POST before the router is reached;
+    the router gives the path's other methods their 405."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await chat_completions(scope["app"].state.services, scope, receive, send)
+
+
+async def chat_completions(services: Services, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer one request: an ASGI app, given the app's services."""
     settings = services.settings
     arrived_at = time.monotonic()
-    # Set by RequestIdMiddleware; read from the scope (request.state builds a State).
-    request_id: str = request.scope["state"]["request_id"]
+    request_id = new_request_id()
+    # On every answer, as RequestIdMiddleware adds it on the other routes.
+    reply_headers: Headers = [(b"x-request-id", request_id.encode())]
+    headers = dict(scope["headers"])
     try:
-        principal = await authenticate(request, services.keys)
-        body = await read_json(request, settings.max_body_bytes)
+        principal = await principal_of(_header(headers, b"authorization"), services.keys)
+        body = await receive_json(receive, headers.get(b"content-length"), settings.max_body_bytes)
         chat = parse_chat_request(
             body,
             max_messages=settings.max_messages,
             max_completion_tokens=settings.max_completion_tokens,
         )
+        max_wait = _flex_max_wait(_header(headers, FLEX_MAX_WAIT_HEADER))
         tier = resolve_tier(chat.service_tier, ServiceTier(principal.default_service_tier))
         services.scheduler.pool(chat.model)  # 404 before anything queues
         admission = await services.gate.admit(principal, chat, tier)  # 403/429 before queueing
@@ -114,7 +162,7 @@ async def chat_completions(request: Request) -> Response:
             prompt_tokens=prompt_tokens,
             cost_tokens=prompt_tokens + (chat.max_tokens or 256),
             stream=chat.stream,
-            max_wait=_flex_max_wait(request),
+            max_wait=max_wait,
             enqueued_at=arrived_at,
         )
         engine_request = EngineRequest(
@@ -133,43 +181,56 @@ async def chat_completions(request: Request) -> Response:
         call = _Call(
             request_id, principal, chat, ticket, arrived_at, int(time.time()), admission=admission
         )
-    except FlexServeError as exc:
+    except ClientDisconnect:
+        return  # gone while sending its body: nobody to answer
+    except Exception as exc:
         _count_refusal(services, "", exc)
-        return error_response(exc)
+        await send_error(send, exc, reply_headers)
+        return
+    if admission.headers:
+        reply_headers += encode_headers(admission.headers)
 
     deltas = services.scheduler.stream(ticket, engine_request)
-    watch = _DisconnectWatch(request)
+    watch = _DisconnectWatch(receive)
+    if chat.stream:
+        watch.start()
+    waiting = on_wait.set(watch.start)
     first: Delta | None = None
     try:
-        first = await anext(deltas)
-        if not chat.stream:
-            return await _complete(services, call, first, deltas)
-    except FlexServeError as exc:
-        _count_refusal(services, chat.model, exc)
-        await deltas.aclose()
-        return error_response(exc)
+        try:
+            first = await anext(deltas)
+        except Exception as exc:
+            watch.stop()
+            _count_refusal(services, chat.model, exc)
+            await deltas.aclose()
+            await send_error(send, exc, reply_headers)
+            return
+        if chat.stream:
+            await _stream(services, call, first, deltas, watch, send, reply_headers)
+        else:
+            await _complete(services, call, first, deltas, watch, send, reply_headers)
     except asyncio.CancelledError:
         if not watch.gone:
             raise
-        # The client left while waiting: out of the queue, never run, never billed.
+        # The client has gone: nobody to answer.
         watch.absorb()
-        await deltas.aclose()
-        if first is None:  # otherwise _complete has metered the tokens generated
+        if first is None:
+            # It left while waiting: out of the queue, never run, never billed.
+            await deltas.aclose()
             services.metrics.requests.labels(chat.model, tier.value, "client_gone").inc()
-        return Response(status_code=499)
     finally:
+        on_wait.reset(waiting)
         watch.stop()
         if first is None:  # never generated: the gates' holds go back, nothing is billed
             services.gate.release(admission)
-    return StreamingResponse(
-        _sse(services, call, first, deltas),
-        media_type="text/event-stream",
-        headers={**_SSE_HEADERS, **admission.headers},
-    )
 
 
-def _flex_max_wait(request: Request) -> float | None:
-    raw = request.headers.get(FLEX_MAX_WAIT_HEADER)
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return None if value is None else value.decode("latin-1")
+
+
+def _flex_max_wait(raw: str | None) -> float | None:
     if raw is None:
         return None
     try:
@@ -190,18 +251,22 @@ def _estimate_prompt_tokens(chat: ChatRequest) -> int:
     return sum(len(m["content"]) for m in chat.messages) // 4 + 4 * len(chat.messages)
 
 
-def _count_refusal(services: Services, model: str, exc: FlexServeError) -> None:
-    services.metrics.requests.labels(model, "", exc.code or str(exc.status_code)).inc()
+def _count_refusal(services: Services, model: str, exc: BaseException) -> None:
+    code = (exc.code or str(exc.status_code)) if isinstance(exc, FlexServeError) else "internal_error"
+    services.metrics.requests.labels(model, "", code).inc()
 
 
 async def _complete(
-    services: Services, call: _Call, first: Delta, deltas: AsyncGenerator[Delta, None]
-) -> Response:
+    services: Services, call: _Call, first: Delta, deltas: AsyncGenerator[Delta, None],
+    watch: _DisconnectWatch, send: Send, reply_headers: Headers,
+) -> None:
+    """The whole completion, answered as one JSON body."""
     parts = [first.text]
     last = first
     call.partial_usage = first.usage
     # Stays so if the client leaves mid-generation (the watch cancels this task).
     status = "client_disconnected"
+    error: Exception | None = None
     try:
         if first.finish_reason is None:
             async for delta in deltas:
@@ -210,10 +275,10 @@ async def _complete(
                 if delta.usage is not None:
                     call.partial_usage = delta.usage
         status = "completed"
-    except FlexServeError as exc:
-        status = "error"
-        return error_response(exc)
+    except Exception as exc:
+        status, error = "error", exc
     finally:
+        watch.stop()
         call.num_deltas = sum(1 for part in parts if part)
         if status == "completed":
             # The final delta is in: the scheduler's clean-up awaits nothing, so
@@ -223,6 +288,9 @@ async def _complete(
             with anyio.CancelScope(shield=True):
                 await deltas.aclose()
         _finish(services, call, last.usage, status)
+    if error is not None:
+        await send_error(send, error, reply_headers)
+        return
     usage = last.usage or Usage(0, 0)
     body = {
         "id": "chatcmpl-" + call.request_id[4:],
@@ -240,8 +308,7 @@ async def _complete(
         ],
         "usage": _usage_dict(usage),
     }
-    headers = call.admission.headers if call.admission is not None else None
-    return Response(orjson.dumps(body), media_type="application/json", headers=headers)
+    await send_json(send, 200, orjson.dumps(body), reply_headers)
 
 
 def _usage_dict(usage: Usage) -> dict[str, object]:
@@ -277,42 +344,53 @@ class _ChunkWriter:
         return self._head + b',"choices":[],"usage":' + orjson.dumps(_usage_dict(usage)) + b"}\n\n"
 
 
-async def _sse(
-    services: Services, call: _Call, first: Delta, deltas: AsyncGenerator[Delta, None]
-) -> AsyncIterator[bytes]:
+async def _stream(
+    services: Services, call: _Call, first: Delta, deltas: AsyncGenerator[Delta, None],
+    watch: _DisconnectWatch, send: Send, reply_headers: Headers,
+) -> None:
+    """Server-sent events: a chunk per delta as it comes; the role chunk goes
+    out with the first text, and the end in one piece."""
     writer = _ChunkWriter(call)
     status = "client_disconnected"
     usage: Usage | None = None
+    await send_start(send, 200, EVENT_STREAM, [*_SSE_HEADERS, *reply_headers])
+    pending = writer.delta({"role": "assistant", "content": "", "refusal": None})
     try:
-        yield writer.delta({"role": "assistant", "content": "", "refusal": None})
         last = first
         call.partial_usage = first.usage
         if first.text:
             call.num_deltas += 1
-            yield writer.delta({"content": first.text})
+            pending += writer.delta({"content": first.text})
         if first.finish_reason is None:
+            await send_part(send, pending)
+            pending = b""
             async for delta in deltas:
                 last = delta
                 if delta.usage is not None:
                     call.partial_usage = delta.usage
                 if delta.text:
                     call.num_deltas += 1
-                    yield writer.delta({"content": delta.text})
+                    await send_part(send, writer.delta({"content": delta.text}))
                 if delta.finish_reason is not None:
                     break
         usage = last.usage if last.finish_reason is not None else None
-        yield writer.delta({}, last.finish_reason or "stop")
+        pending += writer.delta({}, last.finish_reason or "stop")
         if call.chat.include_usage:
-            yield writer.usage(usage or Usage(0, 0))
-        yield b"data: [DONE]\n\n"
+            pending += writer.usage(usage or Usage(0, 0))
+        pending += _DONE
         status = "completed"
-    except FlexServeError as exc:
+    except Exception as exc:
         status = "error"
-        yield b"event: error\ndata: " + orjson.dumps(exc.to_dict()) + b"\n\n"
+        pending += b"event: error\ndata: " + error_parts(exc)[1] + b"\n\n"
     finally:
-        with anyio.CancelScope(shield=True):
-            await deltas.aclose()
+        watch.stop()
+        if status == "completed":
+            await deltas.aclose()  # as in _complete: nothing left to shield
+        else:
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
         _finish(services, call, usage, status)
+    await send_part(send, pending, last=True)
 
 
 def _finish(services: Services, call: _Call, usage: Usage | None, status: str) -> None:

@@ -1,10 +1,11 @@
 """The one place where errors become OpenAI's error envelope.
 
-``error_response`` turns a FlexServeError, a Starlette HTTPException or
+``error_parts`` turns a FlexServeError, a Starlette HTTPException or
 anything unexpected into ``{"error": {"message", "type", "param", "code"}}``
-with the right status and headers. An unexpected exception is logged with its
-traceback and reported as a 500 ``api_error`` that names its type, so that a
-client can tell a bug from a retryable 429 without seeing internals.
+with the right status and headers (``error_response`` makes a Starlette
+response of it). An unexpected exception is logged with its traceback and
+reported as a 500 ``api_error`` that names its type, so that a client can
+tell a bug from a retryable 429 without seeing internals.
 """
 
 from __future__ import annotations
@@ -30,21 +31,15 @@ def error_body(exc: FlexServeError) -> bytes:
     return orjson.dumps(exc.to_dict())
 
 
-def error_response(exc: BaseException) -> Response:
+def error_parts(exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
+    """The status, envelope and headers that answer any error (for the bare
+    ASGI route, which builds no Response)."""
     if isinstance(exc, FlexServeError):
-        return Response(
-            error_body(exc),
-            status_code=exc.status_code,
-            headers=exc.headers,
-            media_type="application/json",
-        )
+        return exc.status_code, error_body(exc), exc.headers
     if isinstance(exc, HTTPException):
         error_type, code = _HTTP_CODES.get(exc.status_code, ("invalid_request_error", None))
         body = {"error": {"message": str(exc.detail), "type": error_type, "param": None, "code": code}}
-        return Response(
-            orjson.dumps(body), status_code=exc.status_code, media_type="application/json",
-            headers=dict(exc.headers or {}),
-        )
+        return exc.status_code, orjson.dumps(body), dict(exc.headers or {})
     log.exception("unhandled error", exc_info=exc)
     body = {
         "error": {
@@ -54,7 +49,12 @@ def error_response(exc: BaseException) -> Response:
             "code": "internal_error",
         }
     }
-    return Response(orjson.dumps(body), status_code=500, media_type="application/json")
+    return 500, orjson.dumps(body), {}
+
+
+def error_response(exc: BaseException) -> Response:
+    status, body, headers = error_parts(exc)
+    return Response(body, status_code=status, headers=headers, media_type="application/json")
 
 
 async def handle_exception(request: Request, exc: Exception) -> Response:

@@ -9,7 +9,8 @@ from flexserve.api import admin, chat, ops
 
 def routes() -> list[Route]:
     return [
-        Route("/v1/chat/completions", chat.chat_completions, methods=["POST"]),
+        # Answered ahead of this router for POST (app.FlexServeApp): the hot path.
+        Route(chat.CHAT_PATH, chat.ChatCompletionsRoute(), methods=["POST"]),
         Route("/v1/models", ops.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", ops.retrieve_model, methods=["GET"]),
         Route("/v1/flex/status", ops.flex_status, methods=["GET"]),
