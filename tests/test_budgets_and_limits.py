@@ -13,6 +13,7 @@ from flexserve.billing.budget import (
     BudgetExceeded,
     LocalBudgets,
     Reservation,
+    month_bounds,
     month_of,
     month_start,
 )
@@ -64,6 +65,25 @@ def test_a_new_month_starts_from_nothing() -> None:
     assert late.spent(ORG) == 0 and late.reserved(ORG) == 0
     assert month_of(clock.now) == "2025-07"
     assert month_start(clock.now) == datetime.datetime(2025, 7, 1, tzinfo=datetime.UTC).timestamp()
+
+
+def test_the_month_turns_at_its_first_second_and_follows_a_clock_set_back() -> None:
+    july = datetime.datetime(2025, 7, 1, tzinfo=datetime.UTC).timestamp()
+    clock = Clock(july - 0.001)
+    budgets = LocalBudgets(clock)
+    budgets.settle(budgets.reserve_now([ORG], 10), 10)
+    assert budgets.spent(ORG) == 10  # still June
+    clock.now = july
+    assert budgets.spent(ORG) == 0  # July: the month is looked up again past its end
+    assert budgets.reserve_now([ORG], 1).month == "2025-07"
+    clock.now = july - 1  # the clock stepped back into June
+    assert budgets.reserve_now([ORG], 1).month == "2025-06"
+    december = datetime.datetime(2025, 12, 31, 23, 59, 59, tzinfo=datetime.UTC).timestamp()
+    assert month_bounds(december) == (
+        "2025-12",
+        datetime.datetime(2025, 12, 1, tzinfo=datetime.UTC).timestamp(),
+        datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC).timestamp(),
+    )
 
 
 @given(
