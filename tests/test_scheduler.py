@@ -173,6 +173,27 @@ def test_fair_queue_charges_tokens_not_requests() -> None:
     assert served.count("heavy") == 2
 
 
+def test_fair_queue_keeps_the_order_waiters_joined_in() -> None:
+    class W:
+        def __init__(self, org: str, n: int) -> None:
+            self.org_id, self.cost_tokens, self.arrival, self.queued = org, 100, float(n), True
+
+    queue = FairQueue()
+    waiters = [W(f"org-{n % 3}", n) for n in range(300)]
+    for waiter in waiters:
+        queue.push(waiter)  # type: ignore[arg-type]
+    requeued = W("org-1", -1)
+    queue.push(requeued, front=True)  # type: ignore[arg-type]
+    # Leave from the middle, well past half of them (the order is compacted), and both ends.
+    for waiter in waiters[::3] + waiters[1:280:3] + waiters[-1:]:
+        queue.remove(waiter)  # type: ignore[arg-type]
+    served = queue.pop()
+    assert served is requeued  # preempted work first, as its place in line says
+    expected = [w for w in waiters if w.queued]
+    assert len(expected) == len(queue) == 106
+    assert list(queue.newest_first()) == expected[::-1]
+
+
 async def test_flex_leaves_headroom_for_default() -> None:
     engine = ScriptedEngine(capacity=5)
     scheduler = await make_scheduler(engine, flex_headroom=0.2)
@@ -469,4 +490,68 @@ async def test_flex_status_reports_queue_and_spare_capacity() -> None:
     for task in flex:
         task.cancel()
     await asyncio.gather(*flex, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_shedding_walks_from_the_newest_flex_and_stops_at_one_that_can_wait() -> None:
+    engine = ScriptedEngine(capacity=1)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=5000))
+    await until(lambda: engine.started == ["blocker"])
+    pool = scheduler.pools[MODEL]
+    # No flex released yet, so no rate: all queue, each with its deadline. f2's
+    # is hopeless too, but it stands ahead of waiters that can wait (its timer refuses it).
+    max_waits = {f"f{i}": 3.0 if i == 2 else 21.5 for i in range(12)}
+    tasks = {
+        rid: asyncio.create_task(run(scheduler, rid, ServiceTier.FLEX, org=f"org-{i % 2}", max_wait=wait))
+        for i, (rid, wait) in enumerate(max_waits.items())
+    }
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 12)
+    for rid in ("f8", "f10"):  # their clients leave: out of the line
+        tasks[rid].cancel()
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 10)
+    now = time.monotonic()
+    for released_at in (now - 10, now - 5, now):  # 0.3 flex/s: position p waits ~3.3 p seconds
+        pool.flex_admissions.record(released_at)
+    scheduler._shed_hopeless_flex(pool)
+    await asyncio.sleep(0)
+    refused = {
+        rid for rid, task in tasks.items()
+        if task.done() and not task.cancelled() and isinstance(task.exception(), ResourceUnavailableError)
+    }
+    # In line: f0 f1 f2 f3 f4 f5 | f6 f7 f9 f11; positions 7-10 would wait 23 s or more.
+    assert refused == {"f6", "f7", "f9", "f11"}
+    assert pool.queue.num_waiting(ServiceTier.FLEX) == 6 and pool.num_flex_refused == 4
+    for task in [*tasks.values(), blocker]:
+        task.cancel()
+    await asyncio.gather(*tasks.values(), blocker, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_a_preemptible_run_takes_no_task_of_its_own() -> None:
+    engine = ScriptedEngine(capacity=1, token_time=0.01)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    before = asyncio.all_tasks()
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=20))
+    await until(lambda: engine.started == ["f"])
+    assert asyncio.all_tasks() - before == {flex}
+    await flex
+    await scheduler.close()
+
+
+async def test_flex_whose_client_leaves_as_it_is_preempted_is_not_requeued() -> None:
+    engine = ScriptedEngine(capacity=1, token_time=10.0)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=3))
+    await until(lambda: engine.started == ["f"])  # now asleep for its first token
+    engine.token_time = 0.001
+    default = asyncio.create_task(run(scheduler, "d", ServiceTier.DEFAULT, tokens=2))
+    flex.cancel()  # in the same turn of the loop as default preempts it
+    with pytest.raises(asyncio.CancelledError):
+        await flex
+    ticket, _ = await default
+    pool = scheduler.pools[MODEL]
+    assert engine.started == ["f", "d"] and engine.aborted == ["f"]  # never run again
+    assert ticket.queue_time < 1.0 and pool.num_preemptions == 1 and pool.num_preempting == 0
+    assert pool.queue.num_waiting() == 0 and pool.num_in_flight == 0
     await scheduler.close()

@@ -87,7 +87,7 @@ async def _parts() -> dict[str, float]:
     from prometheus_client import CollectorRegistry, Counter
 
     from flexserve.api.metrics import Labelled
-    from flexserve.billing.budget import month_of
+    from flexserve.billing.budget import LocalBudgets, month_of
     from flexserve.scheduler.queue import TierQueue, Waiter
     from flexserve.tiers import ServiceTier
 
@@ -98,17 +98,21 @@ async def _parts() -> dict[str, float]:
         "labelled_labels_inc": _min_us(lambda: labelled.labels("m", "default", "ok").inc()),
         "budget_month_of": _min_us(lambda: month_of(time.time())),
     }
+    # What a request's budget hold costs (the month is looked up on both calls).
+    budgets, scopes = LocalBudgets(), ("org:o", "project:p")
+    parts["budget_reserve_settle"] = _min_us(lambda: budgets.settle(budgets.reserve_now(scopes, 9), 5))
+    # What the pass shedding hopeless flex pays to reach the newest of 10,000.
     queue = TierQueue()
     for i in range(10_000):
         queue.push(Waiter(ServiceTier.FLEX, f"org-{i % 7}", 300))
-    parts["flex_waiters_10k"] = _min_us(queue.flex_waiters, number=20)
+    parts["flex_newest_of_10k"] = _min_us(lambda: next(queue.flex_newest_first()))
     parts["watch_task_per_request"] = await _watch_task_cost()
     return parts
 
 
 async def _watch_task_cost(num: int = 20_000) -> float:
     """A task started to wait for the client's disconnect, then cancelled: what
-    ``api/chat.py``'s ``_DisconnectWatch`` does for every request."""
+    ``api/chat.py``'s ``_DisconnectWatch`` costs a request that streams or waits."""
     loop = asyncio.get_running_loop()
 
     async def watch(stays: asyncio.Future[None]) -> None:

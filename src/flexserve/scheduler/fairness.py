@@ -8,6 +8,11 @@ released while their expected cost fits the deficit. One organization's
 
 Removal is lazy (a waiter that leaves is marked and skipped), so leaving is
 O(1) for any of thousands of waiting connections.
+
+Across organizations the queue also keeps every waiter in the order it
+joined, so that a pass looking for the waiters that can no longer make their
+deadline can walk from the newest and stop at the first that still can,
+instead of sorting them all.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ class FairQueue:
         # The organization whose turn has started (its quantum already added).
         self._turn_of: str | None = None
         self._num_waiting = 0
+        # Every waiter in the order it joined (preempted work back at the front).
+        # Waiters that left are dropped at either end at once, and from the
+        # middle when they make up half of it (amortised O(1) per leave).
+        self._order: deque[FairWaiter] = deque()
 
     def __len__(self) -> int:
         return self._num_waiting
@@ -52,15 +61,25 @@ class FairQueue:
             self._turns.append(waiter.org_id)
         if front:
             flow.appendleft(waiter)
+            self._order.appendleft(waiter)
         else:
             flow.append(waiter)
+            self._order.append(waiter)
         waiter.queued = True
         self._num_waiting += 1
 
     def remove(self, waiter: FairWaiter) -> None:
-        if waiter.queued:
-            waiter.queued = False
-            self._num_waiting -= 1
+        if not waiter.queued:
+            return
+        waiter.queued = False
+        self._num_waiting -= 1
+        order = self._order
+        while order and not order[-1].queued:
+            order.pop()
+        while order and not order[0].queued:
+            order.popleft()
+        if len(order) > 2 * self._num_waiting + 64:
+            self._order = deque(w for w in order if w.queued)
 
     def peek(self) -> FairWaiter | None:
         """The waiter deficit round robin releases next (not removed)."""
@@ -101,9 +120,7 @@ class FairQueue:
         if self._turn_of == org:
             self._turn_of = None
 
-    def waiting(self) -> Iterator[FairWaiter]:
-        """Every waiting waiter, in no particular order."""
-        for flow in self._flows.values():
-            for waiter in flow:
-                if waiter.queued:
-                    yield waiter
+    def newest_first(self) -> Iterator[FairWaiter]:
+        """Every waiting waiter, the last to join first. Stop iterating before
+        removing any: the order changes as waiters leave."""
+        return (waiter for waiter in reversed(self._order) if waiter.queued)

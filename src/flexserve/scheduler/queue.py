@@ -8,6 +8,9 @@ for comparison) every waiter goes in the heap by arrival alone.
 
 Entries are removed lazily: a waiter that leaves (client gone, deadline
 passed) is marked and skipped when it reaches the head, so leaving is O(1).
+
+``on_wait`` tells the request's own task that it is about to wait: the HTTP
+edge uses it to watch a client's connection only while its request waits.
 """
 
 from __future__ import annotations
@@ -16,11 +19,18 @@ import asyncio
 import heapq
 import itertools
 import time
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
 from flexserve.scheduler.fairness import FairQueue
 from flexserve.tiers import ServiceTier
+
+# Called in a request's own task as the request joins a queue. A watch on the
+# client's connection costs a task per request (5-6 µs) and most requests are
+# admitted without waiting, so the HTTP edge starts one only from here.
+on_wait: ContextVar[Callable[[], None] | None] = ContextVar("flexserve_on_wait", default=None)
 
 
 @dataclass(eq=False, slots=True)
@@ -73,6 +83,9 @@ class TierQueue:
 
     def push(self, waiter: Waiter, *, front: bool = False) -> None:
         """Queue a waiter; ``front`` puts preempted work back at the head of its flow."""
+        hook = on_wait.get()
+        if hook is not None:
+            hook()
         waiter.seq = next(self._seq)
         waiter.queued = True
         self._num_by_tier[waiter.tier] += 1
@@ -121,10 +134,9 @@ class TierQueue:
             self.remove(head)
         return head
 
-    def flex_waiters(self) -> list[Waiter]:
-        """Flex waiters in arrival order (for wait estimates and shedding)."""
+    def flex_newest_first(self) -> Iterator[Waiter]:
+        """Flex waiters from the last to join (for shedding those that cannot
+        make their deadline). Stop iterating before removing any."""
         if not self.tiers_enabled:
-            return []
-        waiters = [w for w in self._fair[ServiceTier.FLEX].waiting() if isinstance(w, Waiter)]
-        waiters.sort(key=lambda w: w.arrival)
-        return waiters
+            return iter(())
+        return (w for w in self._fair[ServiceTier.FLEX].newest_first() if isinstance(w, Waiter))

@@ -32,10 +32,9 @@ class Running:
     delivered: bool = False
     # Set by the scheduler when it aborts this sequence to make room.
     preempted: bool = False
-    # The task pumping the engine's deltas (flex only), cancelled to abort.
+    # The task iterating the run while it awaits the engine's next delta (flex
+    # only; None between deltas): cancelled to abort the run.
     pump: asyncio.Task[Any] | None = None
-    # Wakes the consumer when the pump is aborted.
-    inbox: asyncio.Queue[Any] | None = None
 
     @property
     def can_restart(self) -> bool:
@@ -135,8 +134,6 @@ class ModelPool:
     num_pauses: int = 0
     num_flex_refused: int = 0
     num_downgraded: int = 0
-    # time.monotonic() of the last pass refusing flex that can no longer make its deadline.
-    last_shed_at: float = float("-inf")
 
     @property
     def capacity(self) -> int:

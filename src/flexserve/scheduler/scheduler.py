@@ -47,8 +47,6 @@ from flexserve.tiers import ServiceTier
 
 log = logging.getLogger(__name__)
 
-_ABORTED = object()  # put in a run's inbox when the scheduler aborts it
-
 
 class _Preempted(Exception):
     """Internal: the run was aborted to make room; requeue it."""
@@ -215,38 +213,41 @@ class Scheduler:
                     self._calibrate(replica, run, (last_at - first_at) / (num_tokens - 1))
 
     async def _pumped(self, run: Running, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
-        """Iterate ``deltas`` in a task the scheduler can cancel to abort the run."""
-        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        """Iterate ``deltas`` so that the scheduler can abort the run.
 
-        async def pump() -> None:
-            try:
-                async for delta in deltas:
-                    inbox.put_nowait(delta)
-                inbox.put_nowait(None)
-            except Exception as exc:  # handed to the consumer, raised there
-                inbox.put_nowait(exc)
-            finally:
-                aclose = getattr(deltas, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-
-        run.inbox = inbox
-        run.pump = asyncio.create_task(pump())
+        While the engine works on the next delta, ``run.pump`` is the task
+        iterating this generator: ``_preempt_for`` marks the run preempted and
+        cancels that task, which aborts the engine's generation as closing it
+        would, and the cancellation becomes ``_Preempted`` here. Between deltas
+        ``run.pump`` is None: output in the hands of the caller is not aborted.
+        """
+        task = asyncio.current_task()
+        assert task is not None
         try:
             while True:
-                item = await inbox.get()
-                if item is None:
-                    return
-                if item is _ABORTED:
+                run.pump = task
+                try:
+                    delta: Delta | None = await deltas.__anext__()
+                except StopAsyncIteration:
+                    delta = None
+                except BaseException:
+                    if not run.preempted:
+                        raise
+                    delta = None  # however the engine took the cancellation
+                finally:
+                    run.pump = None
+                if run.preempted:
+                    if task.uncancel() > 0:
+                        # Cancelled for another reason as well (its client left): that wins.
+                        raise asyncio.CancelledError
                     raise _Preempted
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                if delta is None:
+                    return
+                yield delta
         finally:
-            if not run.pump.done():
-                run.pump.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await run.pump
+            aclose = getattr(deltas, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
     async def _admit(self, pool: ModelPool, ticket: Ticket, run: Running, *, front: bool = False) -> Replica:
         """Wait for a replica that admits ``run``, which is added to it."""
@@ -368,9 +369,8 @@ class Scheduler:
         pool.num_preempting += 1
         pool.num_preemptions += 1
         replica.last_preempted_at = now
-        assert run.pump is not None and run.inbox is not None
+        assert run.pump is not None
         run.pump.cancel()
-        run.inbox.put_nowait(_ABORTED)
 
     def _balance_decoding(self, replica: Replica) -> None:
         """On engines that pause between tokens, pause the newest flex runs while
@@ -438,20 +438,19 @@ class Scheduler:
     def _shed_hopeless_flex(self, pool: ModelPool) -> None:
         """Refuse waiting flex whose estimated wait now exceeds its deadline."""
         now = time.monotonic()
-        # At most once a second: the pass sorts every flex waiter (about 1.5 ms
-        # at 10,000 waiting), and the deadline timers catch the rest anyway.
-        if now - pool.last_shed_at < 1.0:
-            return
-        pool.last_shed_at = now
         rate = pool.flex_admissions.rate(now)
-        if rate is None or pool.queue.num_waiting(ServiceTier.FLEX) == 0:
+        position = pool.queue.num_waiting(ServiceTier.FLEX)
+        if rate is None or position == 0:
             return
-        waiters = pool.queue.flex_waiters()
-        for position in range(len(waiters), 0, -1):
-            waiter = waiters[position - 1]
+        # From the newest, so the pass costs what it sheds, not the queue's length.
+        hopeless: list[tuple[Waiter, float]] = []
+        for waiter in pool.queue.flex_newest_first():
             estimate = position / rate
             if waiter.deadline is None or now + estimate <= waiter.deadline:
                 break  # those ahead of it wait less and no longer
+            hopeless.append((waiter, estimate))
+            position -= 1
+        for waiter, estimate in hopeless:
             pool.queue.remove(waiter)
             pool.num_flex_refused += 1
             if not waiter.future.done():
