@@ -312,3 +312,22 @@ def test_a_custom_profile_can_be_built() -> None:
     assert model.load().num_running == 0 and model.max_model_len == 512
     with pytest.raises(ValueError):
         SimModel("no-such-profile")
+
+
+# --- the step token budget ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(("budget", "steps"), [(None, 2), (256, 5)])
+async def test_step_budget_chunks_a_long_prompt(budget: int | None, steps: int) -> None:
+    # 4 + 994 + 2 = 1,000 prompt tokens, then one more token decoded.
+    model = SimModel(H100, speed=FAST, max_num_batched_tokens=budget)
+    await collect(model, make_request("long", words=994, max_tokens=2))
+    # 8,192: prefill in one step, then a decode; 256: four chunks, then a decode.
+    assert model.num_steps == steps
+    assert model.num_prompt_tokens == 1000
+    await model.close()
+
+
+def test_step_budget_must_hold_every_running_sequence() -> None:
+    with pytest.raises(ValueError, match="max_num_batched_tokens"):
+        SimModel(H100, max_num_seqs=64, max_num_batched_tokens=32)

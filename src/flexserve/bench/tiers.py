@@ -100,6 +100,8 @@ class TiersOptions:
     profile: str = "h100-llama3-8b"
     speed: float = 1.0
     max_num_seqs: int = 32
+    # Sim engine's step token budget (vLLM's --max-num-batched-tokens); None: the profile's.
+    max_num_batched_tokens: int | None = None
     flex_clients: int | None = None
     load: float = 0.4
     settings: Mapping[str, str] = field(default_factory=dict)
@@ -296,6 +298,8 @@ def _start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions) -> Se
     argv = flexserve_command(
         "sim-engine", "--port", str(port), "--profile", opts.profile, "--speed", str(opts.speed),
         "--max-num-seqs", str(opts.max_num_seqs), "--scheduling-policy", "priority",
+        *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
+          if opts.max_num_batched_tokens else ()),
     )
     return start_server(stack, "sim-engine", argv, port, "/health", log_dir)
 
@@ -397,6 +401,7 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
         "profile": opts.profile,
         "speed": opts.speed,
         "max_num_seqs": opts.max_num_seqs,
+        "max_num_batched_tokens": opts.max_num_batched_tokens or "the profile's",
         "scheduling_policy": "priority",
         "default_rate_per_engine_second": round(rate_engine, 3),
         "default_rate_per_wall_second": round(rate_wall, 3),

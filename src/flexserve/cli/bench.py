@@ -190,6 +190,8 @@ def hot_path(baseline_src: Path | None, num_requests: int, repeats: int, trials:
               help="Sim engine speed-up; client latencies x speed = engine time.")
 @click.option("--max-num-seqs", type=int, default=32, show_default=True,
               help="Sim engine batch size, and the gateway's upstream capacity.")
+@click.option("--max-num-batched-tokens", type=int,
+              help="Sim engine's step token budget (vLLM's flag) [the profile's: 8192 on H100].")
 @click.option("--flex-clients", type=int, help="Closed-loop flex clients [2x the engine's batch].")
 @click.option("--load", type=float, default=0.4, show_default=True,
               help="Default traffic as a fraction of D's output tokens/s.")
@@ -205,7 +207,8 @@ def hot_path(baseline_src: Path | None, num_requests: int, repeats: int, trials:
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the servers' logs here (default: a temporary directory).")
 def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
-          profile: str, speed: float, max_num_seqs: int, flex_clients: int | None, load: float,
+          profile: str, speed: float, max_num_seqs: int, max_num_batched_tokens: int | None,
+          flex_clients: int | None, load: float,
           settings: tuple[str, ...], variants: tuple[str, ...], skip: tuple[str, ...],
           out: Path | None, log_dir: Path | None) -> None:
     """Default latency under a flex backlog: scenarios A-E in one run.
@@ -230,6 +233,7 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         engine=engine, duration=duration or (
             (2.0 if engine == "sim" else 15.0) if quick else (60.0 if engine == "sim" else 45.0)),
         warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
         flex_clients=flex_clients, load=load, settings=pairs, variants=sweep, skip=frozenset(skip),
         out=out or Path(default_out),
         quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),

@@ -23,9 +23,14 @@ from flexserve.engines.sim.profiles import PROFILES
 @click.option("--scheduling-policy", default="fcfs", show_default=True,
               type=click.Choice(["fcfs", "priority"]),
               help="fcfs, or priority: the request field `priority` orders the queue, lower first.")
+@click.option("--max-num-batched-tokens", default=None, type=click.IntRange(min=1),
+              help="Token budget of one step, shared by decodes and prefill chunks (vLLM's "
+              "--max-num-batched-tokens); default: the profile's. Smaller chunks long prompts "
+              "over more steps.")
 @click.option("--model-id", default=None, help="Model id to serve; default: the profile's.")
 def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: int,
-               kv_tokens: int | None, scheduling_policy: str, model_id: str | None) -> None:
+               kv_tokens: int | None, scheduling_policy: str, max_num_batched_tokens: int | None,
+               model_id: str | None) -> None:
     """Serve a simulated vLLM-style engine for benchmarks, capacity planning and tests.
 
     An OpenAI-compatible server (GET /v1/models, POST /v1/chat/completions,
@@ -45,4 +50,5 @@ def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: i
         err=True,
     )
     serve(host, port, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
-          kv_tokens=kv_tokens, scheduling_policy=scheduling_policy, model_id=model_id)
+          kv_tokens=kv_tokens, scheduling_policy=scheduling_policy, model_id=model_id,
+          max_num_batched_tokens=max_num_batched_tokens)

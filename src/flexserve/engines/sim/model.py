@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import enum
 import heapq
 import logging
@@ -126,11 +127,18 @@ class SimModel:
         kv_tokens: int | None = None,
         scheduling_policy: SchedulingPolicy = "fcfs",
         model_id: str | None = None,
+        max_num_batched_tokens: int | None = None,
     ) -> None:
         if isinstance(profile, str):
             if profile not in PROFILES:
                 raise ValueError(f"unknown sim profile {profile!r}; known: {', '.join(PROFILES)}")
             profile = PROFILES[profile]
+        if max_num_batched_tokens is not None:
+            if max_num_batched_tokens < max_num_seqs:
+                # vLLM's own rule: every running sequence must fit in a step.
+                raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be "
+                                 f">= max_num_seqs ({max_num_seqs})")
+            profile = dataclasses.replace(profile, max_num_batched_tokens=max_num_batched_tokens)
         if speed <= 0:
             raise ValueError(f"speed must be > 0, got {speed}")
         if max_num_seqs < 1:
