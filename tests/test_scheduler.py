@@ -308,41 +308,6 @@ def test_flex_prefill_paced_to_the_share_the_tpot_slo_leaves() -> None:
     assert unpaced == pytest.approx(5 * 1000 * 0.1)
 
 
-def test_flex_held_back_while_a_default_prompt_is_prefilled() -> None:
-    model = StepTimeModel(t0=0.010, a=1e-4, c=0.0)
-    replica = Replica(ScriptedEngine(8, step_model=model), 8, load=EngineLoad(updated_at=1000.0))
-    guarded = SchedulerConfig(flex_headroom=0.0, load_stale_after=10.0)
-    replica.add(Running(ServiceTier.DEFAULT, "o", 0, stream=True, prompt_tokens=300), 1000.0)
-    # In the engine's next step, after the one under way: 2 x 10 ms + 300 x 0.1 ms = 50 ms.
-    assert replica.prefill_hold_until == pytest.approx(1000.05)
-    assert not can_admit(guarded, replica, ServiceTier.FLEX, 1000.049)
-    assert can_admit(guarded, replica, ServiceTier.FLEX, 1000.051)
-    assert can_admit(guarded, replica, ServiceTier.DEFAULT, 1000.0)
-    unguarded = SchedulerConfig(flex_headroom=0.0, load_stale_after=10.0, flex_prefill_guard=False)
-    assert can_admit(unguarded, replica, ServiceTier.FLEX, 1000.0)
-    # Flex prompts hold nothing back.
-    replica.add(Running(ServiceTier.FLEX, "o", 0, stream=True, prompt_tokens=5000), 1000.1)
-    assert can_admit(guarded, replica, ServiceTier.FLEX, 1000.1)
-
-
-async def test_flex_queued_during_a_prefill_hold_starts_when_it_ends() -> None:
-    # A 0.3 s hold and load read only every 10 s: nothing but the hold's own timer
-    # can release the flex request in time.
-    engine = ScriptedEngine(4, step_model=StepTimeModel(t0=0.15, a=0.0, c=0.0))
-    scheduler = await make_scheduler(engine, flex_headroom=0.0, scrape_interval=10.0,
-                                     load_stale_after=60.0)
-    default = asyncio.create_task(run(scheduler, "d", ServiceTier.DEFAULT, tokens=1000))
-    await until(lambda: engine.started == ["d"])
-    began = time.monotonic()
-    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX))
-    await until(lambda: "f" in engine.started, timeout=2.0)
-    assert 0.2 < time.monotonic() - began < 1.0
-    await flex
-    default.cancel()
-    await asyncio.gather(default, return_exceptions=True)
-    await scheduler.close()
-
-
 def test_prompt_estimate_corrected_by_what_the_engine_counts() -> None:
     replica = Replica(ScriptedEngine(4, step_model=StepTimeModel(0.01, 1e-4, 0.0)), 4)
     for _ in range(100):

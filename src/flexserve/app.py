@@ -51,7 +51,6 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         flex_kv_threshold=settings.flex_kv_threshold,
         flex_max_engine_waiting=settings.flex_max_engine_waiting,
         tpot_slo=settings.tpot_slo,
-        flex_prefill_guard=settings.flex_prefill_guard,
         load_stale_after=settings.load_stale_after,
         scrape_interval=settings.scrape_interval,
         preempt_cooldown=settings.preempt_cooldown,

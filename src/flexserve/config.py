@@ -97,10 +97,6 @@ class Settings:
     tpot_slo: float = _opt(
         0.0, "Default-tier time per output token (seconds) flex admission must keep; 0: none."
     )
-    flex_prefill_guard: bool = _opt(
-        True, "Hold flex back while a default/priority prompt is being prefilled on a replica "
-        "whose step time is known, so that no flex prompt lands in the same engine step."
-    )
     load_stale_after: float = _opt(
         0.5, "Load signals older than this many seconds count as saturated (for flex)."
     )

@@ -5,9 +5,7 @@ capacity for a replica is what the engine runs at once, so the engine's own
 waiting queue — where priority inversion happens — stays short). Flex goes
 only on spare capacity: fresh load signals, no engine queue, KV use under a
 threshold, a headroom of slots left for default bursts, no recent preemption
-on that replica (hysteresis), no default or priority prompt being prefilled
-there (so that no flex prompt joins its engine step), and a predicted default
-time-per-output-token
+on that replica (hysteresis), and a predicted default time-per-output-token
 within the operator's SLO — counting both the decode step (more sequences, more
 KV to read) and the share of engine time prompts take to prefill, which flex
 may use only as fast as the SLO leaves room for (``prefill.PrefillBudget``).
@@ -36,8 +34,6 @@ class SchedulerConfig:
     flex_max_engine_waiting: int = 0
     # Predicted default TPOT (seconds) that flex admission must keep; 0: no SLO.
     tpot_slo: float = 0.0
-    # Hold flex back while a default/priority prompt is prefilled (replicas with a step model).
-    flex_prefill_guard: bool = True
     # Load signals older than this count as saturated (for flex).
     load_stale_after: float = 0.5
     # Seconds between reads of each replica's load signals.
@@ -84,8 +80,6 @@ def can_admit(
     if replica.num_in_flight >= replica.capacity - headroom_slots(config, replica.capacity):
         return False
     if now - replica.last_preempted_at < config.preempt_cooldown:
-        return False
-    if config.flex_prefill_guard and now < replica.prefill_hold_until:
         return False
     if replica.has_signals:
         load = replica.load

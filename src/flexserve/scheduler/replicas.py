@@ -67,8 +67,6 @@ class Replica:
     prompt_scale: float = 1.0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
-    # time.monotonic() until which a default/priority prompt is expected to be in prefill.
-    prefill_hold_until: float = float("-inf")
 
     @property
     def name(self) -> str:
@@ -89,14 +87,7 @@ class Replica:
         self.running.append(run)
         self.num_in_flight_by_tier[run.tier] += 1
         self.tokens_in_flight += run.cost_tokens
-        seconds = self.prefill_seconds(run.prompt_tokens)
-        self.prefill.charge(now, seconds)
-        model = self.engine.step_time_model()
-        if model is not None and not run.tier.is_preemptible:
-            # It reaches the engine's next step and prefills in it: the step under way,
-            # then its own (a decode step plus its prompt).
-            until = now + 2 * model.t0 * self.tpot_scale + seconds
-            self.prefill_hold_until = max(self.prefill_hold_until, until)
+        self.prefill.charge(now, self.prefill_seconds(run.prompt_tokens))
 
     def prefill_seconds(self, prompt_tokens: int) -> float:
         """Engine seconds a prompt of ``prompt_tokens`` (gateway's estimate) takes to prefill."""

@@ -259,7 +259,7 @@ class Scheduler:
         if head is None or (front and tier.rank <= head.tier.rank):
             replica = self._pick(pool, tier, now)
             if replica is not None:
-                self._add(pool, replica, run, now)
+                replica.add(run, now)
                 return self._granted(pool, ticket, replica, tier)
         waiter = Waiter(tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run)
         if self.config.tiers_enabled and tier.is_preemptible:
@@ -311,14 +311,6 @@ class Scheduler:
                     best = replica
         return best
 
-    def _add(self, pool: ModelPool, replica: Replica, run: Running, now: float) -> None:
-        """Put ``run`` on ``replica``; if that holds flex back for a prefill, look
-        at the queue again when the hold ends (flex may be queued meanwhile)."""
-        held_until = replica.prefill_hold_until
-        replica.add(run, now)
-        if replica.prefill_hold_until > held_until and self.config.flex_prefill_guard:
-            asyncio.get_running_loop().call_at(replica.prefill_hold_until, self._dispatch, pool)
-
     def _release(self, pool: ModelPool, replica: Replica, run: Running) -> None:
         replica.discard(run)
         if run.preempted:
@@ -344,7 +336,7 @@ class Scheduler:
                 return
             pool.queue.pop()
             # The slot is taken now, before the waiter's task wakes up to use it.
-            self._add(pool, replica, waiter.run, now)
+            replica.add(waiter.run, now)
             waiter.future.set_result(replica)
 
     # --- preemption --------------------------------------------------------------
