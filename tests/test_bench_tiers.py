@@ -80,8 +80,9 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     assert set(scenarios) == {"A", "B", "D", "B1"}
     assert scenarios["B1"]["settings"] == {"flex_headroom": "0.9"}
     assert scenarios["B1"]["default_completed"] > 0
-    # 90 % headroom leaves flex one slot of sixteen: far fewer flex done than in B.
-    assert 0 < scenarios["B1"]["flex_completed"] < scenarios["B"]["flex_completed"]
+    # 90 % headroom leaves flex one slot of sixteen, and only while no default runs:
+    # far fewer flex done than in B (perhaps none in a two-second window).
+    assert scenarios["B1"]["flex_completed"] < scenarios["B"]["flex_completed"]
     goals = {row["ratio"]: row for row in report["ratios"]}
     assert goals["B1/A default TPOT p99"]["value"] is not None
     assert "B1: B with flex_headroom=0.9" in done.stdout
