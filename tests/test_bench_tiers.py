@@ -96,3 +96,13 @@ def test_bench_tiers_refuses_an_unknown_variant_setting(tmp_path: Path) -> None:
     )
     assert done.returncode != 0
     assert "unknown gateway setting(s): no_such_setting" in done.stderr
+
+
+def test_bench_tiers_refuses_skip_on_the_embedded_engine(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(FLEXSERVE), "bench", "tiers", "--engine", "embedded", "--quick", "--skip", "C",
+         "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode != 0
+    assert "--skip applies to the sim engine's scenarios only" in done.stderr

@@ -471,6 +471,8 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
         check_settings(variant)
     if opts.variants and opts.engine != "sim":
         raise BenchError("--variant runs on the sim engine only")
+    if opts.skip and opts.engine != "sim":
+        raise BenchError("--skip applies to the sim engine's scenarios only")
     raise_nofile_limit()
     with contextlib.ExitStack() as stack:
         if opts.log_dir is not None:

@@ -1,4 +1,8 @@
-"""Admission policy: the scheduler's settings and the pure decisions made from them.
+"""Admission policy: the scheduler's settings and the decisions made from them.
+
+The decisions only read the replicas' state, except that asking ``can_admit``
+about flex brings the replica's prefill budget up to date (credit earned since
+the last look).
 
 Default and priority go whenever a replica has a free slot (the gateway's
 capacity for a replica is what the engine runs at once, so the engine's own
