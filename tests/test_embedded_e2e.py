@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Callable
 
 import pytest
@@ -50,13 +49,18 @@ def test_real_completion_on_flex(embedded_gateway: Gateway) -> None:
 async def test_async_stream_real_tokens(embedded_gateway: Gateway) -> None:
     client = embedded_gateway.async_client()
     stream = await client.chat.completions.create(
-        model=MODEL, max_tokens=12, stream=True, stream_options={"include_usage": True},
-        messages=[{"role": "user", "content": "Count from one to five."}],
+        model=MODEL, max_tokens=12, temperature=0.0, stream=True,
+        stream_options={"include_usage": True},
+        # Greedy, and a prompt whose answer runs far past 12 tokens: sampled, a
+        # short answer could reach end-of-text first (CI once stopped at 7).
+        messages=[{"role": "user", "content": "Write a long story about a brave knight and a dragon."}],
     )
     chunks = [chunk async for chunk in stream]
     await client.close()
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text.strip()
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["length"]
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     assert all(c.service_tier == "default" for c in chunks)
 
@@ -64,6 +68,7 @@ async def test_async_stream_real_tokens(embedded_gateway: Gateway) -> None:
 def test_flex_stream_paused_by_default_completes_and_is_recorded_once(embedded_gateway: Gateway) -> None:
     client = embedded_gateway.client()
     flex_result: dict[str, object] = {}
+    decoding = threading.Event()
 
     def flex_stream() -> None:
         stream = client.chat.completions.with_raw_response.create(
@@ -72,14 +77,19 @@ def test_flex_stream_paused_by_default_completes_and_is_recorded_once(embedded_g
             messages=[{"role": "user", "content": "Write a short story about a lighthouse."}],
         )
         flex_result["request_id"] = stream.headers["x-request-id"]
-        chunks = list(stream.parse())
+        chunks = []
+        for chunk in stream.parse():
+            chunks.append(chunk)
+            if len(chunks) == 3:
+                decoding.set()  # about 37 tokens (a second or more) still to go
+        decoding.set()
         flex_result["text"] = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         flex_result["usage"] = chunks[-1].usage
         flex_result["tiers"] = {c.service_tier for c in chunks}
 
     thread = threading.Thread(target=flex_stream)
     thread.start()
-    time.sleep(1.0)  # the flex stream is decoding
+    assert decoding.wait(timeout=60)
     default = client.chat.completions.create(
         model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Say hi."}]
     )
