@@ -55,7 +55,9 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
 	@touch $(VENV)/.installed $@
 
 lint: $(VENV)/.installed-test
+	$(PIP) install --quiet -e '.[embedded,test,lint]'
 	$(BIN)/python -m ruff check src tests
+	$(BIN)/python -m mypy
 
 clean:
 	rm -rf $(VENV) .pytest_cache build src/*.egg-info
