@@ -345,10 +345,10 @@ async def test_flex_refused_at_once_when_estimate_exceeds_deadline() -> None:
     rate = pool.flex_admissions.rate(time.monotonic())
     assert rate is not None
     depth = pool.queue.num_waiting(ServiceTier.FLEX)
-    started = time.monotonic()
     with pytest.raises(ResourceUnavailableError) as caught:
         await run(scheduler, "late", ServiceTier.FLEX, max_wait=0.001 * depth / rate)
-    assert time.monotonic() - started < 0.05  # refused on arrival, not after waiting
+    # Refused on arrival by its estimate, not by its deadline's timer after waiting.
+    assert "the estimated wait" in caught.value.message
     assert int(caught.value.headers["Retry-After"]) >= 1
     for task in backlog:
         task.cancel()
