@@ -87,13 +87,22 @@ def test_flex_stream_paused_by_default_completes_and_is_recorded_once(embedded_g
         flex_result["usage"] = chunks[-1].usage
         flex_result["tiers"] = {c.service_tier for c in chunks}
 
-    thread = threading.Thread(target=flex_stream)
+    def flex_stream_or_error() -> None:
+        try:
+            flex_stream()
+        except BaseException as exc:  # reported by the assertion below
+            flex_result["error"] = exc
+            decoding.set()
+
+    thread = threading.Thread(target=flex_stream_or_error)
     thread.start()
-    assert decoding.wait(timeout=60)
+    assert decoding.wait(timeout=120)
     default = client.chat.completions.create(
         model=MODEL, max_tokens=16, messages=[{"role": "user", "content": "Say hi."}]
     )
-    thread.join(timeout=120)
+    thread.join(timeout=240)  # under the suite's 300 s per-test timeout
+    assert not thread.is_alive(), "the flex stream did not finish"
+    assert "error" not in flex_result, flex_result.get("error")
     assert default.service_tier == "default"
     assert flex_result["tiers"] == {"flex"}
     assert str(flex_result["text"]).strip()
