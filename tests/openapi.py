@@ -16,7 +16,7 @@ import jsonschema
 import referencing
 import referencing.jsonschema
 
-SPEC_PATH = Path(__file__).resolve().parents[2] / "shared" / "reference" / "openai-openapi.json"
+SPEC_PATH = Path(__file__).resolve().parent / "reference" / "openai-openapi.json"
 SPEC_URI = "urn:openai-openapi"
 
 

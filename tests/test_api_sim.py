@@ -132,13 +132,16 @@ def test_refused_request_writes_no_usage(sim_gateway: Gateway, model: str) -> No
 
 
 def test_redirect_fields_never_change_destination(sim_gateway: Gateway, model: str) -> None:
-    """Fields some gateways honour (api_base, api_key…) are dropped here."""
-    completion = sim_gateway.client().chat.completions.create(
-        model=model, messages=MESSAGES, max_tokens=3,
-        extra_body={"api_base": "http://127.0.0.1:9/", "base_url": "http://127.0.0.1:9/",
-                    "api_key": "sk-stolen", "extra_headers": {"Authorization": "Bearer x"}},
-    )
-    assert completion.choices[0].message.content
+    """Fields some gateways honour (api_base, api_key…) are never acted on: an
+    engine that takes no unknown fields refuses them by name, nothing billed."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        sim_gateway.client().chat.completions.create(
+            model=model, messages=MESSAGES, max_tokens=3,
+            extra_body={"api_base": "http://127.0.0.1:9/", "api_key": "sk-stolen"},
+        )
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "api_base"
+    assert error["code"] == "unknown_parameter"
 
 
 def test_metrics_count_requests_by_tier(sim_gateway: Gateway, model: str) -> None:

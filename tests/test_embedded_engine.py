@@ -24,9 +24,7 @@ STORY = [{"role": "user", "content": "Write a long story about a brave knight an
 
 def chat(messages: list[dict[str, Any]], **params: Any) -> EngineRequest:
     params.setdefault("temperature", 0.0)
-    return EngineRequest(
-        request_id="test", model="smollm2-135m-instruct", messages=messages, **params
-    )
+    return EngineRequest.chat("test", "smollm2-135m-instruct", messages, **params)
 
 
 async def run(

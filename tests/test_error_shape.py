@@ -80,7 +80,7 @@ def test_empty_body(sim_gateway: Gateway) -> None:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
         ({"messages": [{"role": "user"}]}, "messages[0].content"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-         "messages[0].content[0].type"),
+         "messages[0].content[0]"),
         ({"messages": []}, "messages"),
         ({"messages": "hello"}, "messages"),
         ({"n": 2}, "n"),

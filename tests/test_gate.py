@@ -11,7 +11,9 @@ import pytest
 from flexserve.accounts import Principal
 from flexserve.accounts.gates import ModelGates
 from flexserve.api.gates import Gate
-from flexserve.api.validation import ChatRequest
+from flexserve.api.endpoints.chat import ChatCompletions
+from flexserve.api.inference import Inference
+from flexserve.config import Settings
 from flexserve.billing.budget import org_scope
 from flexserve.billing.price_book import PriceBook
 from flexserve.billing.pricing import ModelPrice, PriceEntry
@@ -29,7 +31,16 @@ PRINCIPAL = Principal(
     default_service_tier="default",
     verification_status="unverified",
 )
-CHAT = ChatRequest(model="m", messages=[{"role": "user", "content": "hi there"}], max_tokens=10)
+
+
+def chat_request(model: str = "m", *, stream: bool = False) -> Inference:
+    """A chat request as the pipeline hands it to the gate."""
+    body = {"model": model, "messages": [{"role": "user", "content": "hi there"}],
+            "max_tokens": 10, "stream": stream}
+    return ChatCompletions().parse(body, "req_test", Settings())
+
+
+CHAT = chat_request()
 
 
 @pytest.fixture
@@ -121,7 +132,7 @@ async def test_a_spent_budget_refuses_with_insufficient_quota(gate: Gate) -> Non
 )
 async def test_verification_messages_say_what_to_do(gate: Gate, status: str, says: str) -> None:
     principal = replace(PRINCIPAL, verification_status=status)
-    streamed = replace(CHAT, model="gated", stream=True)
+    streamed = chat_request("gated", stream=True)
     with pytest.raises(VerificationRequiredError) as refused:
         await gate.admit(principal, streamed, ServiceTier.DEFAULT)
     assert refused.value.param == "stream" and says in refused.value.message

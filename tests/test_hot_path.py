@@ -133,8 +133,7 @@ async def test_sse_relay_handles_any_framing(awkward_upstream: ServerThread) -> 
     engine = UpstreamEngine(awkward_upstream.url)
     await engine.start()
     try:
-        request = EngineRequest(request_id="req_1", model="awkward",
-                                messages=[{"role": "user", "content": "hi"}])
+        request = EngineRequest.chat("req_1", "awkward", [{"role": "user", "content": "hi"}])
         deltas = [delta async for delta in engine.generate(request)]
     finally:
         await engine.close()

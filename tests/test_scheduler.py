@@ -99,7 +99,7 @@ async def run(scheduler: Scheduler, request_id: str, tier: ServiceTier, tokens: 
               cost: int = 100) -> tuple[Ticket, str]:
     ticket = Ticket(request_id, MODEL, tier, org, cost_tokens=cost, stream=stream, max_wait=max_wait)
     text = ""
-    async for delta in scheduler.stream(ticket, EngineRequest(request_id, MODEL, [], max_tokens=tokens)):
+    async for delta in scheduler.stream(ticket, EngineRequest.chat(request_id, MODEL, [], max_tokens=tokens)):
         text += delta.text
     return ticket, text
 

@@ -24,9 +24,8 @@ FAST = 1000.0
 def make_request(request_id: str, words: int = 4, *, max_tokens: int | None = 8,
                  priority: int = 0, seed: int | None = None) -> EngineRequest:
     """A one-message request of exactly 4 + words + 2 prompt tokens."""
-    return EngineRequest(request_id=request_id, model="m",
-                         messages=[{"role": "user", "content": " ".join(["w"] * words)}],
-                         max_tokens=max_tokens, priority=priority, seed=seed)
+    return EngineRequest.chat(request_id, "m", [{"role": "user", "content": " ".join(["w"] * words)}],
+                              max_tokens=max_tokens, priority=priority, seed=seed)
 
 
 async def collect(model: SimModel, request: EngineRequest) -> list[Delta]:
@@ -211,7 +210,7 @@ def test_filler_words_are_distinct_and_divide_a_byte() -> None:
 
 async def test_usage_is_exact() -> None:
     model = SimModel(H100, speed=FAST)
-    request = EngineRequest(request_id="u", model="m", max_tokens=9, messages=[
+    request = EngineRequest.chat("u", "m", max_tokens=9, messages=[
         {"role": "system", "content": "be brief"},
         {"role": "user", "content": "one two  three\nfour five"},
     ])

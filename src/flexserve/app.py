@@ -6,9 +6,10 @@ metrics — is built in the lifespan from the ``Settings`` handed in, kept on
 usage writer is flushed last, so that no record of a finished request is lost
 on shutdown).
 
-The app is Starlette, except for ``POST /v1/chat/completions``: nearly all of
-the traffic, answered by a bare ASGI handler ahead of Starlette's middleware
-and routing (``FlexServeApp``, ``api/chat.py``).
+The app is Starlette, except for the inference endpoints' POSTs (chat,
+completions, responses, embeddings): nearly all of the traffic, answered by
+one bare ASGI pipeline ahead of Starlette's middleware and routing
+(``FlexServeApp``, ``api/pipeline.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -25,12 +27,13 @@ from starlette.types import Receive, Scope, Send
 from flexserve.accounts import Accounts
 from flexserve.accounts.verification import Verifications
 from flexserve.api.auth import KeyCache
-from flexserve.api.chat import CHAT_PATH, chat_completions
 from flexserve.api.errors import handle_exception
 from flexserve.api.gates import Gate
+from flexserve.api.inference import Endpoint
 from flexserve.api.metrics import GatewayMetrics
 from flexserve.api.request_id import RequestIdMiddleware
-from flexserve.api.routes import routes
+from flexserve.api.pipeline import serve
+from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
@@ -119,26 +122,33 @@ async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[E
 
 
 class FlexServeApp(Starlette):
-    """Starlette, with ``POST /v1/chat/completions`` answered before its
+    """Starlette, with the inference endpoints' POSTs answered before its
     middleware and routing. In process, on an instant reply, Starlette's
-    request and response objects, router and middleware took about 40 µs of a
-    non-streamed request's 140, and 260 of a stream's 370 (``flexserve bench
-    hot-path``)."""
+    request and response objects, router and middleware took about a third
+    of a non-streamed chat request's time and most of a stream's
+    (docs/benchmarks.md, "Hot path")."""
+
+    def __init__(self, endpoints: dict[str, Endpoint], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and _is_chat(scope):
-            await chat_completions(self.state.services, scope, receive, send)
-            return
+        if scope["type"] == "http" and scope["method"] == "POST":
+            endpoint = self._endpoint(scope)
+            if endpoint is not None:
+                await serve(endpoint, self.state.services, scope, receive, send)
+                return
         await super().__call__(scope, receive, send)
 
-
-def _is_chat(scope: Scope) -> bool:
-    """The request is for the chat route, as Starlette's router would match it."""
-    path: str = scope["path"]
-    if path == CHAT_PATH:
-        return True
-    root_path: str = scope.get("root_path", "")
-    return bool(root_path) and path == root_path + CHAT_PATH
+    def _endpoint(self, scope: Scope) -> Endpoint | None:
+        """The endpoint of the request's path, as Starlette's router would match it."""
+        path: str = scope["path"]
+        endpoint = self._endpoints.get(path)
+        if endpoint is None:
+            root_path: str = scope.get("root_path", "")
+            if root_path and path.startswith(root_path):
+                endpoint = self._endpoints.get(path[len(root_path):])
+        return endpoint
 
 
 def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starlette:
@@ -186,8 +196,10 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
             )
             yield
 
+    endpoints = inference_endpoints()
     return FlexServeApp(
-        routes=routes(),
+        {endpoint.path: endpoint for endpoint in endpoints},
+        routes=routes(endpoints),
         middleware=[Middleware(RequestIdMiddleware)],
         exception_handlers={HTTPException: handle_exception, Exception: handle_exception},
         lifespan=lifespan,

@@ -1,7 +1,7 @@
-"""Writing a response straight to ASGI ``send``, for the bare chat route.
+"""Writing a response straight to ASGI ``send``, for the bare inference routes.
 
-``POST /v1/chat/completions`` is answered ahead of Starlette's routing and
-middleware (``app.FlexServeApp``, ``api/chat.py``): no Request or Response
+The inference endpoints are answered ahead of Starlette's routing and
+middleware (``app.FlexServeApp``, ``api/pipeline.py``): no Request or Response
 objects, the response sent as its ``http.response.start`` and
 ``http.response.body`` messages. The request side is ``body.receive_json``.
 """

@@ -1,7 +1,7 @@
 """Reading a request body without ever holding more than the limit.
 
 ``read_json`` reads it through Starlette's request; ``receive_json`` straight
-from ASGI ``receive``, for the bare chat route (``api/chat.py``).
+from ASGI ``receive``, for the inference routes (``api/pipeline.py``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The gates a chat request passes before it is queued, and the meter after.
+"""The gates an inference request passes before it is queued, and the meter after.
 
 ``Gate.admit`` runs once the tier is resolved: model verification gate, rate
 limits (one request and its estimated tokens taken), budget (the request's
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 from flexserve.accounts import Principal
 from flexserve.accounts.gates import ModelGates, needs_verification
-from flexserve.api.validation import ChatRequest
+from flexserve.api.inference import Inference
 from flexserve.billing.budget import (
     BudgetExceeded,
     Budgets,
@@ -140,18 +140,20 @@ class Gate:
                 # Keep serving on the last good policy; say so loudly.
                 log.exception("reloading prices, gates, budgets and limits failed")
 
-    async def admit(self, principal: Principal, chat: ChatRequest, tier: ServiceTier) -> Admission:
+    async def admit(self, principal: Principal, request: Inference, tier: ServiceTier) -> Admission:
         """Check every gate and take the request's holds, or raise its 403/429."""
         policy = self.policy
-        _check_verification(policy, principal, chat)
-        approx_tokens = _approx_prompt_tokens(chat) + (chat.max_tokens or _TPM_OUTPUT_GUESS)
+        _check_verification(policy, principal, request)
+        approx_tokens = request.prompt_tokens + request.output_tokens_guess(_TPM_OUTPUT_GUESS)
         # Synchronous check-and-take: no await between the check and the hold.
         rate = self.limiter.take(principal.org_id, tier, approx_tokens)
-        price = policy.prices.price(chat.model, tier)
+        price = policy.prices.price(request.model, tier)
         most = (
             0
             if price is None
-            else max_cost(_prompt_token_bound(chat), self._max_output(chat), price)
+            else max_cost(
+                request.prompt_token_bound, self._max_output(request) * request.num_choices, price
+            )
         )
         scopes = (org_scope(principal.org_id), project_scope(principal.project_id))
         try:
@@ -188,23 +190,23 @@ class Gate:
         self.budgets.release(admission.reservation)
         self.limiter.settle(admission.rate, 0)
 
-    def _max_output(self, chat: ChatRequest) -> int:
-        if chat.max_tokens is not None:
-            return chat.max_tokens
-        context = self._context_lengths.get(chat.model)
+    def _max_output(self, request: Inference) -> int:
+        if request.max_output_tokens is not None:
+            return request.max_output_tokens
+        context = self._context_lengths.get(request.model)
         return min(context or self._max_output_tokens, self._max_output_tokens)
 
 
-def _check_verification(policy: Policy, principal: Principal, chat: ChatRequest) -> None:
-    gate = policy.model_gates.get(chat.model)
-    if gate is None or not needs_verification(gate, chat.stream):
+def _check_verification(policy: Policy, principal: Principal, request: Inference) -> None:
+    gate = policy.model_gates.get(request.model)
+    if gate is None or not needs_verification(gate, request.stream):
         return
     if principal.verification_status == "verified":
         return
     what = (
-        f"stream the model `{chat.model}`"
+        f"stream the model `{request.model}`"
         if gate == "streaming"
-        else f"use the model `{chat.model}`"
+        else f"use the model `{request.model}`"
     )
     if principal.verification_status == "pending":
         next_step = (
@@ -235,14 +237,3 @@ def _quota_message(principal: Principal, exc: BudgetExceeded) -> str:
         f"You exceeded your current quota: the monthly budget of {whose} ({budget}) is spent. "
         "Requests are accepted again once the budget is raised or a new month begins (UTC)."
     )
-
-
-def _approx_prompt_tokens(chat: ChatRequest) -> int:
-    # About four characters a token, as the scheduler estimates it.
-    return sum(len(m["content"]) for m in chat.messages) // 4 + 4 * len(chat.messages)
-
-
-def _prompt_token_bound(chat: ChatRequest) -> int:
-    """At most one token per byte of text, plus a chat template's few tokens
-    per message: an upper bound, so that a budget hold is never too small."""
-    return sum(len(m["content"].encode()) + 8 for m in chat.messages) + 8

@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from flexserve.api import admin, chat, ops
+from flexserve.api import admin, ops
+from flexserve.api.endpoints import responses
+from flexserve.api.endpoints.chat import ChatCompletions
+from flexserve.api.endpoints.completions import Completions
+from flexserve.api.endpoints.embeddings import Embeddings
+from flexserve.api.inference import Endpoint
+from flexserve.api.pipeline import InferenceRoute
 
 
-def routes() -> list[Route]:
+def inference_endpoints() -> list[Endpoint]:
+    """The endpoints served through the request pipeline (``api/pipeline.py``)."""
+    return [ChatCompletions(), Completions(), responses.Responses(), Embeddings()]
+
+
+def routes(endpoints: list[Endpoint]) -> list[Route]:
     return [
-        # Answered ahead of this router for POST (app.FlexServeApp): the hot path.
-        Route(chat.CHAT_PATH, chat.ChatCompletionsRoute(), methods=["POST"]),
+        # Their POSTs are answered ahead of this router (app.FlexServeApp): the hot path.
+        *(Route(e.path, InferenceRoute(e), methods=["POST"]) for e in endpoints),
+        Route("/v1/responses/{response_id}", responses.retrieve_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", responses.delete_response, methods=["DELETE"]),
+        Route("/v1/responses/{response_id}/input_items", responses.list_input_items, methods=["GET"]),
         Route("/v1/models", ops.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", ops.retrieve_model, methods=["GET"]),
         Route("/v1/flex/status", ops.flex_status, methods=["GET"]),

@@ -180,13 +180,7 @@ async def measure(
     engine = EmbeddedEngine(num_slots=max(stream_counts))
     await engine.start()
     messages = [{"role": "user", "content": PROMPT}]
-    request = EngineRequest(
-        request_id="bench",
-        model="bench",
-        messages=messages,
-        max_tokens=max_tokens,
-        temperature=0.0,
-    )
+    request = EngineRequest.chat("bench", "bench", messages, max_tokens=max_tokens, temperature=0.0)
     prompt = engine.prompt_tokens(messages)
     # The engine's own rule first; other thread counts show why it is the rule.
     thread_counts = [engine.n_threads] + [t for t in range(1, cpus + 1) if t != engine.n_threads]

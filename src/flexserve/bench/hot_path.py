@@ -112,7 +112,7 @@ async def _parts() -> dict[str, float]:
 
 async def _watch_task_cost(num: int = 20_000) -> float:
     """A task started to wait for the client's disconnect, then cancelled: what
-    ``api/chat.py``'s ``_DisconnectWatch`` costs a request that streams or waits."""
+    ``api/pipeline.py``'s ``DisconnectWatch`` costs a request that streams or waits."""
     loop = asyncio.get_running_loop()
 
     async def watch(stays: asyncio.Future[None]) -> None:

@@ -16,38 +16,157 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import enum
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+
+class Feature(str, enum.Enum):
+    """What a request may need beyond plain text generation. An engine lists
+    the features it honours (``Engine.features``); the API refuses a request
+    that needs one its model's engines lack, with a 400 naming the field,
+    rather than let the field be dropped."""
+
+    #: `tools`, `tool_choice`, `tool` messages and assistant `tool_calls`.
+    TOOLS = "tools"
+    #: `response_format` {"type": "json_object"}.
+    JSON_OBJECT = "json_object"
+    #: `response_format` {"type": "json_schema"} (structured outputs).
+    JSON_SCHEMA = "json_schema"
+    #: `logprobs` / `top_logprobs` (chat), `logprobs` (completions).
+    LOGPROBS = "logprobs"
+    #: `n` > 1: several choices from one prompt.
+    N = "n"
+    #: `presence_penalty`, `frequency_penalty`.
+    PENALTIES = "penalties"
+    #: `logit_bias`.
+    LOGIT_BIAS = "logit_bias"
+    #: Image content parts in messages.
+    IMAGES = "images"
+    #: Audio content parts or audio output.
+    AUDIO = "audio"
+    #: `POST /v1/completions` at all.
+    COMPLETIONS = "completions"
+    #: A completions prompt given as token ids.
+    TOKEN_PROMPTS = "token_prompts"
+    #: Completions `echo` (with `logprobs`: the prompt's own log probabilities).
+    ECHO = "echo"
+    #: Completions `suffix` (fill in the middle).
+    SUFFIX = "suffix"
+    #: Completions `best_of` > `n`.
+    BEST_OF = "best_of"
+    #: `POST /v1/embeddings`.
+    EMBEDDINGS = "embeddings"
+    #: Embeddings `dimensions`.
+    DIMENSIONS = "dimensions"
+    #: Request fields FlexServe does not know, passed on as sent.
+    EXTRA_FIELDS = "extra_fields"
+
+
+ALL_FEATURES: frozenset[Feature] = frozenset(Feature)
+
+#: What `EngineRequest.body` holds: a chat completion, a (legacy) completion or embeddings.
+EngineOp = Literal["chat", "completion", "embedding"]
 
 
 @dataclass(slots=True)
 class EngineRequest:
-    """One chat completion, validated and normalised by the API layer."""
+    """One request for an engine: an OpenAI request body, validated by the API layer.
+
+    ``body`` is the client's JSON body as sent (chat: `messages` with their
+    content as a string or parts, `tools`, `response_format`, `logprobs`, `n`…;
+    completion: `prompt` as text, texts or token ids; embedding: `input`),
+    less the fields the gateway answers itself: `service_tier`, `stream` and
+    `stream_options`. An upstream is sent it as it is; the embedded and sim
+    engines read what they honour from it (``Engine.features``).
+    """
 
     request_id: str
     model: str
-    # OpenAI chat messages; every `content` is already a plain string.
-    messages: list[dict[str, Any]]
-    # None: generate until the model stops or its context is full.
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
+    body: dict[str, Any]
+    op: EngineOp = "chat"
     # Scheduling hint for engines that take one (vLLM/sim: lower runs first).
     priority: int = 0
-    # False: the caller wants only the whole completion (a non-streamed run that
-    # is never aborted), so an upstream may be asked for it in one JSON body
-    # instead of SSE; such a run yields one Delta. Other engines ignore it.
+    # False: the caller wants only the whole result (a non-streamed run that is
+    # never aborted), so an upstream may be asked for it in one JSON body
+    # instead of SSE. Other engines ignore it.
     stream: bool = True
+
+    @classmethod
+    def chat(cls, request_id: str, model: str, messages: list[dict[str, Any]], **fields: Any) -> EngineRequest:
+        """A chat request from its messages and body fields (``priority`` and
+        ``stream`` are the request's own; the rest go in the body, None left out)."""
+        priority = fields.pop("priority", 0)
+        stream = fields.pop("stream", True)
+        body = {"model": model, "messages": messages}
+        body.update((k, v) for k, v in fields.items() if v is not None)
+        return cls(request_id, model, body, "chat", priority, stream)
+
+    # Readers for the fields every engine needs, as the body gives them.
+
+    @property
+    def messages(self) -> list[dict[str, Any]]:
+        messages: list[dict[str, Any]] = self.body.get("messages") or []
+        return messages
+
+    @property
+    def max_tokens(self) -> int | None:
+        """Most tokens to generate per choice; None: until the model stops or
+        its context is full (`max_completion_tokens` wins over `max_tokens`)."""
+        value = self.body.get("max_completion_tokens")
+        if value is None:
+            value = self.body.get("max_tokens")
+        return None if value is None else int(value)
+
+    @property
+    def temperature(self) -> float | None:
+        value = self.body.get("temperature")
+        return None if value is None else float(value)
+
+    @property
+    def top_p(self) -> float | None:
+        value = self.body.get("top_p")
+        return None if value is None else float(value)
+
+    @property
+    def stop(self) -> list[str]:
+        value = self.body.get("stop")
+        if not value:
+            return []
+        return [value] if isinstance(value, str) else [s for s in value if s]
+
+    @property
+    def seed(self) -> int | None:
+        value = self.body.get("seed")
+        return None if value is None else int(value)
+
+    @property
+    def n(self) -> int:
+        return int(self.body.get("n") or 1)
+
+
+def content_text(content: Any) -> str:
+    """A message's content as plain text: a string as it is, the text parts of
+    an array joined by newlines (as vLLM joins them), nothing for null."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "\n".join(
+        part.get("text") or ""
+        for part in content
+        if isinstance(part, dict) and part.get("type") in ("text", "input_text", "output_text")
+    )
 
 
 @dataclass(slots=True)
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    # The part of prompt_tokens an engine served from its prefix cache.
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -56,14 +175,42 @@ class Usage:
 
 @dataclass(slots=True)
 class Delta:
-    """A piece of generated text. The last delta of a generation carries
-    ``finish_reason`` ("stop" or "length") and ``usage``; an earlier delta may
-    carry the usage so far (prompt tokens, tokens generated up to it), which is
-    what a client that leaves mid-stream is billed for."""
+    """A piece of a generation, in the shapes of OpenAI's stream chunks.
 
-    text: str
+    - ``index``: the choice it belongs to (``n`` > 1; for completions with
+      several prompts, prompt index × n + choice).
+    - ``text``: generated text (chat `delta.content`, completions `text`).
+    - ``tool_calls``: chat tool-call deltas as OpenAI streams them
+      (``{"index", "id"?, "type"?, "function": {"name"?, "arguments"}}``); a
+      whole call is one delta that has them all.
+    - ``logprobs``: the log probabilities of this piece's tokens, in the
+      endpoint's shape (chat ``{"content": [...]}``, completions
+      ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``).
+    - ``fields``: other members of the chat delta an engine sent
+      (``reasoning_content``, ``refusal``…), relayed as they are.
+    - ``data``: an embeddings result: OpenAI's embedding objects.
+    - ``finish_reason``: on the last delta of its choice ("stop", "length",
+      "tool_calls", …).
+    - ``usage``: on the last delta of the generation, the totals of all its
+      choices; an earlier delta may carry the usage so far, which is what a
+      client that leaves mid-stream is billed for.
+
+    A generation is over when the engine's iterator ends.
+    """
+
+    text: str = ""
     finish_reason: str | None = None
     usage: Usage | None = None
+    index: int = 0
+    tool_calls: list[dict[str, Any]] | None = None
+    logprobs: dict[str, Any] | None = None
+    fields: dict[str, Any] | None = None
+    data: list[dict[str, Any]] | None = None
+
+    @property
+    def has_output(self) -> bool:
+        """It carries something generated (a token's worth or more)."""
+        return bool(self.text or self.tool_calls or self.fields or self.data)
 
 
 @dataclass(slots=True)
@@ -153,6 +300,8 @@ class Engine(abc.ABC):
     supports_pause: bool = False
     #: True when the engine takes the `priority` hint.
     accepts_priority: bool = False
+    #: What the engine honours beyond plain text generation.
+    features: frozenset[Feature] = frozenset()
 
     @property
     @abc.abstractmethod

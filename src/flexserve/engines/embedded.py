@@ -41,6 +41,7 @@ from flexserve.engines.base import (
     ModelCard,
     SequenceControl,
     Usage,
+    content_text,
 )
 from flexserve.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
@@ -363,7 +364,9 @@ class EmbeddedEngine(Engine):
             raise EngineUnavailableError("The embedded engine is closed.")
         if request.max_tokens is not None and request.max_tokens < 1:
             raise InvalidRequestError("max_tokens must be at least 1.", param="max_tokens")
-        prompt = self.prompt_tokens(request.messages)
+        prompt = self.prompt_tokens(
+            [{"role": m.get("role"), "content": content_text(m.get("content"))} for m in request.messages]
+        )
         # One position must stay free for the first generated token.
         if len(prompt) > self._n_ctx - 1:
             raise InvalidRequestError(

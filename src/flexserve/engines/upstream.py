@@ -22,6 +22,7 @@ import aiohttp
 import orjson
 
 from flexserve.engines.base import (
+    ALL_FEATURES,
     Delta,
     Engine,
     EngineLoad,
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 
 class UpstreamEngine(Engine):
     """One replica behind an OpenAI-compatible HTTP API."""
+
+    # Whatever the client sends is passed on; the upstream refuses what it
+    # cannot do, and its 400 is relayed.
+    features = ALL_FEATURES
 
     def __init__(
         self,
@@ -133,25 +138,14 @@ class UpstreamEngine(Engine):
         return self.models()
 
     def _payload(self, request: EngineRequest) -> dict[str, Any]:
-        payload: dict[str, Any] = {
-            "model": request.model,
-            "messages": request.messages,
-        }
+        """The client's body as it is, with the stream settings and priority hint
+        the gateway chose."""
+        payload = dict(request.body)
         if request.stream:
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
         else:
             payload["stream"] = False
-        if request.max_tokens is not None:
-            payload["max_tokens"] = request.max_tokens
-        if request.temperature is not None:
-            payload["temperature"] = request.temperature
-        if request.top_p is not None:
-            payload["top_p"] = request.top_p
-        if request.stop:
-            payload["stop"] = request.stop
-        if request.seed is not None:
-            payload["seed"] = request.seed
         if self.accepts_priority:
             payload["priority"] = request.priority
         return payload

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexserve.engines.base import Engine, EngineLoad, SequenceControl
+from flexserve.engines.base import Engine, EngineLoad, Feature, SequenceControl
 from flexserve.scheduler.estimates import RateWindow
 from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.queue import TierQueue
@@ -129,6 +129,15 @@ class ModelPool:
     @property
     def capacity(self) -> int:
         return sum(r.capacity for r in self.replicas if r.healthy)
+
+    @property
+    def features(self) -> frozenset[Feature]:
+        """What every replica of the model honours (a request may land on any)."""
+        features: frozenset[Feature] | None = None
+        for replica in self.replicas:
+            own = replica.engine.features
+            features = own if features is None else features & own
+        return features or frozenset()
 
     @property
     def num_in_flight(self) -> int:

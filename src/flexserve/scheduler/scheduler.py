@@ -181,27 +181,31 @@ class Scheduler:
             abortable = self.config.tiers_enabled and run.tier.is_preemptible
             # A non-streamed abortable run is held back until it ends, so that an
             # abort can restart it without the client ever seeing a first attempt.
-            held: list[str] | None = [] if abortable and not ticket.stream else None
+            held: list[Delta] | None = [] if abortable and not ticket.stream else None
             try:
                 engine_deltas = replica.engine.generate(request, run.control)
                 deltas = self._pumped(run, engine_deltas) if abortable else engine_deltas
+                last: Delta | None = None
                 async for delta in deltas:
-                    if delta.text:
+                    last = delta
+                    if delta.has_output:
                         num_tokens += 1
                         last_at = time.monotonic()
                         if num_tokens == 1:
                             first_at = last_at
                             ticket.first_token_at = last_at
-                    if delta.finish_reason is not None and delta.usage is not None:
-                        replica.observe_prompt(delta.usage.prompt_tokens, ticket.prompt_tokens)
                     if held is not None:
-                        held.append(delta.text)
-                        if delta.finish_reason is None:
-                            continue
-                        delta = Delta("".join(held), delta.finish_reason, delta.usage)
+                        held.append(delta)
+                        continue
                     run.delivered = True
                     yield delta
+                if last is not None and last.usage is not None:
+                    replica.observe_prompt(last.usage.prompt_tokens, ticket.prompt_tokens)
                 finished = True
+                if held:
+                    run.delivered = True
+                    for delta in held:
+                        yield delta
                 return
             except _Preempted:
                 ticket.num_preemptions += 1

@@ -18,6 +18,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     false,
 )
@@ -202,4 +203,24 @@ server_secrets = Table(
     Column("name", String(64), primary_key=True),
     Column("value", String, nullable=False),
     Column("created_at", BigInteger, nullable=False),
+)
+
+# Responses created with `store` (the default), for `GET /v1/responses/{id}`
+# and for a later request that continues them (`previous_response_id`).
+stored_responses = Table(
+    "stored_responses",
+    metadata,
+    Column("id", String(64), primary_key=True),  # "resp_…"
+    Column("org_id", String(40), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(40), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("previous_response_id", String(64), nullable=True),
+    # The Response object as the API returned it (JSON).
+    Column("response", Text, nullable=False),
+    # This request's input items, with ids (JSON), for `input_items`.
+    Column("input_items", Text, nullable=False),
+    # The whole conversation so far as chat messages, this response's output
+    # included (JSON): what a request continuing it is sent.
+    Column("conversation", Text, nullable=False),
+    Index("ix_stored_responses_org_id_created_at", "org_id", "created_at"),
 )

@@ -38,7 +38,7 @@ from collections.abc import AsyncGenerator, Callable, Sequence
 from operator import attrgetter
 from typing import Any, Literal
 
-from flexserve.engines.base import Delta, EngineLoad, EngineRequest, Usage
+from flexserve.engines.base import Delta, EngineLoad, EngineRequest, Usage, content_text
 from flexserve.engines.sim.metrics import (
     ITERATION_TOKENS_BUCKETS,
     ITL_BUCKETS,
@@ -73,7 +73,7 @@ _PREEMPTION_LOG_LEN = 1000
 
 def count_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
     """The sim tokenizer: 4 tokens per message, one per word, 2 to prime the reply."""
-    return sum(4 + len((m.get("content") or "").split()) for m in messages) + 2
+    return sum(4 + len(content_text(m.get("content")).split()) for m in messages) + 2
 
 
 class _State(enum.Enum):

@@ -189,10 +189,10 @@ class _ChatCompletions:
         stop = data.get("stop") or []
         if not isinstance(stop, (str, list)):
             raise InvalidRequestError("'stop' must be a string or an array.", param="stop")
-        request = EngineRequest(
-            request_id=f"chatcmpl-{os.urandom(12).hex()}",
-            model=model,
-            messages=normalized,
+        request = EngineRequest.chat(
+            f"chatcmpl-{os.urandom(12).hex()}",
+            model,
+            normalized,
             max_tokens=max_tokens,
             stop=[stop] if isinstance(stop, str) else list(stop),
             seed=_optional_int(data, "seed"),
