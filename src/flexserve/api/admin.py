@@ -24,7 +24,6 @@ from flexserve.accounts.verification import VerificationError, VerificationReque
 from flexserve.api import admin_params as qp
 from flexserve.api.auth import authenticate_admin
 from flexserve.api.body import read_json
-from flexserve.api.errors import error_response
 from flexserve.api.state import Services
 from flexserve.billing.cost import pico_to_usd
 from flexserve.billing.reports import (
@@ -36,7 +35,7 @@ from flexserve.billing.reports import (
     savings_report,
     usage_report,
 )
-from flexserve.errors import FlexServeError, InvalidRequestError
+from flexserve.errors import InvalidRequestError
 
 _USAGE_KEYS = ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier")
 _LINES = (
@@ -108,14 +107,11 @@ def _page(window: qp.Window, results: dict[int, list[dict[str, Any]]]) -> dict[s
 
 async def usage_completions(request: Request) -> Response:
     """GET /v1/organization/usage/completions"""
-    try:
-        services, principal = await _admin(request)
-        window = qp.window(request.query_params, qp.USAGE_LIMITS)
-        group_by = qp.array(request.query_params, "group_by", USAGE_GROUP_BY)
-        query = _report_query(principal, window, group_by, request, with_models=True)
-        rows = await usage_report(services.db, query)
-    except FlexServeError as exc:
-        return error_response(exc)
+    services, principal = await _admin(request)
+    window = qp.window(request.query_params, qp.USAGE_LIMITS)
+    group_by = qp.array(request.query_params, "group_by", USAGE_GROUP_BY)
+    query = _report_query(principal, window, group_by, request, with_models=True)
+    rows = await usage_report(services.db, query)
     results: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         results.setdefault(row.bucket_start, []).append(_usage_result(row, group_by))
@@ -141,14 +137,11 @@ def _usage_result(row: ReportRow, group_by: tuple[str, ...]) -> dict[str, Any]:
 
 async def costs(request: Request) -> Response:
     """GET /v1/organization/costs"""
-    try:
-        services, principal = await _admin(request)
-        window = qp.window(request.query_params, qp.COST_LIMITS)
-        group_by = qp.array(request.query_params, "group_by", COST_GROUP_BY)
-        query = _report_query(principal, window, group_by, request, with_models=False)
-        rows = await cost_report(services.db, query)
-    except FlexServeError as exc:
-        return error_response(exc)
+    services, principal = await _admin(request)
+    window = qp.window(request.query_params, qp.COST_LIMITS)
+    group_by = qp.array(request.query_params, "group_by", COST_GROUP_BY)
+    query = _report_query(principal, window, group_by, request, with_models=False)
+    rows = await cost_report(services.db, query)
     return _json(_page(window, _cost_results(rows, group_by)))
 
 
@@ -196,13 +189,10 @@ def _cost_results(
 async def flex_savings(request: Request) -> Response:
     """GET /v1/organization/flex/savings — FlexServe's own: by UTC day, what
     flex and batch cost against the same tokens at list (default-tier) price."""
-    try:
-        services, principal = await _admin(request)
-        window = qp.window(request.query_params, qp.COST_LIMITS)
-        query = _report_query(principal, window, (), request, with_models=False)
-        rows = await savings_report(services.db, query)
-    except FlexServeError as exc:
-        return error_response(exc)
+    services, principal = await _admin(request)
+    window = qp.window(request.query_params, qp.COST_LIMITS)
+    query = _report_query(principal, window, (), request, with_models=False)
+    rows = await savings_report(services.db, query)
     results: dict[int, list[dict[str, Any]]] = {}
     for row in rows:
         list_cost, cost = row.sums["list_cost"], row.sums["cost"]
@@ -250,31 +240,25 @@ def _string_field(body: dict[str, Any], name: str) -> str:
 
 async def submit_verification(request: Request) -> Response:
     """POST /v1/organization/verification: an identity document for review."""
+    services, principal = await _admin(request)
+    body = await read_json(request, services.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise InvalidRequestError("The request body must be a JSON object.", param=None)
+    document_type, country, number = (
+        _string_field(body, name) for name in ("document_type", "country", "number")
+    )
     try:
-        services, principal = await _admin(request)
-        body = await read_json(request, services.settings.max_body_bytes)
-        if not isinstance(body, dict):
-            raise InvalidRequestError("The request body must be a JSON object.", param=None)
-        document_type, country, number = (
-            _string_field(body, name) for name in ("document_type", "country", "number")
+        submitted = await services.verifications.submit(
+            principal.org_id, document_type, country, number, actor=f"key:{principal.key_id}"
         )
-        try:
-            submitted = await services.verifications.submit(
-                principal.org_id, document_type, country, number, actor=f"key:{principal.key_id}"
-            )
-        except VerificationError as exc:
-            raise InvalidRequestError(str(exc), param=exc.param) from None
-    except FlexServeError as exc:
-        return error_response(exc)
+    except VerificationError as exc:
+        raise InvalidRequestError(str(exc), param=exc.param) from None
     return _json(_verification_object(principal, submitted.status, submitted))
 
 
 async def verification_status(request: Request) -> Response:
     """GET /v1/organization/verification: the status and the latest submission."""
-    try:
-        services, principal = await _admin(request)
-        org = await services.accounts.get_org(principal.org_name)
-        latest = await services.verifications.latest(principal.org_id)
-    except FlexServeError as exc:
-        return error_response(exc)
+    services, principal = await _admin(request)
+    org = await services.accounts.get_org(principal.org_name)
+    latest = await services.verifications.latest(principal.org_id)
     return _json(_verification_object(principal, org.verification_status, latest))

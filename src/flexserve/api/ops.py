@@ -7,9 +7,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
-from flexserve.api.errors import error_response
 from flexserve.api.state import Services
-from flexserve.errors import FlexServeError, ModelNotFoundError
+from flexserve.errors import ModelNotFoundError
 
 
 def _json(body: object, status_code: int = 200) -> Response:
@@ -24,10 +23,7 @@ def _model_object(services: Services, model: str) -> dict[str, object]:
 
 async def list_models(request: Request) -> Response:
     services: Services = request.app.state.services
-    try:
-        await authenticate(request, services.keys)
-    except FlexServeError as exc:
-        return error_response(exc)
+    await authenticate(request, services.keys)
     data = [_model_object(services, model) for model in sorted(services.scheduler.pools)]
     return _json({"object": "list", "data": data})
 
@@ -35,22 +31,16 @@ async def list_models(request: Request) -> Response:
 async def retrieve_model(request: Request) -> Response:
     services: Services = request.app.state.services
     model = request.path_params["model"]
-    try:
-        await authenticate(request, services.keys)
-        if model not in services.scheduler.pools:
-            raise ModelNotFoundError(model)
-    except FlexServeError as exc:
-        return error_response(exc)
+    await authenticate(request, services.keys)
+    if model not in services.scheduler.pools:
+        raise ModelNotFoundError(model)
     return _json(_model_object(services, model))
 
 
 async def flex_status(request: Request) -> Response:
     """Spare flex capacity, queue depth and expected wait per model."""
     services: Services = request.app.state.services
-    try:
-        await authenticate(request, services.keys)
-    except FlexServeError as exc:
-        return error_response(exc)
+    await authenticate(request, services.keys)
     return _json({"object": "list", "data": services.scheduler.flex_status()})
 
 
