@@ -171,6 +171,9 @@ class Responses(Endpoint):
             log.exception("storing response %s failed", output.final["id"])
 
 
+# Members of a Response that are always there, null when they do not apply.
+_REQUIRED_NULLABLE = frozenset({"error", "incomplete_details", "instructions"})
+
 _ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
@@ -248,7 +251,8 @@ class ResponseOutput(Output):
             "user": request.user,
             "metadata": request.metadata or {},
         }
-        return body
+        # Optional members are left out rather than null, as OpenAI's schema has them.
+        return {k: v for k, v in body.items() if v is not None or k in _REQUIRED_NULLABLE}
 
     def _output_items(self, choice: Choice) -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -414,7 +418,7 @@ class ResponseOutput(Output):
 def _usage(usage: Usage) -> dict[str, Any]:
     return {
         "input_tokens": usage.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+        "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": usage.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": usage.total_tokens,
@@ -469,7 +473,8 @@ async def delete_response(request: Request) -> Response:
     store, principal, response_id = await _stored(request)
     if not await store.delete(principal.org_id, response_id):
         raise _not_found(response_id)
-    return _json({"id": response_id, "object": "response.deleted", "deleted": True})
+    # OpenAI answers a deletion with an empty 200.
+    return Response(status_code=200)
 
 
 async def list_input_items(request: Request) -> Response:
