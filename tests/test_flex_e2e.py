@@ -146,3 +146,47 @@ def test_two_thousand_waiting_flex_connections(busy_gateway: tuple[Gateway, str]
         wait_for(lambda: http.get("/v1/flex/status").json()["data"][0]["queue_depth"] == 0, timeout=30)
         metrics = http.get("/metrics").text
     assert f'flexserve_requests_total{{model="{model}",status="client_gone",tier="flex"}} {float(num)}' in metrics
+
+
+def _wait_limit_buckets(gateway: Gateway) -> dict[str, float]:
+    text = httpx.get(gateway.url + "/metrics").text
+    prefix = "flexserve_flex_wait_limit_seconds_bucket{le=\""
+    return {
+        line[len(prefix):].split('"')[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    }
+
+
+async def _limit_applied(gateway: Gateway, model: str, client: openai.AsyncOpenAI) -> dict[str, float]:
+    """Send one flex request that waits; return how the wait-limit buckets moved."""
+    before = _wait_limit_buckets(gateway)
+    task = asyncio.create_task(client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=3, service_tier="flex"
+    ))
+    try:
+        deadline = time.monotonic() + 10
+        while _wait_limit_buckets(gateway).get("+Inf", 0) == before.get("+Inf", 0):
+            assert time.monotonic() < deadline, "the flex request never reached the queue"
+            await asyncio.sleep(0.05)
+        after = _wait_limit_buckets(gateway)
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await client.close()
+    return {le: after[le] - before.get(le, 0) for le in after}
+
+
+async def test_flex_wait_ends_before_a_default_sdk_gives_up(busy_gateway: tuple[Gateway, str]) -> None:
+    """The SDK at its defaults waits 600 s for an answer (and says so in
+    X-Stainless-Timeout): a flex request it sends is allowed to wait less than
+    that, so a refusal reaches it as a 429 rather than as its own timeout."""
+    gateway, model = busy_gateway
+    default_client = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key)
+    moved = await _limit_applied(gateway, model, default_client)
+    assert moved["540.0"] == 1  # 600 s read timeout: at most 540 s in the queue
+    patient = openai.AsyncOpenAI(base_url=gateway.url + "/v1", api_key=gateway.api_key, timeout=900)
+    moved = await _limit_applied(gateway, model, patient)
+    # A 15-minute timeout (OpenAI's advice for flex) gets the server's whole 600 s.
+    assert moved["540.0"] == 0 and moved["600.0"] == 1

@@ -201,6 +201,12 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
         {endpoint.path: endpoint for endpoint in endpoints},
         routes=routes(endpoints),
         middleware=[Middleware(RequestIdMiddleware)],
-        exception_handlers={HTTPException: handle_exception, Exception: handle_exception},
+        # A domain error is answered by ExceptionMiddleware (no traceback logged);
+        # anything else by ServerErrorMiddleware, logged as the bug it is.
+        exception_handlers={
+            FlexServeError: handle_exception,
+            HTTPException: handle_exception,
+            Exception: handle_exception,
+        },
         lifespan=lifespan,
     )

@@ -19,6 +19,8 @@ from flexserve.tiers import ServiceTier
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
+_WAIT_LIMIT_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 480, 540, 600, 900, 1800, 3600)
+
 _M = TypeVar("_M", Counter, Histogram)
 
 
@@ -110,7 +112,7 @@ class GatewayMetrics:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Labelled(Counter(
             "flexserve_requests",
-            "Chat completion requests by model, served tier and outcome.",
+            "Inference requests by model, served tier and outcome.",
             ["model", "tier", "status"],
             registry=self.registry,
         ))
@@ -141,6 +143,13 @@ class GatewayMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         ))
+        self.flex_wait_limit = Histogram(
+            "flexserve_flex_wait_limit_seconds",
+            "Longest each flex request was allowed to wait in the queue: flex_max_wait, "
+            "shortened by X-Flex-Max-Wait or by the client's own timeout.",
+            buckets=_WAIT_LIMIT_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_SchedulerCollector(scheduler))
 
     def render(self) -> bytes:

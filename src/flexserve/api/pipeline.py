@@ -57,9 +57,10 @@ from flexserve.tiers import ServiceTier, resolve_tier
 
 FLEX_MAX_WAIT_HEADER = b"x-flex-max-wait"
 # The official SDKs say how long they will wait for an answer (their read
-# timeout, seconds): a flex request is refused before that rather than left
-# to time out and be sent again.
-CLIENT_TIMEOUT_HEADER = b"x-stainless-timeout"
+# timeout, seconds; Python sends the first, other Stainless SDKs the second):
+# a flex request is refused before that rather than left to time out and be
+# sent again.
+CLIENT_TIMEOUT_HEADERS = (b"x-stainless-read-timeout", b"x-stainless-timeout")
 _SSE_HEADERS = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 # Output tokens assumed for a request's expected cost when it sets no limit.
 _OUTPUT_GUESS = 256
@@ -135,9 +136,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         body = await receive_json(receive, headers.get(b"content-length"), settings.max_body_bytes)
         inference = endpoint.parse(body, request_id, settings)
         model = inference.model
-        max_wait = _flex_max_wait(
-            _header(headers, FLEX_MAX_WAIT_HEADER), _header(headers, CLIENT_TIMEOUT_HEADER)
-        )
+        max_wait = _flex_max_wait(_header(headers, FLEX_MAX_WAIT_HEADER), _client_timeout(headers))
         tier = resolve_tier(inference.service_tier, ServiceTier(principal.default_service_tier))
         pool = services.scheduler.pool(model)  # 404 before anything queues
         check_features(inference, pool.features, model)
@@ -156,6 +155,8 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         )
         # Flex stays streamed: the scheduler may abort it and relies on deltas.
         inference.engine.stream = inference.stream or tier.is_preemptible
+        if tier.is_preemptible:
+            services.metrics.flex_wait_limit.observe(services.scheduler.flex_deadline(ticket))
         call = Call(request_id, principal, inference, ticket, arrived_at, int(time.time()), admission=admission)
     except ClientDisconnect:
         return  # gone while sending its body: nobody to answer
@@ -205,6 +206,14 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
     value = headers.get(name)
     return None if value is None else value.decode("latin-1")
+
+
+def _client_timeout(headers: dict[bytes, bytes]) -> str | None:
+    for name in CLIENT_TIMEOUT_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            return value.decode("latin-1")
+    return None
 
 
 def _seconds(raw: str) -> float:
