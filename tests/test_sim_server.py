@@ -1,22 +1,30 @@
-"""The sim engine served for real on loopback, driven by the official openai SDK."""
+"""The sim engine served for real on loopback, driven by the official openai SDK
+and by plain HTTP, its answers checked against OpenAI's published schemas."""
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import uvicorn
-from openai.types.chat import ChatCompletionMessageParam
+from openai.types.chat import ChatCompletionMessageParam, ChatCompletionToolParam
 from prometheus_client.parser import text_string_to_metric_families
 
 from flexserve.engines.sim import SimModel
 from flexserve.engines.sim.server import create_sim_app
+from openapi import validate
 
 # 4 + 3 + 2 = 9 prompt tokens for the sim tokenizer.
 MESSAGES: list[ChatCompletionMessageParam] = [{"role": "user", "content": "say something nice"}]
@@ -204,3 +212,259 @@ def test_client_disconnect_aborts_the_sequence(timed: tuple[SimModel, str]) -> N
     samples = wait_until_idle(url)
     assert samples["vllm:num_requests_running"] == 0
     assert samples["vllm:generation_tokens_total"] - before < max_tokens / 2
+
+
+# --- the whole surface: n, tools, logprobs, structured output ---------------------------------
+
+WEATHER = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer", "minimum": 1,
+                                                          "maximum": 7}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+TOOLS: list[ChatCompletionToolParam] = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+]
+
+
+def raw_chunks(response: httpx.Response) -> list[dict[str, Any]]:
+    """A stream's JSON chunks, up to the [DONE] it must end with."""
+    lines = [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
+
+
+def merged_stream(chunks: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Stream chunks merged per choice as a client merges them."""
+    choices: dict[int, dict[str, Any]] = {}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            merged = choices.setdefault(choice["index"], {"content": "", "tool_calls": {},
+                                                          "logprobs": [], "finish_reason": None})
+            delta = choice["delta"]
+            merged["content"] += delta.get("content") or ""
+            for piece in delta.get("tool_calls") or ():
+                call = merged["tool_calls"].setdefault(piece["index"], {
+                    "id": "", "type": "function", "function": {"name": "", "arguments": ""}})
+                call["id"] = piece.get("id") or call["id"]
+                function = piece.get("function") or {}
+                call["function"]["name"] += function.get("name") or ""
+                call["function"]["arguments"] += function.get("arguments") or ""
+            if choice.get("logprobs"):
+                merged["logprobs"] += choice["logprobs"]["content"]
+            merged["finish_reason"] = choice["finish_reason"] or merged["finish_reason"]
+    return choices
+
+
+@pytest.mark.parametrize("fixture", ["instant", "timed"])
+def test_n_choices_whole_and_streamed(fixture: str, request: pytest.FixtureRequest) -> None:
+    model, url = request.getfixturevalue(fixture)
+    body = {"model": model.model_id, "messages": MESSAGES, "n": 3, "max_tokens": 5, "seed": 8}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body).json()
+    validate(whole, "CreateChatCompletionResponse")
+    texts = [c["message"]["content"] for c in whole["choices"]]
+    assert [c["index"] for c in whole["choices"]] == [0, 1, 2] and len(set(texts)) == 3
+    assert all(len(t.split()) == 5 for t in texts)
+    assert whole["usage"] == {"prompt_tokens": 9, "completion_tokens": 15, "total_tokens": 24}
+    streamed = httpx.post(f"{url}/v1/chat/completions", json={
+        **body, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = raw_chunks(streamed)
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    # A role chunk opens each choice, as vLLM sends them.
+    assert [(c["choices"][0]["index"], c["choices"][0]["delta"].get("role")) for c in chunks[:3]] \
+        == [(0, "assistant"), (1, "assistant"), (2, "assistant")]
+    merged = merged_stream(chunks)
+    assert [merged[i]["content"] for i in range(3)] == texts
+    assert all(merged[i]["finish_reason"] == "length" for i in range(3))
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+
+
+@pytest.mark.parametrize("fixture", ["instant", "timed"])
+def test_tool_calls_stream_as_they_answer_whole(fixture: str,
+                                                request: pytest.FixtureRequest) -> None:
+    model, url = request.getfixturevalue(fixture)
+    sdk = client(url)
+    whole = sdk.chat.completions.create(model=model.model_id, messages=MESSAGES, tools=TOOLS,
+                                        seed=4)
+    validate(whole.model_dump(mode="json", exclude_unset=True), "CreateChatCompletionResponse")
+    [choice] = whole.choices
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    [call] = choice.message.tool_calls or []
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == "get_weather"
+    jsonschema.Draft202012Validator(WEATHER).validate(json.loads(call.function.arguments))
+    chunks = raw_chunks(httpx.post(f"{url}/v1/chat/completions", json={
+        "model": model.model_id, "messages": MESSAGES, "tools": TOOLS, "seed": 4,
+        "stream": True}))
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    merged = merged_stream(chunks)[0]
+    assert merged["finish_reason"] == "tool_calls"
+    assert merged["tool_calls"] == {0: call.model_dump(mode="json")}
+
+
+def test_logprobs_and_json_schema(timed: tuple[SimModel, str]) -> None:
+    model, url = timed
+    body = {"model": model.model_id, "messages": MESSAGES, "seed": 2, "logprobs": True,
+            "top_logprobs": 4, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "weather", "schema": WEATHER, "strict": True}}}
+    whole = httpx.post(f"{url}/v1/chat/completions", json=body).json()
+    validate(whole, "CreateChatCompletionResponse")
+    [choice] = whole["choices"]
+    text = choice["message"]["content"]
+    jsonschema.Draft202012Validator(WEATHER).validate(json.loads(text))
+    entries = choice["logprobs"]["content"]
+    assert "".join(e["token"] for e in entries) == text
+    assert len(entries) == whole["usage"]["completion_tokens"]
+    assert all(len(e["top_logprobs"]) == 4 and e["top_logprobs"][0]["token"] == e["token"]
+               for e in entries)
+    chunks = raw_chunks(httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": True}))
+    for chunk in chunks:
+        validate(chunk, "CreateChatCompletionStreamResponse")
+    merged = merged_stream(chunks)[0]
+    assert merged["content"] == text and merged["logprobs"] == entries
+
+
+# --- completions --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("prompt", "num_prompts", "prompt_tokens"), [
+    ("say something nice", 1, 3),
+    (["say something", "nice"], 2, 3),
+    ([9, 8, 7, 6, 5], 1, 5),
+    ([[1, 2], [3]], 2, 3),
+])
+def test_completions_take_every_prompt_form(instant: tuple[SimModel, str], prompt: Any,
+                                            num_prompts: int, prompt_tokens: int) -> None:
+    model, url = instant
+    reply = client(url).completions.create(model=model.model_id, prompt=prompt, n=2,
+                                           max_tokens=4, logprobs=1)
+    validate(reply.model_dump(mode="json", exclude_unset=True), "CreateCompletionResponse")
+    assert reply.object == "text_completion" and reply.id.startswith("cmpl-")
+    assert [c.index for c in reply.choices] == list(range(2 * num_prompts))
+    for choice in reply.choices:
+        assert len(choice.text.split()) == 4 and choice.finish_reason == "length"
+        assert choice.logprobs is not None and "".join(choice.logprobs.tokens or []) == choice.text
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (
+        prompt_tokens, 8 * num_prompts)
+
+
+def test_completions_default_to_sixteen_tokens(instant: tuple[SimModel, str]) -> None:
+    model, url = instant
+    reply = httpx.post(f"{url}/v1/completions", json={"model": model.model_id, "prompt": "x"})
+    assert reply.json()["usage"]["completion_tokens"] == 16
+
+
+def test_completions_stream_with_echo(timed: tuple[SimModel, str]) -> None:
+    model, url = timed
+    sdk = client(url)
+    whole = sdk.completions.create(model=model.model_id, prompt="Once upon", max_tokens=6,
+                                   echo=True, seed=6)
+    [choice] = whole.choices
+    assert choice.text.startswith("Once upon") and len(choice.text.split()) == 8
+    stream = sdk.completions.create(model=model.model_id, prompt="Once upon", max_tokens=6,
+                                    echo=True, seed=6, stream=True,
+                                    stream_options={"include_usage": True})
+    chunks = list(stream)
+    for chunk in chunks:
+        # The spec's finish_reason is never null, though every stream's is until
+        # its end (OpenAI's and vLLM's alike): check the chunks that have one.
+        if not chunk.choices or chunk.choices[0].finish_reason is not None:
+            validate(chunk.model_dump(mode="json", exclude_unset=True),
+                     "CreateCompletionResponse")
+    *parts, usage_chunk = chunks
+    assert "".join(c.choices[0].text for c in parts) == choice.text
+    assert parts[0].choices[0].text.startswith("Once upon")
+    assert [c.choices[0].finish_reason for c in parts].count("length") == 1
+    assert usage_chunk.usage is not None and usage_chunk.usage == whole.usage
+
+
+def test_completions_echo_with_logprobs_and_max_tokens_zero(instant: tuple[SimModel, str]) -> None:
+    model, url = instant
+    reply = httpx.post(f"{url}/v1/completions", json={
+        "model": model.model_id, "prompt": "one two three", "max_tokens": 0, "echo": True,
+        "logprobs": 0}).json()
+    [choice] = reply["choices"]
+    assert (choice["text"], choice["finish_reason"]) == ("one two three", "length")
+    assert choice["logprobs"]["tokens"] == ["one", " two", " three"]
+    assert choice["logprobs"]["token_logprobs"][0] is None
+    assert choice["logprobs"]["text_offset"] == [0, 3, 7]
+    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+
+
+# --- embeddings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fixture", ["instant", "timed"])
+def test_embeddings_float_and_base64(fixture: str, request: pytest.FixtureRequest) -> None:
+    model, url = request.getfixturevalue(fixture)
+    inputs = ["the first text", "a second"]
+    raw = httpx.post(f"{url}/v1/embeddings", json={"model": model.model_id, "input": inputs})
+    body = raw.json()
+    validate(body, "CreateEmbeddingResponse")
+    assert body["usage"] == {"prompt_tokens": 5, "total_tokens": 5}
+    vectors = [item["embedding"] for item in body["data"]]
+    assert [item["index"] for item in body["data"]] == [0, 1]
+    assert all(len(v) == model.profile.embedding_dim for v in vectors)
+    packed = httpx.post(f"{url}/v1/embeddings", json={
+        "model": model.model_id, "input": inputs, "encoding_format": "base64"}).json()
+    decoded = [list(struct.unpack(f"<{len(v)}f", base64.b64decode(item["embedding"])))
+               for v, item in zip(vectors, packed["data"], strict=True)]
+    assert decoded == vectors
+    # The SDK asks for base64 itself and decodes it.
+    sdk = client(url).embeddings.create(model=model.model_id, input=inputs)
+    assert [d.embedding for d in sdk.data] == vectors
+    short = client(url).embeddings.create(model=model.model_id, input=[[1, 2, 3]], dimensions=16)
+    assert len(short.data[0].embedding) == 16 and short.usage.prompt_tokens == 3
+    assert math.isclose(math.fsum(x * x for x in short.data[0].embedding), 1.0, rel_tol=1e-5)
+
+
+# --- refusals -------------------------------------------------------------------------------
+
+IMAGE_MESSAGES = [{"role": "user", "content": [
+    {"type": "text", "text": "what is this"},
+    {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}]
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [
+    ("/v1/completions", {"prompt": "x", "suffix": "and so on"}, "suffix"),
+    ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
+    ("/v1/completions", {"prompt": [1, 500_000]}, "prompt"),
+    ("/v1/completions", {"prompt": "x", "max_tokens": 0}, "max_tokens"),
+    ("/v1/chat/completions", {"messages": IMAGE_MESSAGES}, "messages[0].content[1]"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "n": 0}, "n"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "tools": TOOLS,
+                              "tool_choice": {"type": "function", "function": {"name": "x"}}},
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stop": 5}, "stop"),
+    ("/v1/embeddings", {"input": "x", "dimensions": 100_000}, "dimensions"),
+    ("/v1/embeddings", {"input": ""}, "input"),
+    ("/v1/embeddings", {"input": "x", "stream": True}, "stream"),
+])
+@pytest.mark.parametrize("fixture", ["instant", "timed"])
+def test_refusals_name_the_parameter(fixture: str, path: str, body: dict[str, Any], param: str,
+                                     request: pytest.FixtureRequest) -> None:
+    model, url = request.getfixturevalue(fixture)
+    response = httpx.post(f"{url}{path}", json={"model": model.model_id, **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+
+
+def test_completions_client_disconnect_aborts_the_sequence(timed: tuple[SimModel, str]) -> None:
+    model, url = timed
+    max_tokens = 8000
+    before = metrics(url)["vllm:generation_tokens_total"]
+    stream = client(url).completions.create(model=model.model_id, prompt="go on", n=2,
+                                            max_tokens=max_tokens, stream=True)
+    next(iter(stream))
+    next(iter(stream))
+    stream.close()
+    samples = wait_until_idle(url)
+    assert samples["vllm:num_requests_running"] == 0
+    assert samples["vllm:kv_cache_usage_perc"] == 0
+    assert samples["vllm:generation_tokens_total"] - before < max_tokens

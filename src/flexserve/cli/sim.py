@@ -34,12 +34,17 @@ def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: i
     """Serve a simulated vLLM-style engine for benchmarks, capacity planning and tests.
 
     An OpenAI-compatible server (GET /v1/models, POST /v1/chat/completions,
-    streaming included) whose timing comes from a continuous-batching model
-    calibrated on published GPU profiles, and whose GET /metrics carries vLLM's
-    metric names (vllm:num_requests_waiting, vllm:kv_cache_usage_perc, ...).
-    Output text is filler; a prompt's token count is, per message, 4 plus its
-    number of words, plus 2. Use --profile instant to measure a gateway's own
-    overhead: every request is answered at once.
+    /v1/completions and /v1/embeddings, streaming included) whose timing comes
+    from a continuous-batching model calibrated on published GPU profiles, and
+    whose GET /metrics carries vLLM's metric names (vllm:num_requests_waiting,
+    vllm:kv_cache_usage_perc, ...). It answers as vLLM serving a text-only
+    model would: n choices, tool calls, JSON and JSON-schema output, log
+    probabilities, echo, token-id prompts, embedding dimensions; image or
+    audio input, suffix and best_of are refused with a 400. Output text is
+    filler (JSON output validates against its schema); a chat prompt's token
+    count is, per message, 4 plus its number of words, plus 2. Use --profile
+    instant to measure a gateway's own overhead: every request is answered at
+    once.
     """
     # Imported here so that `flexserve --help` does not pay for uvicorn and starlette.
     from flexserve.engines.sim.server import serve

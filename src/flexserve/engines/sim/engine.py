@@ -14,6 +14,7 @@ from flexserve.engines.base import (
     Engine,
     EngineLoad,
     EngineRequest,
+    Feature,
     ModelCard,
     SequenceControl,
     StepTimeModel,
@@ -28,6 +29,13 @@ class SimEngine(Engine):
     name = "sim"
     supports_pause = False
     accepts_priority = True
+    # What vLLM does serving a text-only model: no image or audio input, no
+    # suffix or best_of (vLLM V1 has neither), no fields it does not know.
+    features = frozenset({
+        Feature.TOOLS, Feature.JSON_OBJECT, Feature.JSON_SCHEMA, Feature.LOGPROBS, Feature.N,
+        Feature.PENALTIES, Feature.LOGIT_BIAS, Feature.COMPLETIONS, Feature.TOKEN_PROMPTS,
+        Feature.ECHO, Feature.EMBEDDINGS, Feature.DIMENSIONS,
+    })
 
     def __init__(
         self,

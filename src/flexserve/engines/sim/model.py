@@ -6,21 +6,25 @@ token budget and the KV cache allow; chunked prefill; preemption of the
 lowest-priority, newest sequence when the KV cache is full) and sleeps each
 step's modelled duration, ``profiles.step_time``, divided by ``speed``.
 
-Sim tokenizer (so that benchmarks can build prompts of an exact length)::
+A request is one sequence per prompt (chat: one; completions: one per prompt;
+embeddings: one per input). A sequence with ``n`` choices has its prompt
+prefilled once and then decodes one token per unfinished choice each step,
+holding KV for the prompt and every choice's tokens, as vLLM shares a
+prompt's cached prefix among ``n`` samples. An embedding is prefill only: it
+finishes when its prompt is in the cache, generating no token.
 
-    prompt_tokens = sum(4 + len(m["content"].split()) for m in messages) + 2
-
-Output: exactly ``max_tokens`` tokens when given (finish_reason "length");
-otherwise a length in 16..512 drawn from ``seed`` (or the request id when no
-seed is given), finish_reason "stop" — or "length" if the context runs out
-first. Each token is one filler word with a leading space, deterministic per
-seed; for one seed a shorter output is a prefix of a longer one.
+Prompts are counted by the sim tokenizer (``tokenizer.py``), output is
+planned per choice before it starts (``outputs.py``: filler words, or JSON,
+or a tool call): exactly ``max_tokens`` tokens of text when given
+(finish_reason "length"); otherwise a length in 16..512 drawn from ``seed``
+(or the request id when no seed is given), finish_reason "stop" — or "length"
+if the context runs out first.
 
 Time: latencies (TTFT, inter-token) are recorded on a simulated clock that
 advances by each step's modelled time while busy and by wall time x ``speed``
 while idle, so they read as a real engine's seconds whatever the speed and
 however jittery the host. The ``instant`` profile skips the step loop and
-answers each request at once, in one ``Delta``.
+answers each request at once, in one ``Delta`` per choice.
 """
 
 from __future__ import annotations
@@ -31,49 +35,42 @@ import dataclasses
 import enum
 import heapq
 import logging
-import random
 import time
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable
 from operator import attrgetter
-from typing import Any, Literal
+from typing import Literal
 
-from flexserve.engines.base import Delta, EngineLoad, EngineRequest, Usage, content_text
+from flexserve.engines.base import Delta, EngineLoad, EngineRequest, Usage
+from flexserve.engines.sim.embeddings import embedding_object, unit_vector
+from flexserve.engines.sim.inputs import EmbeddingInput, GenerationInput, read_request
 from flexserve.engines.sim.metrics import (
     ITERATION_TOKENS_BUCKETS,
     ITL_BUCKETS,
     TTFT_BUCKETS,
     Histogram,
 )
+from flexserve.engines.sim.outputs import (
+    MAX_DRAWN,
+    ChoiceOutput,
+    choice_key,
+    filler_words,
+    plan_choices,
+)
 from flexserve.engines.sim.profiles import PROFILES, SimProfile, step_time
+from flexserve.engines.sim.tokenizer import FILLER_WORDS, count_prompt_tokens
 from flexserve.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
-__all__ = ["SimModel", "count_prompt_tokens", "step_time"]
+__all__ = ["FILLER_WORDS", "SimModel", "count_prompt_tokens", "step_time"]
 
 logger = logging.getLogger(__name__)
 
 SchedulingPolicy = Literal["fcfs", "priority"]
 
-# One token each; the leading space makes the joined text read as words. 64 of
-# them, so that each random byte picks one with equal odds (see _WORD_OF_BYTE).
-FILLER_WORDS: tuple[str, ...] = tuple(" " + w for w in (
-    "the of and to in is that for it as with was on be by at this from or an "
-    "model token batch queue flex tier engine latency prefill decode cache step "
-    "spare capacity request stream answer sample value result simple steady "
-    "quiet river stone light paper garden window morning yellow green orange "
-    "little bright gentle calm clear early fresh open plain round warm"
-).split(" "))
-_WORD_OF_BYTE: tuple[str, ...] = FILLER_WORDS * 4
-
 # Wall seconds the step loop may lag behind its schedule before it stops catching up.
 _MAX_LAG_SECONDS = 0.05
 # Most recent preempted request ids kept for benchmarks and tests.
 _PREEMPTION_LOG_LEN = 1000
-
-
-def count_prompt_tokens(messages: Sequence[dict[str, Any]]) -> int:
-    """The sim tokenizer: 4 tokens per message, one per word, 2 to prime the reply."""
-    return sum(4 + len(content_text(m.get("content")).split()) for m in messages) + 2
 
 
 class _State(enum.Enum):
@@ -86,18 +83,21 @@ class _State(enum.Enum):
 class _Seq:
     """One sequence in the engine; touched only by the step loop and its consumer."""
 
-    __slots__ = ("arrival", "error", "finish_reason", "key", "kv_held", "last_token_at",
-                 "num_cached", "num_generated", "output_len", "prefill_target",
+    __slots__ = ("active", "arrival", "error", "generated", "key", "kv_held", "last_token_at",
+                 "num_cached", "num_generated", "output_lens", "prefill_target",
                  "prompt_tokens", "ready", "request_id", "state")
 
     def __init__(self, request_id: str, key: tuple[int, int], prompt_tokens: int,
-                 output_len: int, finish_reason: str, arrival: float) -> None:
+                 output_lens: list[int], arrival: float, ready: asyncio.Event) -> None:
         self.request_id = request_id
         # Scheduling order, lower first: (priority or 0 under fcfs, arrival number).
         self.key = key
         self.prompt_tokens = prompt_tokens
-        self.output_len = output_len
-        self.finish_reason = finish_reason
+        # Tokens each choice generates; none at all for a prefill-only sequence.
+        self.output_lens = output_lens
+        self.generated = [0] * len(output_lens)
+        # Choices still generating, in the order they take a step's tokens.
+        self.active = [j for j, length in enumerate(output_lens) if length > 0]
         self.arrival = arrival  # simulated seconds
         self.state = _State.WAITING
         # Tokens whose KV is computed; reset to 0 on preemption (recomputed later).
@@ -106,9 +106,11 @@ class _Seq:
         self.prefill_target = prompt_tokens
         # KV tokens allocated to this sequence (num_cached plus this step's share).
         self.kv_held = 0
+        # Tokens generated over all choices.
         self.num_generated = 0
         self.last_token_at = 0.0
-        self.ready = asyncio.Event()
+        # Shared by the sequences of one request: their consumer waits on it.
+        self.ready = ready
         self.error: Exception | None = None
 
 
@@ -213,83 +215,201 @@ class SimModel:
 
         The server calls it before committing to a streamed 200 response.
         """
-        prompt_tokens = count_prompt_tokens(request.messages)
+        return self._check(request).prompt_tokens
+
+    def _check(self, request: EngineRequest) -> GenerationInput | EmbeddingInput:
+        inputs = read_request(request)
         limit = min(self.max_model_len, self.kv_tokens)
-        if prompt_tokens >= limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens. However, your "
-                f"messages resulted in {prompt_tokens} tokens (sim tokenizer).",
-                param="messages",
-            )
-        if request.max_tokens is not None:
-            if request.max_tokens < 1:
-                raise InvalidRequestError("max_tokens must be at least 1.", param="max_tokens")
-            if prompt_tokens + request.max_tokens > limit:
+        if isinstance(inputs, EmbeddingInput):
+            for i, num_tokens in enumerate(inputs.prompt_lens):
+                if num_tokens > limit:
+                    raise InvalidRequestError(
+                        f"This model's maximum context length is {limit} tokens. However, input "
+                        f"{i} has {num_tokens} tokens (sim tokenizer).", param="input")
+            width = self.profile.embedding_dim
+            if inputs.dimensions is not None and inputs.dimensions > width:
+                raise InvalidRequestError(
+                    f"'dimensions' is {inputs.dimensions}, more than this model's {width}.",
+                    param="dimensions")
+            return inputs
+        max_tokens = inputs.max_tokens
+        what = "messages" if inputs.op == "chat" else "prompt"
+        for prompt_tokens in inputs.prompt_lens:
+            if prompt_tokens >= limit:
+                raise InvalidRequestError(
+                    f"This model's maximum context length is {limit} tokens. However, your "
+                    f"{what} resulted in {prompt_tokens} tokens (sim tokenizer).",
+                    param=what,
+                )
+            if max_tokens is not None and prompt_tokens + max_tokens > limit:
                 raise InvalidRequestError(
                     f"This model's maximum context length is {limit} tokens. However, you "
-                    f"requested {prompt_tokens + request.max_tokens} tokens ({prompt_tokens} "
-                    f"in the messages, {request.max_tokens} in the completion).",
+                    f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
+                    f"{what}, {max_tokens} in the completion).",
                     param="max_tokens",
                 )
-        return prompt_tokens
-
-    def _plan(self, request: EngineRequest) -> tuple[int, int, str, list[str]]:
-        """Prompt tokens, output length, finish reason and the output words."""
-        prompt_tokens = self.validate(request)
-        rng = random.Random(request.seed if request.seed is not None else request.request_id)
-        # Drawn even when max_tokens is set, so one seed gives one word stream.
-        drawn = rng.randint(16, 512)
-        room = min(self.max_model_len, self.kv_tokens) - prompt_tokens
-        if request.max_tokens is not None:
-            output_len, finish_reason = request.max_tokens, "length"
-        elif drawn > room:
-            output_len, finish_reason = room, "length"
-        else:
-            output_len, finish_reason = drawn, "stop"
-        # Whole 32-bit draws (a multiple of 4 bytes) keep shorter outputs prefixes of
-        # longer ones; one byte per word is ~20x cheaper than rng.choices.
-        data = rng.randbytes((output_len + 3) & ~3)[:output_len]
-        return prompt_tokens, output_len, finish_reason, list(map(_WORD_OF_BYTE.__getitem__, data))
+            if inputs.n > 1:
+                # One sequence holds every choice's KV: it must fit in the cache alone.
+                room = limit - prompt_tokens
+                longest = MAX_DRAWN if inputs.form.kind == "text" else room
+                if max_tokens is not None:
+                    longest = max_tokens
+                need = prompt_tokens + inputs.n * min(longest, room)
+                if need > self.kv_tokens:
+                    raise InvalidRequestError(
+                        f"{inputs.n} choices of up to {min(longest, room)} tokens after a "
+                        f"{prompt_tokens}-token prompt need {need} tokens of KV cache; this "
+                        f"engine holds {self.kv_tokens}. Ask for fewer or shorter choices.",
+                        param="n",
+                    )
+        return inputs
 
     async def generate(self, request: EngineRequest) -> AsyncGenerator[Delta, None]:
-        """Stream the completion; closing the generator aborts it and frees its room."""
-        prompt_tokens, output_len, finish_reason, words = self._plan(request)
-        usage = Usage(prompt_tokens, output_len)
-        if self.instant:
-            self._num_instant_running += 1
-            self.num_prompt_tokens += prompt_tokens
-            self.num_generation_tokens += output_len
-            self.ttft.observe(0.0)
-            self.itl.observe(0.0, output_len - 1)
+        """Stream the completion; closing the generator aborts it and frees its room.
+
+        Each choice's last delta has its finish_reason; every delta carries the
+        usage so far (all choices), so the last one has the totals.
+        """
+        inputs = self._check(request)
+        if isinstance(inputs, EmbeddingInput):
+            yield await self._embed(request, inputs)
+            return
+        limit = min(self.max_model_len, self.kv_tokens)
+        prompt_tokens = inputs.prompt_tokens
+        if inputs.plain:
+            # Most traffic, and the benchmarks': one choice of words. Kept apart
+            # from the general path below, which it matches, to stay lean.
+            key = choice_key(inputs.seed, request.request_id, 0, 0)
+            words, finish_reason = filler_words(key, inputs.max_tokens, limit - prompt_tokens)
+            if self.instant:
+                output_len = len(words)
+                self._num_instant_running += 1
+                self.num_prompt_tokens += prompt_tokens
+                self.num_generation_tokens += output_len
+                self.ttft.observe(0.0)
+                self.itl.observe(0.0, output_len - 1)
+                try:
+                    yield Delta("".join(words), finish_reason, Usage(prompt_tokens, output_len))
+                finally:
+                    self._num_instant_running -= 1
+                return
+            ready = asyncio.Event()
+            seq = self._enqueue(request, prompt_tokens, [len(words)], ready)
+            emitted = 0
             try:
-                yield Delta("".join(words), finish_reason, usage)
+                while True:
+                    await ready.wait()
+                    ready.clear()
+                    if seq.error is not None:
+                        raise seq.error
+                    num_generated = seq.num_generated
+                    text = "".join(words[emitted:num_generated])
+                    emitted = num_generated
+                    if seq.state is _State.FINISHED:
+                        yield Delta(text, finish_reason, Usage(prompt_tokens, num_generated))
+                        return
+                    if text:
+                        # Usage so far rides along, so that a stream cut short is billed exactly.
+                        yield Delta(text, usage=Usage(prompt_tokens, num_generated))
+            finally:
+                if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+                    self._abort(seq)
+        plans = plan_choices(inputs, request.request_id, [limit - p for p in inputs.prompt_lens])
+        if self.instant:
+            choices = plans[0] if len(plans) == 1 else [c for row in plans for c in row]
+            usage = Usage(prompt_tokens, self._count_instant(prompt_tokens, choices))
+            self._num_instant_running += 1
+            try:
+                for choice in choices:
+                    yield choice.take(choice.length, True, usage)
             finally:
                 self._num_instant_running -= 1
             return
 
-        seq = self._enqueue(request, prompt_tokens, output_len, finish_reason)
-        emitted = 0
+        ready = asyncio.Event()
+        seqs = [self._enqueue(request, num_tokens, [c.length for c in row], ready)
+                for num_tokens, row in zip(inputs.prompt_lens, plans, strict=True)]
         try:
             while True:
-                await seq.ready.wait()
-                seq.ready.clear()
-                if seq.error is not None:
-                    raise seq.error
-                num_generated = seq.num_generated
-                text = "".join(words[emitted:num_generated])
-                emitted = num_generated
-                if seq.state is _State.FINISHED:
-                    yield Delta(text, finish_reason, usage)
+                await ready.wait()
+                ready.clear()
+                # Taken all at once, so that every delta of this wake-up carries
+                # the same, exact usage so far.
+                deltas, done = self._progress(seqs, plans, prompt_tokens)
+                for delta in deltas:
+                    yield delta
+                if done:
                     return
-                if text:
-                    # Usage so far rides along, so that a stream cut short is billed exactly.
-                    yield Delta(text, usage=Usage(prompt_tokens, num_generated))
         finally:
-            if seq.state is _State.WAITING or seq.state is _State.RUNNING:
-                self._abort(seq)
+            for seq in seqs:
+                if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+                    self._abort(seq)
 
-    def _enqueue(self, request: EngineRequest, prompt_tokens: int, output_len: int,
-                 finish_reason: str) -> _Seq:
+    @staticmethod
+    def _progress(seqs: list[_Seq], plans: list[list[ChoiceOutput]],
+                  prompt_tokens: int) -> tuple[list[Delta], bool]:
+        """The deltas of what the step loop produced since the last call, and
+        whether every choice has finished."""
+        num_generated = 0
+        for seq in seqs:
+            if seq.error is not None:
+                raise seq.error
+            num_generated += seq.num_generated
+        usage = Usage(prompt_tokens, num_generated)
+        deltas: list[Delta] = []
+        done = True
+        for seq, row in zip(seqs, plans, strict=True):
+            seq_finished = seq.state is _State.FINISHED
+            for j, choice in enumerate(row):
+                if choice.done:
+                    continue
+                upto = seq.generated[j]
+                finished = seq_finished or upto >= choice.length > 0
+                if upto > choice.emitted or finished:
+                    deltas.append(choice.take(upto, finished, usage))
+                done = done and choice.done
+        return deltas, done
+
+    async def _embed(self, request: EngineRequest, inputs: EmbeddingInput) -> Delta:
+        """Prefill every input (one prefill-only sequence each), then the vectors."""
+        if self.instant:
+            self.num_prompt_tokens += inputs.prompt_tokens
+        else:
+            ready = asyncio.Event()
+            seqs = [self._enqueue(request, num_tokens, [], ready)
+                    for num_tokens in inputs.prompt_lens]
+            try:
+                while any(seq.state is not _State.FINISHED for seq in seqs):
+                    await ready.wait()
+                    ready.clear()
+                    for seq in seqs:
+                        if seq.error is not None:
+                            raise seq.error
+            finally:
+                for seq in seqs:
+                    if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+                        self._abort(seq)
+        width = inputs.dimensions or self.profile.embedding_dim
+        data = [embedding_object(i, unit_vector(key, width), inputs.base64)
+                for i, key in enumerate(inputs.keys)]
+        return Delta(finish_reason="stop", usage=Usage(inputs.prompt_tokens, 0), data=data)
+
+    def _count_instant(self, prompt_tokens: int, choices: list[ChoiceOutput]) -> int:
+        """Record an instant answer (every token at once, at time zero); return
+        its completion tokens."""
+        self.num_prompt_tokens += prompt_tokens
+        total = 0
+        for choice in choices:
+            length = len(choice.pieces)
+            if length:
+                total += length
+                self.ttft.observe(0.0)
+                self.itl.observe(0.0, length - 1)
+        self.num_generation_tokens += total
+        return total
+
+    def _enqueue(self, request: EngineRequest, prompt_tokens: int, output_lens: list[int],
+                 ready: asyncio.Event) -> _Seq:
         if self._idle:
             # Freeze the clock at this arrival: the first step starts now, not when
             # the loop task gets scheduled.
@@ -299,7 +419,7 @@ class SimModel:
         priority = request.priority if self.scheduling_policy == "priority" else 0
         self._num_arrivals += 1
         seq = _Seq(request.request_id, (priority, self._num_arrivals), prompt_tokens,
-                   output_len, finish_reason, self.sim_now())
+                   output_lens, self.sim_now(), ready)
         heapq.heappush(self._waiting, (seq.key, seq))
         self._num_waiting += 1
         self._ensure_loop().set()
@@ -376,7 +496,7 @@ class SimModel:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            t_step = step_time(self.profile, step_tokens, sum(s.kv_held for s, _ in scheduled))
+            t_step = step_time(self.profile, step_tokens, sum(s.kv_held for s, _, _ in scheduled))
             self._clock_wall = time.monotonic()
             self._step_len = t_step
             now = self._clock_wall
@@ -389,10 +509,16 @@ class SimModel:
             self.iteration_tokens.observe(step_tokens)
             self._advance(scheduled)
 
-    def _schedule(self) -> tuple[list[tuple[_Seq, int]], int]:
-        """Choose this step's batch: (sequence, tokens) pairs and the step's token count."""
+    def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], int]:
+        """Choose this step's batch and count its tokens.
+
+        Each entry is (sequence, prompt tokens to prefill, tokens to sample).
+        Decodes take one budget token per choice; the step that completes a
+        prefill also samples a token for each choice, outside the budget (as in
+        vLLM), and every sampled token is held in the KV cache at once.
+        """
         budget = self.profile.max_num_batched_tokens
-        scheduled: list[tuple[_Seq, int]] = []
+        scheduled: list[tuple[_Seq, int, int]] = []
         preempted = False
         for seq in sorted(self._running.values(), key=_seq_key):
             # Victims are taken from the end of this order, so the first one met
@@ -400,9 +526,15 @@ class SimModel:
             if budget == 0 or seq.state is not _State.RUNNING:
                 break
             remaining = seq.prefill_target - seq.num_cached
-            num_tokens = min(remaining, budget) if remaining > 0 else 1
-            # The step that finishes a prefill also samples a token, which is held too.
-            need = num_tokens + 1 if num_tokens == remaining else num_tokens
+            if remaining > 0:
+                chunk = min(remaining, budget)
+                sampled = len(seq.active) if chunk == remaining else 0
+                cost = chunk
+            else:
+                chunk = 0
+                num_active = len(seq.active)
+                sampled = cost = num_active if num_active <= budget else budget
+            need = chunk + sampled
             while self._kv_used + need > self.kv_tokens:
                 victim = max(self._running.values(), key=_seq_key)
                 self._preempt(victim)
@@ -413,16 +545,17 @@ class SimModel:
                 break  # it preempted itself: it was the last in order
             self._kv_used += need
             seq.kv_held += need
-            scheduled.append((seq, num_tokens))
-            budget -= num_tokens
+            scheduled.append((seq, chunk, sampled))
+            budget -= cost
         # Like vLLM: no new admissions in a step that had to preempt.
         while (not preempted and self._num_waiting and budget > 0
                and len(self._running) < self.max_num_seqs):
             while self._waiting[0][1].state is not _State.WAITING:
                 heapq.heappop(self._waiting)
             seq = self._waiting[0][1]
-            num_tokens = min(seq.prefill_target, budget)
-            need = num_tokens + 1 if num_tokens == seq.prefill_target else num_tokens
+            chunk = min(seq.prefill_target, budget)
+            sampled = len(seq.active) if chunk == seq.prefill_target else 0
+            need = chunk + sampled
             if self._kv_used + need > self.kv_tokens:
                 break
             heapq.heappop(self._waiting)
@@ -431,8 +564,8 @@ class SimModel:
             self._running[seq.key[1]] = seq
             self._kv_used += need
             seq.kv_held += need
-            scheduled.append((seq, num_tokens))
-            budget -= num_tokens
+            scheduled.append((seq, chunk, sampled))
+            budget -= chunk
         return scheduled, self.profile.max_num_batched_tokens - budget
 
     def _preempt(self, seq: _Seq) -> None:
@@ -448,28 +581,59 @@ class SimModel:
         self.num_preemptions += 1
         self.preemption_log.append(seq.request_id)
 
-    def _advance(self, scheduled: list[tuple[_Seq, int]]) -> None:
-        """Apply a finished step: prefill progress, one token per decoding sequence."""
+    def _advance(self, scheduled: list[tuple[_Seq, int, int]]) -> None:
+        """Apply a finished step: prefill progress, one token per choice sampled."""
         now = self._clock
-        for seq, num_tokens in scheduled:
+        for seq, chunk, sampled in scheduled:
             if seq.state is not _State.RUNNING:
                 continue  # aborted during the step
-            if seq.num_cached < seq.prefill_target:
-                seq.num_cached += num_tokens
+            if chunk:
+                seq.num_cached += chunk
                 if seq.num_cached < seq.prefill_target:
                     continue
-            seq.num_cached += 1
-            seq.num_generated += 1
-            self.num_generation_tokens += 1
-            if seq.num_generated == 1:
-                self.ttft.observe(now - seq.arrival)
+                if not seq.active:
+                    # Prefill only (an embedding): done once the prompt is in.
+                    self.num_prompt_tokens += seq.prompt_tokens
+                    self._finish(seq)
+                    continue
+            seq.num_cached += sampled
+            active = seq.active
+            generated = seq.generated
+            lengths = seq.output_lens
+            num_done = 0
+            if sampled == 1 and len(active) == 1:
+                # One choice (most requests): no list to walk.
+                j = active[0]
+                count = generated[j] = generated[j] + 1
+                num_done = count >= lengths[j]
+            else:
+                if sampled < len(active):
+                    # Fewer budget tokens than choices: those served go to the back.
+                    served, seq.active = active[:sampled], active[sampled:] + active[:sampled]
+                else:
+                    served = active
+                for j in served:
+                    count = generated[j] = generated[j] + 1
+                    if count >= lengths[j]:
+                        num_done += 1
+            if seq.num_generated == 0:
+                self.ttft.observe(now - seq.arrival, sampled)
                 self.num_prompt_tokens += seq.prompt_tokens
             else:
-                self.itl.observe(now - seq.last_token_at)
+                self.itl.observe(now - seq.last_token_at, sampled)
+            seq.num_generated += sampled
+            self.num_generation_tokens += sampled
             seq.last_token_at = now
-            if seq.num_generated >= seq.output_len:
-                seq.state = _State.FINISHED
-                del self._running[seq.key[1]]
-                self._kv_used -= seq.kv_held
-                seq.kv_held = 0
+            if num_done:
+                if num_done == len(seq.active):
+                    self._finish(seq)
+                    continue
+                seq.active = [j for j in seq.active if generated[j] < lengths[j]]
             seq.ready.set()
+
+    def _finish(self, seq: _Seq) -> None:
+        seq.state = _State.FINISHED
+        del self._running[seq.key[1]]
+        self._kv_used -= seq.kv_held
+        seq.kv_held = 0
+        seq.ready.set()

@@ -34,6 +34,9 @@ class SimProfile:
     kv_tokens: int
     # Longest prompt plus completion one sequence may have, in tokens.
     max_model_len: int
+    # Width of an embedding vector: the hidden size of Llama-3-8B, which is what
+    # vLLM's pooling of this model returns. `dimensions` may ask for fewer.
+    embedding_dim: int = 4096
 
     @property
     def instant(self) -> bool:
@@ -94,6 +97,9 @@ INSTANT = SimProfile(
     kv_tokens=420_000,
     # Same context as the other profiles so prompts are judged alike.
     max_model_len=8192,
+    # A common embedding model's width (BGE-large, E5-large): answers small
+    # enough that measuring a gateway's overhead on embeddings measures the gateway.
+    embedding_dim=1024,
 )
 
 # Read-only so that no caller can swap a profile out from under another.

@@ -1,11 +1,15 @@
 """The sim engine over HTTP: an OpenAI-compatible server with vLLM's metrics.
 
-Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` (JSON or SSE),
-``GET /metrics`` (Prometheus text, vLLM's names) and ``GET /health``.
+Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` and
+``POST /v1/completions`` (JSON or SSE), ``POST /v1/embeddings``,
+``GET /metrics`` (Prometheus text, vLLM's names) and ``GET /health``. The
+request body goes to the model whole, so the server speaks everything the
+in-process sim does (tools, structured output, logprobs, ``n``…) and refuses
+what it refuses, with a 400 in OpenAI's envelope naming the parameter.
 
-The chat route is a bare ASGI app rather than a Starlette endpoint: with the
-``instant`` profile this server is the yardstick for a gateway's overhead at
-about 1,000 requests/s, so it parses with orjson, builds no request or
+The inference routes are bare ASGI apps rather than Starlette endpoints: with
+the ``instant`` profile this server is the yardstick for a gateway's overhead
+at about 1,000 requests/s, so it parses with orjson, builds no request or
 response objects, logs nothing per request and answers in one write. For
 timed profiles a watcher task waits for the client's disconnect and cancels
 the handler, which closes the model's generator and frees the sequence's
@@ -30,15 +34,21 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from flexserve.engines.base import Delta, EngineRequest, Usage
+from flexserve.engines.base import Delta, EngineOp, EngineRequest, Usage
 from flexserve.engines.sim.metrics import render_metrics
 from flexserve.engines.sim.model import SimModel
+from flexserve.engines.sim.replies import (
+    DONE,
+    Assembled,
+    ChatReply,
+    CompletionReply,
+    EmbeddingReply,
+)
 from flexserve.errors import FlexServeError, InvalidRequestError, ModelNotFoundError
 
 _JSON = "application/json"
 _PROMETHEUS = "text/plain; version=0.0.4; charset=utf-8"
 _SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
-_DONE = b"data: [DONE]\n\n"
 
 __all__ = ["create_sim_app", "serve"]
 
@@ -97,18 +107,6 @@ async def _send_error(send: Send, exc: FlexServeError) -> None:
     await _send_json(send, exc.status_code, orjson.dumps(exc.to_dict()), exc.headers)
 
 
-def _content_text(content: Any) -> str:
-    """A message's content as plain text; parts of an array are joined by newlines."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    if isinstance(content, list):
-        return "\n".join(
-            p.get("text") or "" for p in content if isinstance(p, dict) and p.get("type") == "text"
-        )
-    raise InvalidRequestError("A message's content must be a string or an array.",
-                              param="messages")
-
-
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
     value = data.get(name)
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -116,11 +114,22 @@ def _optional_int(data: dict[str, Any], name: str) -> int | None:
     return value
 
 
-class _ChatCompletions:
-    """``POST /v1/chat/completions`` as a bare ASGI app (the benchmarks' hot path)."""
+class _InferenceRoute:
+    """A POST inference route as a bare ASGI app: a body in, the model's deltas
+    out, whole or as server-sent events. Subclasses name their operation and
+    their reply's shapes."""
+
+    op: EngineOp = "chat"
+    id_prefix = "chatcmpl"
 
     def __init__(self, model: SimModel) -> None:
         self.model = model
+
+    def check(self, data: dict[str, Any]) -> None:
+        """Refuse what this route needs to be well-formed before the model reads it."""
+
+    def reply(self, request: EngineRequest) -> ChatReply | CompletionReply | EmbeddingReply:
+        raise NotImplementedError
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = await _read_body(receive)
@@ -133,17 +142,16 @@ class _ChatCompletions:
         except FlexServeError as exc:
             await _send_error(send, exc)
             return
-        reply = _Reply(self.model.model_id, request.request_id)
         agen = self.model.generate(request)
         if self.model.instant:
-            await self._respond_instant(send, agen, reply, stream, include_usage)
+            await self._respond_instant(send, agen, request, stream, include_usage)
             return
         disconnect = _Disconnect(receive)
         try:
             if stream:
-                await self._respond_stream(send, agen, reply, include_usage)
+                await self._respond_stream(send, agen, self.reply(request), include_usage)
             else:
-                await self._respond_whole(send, agen, reply)
+                await self._respond_whole(send, agen, self.reply(request))
         except asyncio.CancelledError:
             if not disconnect.absorb():
                 raise
@@ -163,17 +171,7 @@ class _ChatCompletions:
             raise InvalidRequestError("You must provide a model parameter.", param="model")
         if model != self.model.model_id:
             raise ModelNotFoundError(model)
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
-        normalized: list[dict[str, Any]] = []
-        for m in messages:
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise InvalidRequestError("Each message needs a string 'role'.", param="messages")
-            normalized.append({"role": m["role"], "content": _content_text(m.get("content"))})
-        max_tokens = _optional_int(data, "max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = _optional_int(data, "max_tokens")
+        self.check(data)
         priority = _optional_int(data, "priority") or 0
         if priority and self.model.scheduling_policy != "priority":
             # vLLM refuses a priority it would not honour.
@@ -186,111 +184,128 @@ class _ChatCompletions:
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise InvalidRequestError("'stream' must be a boolean, 'stream_options' an object.",
                                       param="stream")
-        stop = data.get("stop") or []
-        if not isinstance(stop, (str, list)):
-            raise InvalidRequestError("'stop' must be a string or an array.", param="stop")
-        request = EngineRequest.chat(
-            f"chatcmpl-{os.urandom(12).hex()}",
-            model,
-            normalized,
-            max_tokens=max_tokens,
-            stop=[stop] if isinstance(stop, str) else list(stop),
-            seed=_optional_int(data, "seed"),
-            priority=priority,
-        )
+        # The whole body goes to the model, which reads what it honours from it.
+        request = EngineRequest(f"{self.id_prefix}-{os.urandom(12).hex()}", model, data, self.op,
+                                priority, stream)
         return request, stream, bool(options.get("include_usage"))
 
-    async def _respond_instant(self, send: Send, agen: AsyncGenerator[Delta, None], reply: _Reply,
-                               stream: bool, include_usage: bool) -> None:
+    async def _respond_instant(self, send: Send, agen: AsyncGenerator[Delta, None],
+                               request: EngineRequest, stream: bool, include_usage: bool) -> None:
         try:
-            delta = await anext(agen)
+            deltas = [delta async for delta in agen]
         except FlexServeError as exc:
             await _send_error(send, exc)
             return
         finally:
             await agen.aclose()
-        assert delta.usage is not None and delta.finish_reason is not None
+        reply = self.reply(request)
+        last = deltas[-1]
+        assert last.usage is not None
+        # One choice of plain text (the benchmarks' case) is written without assembling.
+        plain = (reply if isinstance(reply, ChatReply) and len(deltas) == 1
+                 and last.tool_calls is None and last.logprobs is None else None)
         if not stream:
-            await _send_json(send, 200, reply.whole(delta.text, delta.finish_reason, delta.usage))
+            if plain is not None:
+                payload = plain.whole_text(last.text, last.finish_reason or "stop", last.usage)
+            else:
+                payload = reply.whole(_assemble(deltas))
+            await _send_json(send, 200, payload)
             return
+        assert not isinstance(reply, EmbeddingReply)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        payload = reply.role_chunk() + reply.chunk(delta.text, delta.finish_reason)
+        parts = [reply.open()]
+        if plain is not None:
+            parts.append(plain.text_chunk(last.text, last.finish_reason))
+        else:
+            parts.extend(reply.chunk(delta) for delta in deltas)
         if include_usage:
-            payload += reply.usage_chunk(delta.usage)
-        await send({"type": "http.response.body", "body": payload + _DONE})
+            parts.append(reply.usage_chunk(last.usage))
+        parts.append(DONE)
+        await send({"type": "http.response.body", "body": b"".join(parts)})
 
     async def _respond_whole(self, send: Send, agen: AsyncGenerator[Delta, None],
-                             reply: _Reply) -> None:
-        parts: list[str] = []
+                             reply: ChatReply | CompletionReply | EmbeddingReply) -> None:
+        assembled = Assembled()
         try:
             async for delta in agen:
-                parts.append(delta.text)
-                if delta.finish_reason is not None and delta.usage is not None:
-                    payload = reply.whole("".join(parts), delta.finish_reason, delta.usage)
-                    await _send_json(send, 200, payload)
-                    return
+                assembled.add(delta)
         except FlexServeError as exc:
             await _send_error(send, exc)
+            return
+        await _send_json(send, 200, reply.whole(assembled))
 
-    async def _respond_stream(self, send: Send, agen: AsyncGenerator[Delta, None], reply: _Reply,
+    async def _respond_stream(self, send: Send, agen: AsyncGenerator[Delta, None],
+                              reply: ChatReply | CompletionReply | EmbeddingReply,
                               include_usage: bool) -> None:
+        assert not isinstance(reply, EmbeddingReply)
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        await send({"type": "http.response.body", "body": reply.role_chunk(), "more_body": True})
+        opening = reply.open()
+        if opening:
+            await send({"type": "http.response.body", "body": opening, "more_body": True})
+        usage: Usage | None = None
         try:
             async for delta in agen:
-                payload = reply.chunk(delta.text, delta.finish_reason)
-                if delta.finish_reason is not None and delta.usage is not None and include_usage:
-                    payload += reply.usage_chunk(delta.usage)
-                await send({"type": "http.response.body", "body": payload, "more_body": True})
+                usage = delta.usage or usage
+                await send({"type": "http.response.body", "body": reply.chunk(delta),
+                            "more_body": True})
         except FlexServeError as exc:
             await send({"type": "http.response.body", "body": b"data: "
                         + orjson.dumps(exc.to_dict()) + b"\n\n", "more_body": True})
-        await send({"type": "http.response.body", "body": _DONE})
+        else:
+            if include_usage and usage is not None:
+                await send({"type": "http.response.body", "body": reply.usage_chunk(usage),
+                            "more_body": True})
+        await send({"type": "http.response.body", "body": DONE})
 
 
-class _Reply:
-    """Serializes one completion in OpenAI's shapes (response and stream chunks)."""
-
-    __slots__ = ("completion_id", "created", "model_id")
-
-    def __init__(self, model_id: str, completion_id: str) -> None:
-        self.model_id = model_id
-        self.completion_id = completion_id
-        self.created = int(time.time())
-
-    def _head(self, obj: str) -> dict[str, Any]:
-        return {"id": self.completion_id, "object": obj, "created": self.created,
-                "model": self.model_id}
-
-    def whole(self, text: str, finish_reason: str, usage: Usage) -> bytes:
-        body = self._head("chat.completion")
-        body["choices"] = [{"index": 0, "message": {"role": "assistant", "content": text},
-                            "logprobs": None, "finish_reason": finish_reason}]
-        body["usage"] = _usage(usage)
-        return orjson.dumps(body)
-
-    def _chunk(self, delta: dict[str, str], finish_reason: str | None) -> bytes:
-        body = self._head("chat.completion.chunk")
-        body["choices"] = [{"index": 0, "delta": delta, "logprobs": None,
-                            "finish_reason": finish_reason}]
-        return b"data: " + orjson.dumps(body) + b"\n\n"
-
-    def role_chunk(self) -> bytes:
-        return self._chunk({"role": "assistant", "content": ""}, None)
-
-    def chunk(self, text: str, finish_reason: str | None) -> bytes:
-        return self._chunk({"content": text}, finish_reason)
-
-    def usage_chunk(self, usage: Usage) -> bytes:
-        body = self._head("chat.completion.chunk")
-        body["choices"] = []
-        body["usage"] = _usage(usage)
-        return b"data: " + orjson.dumps(body) + b"\n\n"
+def _assemble(deltas: list[Delta]) -> Assembled:
+    assembled = Assembled()
+    for delta in deltas:
+        assembled.add(delta)
+    return assembled
 
 
-def _usage(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+class _ChatCompletions(_InferenceRoute):
+    """``POST /v1/chat/completions``; with the ``instant`` profile, the benchmarks' hot path."""
+
+    op: EngineOp = "chat"
+    id_prefix = "chatcmpl"
+
+    def check(self, data: dict[str, Any]) -> None:
+        messages = data.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise InvalidRequestError("'messages' must be a non-empty array.", param="messages")
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise InvalidRequestError("Each message needs a string 'role'.", param="messages")
+
+    def reply(self, request: EngineRequest) -> ChatReply:
+        n = request.body.get("n")
+        return ChatReply(self.model.model_id, request.request_id, n if isinstance(n, int) else 1)
+
+
+class _Completions(_InferenceRoute):
+    """``POST /v1/completions``: the legacy completions API."""
+
+    op: EngineOp = "completion"
+    id_prefix = "cmpl"
+
+    def reply(self, request: EngineRequest) -> CompletionReply:
+        return CompletionReply(self.model.model_id, request.request_id)
+
+
+class _Embeddings(_InferenceRoute):
+    """``POST /v1/embeddings``: never streamed."""
+
+    op: EngineOp = "embedding"
+    id_prefix = "embd"
+
+    def check(self, data: dict[str, Any]) -> None:
+        if data.get("stream"):
+            raise InvalidRequestError("Embeddings cannot be streamed.", param="stream")
+
+    def reply(self, request: EngineRequest) -> EmbeddingReply:
+        return EmbeddingReply(self.model.model_id, request.request_id)
 
 
 def create_sim_app(model: SimModel) -> Starlette:
@@ -324,6 +339,8 @@ def create_sim_app(model: SimModel) -> Starlette:
     routes = [
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/chat/completions", _ChatCompletions(model), methods=["POST"]),
+        Route("/v1/completions", _Completions(model), methods=["POST"]),
+        Route("/v1/embeddings", _Embeddings(model), methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
