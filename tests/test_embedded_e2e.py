@@ -3,10 +3,14 @@ behind a real gateway on loopback, called with the official openai SDK."""
 
 from __future__ import annotations
 
+import json
+import math
 import sqlite3
 import threading
 from collections.abc import Callable
 
+import jsonschema
+import openai
 import pytest
 
 from conftest import Gateway, wait_for
@@ -117,3 +121,84 @@ def test_flex_stream_paused_by_default_completes_and_is_recorded_once(embedded_g
     (row,) = usage_rows(embedded_gateway, request_id)
     assert row["served_tier"] == "flex" and row["status"] == "completed"
     assert row["completion_tokens"] == 40
+
+
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_output_through_the_sdk_validates(embedded_gateway: Gateway) -> None:
+    raw = embedded_gateway.client().chat.completions.with_raw_response.create(
+        model=MODEL, max_tokens=60, temperature=0.0,
+        messages=[{"role": "user", "content": "Describe a person as JSON with name and age."}],
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True},
+        },
+        logprobs=True, top_logprobs=2,
+    )
+    completion = raw.parse()
+    validate(raw.http_response.json(), "CreateChatCompletionResponse")
+    choice = completion.choices[0]
+    jsonschema.validate(json.loads(choice.message.content or ""), PERSON_SCHEMA)
+    assert choice.finish_reason == "stop"
+    assert choice.logprobs is not None and choice.logprobs.content
+    assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
+
+
+def test_embeddings_through_the_sdk(embedded_gateway: Gateway) -> None:
+    # The SDK asks for base64 and decodes it itself.
+    response = embedded_gateway.client().embeddings.create(
+        model=MODEL, input=["The cat sat on the mat.", "A dog slept by the fire."]
+    )
+    assert [item.index for item in response.data] == [0, 1]
+    for item in response.data:
+        assert len(item.embedding) == 576
+        assert math.isclose(math.sqrt(sum(x * x for x in item.embedding)), 1.0, abs_tol=1e-5)
+    assert response.usage.prompt_tokens == response.usage.total_tokens > 10
+
+
+def test_completions_through_the_sdk(embedded_gateway: Gateway) -> None:
+    client = embedded_gateway.client()
+    prompt = "The capital of France is"
+    raw = client.completions.with_raw_response.create(
+        model=MODEL, prompt=prompt, max_tokens=4, temperature=0.0, logprobs=1,
+    )
+    completion = raw.parse()
+    validate(raw.http_response.json(), "CreateCompletionResponse")
+    choice = completion.choices[0]
+    assert choice.text.startswith(" Paris")
+    assert choice.logprobs is not None and choice.logprobs.tokens is not None
+    assert "".join(choice.logprobs.tokens) == choice.text
+    assert completion.usage is not None and completion.usage.completion_tokens == 4
+
+    # How evaluation harnesses score a text: echo, logprobs, no new tokens.
+    # (The first token's null logprob is what OpenAI sends, though its
+    # published schema does not allow it.)
+    scored = client.completions.create(
+        model=MODEL, prompt=prompt + " Paris", max_tokens=0, echo=True, logprobs=1,
+    )
+    logprobs = scored.choices[0].logprobs
+    assert scored.choices[0].text == prompt + " Paris"
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs
+    assert logprobs.tokens[-1] == " Paris"
+    assert logprobs.token_logprobs[0] is None
+    assert logprobs.token_logprobs[-1] == pytest.approx(choice.logprobs.token_logprobs[0], abs=1e-3)
+
+
+def test_tools_are_refused_naming_the_field(embedded_gateway: Gateway) -> None:
+    with pytest.raises(openai.BadRequestError) as raised:
+        embedded_gateway.client().chat.completions.create(
+            model=MODEL, max_tokens=8,
+            messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+            tools=[{
+                "type": "function",
+                "function": {"name": "weather", "parameters": {"type": "object", "properties": {}}},
+            }],
+        )
+    error = raised.value.body
+    assert isinstance(error, dict) and error.get("param") == "tools"

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from flexserve.engines.base import Delta, EngineRequest, SequenceControl
-from flexserve.engines.embedded import EmbeddedEngine, _TextAssembler, find_smollm2_gguf
+from flexserve.engines.embedded import EmbeddedEngine, find_smollm2_gguf
+from flexserve.engines.embedded.text import TextAssembler
 from flexserve.errors import InvalidRequestError
 
 pytestmark = pytest.mark.embedded
@@ -258,7 +259,7 @@ async def test_overlong_prompt_is_an_invalid_request(engine: EmbeddedEngine) -> 
 
 
 def test_text_assembler_holds_back_a_split_stop_string() -> None:
-    text = _TextAssembler(["END"])
+    text: TextAssembler[object] = TextAssembler(["END"])
 
     released = [
         text.feed(b"the E"),
@@ -273,8 +274,30 @@ def test_text_assembler_holds_back_a_split_stop_string() -> None:
 
 
 def test_text_assembler_joins_utf8_split_across_tokens() -> None:
-    text = _TextAssembler([])
+    text: TextAssembler[object] = TextAssembler([])
     euro = "€".encode()
 
     assert [text.feed(euro[:1]), text.feed(euro[1:2]), text.feed(euro[2:] + b"5")] == ["", "", "€5"]
     assert text.finish() == ""
+
+
+def test_text_assembler_never_releases_the_tokens_of_a_stop_string() -> None:
+    text: TextAssembler[str] = TextAssembler(["END"])
+
+    assert text.feed(b"the E", "t1") == "the "
+    assert text.take_tokens() == [(0, "t1")]  # released with the first of its characters
+    assert text.feed(b"N", "t2") == ""
+    assert text.take_tokens() == []  # "EN" may start the stop string: held with its text
+    assert text.feed(b"D!", "t3") == ""
+
+    assert text.stopped and text.take_tokens() == []  # they only spelled the stop string
+
+
+def test_text_assembler_releases_a_split_character_with_its_last_token() -> None:
+    text: TextAssembler[str] = TextAssembler([])
+    euro = "€".encode()
+
+    assert text.feed(euro[:2], "a") == ""
+    assert text.take_tokens() == []
+    assert text.feed(euro[2:] + b"5", "b") == "€5"
+    assert text.take_tokens() == [(0, "a"), (0, "b")]
