@@ -95,7 +95,8 @@ async def _engine_stream(engine: EmbeddedEngine, request: EngineRequest) -> _Str
     async for delta in engine.generate(request):
         if delta.usage is not None:
             num_tokens = delta.usage.completion_tokens
-        else:
+        if delta.finish_reason is None:
+            # A token's text (usage so far rides along on each).
             arrivals.append(time.perf_counter())
     return _Stream(num_tokens, arrivals)
 
