@@ -60,6 +60,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         priority_share=settings.priority_share,
         max_queue=settings.max_queue,
         fair_quantum=settings.fair_quantum,
+        replica_backoff=settings.replica_backoff,
     )
 
 

@@ -111,6 +111,9 @@ class Settings:
     fair_quantum: int = _opt(
         2048, "Tokens an organization's flex flow earns per deficit-round-robin turn."
     )
+    replica_backoff: float = _opt(
+        1.0, "Seconds a replica that turned a request away (429, 503, no connection) gets no work."
+    )
     upstream_profile: str = _opt(
         "", "Sim profile whose step-time model predicts upstream TPOT (e.g. h100-llama3-8b)."
     )

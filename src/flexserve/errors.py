@@ -17,10 +17,14 @@ of them (and anything unexpected) into OpenAI's envelope
     ├── ResourceUnavailableError        (429 resource_unavailable: no flex capacity)
     ├── EngineError                     (502 upstream_error: the engine failed)
     ├── EngineUnavailableError          (503 engine_unavailable: no healthy replica)
+    │   └── EngineOverloadedError       (503 engine_overloaded, Retry-After: replicas turned it away)
     └── EngineTimeoutError              (504 upstream_timeout)
 
-Engines raise the three ``Engine*`` errors, translating their transport's own
-exceptions at one boundary with ``raise … from exc``.
+Engines raise the ``Engine*`` errors, translating their transport's own
+exceptions at one boundary with ``raise … from exc``. An engine raises
+``EngineOverloadedError`` only when the replica turned the request away before
+any output; the scheduler then tries another replica, and a client sees it
+only when none could take the request.
 """
 
 from __future__ import annotations
@@ -150,6 +154,19 @@ class EngineUnavailableError(FlexServeError):
     status_code = 503
     error_type = "api_error"
     code = "engine_unavailable"
+
+
+class EngineOverloadedError(EngineUnavailableError):
+    """A replica turned the request away before producing anything: it answered
+    429 or 503, or its connection failed. Nothing ran, so nothing is billed,
+    and the request may be sent elsewhere as it is."""
+
+    code = "engine_overloaded"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message, headers=None if retry_after is None else _retry_after(retry_after))
+        # Seconds the replica asked for (its own Retry-After); None when it said nothing.
+        self.retry_after = retry_after
 
 
 class EngineTimeoutError(FlexServeError):

@@ -68,6 +68,7 @@ class _SchedulerCollector(Collector):
                 ("flex_pauses", "Flex runs paused between tokens while higher tiers decoded."),
                 ("flex_refused", "Flex requests refused with 429 resource_unavailable."),
                 ("priority_downgrades", "Priority requests served (and billed) as default."),
+                ("failovers", "Requests a replica turned away (429, 503, no connection), sent elsewhere unbilled."),
             )
         }
         spare = GaugeMetricFamily(
@@ -82,6 +83,7 @@ class _SchedulerCollector(Collector):
             events["flex_pauses"].add_metric([model], pool.num_pauses)
             events["flex_refused"].add_metric([model], pool.num_flex_refused)
             events["priority_downgrades"].add_metric([model], pool.num_downgraded)
+            events["failovers"].add_metric([model], pool.num_failovers)
         for entry in self._scheduler.flex_status():
             spare.add_metric([entry["model"]], entry["spare_capacity"])
         load = {

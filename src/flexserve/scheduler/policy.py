@@ -4,6 +4,9 @@ The decisions only read the replicas' state, except that asking ``can_admit``
 about flex brings the replica's prefill budget up to date (credit earned since
 the last look).
 
+No tier goes to a replica that is unhealthy or backing off (it turned a
+request away lately: ``Replica.backoff_until``).
+
 Default and priority go whenever a replica has a free slot (the gateway's
 capacity for a replica is what the engine runs at once, so the engine's own
 waiting queue — where priority inversion happens — stays short). Flex goes
@@ -52,6 +55,11 @@ class SchedulerConfig:
     fair_quantum: int = 2048
     # Retry-After (seconds) when no flex has been served lately to estimate from.
     unknown_wait_retry_after: float = 30.0
+    # Seconds a replica that turned a request away (429, 503, a failed
+    # connection) is offered no work, when it did not say for how long.
+    replica_backoff: float = 1.0
+    # Longest pause a replica's own Retry-After can impose on it.
+    replica_backoff_max: float = 10.0
 
 
 def headroom_slots(config: SchedulerConfig, capacity: int) -> int:
@@ -77,7 +85,7 @@ def can_admit(
     config: SchedulerConfig, replica: Replica, tier: ServiceTier, now: float
 ) -> bool:
     """Whether a request of ``tier`` may start on ``replica`` now."""
-    if not replica.healthy or replica.free_slots <= 0:
+    if not replica.healthy or replica.free_slots <= 0 or now < replica.backoff_until:
         return False
     if not config.tiers_enabled or not tier.is_preemptible:
         return True

@@ -61,6 +61,11 @@ class Replica:
     healthy: bool = True
     num_failed_reads: int = 0
     last_preempted_at: float = float("-inf")
+    # No work is offered before this time.monotonic(): the replica turned a
+    # request away (429, 503, a failed connection) and is given a pause.
+    backoff_until: float = float("-inf")
+    # Requests the replica turned away before any output.
+    num_refusals: int = 0
     # Observed / predicted TPOT (EWMA): calibrates the step-time model to this replica.
     tpot_scale: float = 1.0
     # Engine's / gateway's prompt token counts (EWMA): corrects the gateway's estimate.
@@ -96,6 +101,9 @@ class Replica:
             return 0.0
         return model.a * prompt_tokens * self.prompt_scale
 
+    def backed_off(self, now: float) -> bool:
+        return now < self.backoff_until
+
     def discard(self, run: Running) -> None:
         self.running.remove(run)
         self.num_in_flight_by_tier[run.tier] -= 1
@@ -125,6 +133,9 @@ class ModelPool:
     num_pauses: int = 0
     num_flex_refused: int = 0
     num_downgraded: int = 0
+    # Requests a replica turned away before any output, sent on to another
+    # replica or back to the queue (never billed for the refused attempt).
+    num_failovers: int = 0
 
     @property
     def capacity(self) -> int:

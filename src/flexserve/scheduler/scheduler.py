@@ -15,6 +15,12 @@ The API hands the scheduler a ``Ticket`` and an ``EngineRequest`` and iterates
   organization's flow, to be run again from scratch (never billed twice: only
   the run that finishes is metered);
 * downgrades priority to default once priority holds its share of capacity;
+* fails over: a replica that turns a run away before any output (429, 503,
+  a failed connection) is offered no work for a while (its own Retry-After,
+  or ``replica_backoff``), and the request goes to another replica; with none
+  left to try, flex goes back to the head of the queue to wait for one until
+  its deadline, and default and priority get 503 with Retry-After. The
+  refused attempt yielded nothing, so nothing of it is billed;
 * gives the room back however a generation ends, and releases the next waiter.
 
 What happened is written on the ticket (served tier, queue time, preemptions)
@@ -34,6 +40,7 @@ from typing import Any
 
 from flexserve.engines.base import Delta, Engine, EngineRequest, NoLoadSignalsError
 from flexserve.errors import (
+    EngineOverloadedError,
     EngineUnavailableError,
     FlexServeError,
     ModelNotFoundError,
@@ -95,6 +102,8 @@ class Scheduler:
                 tiers_enabled=self.config.tiers_enabled, fair_quantum=self.config.fair_quantum
             )
         self._watchers: list[asyncio.Task[None]] = []
+        # Per replica backing off: the timer that offers it work again.
+        self._backoff_timers: dict[Replica, asyncio.TimerHandle] = {}
 
     @classmethod
     def from_engines(
@@ -134,6 +143,9 @@ class Scheduler:
             self._watchers.append(asyncio.create_task(self._watch_load(replica)))
 
     async def close(self) -> None:
+        for timer in self._backoff_timers.values():
+            timer.cancel()
+        self._backoff_timers.clear()
         for task in self._watchers:
             task.cancel()
         for task in self._watchers:
@@ -142,15 +154,18 @@ class Scheduler:
         self._watchers.clear()
 
     async def _watch_load(self, replica: Replica) -> None:
-        pools = [p for p in self._pools.values() if replica in p.replicas]
+        pools = self._pools_of(replica)
         while True:
             try:
                 replica.load = await replica.engine.read_load()
                 replica.num_failed_reads = 0
                 replica.healthy = True
             except NoLoadSignalsError:
-                # No metrics endpoint (a provider, Ollama): in-flight counts alone.
+                # No metrics endpoint (a provider, Ollama): in-flight counts alone,
+                # which may admit flex that waited for a first reading.
                 replica.has_signals = False
+                for pool in pools:
+                    self._dispatch(pool)
                 return
             except FlexServeError as exc:
                 replica.num_failed_reads += 1
@@ -169,6 +184,8 @@ class Scheduler:
         pool = self.pool(ticket.model)
         self._maybe_downgrade(pool, ticket)
         requeue = False
+        # Replicas that turned this request away, not to be tried again by default work.
+        refused_by: list[Replica] = []
         while True:
             run = Running(ticket.served_tier or ticket.tier, ticket.org_id, ticket.cost_tokens,
                           ticket.stream, ticket.prompt_tokens)
@@ -182,10 +199,10 @@ class Scheduler:
             # A non-streamed abortable run is held back until it ends, so that an
             # abort can restart it without the client ever seeing a first attempt.
             held: list[Delta] | None = [] if abortable and not ticket.stream else None
+            last: Delta | None = None
             try:
                 engine_deltas = replica.engine.generate(request, run.control)
                 deltas = self._pumped(run, engine_deltas) if abortable else engine_deltas
-                last: Delta | None = None
                 async for delta in deltas:
                     last = delta
                     if delta.has_output:
@@ -210,6 +227,12 @@ class Scheduler:
             except _Preempted:
                 ticket.num_preemptions += 1
                 ticket.first_token_at = None
+                requeue = True
+            except EngineOverloadedError as exc:
+                if last is not None:
+                    raise  # output came first: the run itself failed
+                self._turned_away(pool, replica, run, exc, refused_by)
+                refused_by.append(replica)
                 requeue = True
             finally:
                 self._release(pool, replica, run)
@@ -368,6 +391,68 @@ class Scheduler:
         assert run.pump is not None
         run.pump.cancel()
 
+    # --- replicas that turn work away -------------------------------------------------
+
+    def _turned_away(
+        self, pool: ModelPool, replica: Replica, run: Running, exc: EngineOverloadedError,
+        refused_by: list[Replica],
+    ) -> None:
+        """``replica`` turned ``run`` away before any output: it gets a pause,
+        and the request is tried again unless that is hopeless for its tier.
+
+        Flex goes back to the queue whatever happens, to wait for a replica
+        until its deadline, as it waits for capacity. Default and priority are
+        refused at once (503 with Retry-After) when every other replica is
+        down, pausing, or has refused them already (``refused_by``): waiting
+        would only delay the answer the client can act on."""
+        now = time.monotonic()
+        replica.num_refusals += 1
+        pause = min(exc.retry_after or self.config.replica_backoff, self.config.replica_backoff_max)
+        self._back_off(replica, now + pause)
+        log.info("replica %s turned a request away, paused %.1f s: %s", replica.name, pause, exc.message)
+        if not (self.config.tiers_enabled and run.tier.is_preemptible) and (
+            replica in refused_by or not any(
+                r is not replica and r.healthy and not r.backed_off(now) and r not in refused_by
+                for r in pool.replicas
+            )
+        ):
+            retry_after = self.config.replica_backoff if exc.retry_after is None else exc.retry_after
+            raise EngineOverloadedError(
+                f"No replica of `{pool.model}` can take the request right now ({exc.message}). "
+                "Retry later.",
+                retry_after=retry_after,
+            ) from exc
+        pool.num_failovers += 1
+
+    def _back_off(self, replica: Replica, until: float) -> None:
+        """Offer ``replica`` no work before ``until``, and release the waiters
+        it could take then (its load watch may have ended: no signals)."""
+        if until <= replica.backoff_until:
+            return
+        replica.backoff_until = until
+        timer = self._backoff_timers.pop(replica, None)
+        if timer is not None:
+            timer.cancel()
+        self._backoff_timers[replica] = asyncio.get_running_loop().call_later(
+            until - time.monotonic(), self._backoff_over, replica
+        )
+
+    def _backoff_over(self, replica: Replica) -> None:
+        del self._backoff_timers[replica]
+        left = replica.backoff_until - time.monotonic()
+        if left > 0:
+            # A loop whose clock counts milliseconds (uvloop) may call a moment
+            # early: once more, a tick later.
+            self._backoff_timers[replica] = asyncio.get_running_loop().call_later(
+                left + 0.001, self._backoff_over, replica
+            )
+            return
+        for pool in self._pools_of(replica):
+            self._dispatch(pool)
+
+    def _pools_of(self, replica: Replica) -> list[ModelPool]:
+        return [p for p in self._pools.values() if replica in p.replicas]
+
     def _balance_decoding(self, replica: Replica) -> None:
         """On engines that pause between tokens, pause the newest flex runs while
         default and priority need the engine's decode slots; resume them after."""
@@ -384,7 +469,7 @@ class Scheduler:
             elif not run.control.paused:
                 run.control.pause()
                 if pools is None:
-                    pools = [p for p in self._pools.values() if replica in p.replicas]
+                    pools = self._pools_of(replica)
                 for pool in pools:
                     pool.num_pauses += 1
 

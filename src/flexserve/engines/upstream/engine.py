@@ -1,20 +1,32 @@
 """An upstream OpenAI-compatible server as an engine replica.
 
-vLLM, SGLang, llama.cpp's server, Ollama or a provider: models are
-discovered from its ``/v1/models``; a generation is requested as a stream
-(so that time to first token is real and an abort closes the connection,
-which vLLM, SGLang and llama.cpp honour by freeing the sequence), and relayed
-delta by delta, unless the caller wants only the whole completion
-(``EngineRequest.stream`` False: not streamed to the client, never aborted),
-which is then requested with ``stream: false`` and yielded as one delta
-(no SSE framing and parsing on either side). aiohttp's client is used for its
-speed under load; its exceptions are translated into FlexServe's Engine* errors here, and nowhere
-else.
+vLLM, SGLang, llama.cpp's server, Ollama or a provider: models are discovered
+from its ``/v1/models``; a request is posted to the endpoint of its kind
+(chat, completions, embeddings) with the client's body as it is, and the
+gateway's request id in ``x-request-id`` so that gateway and engine logs can
+be matched. A generation is requested as a stream (so that time to first
+token is real and an abort closes the connection, which vLLM, SGLang and
+llama.cpp honour by freeing the sequence), unless the caller wants only the
+whole result (``EngineRequest.stream`` False: not streamed to the client,
+never aborted), which is then read as one JSON body, with no SSE framing on
+either side. ``relay`` turns either into Deltas.
+
+A replica that turns a request away before any output — HTTP 429 or 503, or
+a connection that cannot be made or breaks — raises ``EngineOverloadedError``
+with the upstream's ``Retry-After``, which the scheduler answers by trying
+another replica; once output has been relayed, a failure is an
+``EngineError``, and a slow answer an ``EngineTimeoutError``.
+
+aiohttp's client is used for its speed under load; its exceptions are
+translated into FlexServe's Engine* errors here, and nowhere else.
 """
 
 from __future__ import annotations
 
+import email.utils
 import logging
+import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,17 +43,21 @@ from flexserve.engines.base import (
     NoLoadSignalsError,
     SequenceControl,
     StepTimeModel,
-    Usage,
 )
 from flexserve.engines.metrics import parse_vllm_load
+from flexserve.engines.upstream.relay import completion_deltas, embedding_delta, relay_sse
 from flexserve.errors import (
     EngineError,
+    EngineOverloadedError,
     EngineTimeoutError,
     EngineUnavailableError,
+    FlexServeError,
     InvalidRequestError,
 )
 
 log = logging.getLogger(__name__)
+
+_PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
 
 
 class UpstreamEngine(Engine):
@@ -66,8 +82,11 @@ class UpstreamEngine(Engine):
         self.base_url = self.base_url.removesuffix("/v1")
         self.name = f"upstream:{self.base_url}"
         self.accepts_priority = send_priority
-        self._api_key = api_key
         self._capacity = capacity
+        self._urls = {op: self.base_url + path for op, path in _PATHS.items()}
+        self._headers = {"Content-Type": "application/json"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
         self._timeout = aiohttp.ClientTimeout(
             total=timeout, sock_connect=connect_timeout, sock_read=timeout
         )
@@ -92,12 +111,6 @@ class UpstreamEngine(Engine):
             raise EngineUnavailableError(f"{self.name} is not started.")
         return self._session
 
-    def _headers(self) -> dict[str, str]:
-        headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
-        return headers
-
     async def start(self) -> None:
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, ttl_dns_cache=300)
         self._session = aiohttp.ClientSession(
@@ -114,7 +127,7 @@ class UpstreamEngine(Engine):
         """Read the upstream's model list (GET /v1/models)."""
         try:
             async with self.session.get(
-                f"{self.base_url}/v1/models", headers=self._headers(), timeout=aiohttp.ClientTimeout(total=10)
+                f"{self.base_url}/v1/models", headers=self._headers, timeout=aiohttp.ClientTimeout(total=10)
             ) as response:
                 if response.status != 200:
                     raise EngineError(
@@ -141,11 +154,12 @@ class UpstreamEngine(Engine):
         """The client's body as it is, with the stream settings and priority hint
         the gateway chose."""
         payload = dict(request.body)
-        if request.stream:
-            payload["stream"] = True
-            payload["stream_options"] = {"include_usage": True}
-        else:
-            payload["stream"] = False
+        if request.op != "embedding":
+            if request.stream:
+                payload["stream"] = True
+                payload["stream_options"] = {"include_usage": True}
+            else:
+                payload["stream"] = False
         if self.accepts_priority:
             payload["priority"] = request.priority
         return payload
@@ -153,27 +167,40 @@ class UpstreamEngine(Engine):
     async def generate(
         self, request: EngineRequest, control: SequenceControl | None = None
     ) -> AsyncIterator[Delta]:
-        url = f"{self.base_url}/v1/chat/completions"
+        op = request.op
+        headers = {**self._headers, "X-Request-Id": request.request_id}
+        relayed = False
         try:
             async with self.session.post(
-                url, data=orjson.dumps(self._payload(request)), headers=self._headers()
+                self._urls[op], data=orjson.dumps(self._payload(request)), headers=headers
             ) as response:
                 if response.status != 200:
                     raise await _error_from_response(self.name, response)
-                if request.stream or response.content_type == "text/event-stream":
-                    async for delta in _relay_sse(self.name, response):
+                if op != "embedding" and (request.stream or response.content_type == "text/event-stream"):
+                    async for delta in relay_sse(self.name, response, op):
+                        relayed = True
                         yield delta
                     return
-                # A whole completion: read, and the connection back to the pool
-                # before the delta is handed on.
+                # A whole answer: read, and the connection back to the pool
+                # before the deltas are handed on.
                 body = await response.read()
-        except aiohttp.ClientConnectorError as exc:
-            raise EngineUnavailableError(f"{self.name} is unreachable: {exc.os_error}") from exc
-        except aiohttp.ClientError as exc:
-            raise EngineError(f"{self.name} failed mid-request: {exc!r}") from exc
+        except aiohttp.ConnectionTimeoutError as exc:
+            # Not connected in time: nothing was sent, another replica may take it.
+            raise EngineOverloadedError(f"{self.name} could not be reached in time.") from exc
         except TimeoutError as exc:
             raise EngineTimeoutError(f"{self.name} did not answer in time.") from exc
-        yield _completion_delta(self.name, body)
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            if relayed:
+                raise EngineError(f"{self.name} failed mid-request: {exc!r}") from exc
+            # Nothing came of it: the request can go to another replica as it is.
+            raise EngineOverloadedError(f"{self.name} is unreachable: {_reason(exc)}") from exc
+        except aiohttp.ClientError as exc:
+            raise EngineError(f"{self.name} failed mid-request: {exc!r}") from exc
+        if op == "embedding":
+            yield embedding_delta(self.name, body, request)
+            return
+        for delta in completion_deltas(self.name, body, op):
+            yield delta
 
     async def read_load(self) -> EngineLoad:
         """vLLM-style load signals from the upstream's /metrics."""
@@ -191,106 +218,56 @@ class UpstreamEngine(Engine):
         return parse_vllm_load(text)
 
 
-async def _error_from_response(name: str, response: aiohttp.ClientResponse) -> Exception:
+def _reason(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return str(exc.os_error)
+    return str(exc) or exc.__class__.__name__
+
+
+async def _error_from_response(name: str, response: aiohttp.ClientResponse) -> FlexServeError:
     body = await response.read()
     message = body[:500].decode("utf-8", "replace")
     param = None
     try:
-        error = orjson.loads(body).get("error")
+        document = orjson.loads(body)
+        # OpenAI's envelope, or the bare error object older vLLM answers with.
+        error = document.get("error", document if "message" in document else None)
         if isinstance(error, dict):
             message = str(error.get("message") or message)
             param = error.get("param")
         elif isinstance(error, str):
             message = error
-    except (orjson.JSONDecodeError, AttributeError):
+    except (orjson.JSONDecodeError, AttributeError, TypeError):
         pass
-    if response.status in (400, 422):
+    status = response.status
+    if status in (400, 422):
         # The client's input was refused by the engine (context too long, say).
         return InvalidRequestError(f"The engine refused the request: {message}", param=param)
-    if response.status in (502, 503, 429):
-        return EngineUnavailableError(f"{name} is overloaded or unavailable (HTTP {response.status}): {message}")
-    if response.status == 504:
+    if status in (429, 503):
+        return EngineOverloadedError(
+            f"{name} is overloaded (HTTP {status}): {message}",
+            retry_after=retry_after_seconds(response.headers.get("Retry-After")),
+        )
+    if status == 502:
+        return EngineUnavailableError(f"{name} is unavailable (HTTP {status}): {message}")
+    if status == 504:
         return EngineTimeoutError(f"{name} timed out: {message}")
-    return EngineError(f"{name} answered HTTP {response.status}: {message}")
+    return EngineError(f"{name} answered HTTP {status}: {message}")
 
 
-def _completion_delta(name: str, body: bytes) -> Delta:
-    """A whole (non-streamed) chat completion as one final Delta."""
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header's delay in seconds: a number of seconds or an
+    HTTP date; None when absent or unreadable."""
+    if not value:
+        return None
     try:
-        data = orjson.loads(body)
-        error = data.get("error")
-        if error is None:
-            choice = data["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
-            finish_reason = choice.get("finish_reason") or "stop"
-            u = data.get("usage")
-            usage = (
-                Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
-                if u
-                # An upstream that reports no usage: about four characters a
-                # token (prompt tokens unknown), as the API layer estimates prompts.
-                else Usage(0, (len(text) + 3) // 4)
-            )
-    except (orjson.JSONDecodeError, AttributeError, LookupError, TypeError, ValueError) as exc:
-        raise EngineError(f"{name} sent a malformed completion.") from exc
-    if error is not None:
-        message = error.get("message") if isinstance(error, dict) else str(error)
-        raise EngineError(f"{name} failed: {message}")
-    return Delta(text, finish_reason=finish_reason, usage=usage)
-
-
-async def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
-    """The body's lines, in batches: those each read completed.
-
-    Split out of whatever the socket delivered rather than awaited one by one,
-    so that an answer arriving in one read costs one await, not one per line.
-    """
-    pending = b""
-    async for block in response.content.iter_any():
-        *lines, pending = (pending + block).split(b"\n")
-        if lines:
-            yield lines
-    if pending:
-        yield [pending]
-
-
-async def _relay_sse(name: str, response: aiohttp.ClientResponse) -> AsyncIterator[Delta]:
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    num_chunks = 0
-    done = False
-    async for lines in _sse_lines(response):
-        for line in lines:
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                done = True
-                break
-            try:
-                chunk = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
-                raise EngineError(f"{name} sent a malformed stream chunk.") from exc
-            if "error" in chunk:
-                error = chunk["error"]
-                message = error.get("message") if isinstance(error, dict) else str(error)
-                raise EngineError(f"{name} failed mid-stream: {message}")
-            if chunk.get("usage"):
-                u = chunk["usage"]
-                usage = Usage(int(u.get("prompt_tokens") or 0), int(u.get("completion_tokens") or 0))
-            for choice in chunk.get("choices") or ():
-                text = (choice.get("delta") or {}).get("content") or ""
-                if choice.get("finish_reason"):
-                    finish_reason = choice["finish_reason"]
-                if text:
-                    num_chunks += 1
-                    yield Delta(text)
-        if done:
-            break
-    if finish_reason is None:
-        raise EngineError(f"{name} closed the stream before it finished.")
-    if usage is None:
-        # An upstream that reports no usage: one token per content chunk is the
-        # best count available (prompt tokens unknown).
-        usage = Usage(0, num_chunks)
-    yield Delta("", finish_reason=finish_reason, usage=usage)
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
+    if not math.isfinite(seconds):
+        return None
+    return max(0.0, seconds)
