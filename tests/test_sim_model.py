@@ -244,13 +244,30 @@ async def test_unbounded_length_is_drawn_from_the_seed() -> None:
 
 async def test_prompt_longer_than_the_context_is_refused() -> None:
     model = SimModel(H100, speed=FAST)
+    # vLLM's parameters: the prompt's tokens, or a max_tokens past the context.
     with pytest.raises(InvalidRequestError) as info:
         await collect(model, make_request("big", H100.max_model_len))
-    assert info.value.param == "messages"
+    assert info.value.param == "input_tokens"
     with pytest.raises(InvalidRequestError) as info:
-        await collect(model, make_request("big", 10, max_tokens=H100.max_model_len))
+        await collect(model, make_request("full", H100.max_model_len - 6))
+    assert info.value.param == "max_tokens"  # no room left to generate in
+    with pytest.raises(InvalidRequestError) as info:
+        await collect(model, make_request("big", 10, max_tokens=H100.max_model_len + 1))
     assert info.value.param == "max_tokens"
     assert model.num_waiting == 0 and model.num_running == 0
+
+
+async def test_max_tokens_is_cut_to_the_room_left_in_the_context() -> None:
+    """As vLLM: a max_tokens the prompt leaves no room for generates until the
+    context is full, and ends with "length"."""
+    model = SimModel(H100, speed=FAST)
+    prompt_tokens = 4 + 100 + 2
+    deltas = await collect(model, make_request("cut", 100, max_tokens=H100.max_model_len))
+    usage = deltas[-1].usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens) == (prompt_tokens, H100.max_model_len - prompt_tokens)
+    assert deltas[-1].finish_reason == "length"
+    await model.close()
 
 
 # --- aborts ------------------------------------------------------------------------

@@ -131,23 +131,76 @@ def test_priority_is_accepted_under_priority_policy(timed: tuple[SimModel, str])
 
 @pytest.mark.parametrize("body", [b"{not json", b"[]", b'{"model": "sim-instant"}',
                                   b'{"model": "sim-instant", "messages": []}'])
-def test_bad_requests_get_the_openai_envelope(instant: tuple[SimModel, str], body: bytes) -> None:
+def test_bad_requests_get_vllms_envelope(instant: tuple[SimModel, str], body: bytes) -> None:
+    """OpenAI's members; vLLM names the type after the status and gives the
+    status as the code."""
     _, url = instant
     response = httpx.post(f"{url}/v1/chat/completions", content=body)
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert error["type"] == "invalid_request_error"
+    assert (error["type"], error["code"]) == ("BadRequestError", 400)
 
 
 def test_unknown_model_is_404_and_long_prompt_is_400(instant: tuple[SimModel, str]) -> None:
     model, url = instant
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as missing:
         client(url).chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert missing.value.body == {"message": missing.value.body["message"], "type": "NotFoundError",  # type: ignore[index]
+                                  "param": "model", "code": 404}
     with pytest.raises(openai.BadRequestError) as info:
         client(url).chat.completions.create(
             model=model.model_id, messages=[{"role": "user", "content": "w " * 9000}])
-    assert info.value.body["param"] == "messages"  # type: ignore[index]
+    assert info.value.body["param"] == "input_tokens"  # type: ignore[index]
+
+
+def test_max_tokens_past_the_room_left_is_cut_not_refused(instant: tuple[SimModel, str]) -> None:
+    """As vLLM: generation stops when the context is full; only a max_tokens
+    past the whole context is refused."""
+    model, url = instant
+    reply = client(url).completions.create(model=model.model_id, prompt="w " * 8000,
+                                           max_tokens=500)
+    assert reply.usage is not None and reply.usage.completion_tokens == model.max_model_len - 8000
+    assert reply.choices[0].finish_reason == "length"
+    with pytest.raises(openai.BadRequestError) as info:
+        client(url).completions.create(model=model.model_id, prompt="w",
+                                       max_tokens=model.max_model_len + 1)
+    assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
+
+
+def test_the_answer_id_is_the_clients_request_id(instant: tuple[SimModel, str]) -> None:
+    model, url = instant
+    headers = {"X-Request-Id": "req_abc"}
+    chat = httpx.post(f"{url}/v1/chat/completions", headers=headers, json={
+        "model": model.model_id, "messages": MESSAGES, "max_tokens": 2}).json()
+    completion = httpx.post(f"{url}/v1/completions", headers=headers, json={
+        "model": model.model_id, "prompt": "x", "max_tokens": 2}).json()
+    assert (chat["id"], completion["id"]) == ("chatcmpl-req_abc", "cmpl-req_abc")
+
+
+def test_tokenize_counts_what_usage_counts(instant: tuple[SimModel, str]) -> None:
+    """vLLM's own /tokenize and /detokenize, on the sim tokenizer."""
+    model, url = instant
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    reply = client(url).chat.completions.create(model=model.model_id, messages=MESSAGES,
+                                                tools=tools, tool_choice="none", max_tokens=1)  # type: ignore[list-item]
+    tokenized = httpx.post(f"{url}/tokenize", json={
+        "model": model.model_id, "messages": MESSAGES, "tools": tools}).json()
+    assert reply.usage is not None and tokenized["count"] == reply.usage.prompt_tokens
+    assert tokenized["count"] == len(tokenized["tokens"])
+    assert tokenized["max_model_len"] == model.max_model_len
+    text = " the model decodes a token"
+    ids = httpx.post(f"{url}/tokenize", json={"prompt": text}).json()["tokens"]
+    assert len(ids) == 5 and all(0 <= i < 128_256 for i in ids)
+    by_ids = client(url).completions.create(model=model.model_id, prompt=ids, max_tokens=1)
+    by_text = client(url).completions.create(model=model.model_id, prompt=text, max_tokens=1)
+    assert by_ids.usage is not None and by_text.usage is not None
+    assert by_ids.usage.prompt_tokens == by_text.usage.prompt_tokens == 5
+    # Filler words come back as they went; other words as the filler their ids pick.
+    filler = httpx.post(f"{url}/tokenize", json={"prompt": " the model"}).json()["tokens"]
+    assert httpx.post(f"{url}/detokenize", json={"tokens": filler}).json() == {"prompt": " the model"}
+    assert httpx.post(f"{url}/tokenize", json={"model": "gpt-4o", "prompt": "x"}).status_code == 404
+    assert httpx.post(f"{url}/detokenize", json={"tokens": "x"}).json()["error"]["param"] == "tokens"
 
 
 def test_models_list(timed: tuple[SimModel, str]) -> None:
@@ -173,10 +226,14 @@ def test_metrics_use_vllm_names(timed: tuple[SimModel, str]) -> None:
     }
     for name, kind in expected.items():
         assert families[name].type == kind, name
-        assert all(s.labels["model_name"] == model.model_id for s in families[name].samples)
+        assert all(s.labels["model_name"] == model.model_id and s.labels["engine"] == "0"
+                   for s in families[name].samples)
     samples = metrics(url)
     assert samples["vllm:generation_tokens_total"] >= 4
     assert samples["vllm:num_preemptions_total"] == 0
+    # No prefix cache in the sim: every prompt token is a query, none a hit.
+    assert samples["vllm:prefix_cache_queries_total"] == samples["vllm:prompt_tokens_total"] > 0
+    assert samples["vllm:prefix_cache_hits_total"] == 0
     assert samples["vllm:time_to_first_token_seconds_count"] >= 1
 
 
@@ -392,7 +449,8 @@ def test_completions_echo_with_logprobs_and_max_tokens_zero(instant: tuple[SimMo
     assert choice["logprobs"]["tokens"] == ["one", " two", " three"]
     assert choice["logprobs"]["token_logprobs"][0] is None
     assert choice["logprobs"]["text_offset"] == [0, 3, 7]
-    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 0, "total_tokens": 3}
+    # vLLM generates one token it does not show, and counts it.
+    assert reply["usage"] == {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4}
 
 
 # --- embeddings ---------------------------------------------------------------------------
@@ -452,7 +510,7 @@ def test_refusals_name_the_parameter(fixture: str, path: str, body: dict[str, An
     assert response.status_code == 400
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
-    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert (error["type"], error["param"]) == ("BadRequestError", param)
 
 
 def test_completions_client_disconnect_aborts_the_sequence(timed: tuple[SimModel, str]) -> None:

@@ -248,8 +248,11 @@ async def test_tool_choice_picks_the_function() -> None:
     call = tool_call([delta])
     assert call["name"] == "get_time"
     validator(TOOLS[1]["function"]["parameters"]).validate(json.loads(call["arguments"]))
+    # A named function's call ends with "stop" (OpenAI's and vLLM's), any other with "tool_calls".
+    assert delta.finish_reason == "stop"
     [required] = await collect(model, chat("req", tools=TOOLS, tool_choice="required"))
     assert tool_call([required])["name"] == "get_weather"
+    assert required.finish_reason == "tool_calls"
     [none] = await collect(model, chat("none", tools=TOOLS, tool_choice="none", max_tokens=5))
     assert none.tool_calls is None and len(none.text.split()) == 5
     assert none.finish_reason == "length"
@@ -502,9 +505,10 @@ async def test_max_tokens_zero_with_echo_returns_the_prompt(model: SimModel) -> 
                                              n=2))
     assert [(d.index, d.text, d.finish_reason) for d in deltas] == [
         (0, "a b c", "length"), (1, "a b c", "length"), (2, "d", "length"), (3, "d", "length")]
+    # As vLLM: each choice generates one token, counted but not shown.
     usage = deltas[-1].usage
-    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 0)
-    assert model.num_generation_tokens == 0 and model.num_prompt_tokens == 4
+    assert usage is not None and (usage.prompt_tokens, usage.completion_tokens) == (4, 4)
+    assert model.num_generation_tokens == 4 and model.num_prompt_tokens == 4
     await model.close()
 
 
@@ -589,7 +593,7 @@ IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"
     (chat("pp", presence_penalty=3), "presence_penalty"),
     (chat("n", n="two"), "n"),
     (chat("kv", n=128, max_tokens=4000), "n"),
-    (chat("long", [{"role": "user", "content": "w " * 9000}]), "messages"),
+    (chat("long", [{"role": "user", "content": "w " * 9000}]), "input_tokens"),
     (completion("s", prompt="x", suffix="y"), "suffix"),
     (completion("b", prompt="x", n=1, best_of=3), "best_of"),
     (completion("m", prompt="x", max_tokens=0), "max_tokens"),
@@ -597,8 +601,9 @@ IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"
     (completion("e", prompt=""), "prompt"),
     (completion("e2", prompt=["a", ""]), "prompt[1]"),
     (completion("mx", prompt=["a", 1]), "prompt"),
-    (completion("cl", prompt="w " * 8192), "prompt"),
-    (completion("mt", prompt="w", max_tokens=8192), "max_tokens"),
+    (completion("cl", prompt="w " * 9000), "input_tokens"),
+    (completion("full", prompt="w " * 8192), "max_tokens"),
+    (completion("mt", prompt="w", max_tokens=8193), "max_tokens"),
     (embedding("d", input="x", dimensions=5000), "dimensions"),
     (embedding("f", input="x", encoding_format="int8"), "encoding_format"),
     (embedding("el", input="w " * 9000), "input"),

@@ -39,10 +39,12 @@ def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: i
     whose GET /metrics carries vLLM's metric names (vllm:num_requests_waiting,
     vllm:kv_cache_usage_perc, ...). It answers as vLLM serving a text-only
     model would: n choices, tool calls, JSON and JSON-schema output, log
-    probabilities, echo, token-id prompts, embedding dimensions; image or
-    audio input, suffix and best_of are refused with a 400. Output text is
-    filler (JSON output validates against its schema); a chat prompt's token
-    count is, per message, 4 plus its number of words, plus 2. Use --profile
+    probabilities, echo, token-id prompts, embedding dimensions, vLLM's
+    /tokenize and /detokenize; max_tokens is cut to the room left in the
+    context; image or audio input, suffix and best_of are refused with a 400
+    in vLLM's error envelope. Output text is filler (JSON output validates
+    against its schema); a chat prompt's token count is, per message, 4 plus
+    its number of words, plus 2. Use --profile
     instant to measure a gateway's own overhead: every request is answered at
     once.
     """

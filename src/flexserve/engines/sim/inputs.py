@@ -60,6 +60,9 @@ class OutputForm:
     schema: Any = None
     # The called function (tool_call).
     tool_name: str = ""
+    # The client named the function (tool_choice {"type": "function", ...}): the
+    # call then ends with finish_reason "stop", as OpenAI and vLLM end it.
+    named: bool = False
 
 
 PLAIN_TEXT = OutputForm()
@@ -219,7 +222,7 @@ def _tool_form(tools: list[Any], choice: Any) -> OutputForm:
     parameters = chosen.get("parameters")
     if parameters is None:
         parameters = {"type": "object", "properties": {}, "additionalProperties": False}
-    return OutputForm("tool_call", parameters, chosen["name"])
+    return OutputForm("tool_call", parameters, chosen["name"], named=isinstance(choice, dict))
 
 
 def _format_form(response_format: Any) -> OutputForm:

@@ -53,9 +53,10 @@ class Histogram:
 
 
 def render_metrics(model: SimModel) -> str:
-    """Prometheus text exposition under vLLM's metric names, one ``model_name`` label."""
+    """Prometheus text exposition under vLLM's metric names and labels (an
+    ``engine`` index and the ``model_name``)."""
     escaped = model.model_id.replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
-    label = f'model_name="{escaped}"'
+    label = f'engine="0",model_name="{escaped}"'
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str) -> None:
@@ -85,6 +86,11 @@ def render_metrics(model: SimModel) -> str:
     counter("vllm:num_preemptions", "Preemptions (KV cache full).", model.num_preemptions)
     counter("vllm:prompt_tokens", "Prefill tokens processed.", model.num_prompt_tokens)
     counter("vllm:generation_tokens", "Generation tokens produced.", model.num_generation_tokens)
+    # The sim keeps no prefix cache: every prompt token is looked up, none is
+    # found (vLLM's counters without prefix caching).
+    counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+            model.num_prompt_tokens)
+    counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", 0)
     histogram("vllm:time_to_first_token_seconds", "Time to first token (simulated seconds).",
               model.ttft)
     histogram("vllm:inter_token_latency_seconds", "Inter-token latency (simulated seconds).",

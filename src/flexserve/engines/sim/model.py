@@ -15,10 +15,12 @@ finishes when its prompt is in the cache, generating no token.
 
 Prompts are counted by the sim tokenizer (``tokenizer.py``), output is
 planned per choice before it starts (``outputs.py``: filler words, or JSON,
-or a tool call): exactly ``max_tokens`` tokens of text when given
-(finish_reason "length"); otherwise a length in 16..512 drawn from ``seed``
-(or the request id when no seed is given), finish_reason "stop" — or "length"
-if the context runs out first.
+or a tool call): ``max_tokens`` tokens of text when given, or as many as the
+context has room for when fewer (vLLM cuts ``max_tokens`` to the room left,
+refusing only more than the whole context), finish_reason "length";
+otherwise a length in 16..512 drawn from ``seed`` (or the request id when no
+seed is given), finish_reason "stop" — or "length" if the context runs out
+first.
 
 Time: latencies (TTFT, inter-token) are recorded on a simulated clock that
 advances by each step's modelled time while busy and by wall time x ``speed``
@@ -233,19 +235,27 @@ class SimModel:
                     param="dimensions")
             return inputs
         max_tokens = inputs.max_tokens
-        what = "messages" if inputs.op == "chat" else "prompt"
+        # As vLLM: max_tokens is cut to the room the prompt leaves in the
+        # context, and refused only past the context itself.
+        if max_tokens is not None and max_tokens > limit:
+            raise InvalidRequestError(
+                f"max_tokens={max_tokens} cannot be greater than max_model_len={limit}. "
+                "Please request fewer output tokens.",
+                param="max_tokens",
+            )
         for prompt_tokens in inputs.prompt_lens:
-            if prompt_tokens >= limit:
+            if prompt_tokens > limit:
                 raise InvalidRequestError(
                     f"This model's maximum context length is {limit} tokens. However, your "
-                    f"{what} resulted in {prompt_tokens} tokens (sim tokenizer).",
-                    param=what,
+                    f"prompt contains {prompt_tokens} input tokens (sim tokenizer), which exceeds "
+                    "this limit even without any output tokens. Please reduce the length of the "
+                    "input prompt.",
+                    param="input_tokens",
                 )
-            if max_tokens is not None and prompt_tokens + max_tokens > limit:
+            if prompt_tokens == limit:
                 raise InvalidRequestError(
-                    f"This model's maximum context length is {limit} tokens. However, you "
-                    f"requested {prompt_tokens + max_tokens} tokens ({prompt_tokens} in the "
-                    f"{what}, {max_tokens} in the completion).",
+                    f"max_tokens must be at least 1, got 0: the {prompt_tokens}-token prompt "
+                    f"fills the whole context ({limit} tokens).",
                     param="max_tokens",
                 )
             if inputs.n > 1:
@@ -400,7 +410,7 @@ class SimModel:
         self.num_prompt_tokens += prompt_tokens
         total = 0
         for choice in choices:
-            length = len(choice.pieces)
+            length = choice.length
             if length:
                 total += length
                 self.ttft.observe(0.0)

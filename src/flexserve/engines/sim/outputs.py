@@ -7,9 +7,15 @@ per choice; for one seed a shorter output is a prefix of a longer one).
 Structured output is one JSON document, cut into pieces of a few characters:
 ``{"answer": "<filler>"}`` for `json_object`, an instance of the schema for
 `json_schema`, and for a tool call the function's name (one token) followed
-by its arguments, an instance of the function's parameter schema. When
-``max_tokens`` or the context runs out first the document is cut there, with
-finish_reason "length", as a real engine's would be.
+by its arguments, an instance of the function's parameter schema; a call
+ends with finish_reason "tool_calls", or "stop" when the client named the
+function (as OpenAI and vLLM end it). When ``max_tokens`` or the context runs
+out first the document is cut there, with finish_reason "length", as a real
+engine's would be.
+
+Completions with ``echo`` and max_tokens 0 (how evaluation harnesses score a
+prompt) generate one token that is counted in usage but not shown, as vLLM
+does.
 
 Log probabilities are made up but consistent: each token gets a ladder of
 descending values drawn from the choice's seed; the chosen token is the most
@@ -48,7 +54,8 @@ class ChoiceOutput:
     """One choice: its planned pieces, and how many have been handed out."""
 
     __slots__ = ("call_id", "done", "echo", "echo_ladders", "emitted", "finish_reason", "index",
-                 "ladders", "num_alternatives", "op", "pieces", "text_offset", "tool_name")
+                 "ladders", "num_alternatives", "num_hidden", "op", "pieces", "text_offset",
+                 "tool_name")
 
     def __init__(self, index: int, op: str, pieces: list[str], finish_reason: str) -> None:
         self.index = index
@@ -60,6 +67,10 @@ class ChoiceOutput:
         self.tool_name = ""
         # Completions `echo`: the prompt's tokens, sent ahead of the first piece.
         self.echo: list[str] | None = None
+        # Tokens generated after the pieces and never shown: vLLM answers `echo`
+        # with max_tokens 0 by generating one token, which it counts in usage
+        # but leaves out of the answer (only the prompt is echoed).
+        self.num_hidden = 0
         # Log probabilities: alternatives per token (None: not asked for) and ladders.
         self.num_alternatives: int | None = None
         self.ladders: list[Ladder] = []
@@ -71,7 +82,8 @@ class ChoiceOutput:
 
     @property
     def length(self) -> int:
-        return len(self.pieces)
+        """Tokens the choice generates."""
+        return len(self.pieces) + self.num_hidden
 
     def take(self, upto: int, finished: bool, usage: Usage | None) -> Delta:
         """The pieces from the last take up to ``upto``, as one Delta."""
@@ -152,6 +164,8 @@ def plan_choices(inputs: GenerationInput, request_id: str,
             choice = _plan_one(p * inputs.n + j, inputs, key, room)
             if inputs.echo is not None:
                 choice.echo = inputs.echo[p]
+                if inputs.max_tokens == 0:
+                    choice.num_hidden = 1
             if inputs.logprobs is not None:
                 choice.num_alternatives = inputs.logprobs
                 lp_rng = random.Random(f"logprobs/{key}")
@@ -177,7 +191,7 @@ def filler_words(key: int | str, max_tokens: int | None, room: int) -> tuple[lis
     rng = random.Random(key)
     drawn = rng.randint(MIN_DRAWN, MAX_DRAWN)
     if max_tokens is not None:
-        length, finish_reason = max_tokens, "length"
+        length, finish_reason = min(max_tokens, room), "length"
     elif drawn > room:
         length, finish_reason = room, "length"
     else:
@@ -202,7 +216,7 @@ def _plan_one(index: int, inputs: GenerationInput, key: int | str, room: int) ->
         call_id = f"call_{rng.getrandbits(96):024x}"
     pieces = _structured_pieces(form, rng, drawn)
     limit = room if max_tokens is None else min(max_tokens, room)
-    finish_reason = "tool_calls" if call_id is not None else "stop"
+    finish_reason = "tool_calls" if call_id is not None and not form.named else "stop"
     if len(pieces) > limit:
         pieces, finish_reason = pieces[:limit], "length"
     choice = ChoiceOutput(index, inputs.op, pieces, finish_reason)

@@ -2,10 +2,12 @@
 
 Routes: ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions`` (JSON or SSE), ``POST /v1/embeddings``,
-``GET /metrics`` (Prometheus text, vLLM's names) and ``GET /health``. The
+``GET /metrics`` (Prometheus text, vLLM's names), ``GET /health``, and vLLM's
+own ``POST /tokenize`` and ``POST /detokenize`` (the sim tokenizer's ids). The
 request body goes to the model whole, so the server speaks everything the
 in-process sim does (tools, structured output, logprobs, ``n``…) and refuses
-what it refuses, with a 400 in OpenAI's envelope naming the parameter.
+what it refuses, with a 400 in vLLM's envelope (OpenAI's members, ``type``
+``BadRequestError`` and the status as ``code``) naming the parameter.
 
 The inference routes are bare ASGI apps rather than Starlette endpoints: with
 the ``instant`` profile this server is the yardstick for a gateway's overhead
@@ -44,6 +46,7 @@ from flexserve.engines.sim.replies import (
     CompletionReply,
     EmbeddingReply,
 )
+from flexserve.engines.sim.tokenizer import chat_token_ids, render_token_ids, text_token_ids
 from flexserve.errors import FlexServeError, InvalidRequestError, ModelNotFoundError
 
 _JSON = "application/json"
@@ -103,8 +106,46 @@ async def _send_json(send: Send, status: int, payload: bytes,
     await send({"type": "http.response.body", "body": payload})
 
 
+# vLLM's error envelope: OpenAI's members, with the type named after the HTTP
+# status and the status itself as the code.
+_VLLM_ERROR_TYPES = {400: "BadRequestError", 404: "NotFoundError", 500: "InternalServerError",
+                     503: "ServiceUnavailableError"}
+
+
+def _vllm_error(exc: FlexServeError) -> bytes:
+    return orjson.dumps({"error": {
+        "message": exc.message,
+        "type": _VLLM_ERROR_TYPES.get(exc.status_code, "InternalServerError"),
+        "param": exc.param,
+        "code": exc.status_code,
+    }})
+
+
 async def _send_error(send: Send, exc: FlexServeError) -> None:
-    await _send_json(send, exc.status_code, orjson.dumps(exc.to_dict()), exc.headers)
+    await _send_json(send, exc.status_code, _vllm_error(exc), exc.headers)
+
+
+def _request_id(scope: Scope) -> str | None:
+    """The client's X-Request-Id, which vLLM makes the answer's id (after its
+    `chatcmpl-` or `cmpl-`)."""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            return value.decode("latin-1") or None
+    return None
+
+
+def _json_object(body: bytes, model_id: str) -> dict[str, Any]:
+    """A request body that must be a JSON object, naming this model if any."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequestError(f"The request body is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise InvalidRequestError("The request body must be a JSON object.")
+    model = data.get("model")
+    if model is not None and model != model_id:
+        raise ModelNotFoundError(str(model))
+    return data
 
 
 def _optional_int(data: dict[str, Any], name: str) -> int | None:
@@ -136,7 +177,7 @@ class _InferenceRoute:
         if body is None:
             return
         try:
-            request, stream, include_usage = self._parse(body)
+            request, stream, include_usage = self._parse(body, _request_id(scope))
             if not self.model.instant:
                 self.model.validate(request)
         except FlexServeError as exc:
@@ -159,7 +200,7 @@ class _InferenceRoute:
             disconnect.close()
             await agen.aclose()
 
-    def _parse(self, body: bytes) -> tuple[EngineRequest, bool, bool]:
+    def _parse(self, body: bytes, request_id: str | None) -> tuple[EngineRequest, bool, bool]:
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError as exc:
@@ -185,8 +226,8 @@ class _InferenceRoute:
             raise InvalidRequestError("'stream' must be a boolean, 'stream_options' an object.",
                                       param="stream")
         # The whole body goes to the model, which reads what it honours from it.
-        request = EngineRequest(f"{self.id_prefix}-{os.urandom(12).hex()}", model, data, self.op,
-                                priority, stream)
+        reply_id = f"{self.id_prefix}-{request_id or os.urandom(12).hex()}"
+        request = EngineRequest(reply_id, model, data, self.op, priority, stream)
         return request, stream, bool(options.get("include_usage"))
 
     async def _respond_instant(self, send: Send, agen: AsyncGenerator[Delta, None],
@@ -249,8 +290,8 @@ class _InferenceRoute:
                 await send({"type": "http.response.body", "body": reply.chunk(delta),
                             "more_body": True})
         except FlexServeError as exc:
-            await send({"type": "http.response.body", "body": b"data: "
-                        + orjson.dumps(exc.to_dict()) + b"\n\n", "more_body": True})
+            await send({"type": "http.response.body", "body": b"data: " + _vllm_error(exc)
+                        + b"\n\n", "more_body": True})
         else:
             if include_usage and usage is not None:
                 await send({"type": "http.response.body", "body": reply.usage_chunk(usage),
@@ -324,6 +365,36 @@ def create_sim_app(model: SimModel) -> Starlette:
     async def health(request: Request) -> Response:
         return Response(b"", status_code=200)
 
+    async def tokenize(request: Request) -> Response:
+        try:
+            data = _json_object(await request.body(), model.model_id)
+            messages = data.get("messages")
+            if messages is not None:
+                tools = data.get("tools") or []
+                if not isinstance(messages, list) or not isinstance(tools, list):
+                    raise InvalidRequestError("'messages' and 'tools' must be arrays.",
+                                              param="messages")
+                tokens = chat_token_ids(messages, tools, data.get("add_generation_prompt", True))
+            elif isinstance(data.get("prompt"), str):
+                tokens = text_token_ids(data["prompt"])
+            else:
+                raise InvalidRequestError("Give a 'prompt' string or 'messages'.", param="prompt")
+        except FlexServeError as exc:
+            return Response(_vllm_error(exc), status_code=exc.status_code, media_type=_JSON)
+        return Response(orjson.dumps({"count": len(tokens), "max_model_len": model.max_model_len,
+                                      "tokens": tokens, "token_strs": None}), media_type=_JSON)
+
+    async def detokenize(request: Request) -> Response:
+        try:
+            data = _json_object(await request.body(), model.model_id)
+            ids = data.get("tokens")
+            if not isinstance(ids, list) or not all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in ids):
+                raise InvalidRequestError("'tokens' must be an array of token ids.", param="tokens")
+        except FlexServeError as exc:
+            return Response(_vllm_error(exc), status_code=exc.status_code, media_type=_JSON)
+        return Response(orjson.dumps({"prompt": "".join(render_token_ids(ids))}), media_type=_JSON)
+
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         kind = "not_found" if exc.status_code == 404 else "invalid_request_error"
@@ -341,6 +412,8 @@ def create_sim_app(model: SimModel) -> Starlette:
         Route("/v1/chat/completions", _ChatCompletions(model), methods=["POST"]),
         Route("/v1/completions", _Completions(model), methods=["POST"]),
         Route("/v1/embeddings", _Embeddings(model), methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
     ]
