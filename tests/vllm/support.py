@@ -1,0 +1,196 @@
+"""What the vLLM tests share: reading metrics, calling vLLM directly (its
+`/tokenize`, requests that bypass the gateway, bursts that fill it), reading
+the gateway's usage rows, and the one schema check OpenAI's document lacks."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Gateway
+from openapi import validate
+
+# The vLLM server's settings (conftest.server_command), which tests reason with.
+MODEL_ID = "tiny-llama"
+# Long enough that a request generating until its context is full keeps
+# vLLM busy for many seconds: tests hold vLLM's batch with such requests.
+MAX_MODEL_LEN = 4096
+# Few sequences at once, so that a handful of requests already queue inside vLLM.
+MAX_NUM_SEQS = 4
+# vLLM's CPU backend holds KV in blocks of 128 tokens. 160 of them hold the
+# whole batch at full context with a fifth to spare (so vLLM never preempts
+# on its own), and make KV use visible, where the default 1 GiB would hold a
+# million tokens of this model.
+KV_BLOCK_SIZE = 128
+NUM_KV_BLOCKS = 160
+
+# Greedy, so that the same request gives the same text directly and through
+# the gateway; vLLM's `ignore_eos`, so that every answer is exactly
+# max_tokens long (random weights may draw the end-of-text token).
+EXACT: dict[str, Any] = {"temperature": 0, "ignore_eos": True}
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    url: str
+    model: str
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.url)
+
+    def is_idle(self) -> bool:
+        values = self.metrics()
+        return values["vllm:num_requests_running"] == 0 and values["vllm:num_requests_waiting"] == 0
+
+
+def scrape(url: str, **labels: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples by name, summed over the label sets that
+    have ``labels``; histogram buckets left out."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if "le" in sample.labels or any(sample.labels.get(k) != v for k, v in labels.items()):
+                continue
+            values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return values
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
+               state: Callable[[], object] | None = None) -> None:
+    """Poll ``predicate`` until it holds; past ``timeout``, fail with ``what``
+    and, to show why, what ``state`` returns then."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            seen = f"; {state()}" if state is not None else ""
+            raise AssertionError(f"{what} (waited {timeout:.0f} s){seen}")
+        time.sleep(0.05)
+
+
+def tokenize(vllm: VllmServer, **body: Any) -> list[int]:
+    """vLLM's own tokenization (its `/tokenize`, not part of OpenAI's API)."""
+    response = httpx.post(f"{vllm.url}/tokenize", json={"model": vllm.model, **body}, timeout=30)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["count"] == len(data["tokens"])
+    tokens: list[int] = data["tokens"]
+    return tokens
+
+
+def direct(vllm: VllmServer, path: str, **body: Any) -> dict[str, Any]:
+    """A request straight to vLLM, bypassing the gateway."""
+    response = httpx.post(f"{vllm.url}{path}", json={"model": vllm.model, **body}, timeout=300)
+    assert response.status_code == 200, response.text
+    document: dict[str, Any] = response.json()
+    return document
+
+
+# Words of one token each for SmolLM2's tokenizer.
+_WORDS = ("river", "stone", "light", "paper", "garden", "window")
+
+
+def unique_prompt(num_words: int) -> str:
+    """A prompt of about ``num_words`` tokens (and a nonce of a few dozen)
+    that shares no cached prefix with any other."""
+    return f"{uuid.uuid4().hex} " + " ".join(_WORDS[i % len(_WORDS)] for i in range(num_words))
+
+
+@contextmanager
+def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> Iterator[None]:
+    """``num_requests`` long streams sent straight to vLLM (outside the gateway)
+    that hold their sequences — running, or waiting once vLLM's batch is full —
+    until the block is left, when their connections close and vLLM aborts them.
+
+    Each would generate until its context is full: far longer than a test
+    takes to look at vLLM while they run. Their output is never read (vLLM
+    generates regardless), which keeps this process's CPU for the gateway.
+    """
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def hold() -> None:
+        body = {"model": vllm.model, "prompt": unique_prompt(prompt_words), "stream": True,
+                "max_tokens": MAX_MODEL_LEN - prompt_words - 40, "ignore_eos": True}
+        try:
+            with httpx.stream("POST", f"{vllm.url}/v1/completions", json=body,
+                              timeout=300) as response:
+                assert response.status_code == 200, response.read()
+                stop.wait()
+        except BaseException as exc:  # re-raised below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=hold, daemon=True) for _ in range(num_requests)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=300)
+    if errors:
+        raise errors[0]
+
+
+def usage_row(gateway: Gateway, request_id: str) -> sqlite3.Row | None:
+    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
+        conn.row_factory = sqlite3.Row
+        row: sqlite3.Row | None = conn.execute(
+            "SELECT * FROM usage_records WHERE request_id = ?", (request_id,)
+        ).fetchone()
+        return row
+
+
+def num_usage_rows(gateway: Gateway) -> int:
+    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
+        count: int = conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
+        return count
+
+
+def billed(gateway: Gateway, request_id: str) -> sqlite3.Row:
+    """The request's one usage row, once the gateway's writer has flushed it."""
+    wait_until(lambda: usage_row(gateway, request_id) is not None, 10, "no usage row")
+    row = usage_row(gateway, request_id)
+    assert row is not None
+    return row
+
+
+def sse_chunks(response: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON chunks of a server-sent event stream, after checking its framing."""
+    chunks: list[dict[str, Any]] = []
+    done = False
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        assert not done, "data after [DONE]"
+        data = line.removeprefix("data: ")
+        if data == "[DONE]":
+            done = True
+            continue
+        chunks.append(json.loads(data))
+    assert done, "the stream did not end with [DONE]"
+    return chunks
+
+
+def validate_completion_chunk(chunk: dict[str, Any]) -> None:
+    """OpenAI's document has no schema of its own for a streamed completion:
+    its chunks are `CreateCompletionResponse` objects whose choices have a
+    null finish_reason until their last, and whose usage is null but in the
+    last chunk (as OpenAI's API sends them)."""
+    choices = [{**c, "finish_reason": c["finish_reason"] or "stop"} for c in chunk["choices"]]
+    whole = {**chunk, "choices": choices}
+    if whole.get("usage", 0) is None:
+        del whole["usage"]
+    validate(whole, "CreateCompletionResponse")

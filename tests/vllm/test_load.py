@@ -1,0 +1,155 @@
+"""The load signals FlexServe admits flex by are the ones vLLM exports: while
+streams sent straight to vLLM fill it, its running count, waiting count and
+KV-cache use move, FlexServe's parser reads the same values as Prometheus'
+own, the gateway's view follows, and flex is held while vLLM reports waiting
+requests or KV use above the threshold — while default is not."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Gateway
+from flexserve.engines.base import EngineLoad
+from flexserve.engines.metrics import parse_vllm_load
+
+from .support import (
+    EXACT,
+    MAX_NUM_SEQS,
+    NUM_KV_BLOCKS,
+    VllmServer,
+    billed,
+    holders,
+    scrape,
+    wait_until,
+)
+
+MESSAGES = [{"role": "user", "content": "Label this record."}]
+
+
+def vllm_view(vllm: VllmServer) -> EngineLoad:
+    """vLLM's load as FlexServe's parser reads it, checked against Prometheus'
+    own parser on the same text."""
+    text = httpx.get(f"{vllm.url}/metrics", timeout=60).text
+    load = parse_vllm_load(text)
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert load.num_running == samples["vllm:num_requests_running"]
+    assert load.num_waiting == samples["vllm:num_requests_waiting"]
+    assert load.kv_cache_usage == samples["vllm:kv_cache_usage_perc"]
+    return load
+
+
+def gateway_view(gateway: Gateway) -> tuple[float, float, float]:
+    """What the gateway last read of its replica: running, waiting, KV use."""
+    values = scrape(gateway.url)
+    return (values["flexserve_engine_running"], values["flexserve_engine_waiting"],
+            values.get("flexserve_engine_kv_cache_usage", 0.0))
+
+
+def gateway_state(gateway: Gateway) -> dict[str, float]:
+    """The gateway's queues, runs, replica view and events, for failure messages."""
+    values = scrape(gateway.url)
+    by_tier = {f"{kind}[{tier}]": scrape(gateway.url, tier=tier)[f"flexserve_{kind}"]
+               for kind in ("queue_depth", "in_flight") for tier in ("default", "flex")}
+    return {**by_tier, **{name: value for name, value in values.items() if name.startswith(
+        ("flexserve_engine_", "flexserve_preemptions", "flexserve_flex_refused"))}}
+
+
+def gateway_queue(gateway: Gateway, tier: str) -> tuple[float, float]:
+    """Requests of ``tier`` queued at the gateway, and in flight on engines."""
+    values = scrape(gateway.url, tier=tier)
+    return values["flexserve_queue_depth"], values["flexserve_in_flight"]
+
+
+def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    """Run ``call`` in a thread; its result (or exception) lands in the list."""
+    out: list[Any] = []
+
+    def run() -> None:
+        try:
+            out.append(call())
+        except BaseException as exc:  # checked by the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def chat(gateway: Gateway, vllm: VllmServer, tier: str) -> Any:
+    return gateway.client().chat.completions.with_raw_response.create(
+        model=vllm.model, messages=MESSAGES, max_tokens=4, service_tier=tier,  # type: ignore[arg-type]
+        extra_body=EXACT,
+    )
+
+
+def test_vllms_load_signals_move_and_flexserve_reads_them(gateway: Gateway, vllm: VllmServer) -> None:
+    idle = vllm_view(vllm)
+    assert (idle.num_running, idle.num_waiting, idle.kv_cache_usage) == (0, 0, 0.0)
+    # Prompts of three KV blocks each (and more as they generate), in each slot.
+    kv_in_use = 3 * MAX_NUM_SEQS / NUM_KV_BLOCKS
+    with holders(vllm, MAX_NUM_SEQS + 2, prompt_words=300):
+        def full() -> bool:
+            load = vllm_view(vllm)
+            assert load.kv_cache_usage is not None and 0 <= load.kv_cache_usage <= 1
+            return (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 2) and load.kv_cache_usage >= kv_in_use
+
+        wait_until(full, 120, "vLLM never reported a full batch, a queue and KV in use")
+        # The gateway reads the same endpoint on its own schedule.
+        wait_until(lambda: gateway_view(gateway)[:2] == (MAX_NUM_SEQS, 2) and gateway_view(gateway)[2] >= kv_in_use,
+                   60, "the gateway never saw vLLM full")
+    wait_until(lambda: gateway_view(gateway) == (0, 0, 0.0), 60,
+               "the gateway's view did not return to idle")
+
+
+def test_flex_is_held_while_vllm_reports_waiting_requests(gateway: Gateway, vllm: VllmServer) -> None:
+    """Default settings: flex is not released while the engine queues
+    anything; default is."""
+    with holders(vllm, MAX_NUM_SEQS + 2):
+        wait_until(lambda: gateway_view(gateway)[1] == 2, 120, "the gateway never saw vLLM's queue")
+        flex_thread, flex = in_thread(lambda: chat(gateway, vllm, "flex"))
+        wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 30,
+                   "flex did not queue at the gateway")
+        default_thread, default = in_thread(lambda: chat(gateway, vllm, "default"))
+        wait_until(lambda: gateway_queue(gateway, "default") == (0, 1), 30,
+                   "default was held at the gateway")
+        wait_until(lambda: vllm_view(vllm).num_waiting == 3, 60, "default did not reach vLLM's queue")
+        # Flex still waits at the gateway while vLLM queues work.
+        assert gateway_queue(gateway, "flex") == (1, 0)
+    # The holders gone, vLLM's queue empties: default runs, flex is released.
+    default_thread.join(timeout=300)
+    flex_thread.join(timeout=300)
+    for answer in (flex[0], default[0]):
+        assert not isinstance(answer, BaseException), answer
+    assert flex[0].parse().service_tier == "flex"
+    row = billed(gateway, flex[0].headers["x-request-id"])
+    assert (row["served_tier"], row["completion_tokens"]) == ("flex", 4)
+    assert row["queue_time_ms"] > billed(gateway, default[0].headers["x-request-id"])["queue_time_ms"]
+
+
+def test_flex_is_held_while_vllms_kv_cache_is_above_the_threshold(
+    start_gateway: Callable[..., Gateway], vllm: VllmServer
+) -> None:
+    """Nothing waits in vLLM here: KV-cache use alone holds flex back."""
+    threshold = 0.2
+    gateway = start_gateway(engine="upstream", upstreams=[vllm.url], flex_kv_threshold=threshold,
+                            flex_max_engine_waiting=100)
+    # A full batch of long prompts (ten of vLLM's 160 KV blocks each, more as
+    # they generate): all run, nothing waits.
+    with holders(vllm, MAX_NUM_SEQS, prompt_words=1200):
+        wait_until(lambda: gateway_view(gateway)[2] >= threshold, 120,
+                   "the gateway never saw vLLM's KV use above the threshold")
+        flex_thread, flex = in_thread(lambda: chat(gateway, vllm, "flex"))
+        wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 30,
+                   "flex did not queue at the gateway")
+        load = vllm_view(vllm)
+        assert (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 0)  # flex is not in vLLM
+        assert load.kv_cache_usage is not None and load.kv_cache_usage >= threshold
+    flex_thread.join(timeout=300)
+    assert not isinstance(flex[0], BaseException), flex[0]
+    assert flex[0].parse().service_tier == "flex"
+    assert billed(gateway, flex[0].headers["x-request-id"])["completion_tokens"] == 4
