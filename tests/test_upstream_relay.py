@@ -116,7 +116,9 @@ class VllmLike:
             steps: list[list[dict[str, Any]]] = [
                 [{"tool_calls": [{"id": f"chatcmpl-tool-{i}", "type": "function", "index": 0,
                                   "function": {"name": "get_weather", "arguments": ""}}]} for i in range(n)],
-                *[[{"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for _ in range(n)]
+                # As vLLM writes the later pieces: a null id, type and name.
+                *[[{"tool_calls": [{"id": None, "type": None, "index": 0,
+                                    "function": {"name": None, "arguments": piece}}]} for _ in range(n)]
                   for piece in ARGUMENTS],
             ]
             finish = "tool_calls"
@@ -236,6 +238,9 @@ def test_streamed_tool_calls_arrive_piece_by_piece(client: openai.OpenAI, tier: 
     assert (pieces[0].id, pieces[0].type) == ("chatcmpl-tool-0", "function")
     assert pieces[0].function is not None and pieces[0].function.name == "get_weather"
     assert [p.function.arguments for p in pieces if p.function] == ["", *ARGUMENTS]
+    # The later pieces' null members are left out, as OpenAI writes them.
+    assert all(p.model_fields_set == {"index", "function"} for p in pieces[1:])
+    assert all(p.function is not None and p.function.model_fields_set == {"arguments"} for p in pieces[1:])
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert finishes == ["tool_calls"]
 
