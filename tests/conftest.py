@@ -17,6 +17,7 @@ import pytest
 import uvicorn
 
 from flexserve.accounts import Accounts
+from flexserve.api.connections import ConnectionGuard
 from flexserve.app import create_app
 from flexserve.config import Settings, load_settings
 from flexserve.engines.base import Engine
@@ -54,11 +55,16 @@ def free_port() -> int:
 class ServerThread:
     """A uvicorn server on a loopback port, in a thread with its own loop."""
 
-    def __init__(self, app: Any, port: int | None = None) -> None:
+    def __init__(self, app: Any, port: int | None = None,
+                 connections: ConnectionGuard | None = None) -> None:
         self.port = port or free_port()
+        # With a guard, its protocol (caps and timeouts) as `flexserve serve` has it.
+        options: dict[str, Any] = {"http": "httptools"}
+        if connections is not None:
+            options.update(connections.uvicorn_options())
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False,
-            loop="asyncio", http="httptools", lifespan="on", timeout_graceful_shutdown=2,
+            loop="asyncio", lifespan="on", timeout_graceful_shutdown=2, **options,
         )
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -130,7 +136,10 @@ def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
         overrides.setdefault("usage_flush_interval", 0.02)
         settings = load_settings(overrides=overrides, environ={})
         _, key = run_async(_make_org(settings.database_url, "test-org", admin=True))
-        server = ServerThread(create_app(settings, engines=engines))
+        connections = ConnectionGuard.from_settings(settings)
+        server = ServerThread(
+            create_app(settings, engines=engines, connections=connections), connections=connections
+        )
         server.__enter__()
         running.append(server)
         return Gateway(server.url, key, settings, settings.database_url)
