@@ -107,7 +107,42 @@ async def _parts() -> dict[str, float]:
         queue.push(Waiter(ServiceTier.FLEX, f"org-{i % 7}", 300))
     parts["flex_newest_of_10k"] = _min_us(lambda: next(queue.flex_newest_first()))
     parts["watch_task_per_request"] = await _watch_task_cost()
+    parts.update(_journal_costs())
     return parts
+
+
+def _journal_costs() -> dict[str, float]:
+    """A usage row appended to the journal, as ``UsageWriter.submit`` does
+    before a response's last bytes; and what an fsync after it would add."""
+    import tempfile
+
+    from flexserve.billing.journal import UsageJournal
+
+    row = {
+        "request_id": "req_" + "0" * 32, "org_id": "org_" + "0" * 16, "project_id": "proj_" + "0" * 16,
+        "api_key_id": "key_" + "0" * 12, "model": "llama3-8b-sim-h100", "requested_tier": "auto",
+        "served_tier": "default", "prompt_tokens": 12, "completion_tokens": 16, "queue_time_ms": 0,
+        "ttft_ms": 2, "total_time_ms": 3, "status": "completed", "created_at": 1_750_000_000,
+        "cached_tokens": 0, "input_price_micro": 1_000_000, "cached_input_price_micro": 1_000_000,
+        "output_price_micro": 4_000_000, "input_cost_pico": 12_000_000,
+        "cached_input_cost_pico": 0, "output_cost_pico": 64_000_000, "list_cost_pico": 76_000_000,
+    }
+    with tempfile.TemporaryDirectory(prefix="flexserve-journal-probe-") as directory:
+        journal = UsageJournal(directory)
+        journal.open()
+        try:
+            append = _min_us(lambda: journal.append(row), number=5_000)
+            journal.discard(journal.seal())
+
+            def append_fsync() -> None:
+                journal.append(row)
+                journal.sync()
+
+            fsync = _min_us(append_fsync, number=200, repeat=3)
+            journal.discard(journal.seal())
+        finally:
+            journal.close()
+    return {"usage_journal_append": append, "usage_journal_append_fsync": fsync}
 
 
 async def _watch_task_cost(num: int = 20_000) -> float:

@@ -177,6 +177,40 @@ def hot_path(baseline_src: Path | None, num_requests: int, repeats: int, trials:
     click.echo(f"report: {out}", err=True)
 
 
+@bench.command("ledger-kill")
+@click.option("--repeats", type=int, help="Rounds per case (unlocked, write-locked) [5].")
+@click.option("--traffic-seconds", type=float, help="Seconds of traffic before each kill [3].")
+@click.option("--lock-seconds", type=float,
+              help="Seconds the database is write-locked before the kill, in locked rounds [2].")
+@click.option("--baseline-src", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The `src` folder of another FlexServe tree, killed the same way, interleaved.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/ledger-kill.json"), show_default=True, help="JSON report path.")
+def ledger_kill(out: Path, **options: Any) -> None:
+    """Responses delivered vs ledger rows when the gateway is killed with SIGKILL.
+
+    Each round: a gateway process on the sim engine under back-to-back
+    traffic from six client threads, SIGKILL (in the locked case after the
+    SQLite database has been write-locked by another connection for
+    --lock-seconds), a restart on the same home, then every response a
+    client received in full matched to ledger rows by x-request-id.
+    """
+    from flexserve.bench.ledger_kill import LedgerKillConfig, format_report, run_ledger_kill
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+
+    config = dataclasses.replace(
+        LedgerKillConfig(), **{k: v for k, v in options.items() if v is not None}
+    )
+    try:
+        report = run_ledger_kill(config)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    click.echo(format_report(report))
+    click.echo(f"report: {out}", err=True)
+
+
 @bench.command("tiers")
 @click.option("--engine", type=click.Choice(["sim", "embedded"]), default="sim", show_default=True,
               help="sim: the sim engine behind an upstream gateway; embedded: SmolLM2 inside it.")
