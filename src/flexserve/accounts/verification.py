@@ -14,7 +14,8 @@ the hashes of one document differ, so the 90-day rule could only be checked
 by re-hashing the number against every stored row; the server-wide key keeps
 it one indexed lookup. Without the key the hashes cannot be tested against
 guesses, and scrypt makes each guess costly even for someone who has the
-database (document numbers are short, so a fast hash would not do).
+database (document numbers are short, so a fast hash would not do). The
+hash is made on a ``HashPool``: its own thread, a bounded queue, 503 past it.
 
 Every submission and decision is appended to the audit log in the same
 transaction as the change.
@@ -22,6 +23,7 @@ transaction as the change.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
 import re
@@ -31,12 +33,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import anyio
 from sqlalchemy import ColumnElement, insert, select, update
 from sqlalchemy.engine import Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from flexserve.accounts.hash_pool import HashPool
 from flexserve.accounts.service import AccountError, new_id
 from flexserve.store.audit import SYSTEM_ACTOR, append_audit
 from flexserve.store.database import Database
@@ -48,7 +50,7 @@ REUSE_WINDOW = REUSE_WINDOW_DAYS * 86_400
 _SECRET_NAME = "verification_document_key"
 _COUNTRY = re.compile(r"[A-Z]{2}")
 _NUMBER = re.compile(r"[A-Z0-9]{4,32}")
-# scrypt's cost: ~16 MiB and a few tens of milliseconds per hash.
+# scrypt's cost: 128·r·n bytes (16 MiB) and a few tens of milliseconds per hash.
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32, "maxmem": 64 * 1024 * 1024}
 
 
@@ -113,10 +115,19 @@ def document_hash(key: bytes, document_type: str, country: str, number: str) -> 
 class Verifications:
     """The verification workflow over the database."""
 
-    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        db: Database,
+        clock: Callable[[], float] = time.time,
+        hashes: HashPool | None = None,
+    ) -> None:
         self._db = db
         self._clock = clock
+        self._hashes = hashes if hashes is not None else HashPool()
         self._key: bytes | None = None
+        # One first submission creates the key; the others wait for it
+        # rather than all writing at once.
+        self._key_lock = asyncio.Lock()
 
     async def submit(
         self, org_id: str, document_type: str, country: str, number: str, *, actor: str
@@ -125,7 +136,8 @@ class Verifications:
         it verified another organization within the window."""
         fields = normalize_document(document_type, country, number)
         key = await self._document_key()
-        digest = await anyio.to_thread.run_sync(lambda: document_hash(key, *fields))
+        # 503 at once when the pool is full (nothing written, nothing to undo).
+        digest = await self._hashes.run(lambda: document_hash(key, *fields))
         now = self._now()
         async with self._db.engine.begin() as conn:
             found = await _lock_org(conn, organizations.c.id == org_id)
@@ -267,6 +279,12 @@ class Verifications:
         return None if row is None else _request(row)
 
     async def _document_key(self) -> bytes:
+        if self._key is not None:
+            return self._key
+        async with self._key_lock:
+            return await self._load_document_key()
+
+    async def _load_document_key(self) -> bytes:
         if self._key is None:
             candidate = secrets.token_hex(32)
             try:

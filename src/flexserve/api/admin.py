@@ -9,6 +9,11 @@ page-of-buckets shape.
 Amounts leave as JSON numbers of dollars (the spec's type), converted from
 the ledger's integer pico-dollars at this edge only; a total under $9,000 is
 exact to the pico-dollar once read back (``round(value * 1e12)``).
+
+A verification submission is the one costly call here (a scrypt hash): each
+organization may make ``verification_submissions_per_minute`` of them (429
+past it), and the hashes run on a bounded pool (503 when it is full, the
+organization's call given back).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from flexserve.billing.reports import (
     savings_report,
     usage_report,
 )
-from flexserve.errors import InvalidRequestError
+from flexserve.errors import InvalidRequestError, ServiceUnavailableError
 
 _USAGE_KEYS = ("project_id", "user_id", "api_key_id", "model", "batch", "service_tier")
 _LINES = (
@@ -247,12 +252,17 @@ async def submit_verification(request: Request) -> Response:
     document_type, country, number = (
         _string_field(body, name) for name in ("document_type", "country", "number")
     )
+    services.verification_rate.take(principal.org_id)  # 429 past the organization's rate
     try:
         submitted = await services.verifications.submit(
             principal.org_id, document_type, country, number, actor=f"key:{principal.key_id}"
         )
     except VerificationError as exc:
         raise InvalidRequestError(str(exc), param=exc.param) from None
+    except ServiceUnavailableError:
+        # Refused before any work: the retry it is asked to make must not find the rate spent.
+        services.verification_rate.give_back(principal.org_id)
+        raise
     return _json(_verification_object(principal, submitted.status, submitted))
 
 

@@ -5,6 +5,10 @@ Each bad parameter is a 400 ``invalid_request_error`` that names it in
 repeated (``group_by=model&group_by=service_tier``), with brackets
 (``group_by[]=model``) or comma-separated (``group_by=model,service_tier``).
 
+Integers are bounded where they are read (``integer``): a number past what
+the database and the calendar hold (a time after the year 9999, a 64-bit
+overflow) is a 400 naming the parameter, not an error deep in a query.
+
 Pagination is by buckets: a page holds at most ``limit`` buckets and
 ``next_page`` is an opaque cursor for the first bucket of the next page.
 """
@@ -25,6 +29,8 @@ BUCKET_WIDTHS = {"1m": 60, "1h": 3600, "1d": 86400}
 USAGE_LIMITS = {"1m": (60, 1440), "1h": (24, 168), "1d": (7, 31)}
 COST_LIMITS = {"1d": (7, 180)}
 _CURSOR_PREFIX = "fsp1:"
+# The last second of the year 9999 (UTC): later times fit no date type or report.
+MAX_UNIX_TIME = 253_402_300_799
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +66,16 @@ def one(params: QueryParams, name: str) -> str | None:
     return values[0] if values else None
 
 
-def integer(params: QueryParams, name: str, *, required: bool = False) -> int | None:
+def integer(
+    params: QueryParams,
+    name: str,
+    *,
+    minimum: int,
+    maximum: int,
+    required: bool = False,
+    what: str = "It",
+) -> int | None:
+    """The parameter as an integer within [minimum, maximum], or a 400 naming it."""
     raw = one(params, name)
     if raw is None or raw == "":
         if required:
@@ -69,11 +84,24 @@ def integer(params: QueryParams, name: str, *, required: bool = False) -> int | 
             )
         return None
     try:
-        return int(raw)
+        value = int(raw)
     except ValueError:
+        # Also a number too long to convert (Python refuses past 4300 digits).
         raise _invalid(
-            f"Invalid '{name}': expected an integer, got {raw!r}.", name, "invalid_type"
+            f"Invalid '{name}': expected an integer, got {_shown(raw)!r}.", name, "invalid_type"
         ) from None
+    if not minimum <= value <= maximum:
+        raise _invalid(
+            f"Invalid '{name}': {_shown(raw)} is out of range. "
+            f"{what} must be between {minimum} and {maximum}.",
+            name,
+        )
+    return value
+
+
+def _shown(raw: str) -> str:
+    """A parameter's value as an error message quotes it: not a page of digits."""
+    return raw if len(raw) <= 40 else raw[:40] + "…"
 
 
 def array(
@@ -108,11 +136,9 @@ def boolean(params: QueryParams, name: str) -> bool | None:
 
 def window(params: QueryParams, limits: dict[str, tuple[int, int]]) -> Window:
     """start_time, end_time, bucket_width, limit and page, checked together."""
-    start = integer(params, "start_time", required=True)
+    start = integer(params, "start_time", minimum=0, maximum=MAX_UNIX_TIME, required=True)
     assert start is not None
-    if start < 0:
-        raise _invalid("Invalid 'start_time': it must be a unix time in seconds.", "start_time")
-    end = integer(params, "end_time")
+    end = integer(params, "end_time", minimum=0, maximum=MAX_UNIX_TIME)
     if end is None:
         end = int(time.time()) + 1  # through the current second
     elif end <= start:
@@ -126,15 +152,9 @@ def window(params: QueryParams, limits: dict[str, tuple[int, int]]) -> Window:
             "bucket_width",
         )
     default_limit, max_limit = limits[width_name]
-    limit = integer(params, "limit")
+    limit = integer(params, "limit", minimum=1, maximum=max_limit, what=f"With bucket_width={width_name}, it")
     if limit is None:
         limit = default_limit
-    elif not 1 <= limit <= max_limit:
-        raise _invalid(
-            f"Invalid 'limit': {limit}. With bucket_width={width_name} it must be "
-            f"between 1 and {max_limit}.",
-            "limit",
-        )
     width = BUCKET_WIDTHS[width_name]
     page = one(params, "page")
     page_start = start if page is None else decode_cursor(page, start, end, width)

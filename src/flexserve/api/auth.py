@@ -7,6 +7,11 @@ request waits for the database at all, and concurrent misses of one key share
 a single lookup instead of each querying. Unknown keys are cached too
 (briefly), so a client hammering with a bad key costs no database round-trips.
 The key itself is never logged, echoed or kept: the cache is keyed by its hash.
+
+A request with more than one ``Authorization`` header is refused before any
+route sees it (``ambiguous_authorization``, checked by the app): frameworks
+and proxies disagree on which copy counts (Starlette's headers take the
+first, a dict of them the last), so such a request does not say who sends it.
 """
 
 from __future__ import annotations
@@ -15,12 +20,13 @@ import asyncio
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from starlette.requests import Request
 
 from flexserve.accounts import Accounts, Principal
-from flexserve.errors import AuthenticationError, PermissionDeniedError
+from flexserve.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +92,23 @@ class KeyCache:
 def _retrieve_exception(task: asyncio.Task[Principal | None]) -> None:
     if not task.cancelled():
         task.exception()
+
+
+def ambiguous_authorization(headers: Iterable[tuple[bytes, bytes]]) -> InvalidRequestError | None:
+    """The 400 for an ASGI request that carries ``Authorization`` more than
+    once (header names arrive lower-cased), or None."""
+    seen = False
+    for name, _ in headers:
+        if name == b"authorization":
+            if seen:
+                return InvalidRequestError(
+                    "The request has more than one Authorization header; send exactly one "
+                    "('Authorization: Bearer YOUR_KEY').",
+                    param="Authorization",
+                    code="invalid_header",
+                )
+            seen = True
+    return None
 
 
 def bearer_key(authorization: str | None) -> str:

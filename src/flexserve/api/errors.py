@@ -6,6 +6,13 @@ with the right status and headers (``error_response`` makes a Starlette
 response of it). An unexpected exception is logged with its traceback and
 reported as a 500 ``api_error`` that names its type, so that a client can
 tell a bug from a retryable 429 without seeing internals.
+
+A database that is locked (SQLite's ``database is locked`` once its busy
+timeout has passed), unreachable, or whose connection pool is exhausted is
+not a bug but contention that passes: it is translated here, once for every
+route, into 503 ``service_unavailable`` with ``Retry-After``
+(``DATABASE_ERRORS``; the app registers them as handled exceptions, so they
+are answered without a traceback).
 """
 
 from __future__ import annotations
@@ -13,13 +20,20 @@ from __future__ import annotations
 import logging
 
 import orjson
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from flexserve.errors import FlexServeError
+from flexserve.errors import FlexServeError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
+
+# What the database raises when it is busy or away rather than when a query is wrong.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (OperationalError, PoolTimeoutError)
+# Seconds a client is asked to wait after one: about a busy writer's transaction.
+_DATABASE_RETRY_AFTER = 1.0
 
 _HTTP_CODES = {
     404: ("invalid_request_error", "unknown_url"),
@@ -34,6 +48,8 @@ def error_body(exc: FlexServeError) -> bytes:
 def error_parts(exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
     """The status, envelope and headers that answer any error (for the bare
     ASGI route, which builds no Response)."""
+    if isinstance(exc, DATABASE_ERRORS):
+        exc = _database_busy(exc)
     if isinstance(exc, FlexServeError):
         return exc.status_code, error_body(exc), exc.headers
     if isinstance(exc, HTTPException):
@@ -50,6 +66,16 @@ def error_parts(exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
         }
     }
     return 500, orjson.dumps(body), {}
+
+
+def _database_busy(exc: Exception) -> ServiceUnavailableError:
+    # The driver's message may name tables or the file's path: logged, not shown.
+    log.warning("database busy or unavailable: %s", getattr(exc, "orig", None) or exc)
+    return ServiceUnavailableError(
+        "The service is busy (its database is locked or unavailable); retry after the "
+        "time in Retry-After.",
+        retry_after=_DATABASE_RETRY_AFTER,
+    )
 
 
 def error_response(exc: BaseException) -> Response:

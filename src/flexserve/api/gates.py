@@ -1,8 +1,10 @@
 """The gates an inference request passes before it is queued, and the meter after.
 
-``Gate.admit`` runs once the tier is resolved: model verification gate, rate
-limits (one request and its estimated tokens taken), budget (the request's
-maximum cost reserved). It raises the client's error (403
+``Gate.admit`` runs once the tier the request will be served on is known (a
+priority request past priority's share is served, so limited and budgeted,
+as default: ``Scheduler.tier_to_serve``): model verification gate, rate
+limits of that tier (one request and its estimated tokens taken), budget
+(the request's maximum cost at that tier's price reserved). It raises the client's error (403
 ``organization_verification_required``, 429 ``rate_limit_exceeded``, 429
 ``insufficient_quota``) or returns an ``Admission``. Every request admitted
 ends in exactly one of:

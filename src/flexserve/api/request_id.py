@@ -2,6 +2,11 @@
 
 A pure ASGI middleware (no BaseHTTPMiddleware: it would buffer streams). The
 id is put in ``scope["state"]["request_id"]`` so handlers can record it.
+
+It wraps Starlette's whole stack (``app.FlexServeApp.build_middleware_stack``),
+outside Starlette's ServerErrorMiddleware: that one answers an unhandled
+error with the ``send`` it was given, so a middleware inside it would never
+see that 500 go out. The bare inference routes add the header themselves.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Requests- and tokens-per-minute limits, per organization and tier.
 
+(And ``CallRate``: a plain calls-per-minute limit per organization for an
+endpoint whose cost is the call itself, such as a verification submission.)
+
 Each limit is a token bucket that holds one minute's allowance and refills
 continuously. ``RateLimiter.take`` checks both buckets and takes from both in
 one synchronous step — no ``await`` anywhere in it — so requests that arrive
@@ -157,6 +160,60 @@ class RateLimiter:
         tokens = self._tokens.get(take.key)
         if tokens is not None:
             tokens.level = min(float(tokens.capacity), tokens.level + take.tokens)
+
+
+class CallRate:
+    """A calls-per-minute token bucket per organization, for one costly endpoint.
+
+    Buckets are made on an organization's first call and dropped once full
+    again (the organization has been quiet for a minute), so the table holds
+    only the organizations calling now.
+    """
+
+    def __init__(
+        self, per_minute: int, what: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        if per_minute < 1:
+            raise ValueError(f"per_minute must be at least 1, not {per_minute}")
+        self._per_minute = per_minute
+        self._what = what  # the calls, as the 429's message names them
+        self._clock = clock
+        self._buckets: dict[str, _Bucket] = {}
+        # Table size at which full buckets are next swept out (doubles with
+        # the organizations calling at once, so a sweep costs O(1) per call).
+        self._sweep_at = 1024
+
+    def take(self, org_id: str) -> None:
+        """Take one call, or raise RateLimitError (429, Retry-After) having taken nothing."""
+        now = self._clock()
+        bucket = self._buckets.get(org_id)
+        if bucket is None:
+            self._forget_full(now)
+            bucket = self._buckets[org_id] = _Bucket(self._per_minute, now)
+        bucket.refill(now)
+        wait = bucket.wait_for(1)
+        if wait > 0:
+            raise RateLimitError(
+                f"Rate limit reached for {self._what} in this organization: limit "
+                f"{self._per_minute} per minute. Please try again in {go_duration(wait)}.",
+                retry_after=wait,
+            )
+        bucket.level -= 1
+
+    def give_back(self, org_id: str) -> None:
+        """Undo a take whose call was refused for another reason (503): it does not count."""
+        bucket = self._buckets.get(org_id)
+        if bucket is not None:
+            bucket.level = min(float(bucket.capacity), bucket.level + 1)
+
+    def _forget_full(self, now: float) -> None:
+        if len(self._buckets) < self._sweep_at:
+            return
+        for org_id, bucket in list(self._buckets.items()):
+            bucket.refill(now)
+            if bucket.level >= bucket.capacity:
+                del self._buckets[org_id]
+        self._sweep_at = max(1024, 2 * len(self._buckets))
 
 
 def _headers(requests: _Bucket | None, tokens: _Bucket | None) -> dict[str, str]:
