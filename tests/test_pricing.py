@@ -178,11 +178,13 @@ def test_multipliers_and_formatting() -> None:
     assert format_micro_usd(20_000_000) == "20.00"
 
 
-def test_only_completed_and_disconnected_requests_are_billed() -> None:
+def test_only_delivered_requests_are_billed() -> None:
     price = ModelPrice(10, 5, 40)
     tokens = TokenCounts(100, 20, 50)
-    assert set(BILLABLE_STATUSES) == {"completed", "client_disconnected"}
-    for status in ("completed", "client_disconnected"):
+    # Completed, or cut short after delivering output: by the client, or by
+    # the server shutting down (billed for what was delivered).
+    assert set(BILLABLE_STATUSES) == {"completed", "client_disconnected", "server_shutdown"}
+    for status in ("completed", "client_disconnected", "server_shutdown"):
         assert is_billable(status)
         assert billed_costs(status, tokens, price).total == 80 * 10 + 20 * 5 + 50 * 40
     for status in ("error", "preempted", "aborted", "client_gone", "rate_limited"):

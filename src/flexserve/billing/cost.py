@@ -16,11 +16,12 @@ from decimal import Decimal
 from flexserve.billing.pricing import PICO_PER_USD, ModelPrice
 
 # The statuses of a request that reached an engine and is billed: a completed
-# one, and one whose client went away mid-stream (it pays for the tokens it
-# got). Anything else — an engine error, work the scheduler aborted or
-# preempted — costs nothing. A refusal before generation (429 and the like)
-# never becomes a usage record in the first place.
-BILLABLE_STATUSES: tuple[str, ...] = ("completed", "client_disconnected")
+# one, and a stream cut short, by its client going away or by the server
+# shutting down (it pays for the tokens it got). Anything else — an engine
+# error, work the scheduler aborted or preempted, a non-streamed request the
+# server ended at shutdown — costs nothing. A refusal before generation (429
+# and the like) never becomes a usage record in the first place.
+BILLABLE_STATUSES: tuple[str, ...] = ("completed", "client_disconnected", "server_shutdown")
 
 
 def is_billable(status: str) -> bool:

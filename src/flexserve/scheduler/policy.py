@@ -60,6 +60,9 @@ class SchedulerConfig:
     replica_backoff: float = 1.0
     # Longest pause a replica's own Retry-After can impose on it.
     replica_backoff_max: float = 10.0
+    # Seconds a replica may go without answering a read of its load signals
+    # before it is taken as hung (each read may take half of it).
+    replica_silent_after: float = 3.0
 
 
 def headroom_slots(config: SchedulerConfig, capacity: int) -> int:

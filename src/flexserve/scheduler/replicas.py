@@ -32,8 +32,12 @@ class Running:
     delivered: bool = False
     # Set by the scheduler when it aborts this sequence to make room.
     preempted: bool = False
-    # The task iterating the run while it awaits the engine's next delta (flex
-    # only; None between deltas): cancelled to abort the run.
+    # Set by the scheduler when it ends this sequence because its replica
+    # stopped answering (its load signals went unread).
+    hung: bool = False
+    # The task iterating the run while it awaits the engine (None between
+    # deltas, and for a stream once output reached its client): cancelled to
+    # abort the run.
     pump: asyncio.Task[Any] | None = None
 
     @property

@@ -21,6 +21,10 @@ The API hands the scheduler a ``Ticket`` and an ``EngineRequest`` and iterates
   left to try, flex goes back to the head of the queue to wait for one until
   its deadline, and default and priority get 503 with Retry-After. The
   refused attempt yielded nothing, so nothing of it is billed;
+* watches health: a replica whose load signals go unread for
+  ``replica_silent_after`` seconds is taken as hung: it is offered no work,
+  and the runs waiting on it whose output has not reached a client are ended
+  and tried elsewhere as if it had turned them away;
 * gives the room back however a generation ends, and releases the next waiter.
 
 What happened is written on the ticket (served tier, queue time, preemptions)
@@ -41,6 +45,7 @@ from typing import Any
 from flexserve.engines.base import Delta, Engine, EngineRequest, NoLoadSignalsError
 from flexserve.errors import (
     EngineOverloadedError,
+    EngineTimeoutError,
     EngineUnavailableError,
     FlexServeError,
     ModelNotFoundError,
@@ -57,6 +62,10 @@ log = logging.getLogger(__name__)
 
 class _Preempted(Exception):
     """Internal: the run was aborted to make room; requeue it."""
+
+
+class _ReplicaHung(Exception):
+    """Internal: the run was ended because its replica stopped answering."""
 
 
 @dataclass(eq=False, slots=True)
@@ -154,11 +163,21 @@ class Scheduler:
         self._watchers.clear()
 
     async def _watch_load(self, replica: Replica) -> None:
+        """Read ``replica``'s load signals; they are also its health: a replica
+        that fails three reads in a row (refused, errors), or answers none for
+        ``replica_silent_after`` seconds (a frozen process answers nothing and
+        refuses nothing), is unhealthy until a read succeeds again."""
         pools = self._pools_of(replica)
+        silent_after = self.config.replica_silent_after
+        heard_at = time.monotonic()
         while True:
             try:
-                replica.load = await replica.engine.read_load()
+                async with asyncio.timeout(silent_after / 2):
+                    replica.load = await replica.engine.read_load()
+                heard_at = time.monotonic()
                 replica.num_failed_reads = 0
+                if not replica.healthy:
+                    log.warning("replica %s is healthy again", replica.name)
                 replica.healthy = True
             except NoLoadSignalsError:
                 # No metrics endpoint (a provider, Ollama): in-flight counts alone,
@@ -167,15 +186,29 @@ class Scheduler:
                 for pool in pools:
                     self._dispatch(pool)
                 return
-            except FlexServeError as exc:
+            except (FlexServeError, TimeoutError) as exc:
                 replica.num_failed_reads += 1
-                if replica.num_failed_reads >= 3 and replica.healthy:
-                    log.warning("replica %s unhealthy: %s", replica.name, exc.message)
+                silent_for = time.monotonic() - heard_at
+                if replica.healthy and (replica.num_failed_reads >= 3 or silent_for >= silent_after):
+                    reason = exc.message if isinstance(exc, FlexServeError) else "read timed out"
+                    log.warning("replica %s unhealthy (no load signals for %.1f s): %s",
+                                replica.name, silent_for, reason)
                     replica.healthy = False
+                    self._abandon(replica)
             for pool in pools:
                 self._dispatch(pool)
                 self._shed_hopeless_flex(pool)
             await asyncio.sleep(self.config.scrape_interval)
+
+    def _abandon(self, replica: Replica) -> None:
+        """End the runs waiting on a replica that stopped answering, while no
+        output of theirs has reached a client, so that they are tried elsewhere
+        now rather than when their own timeouts expire (a whole answer, which
+        arrives only at its end, has none shorter than ``upstream_timeout``)."""
+        for run in replica.running:
+            if run.pump is not None and not run.hung and not run.preempted:
+                run.hung = True
+                run.pump.cancel()
 
     # --- the request path -------------------------------------------------------
 
@@ -202,7 +235,13 @@ class Scheduler:
             last: Delta | None = None
             try:
                 engine_deltas = replica.engine.generate(request, run.control)
-                deltas = self._pumped(run, engine_deltas) if abortable else engine_deltas
+                if abortable or not ticket.stream:
+                    deltas = self._pumped(run, engine_deltas)
+                else:
+                    # A stream can be ended (its replica hung) until its first
+                    # output is in the client's hands.
+                    deltas = engine_deltas
+                    run.pump = asyncio.current_task()
                 async for delta in deltas:
                     last = delta
                     if delta.has_output:
@@ -215,6 +254,7 @@ class Scheduler:
                         held.append(delta)
                         continue
                     run.delivered = True
+                    run.pump = None
                     yield delta
                 if last is not None and last.usage is not None:
                     replica.observe_prompt(last.usage.prompt_tokens, ticket.prompt_tokens)
@@ -228,12 +268,26 @@ class Scheduler:
                 ticket.num_preemptions += 1
                 ticket.first_token_at = None
                 requeue = True
+            except _ReplicaHung:
+                self._hung_up(pool, replica, run, refused_by)
+                ticket.first_token_at = None
+                requeue = True
+            except asyncio.CancelledError:
+                if not run.hung or _cancelled_otherwise():
+                    raise
+                self._hung_up(pool, replica, run, refused_by)
+                ticket.first_token_at = None
+                requeue = True
             except EngineOverloadedError as exc:
+                _name_replica(exc, pool, replica, ticket.request_id)
                 if last is not None:
                     raise  # output came first: the run itself failed
                 self._turned_away(pool, replica, run, exc, refused_by)
                 refused_by.append(replica)
                 requeue = True
+            except FlexServeError as exc:
+                _name_replica(exc, pool, replica, ticket.request_id)
+                raise
             finally:
                 self._release(pool, replica, run)
                 if finished and run.tier is ServiceTier.DEFAULT and num_tokens > 2:
@@ -258,16 +312,16 @@ class Scheduler:
                 except StopAsyncIteration:
                     delta = None
                 except BaseException:
-                    if not run.preempted:
+                    if not (run.preempted or run.hung):
                         raise
                     delta = None  # however the engine took the cancellation
                 finally:
                     run.pump = None
-                if run.preempted:
+                if run.preempted or run.hung:
                     if task.uncancel() > 0:
                         # Cancelled for another reason as well (its client left): that wins.
                         raise asyncio.CancelledError
-                    raise _Preempted
+                    raise _Preempted if run.preempted else _ReplicaHung
                 if delta is None:
                     return
                 yield delta
@@ -424,6 +478,18 @@ class Scheduler:
             ) from exc
         pool.num_failovers += 1
 
+    def _hung_up(self, pool: ModelPool, replica: Replica, run: Running, refused_by: list[Replica]) -> None:
+        """``run`` was ended because ``replica`` stopped answering: tried
+        elsewhere as a refusal when nothing of it reached the caller, else a
+        timeout (the stream ends with its error event)."""
+        label = _replica_label(pool, replica)
+        if run.delivered:
+            raise EngineTimeoutError(f"The engine stopped answering mid-request ({label}).")
+        self._turned_away(
+            pool, replica, run, EngineOverloadedError(f"{label} stopped answering"), refused_by
+        )
+        refused_by.append(replica)
+
     def _back_off(self, replica: Replica, until: float) -> None:
         """Offer ``replica`` no work before ``until``, and release the waiters
         it could take then (its load watch may have ended: no signals)."""
@@ -475,13 +541,26 @@ class Scheduler:
 
     # --- tiers, deadlines and estimates ---------------------------------------------
 
-    def _maybe_downgrade(self, pool: ModelPool, ticket: Ticket) -> None:
-        if ticket.tier is not ServiceTier.PRIORITY or not self.config.tiers_enabled:
-            return
+    def tier_to_serve(self, pool: ModelPool, tier: ServiceTier) -> ServiceTier:
+        """The tier a request for ``tier`` is served on if it is queued now:
+        default for priority once priority holds its share of the capacity.
+
+        The API asks before its gates, so that a downgraded request is
+        rate-limited and budgeted as default, and hands the answer in as
+        ``Ticket.served_tier``, which ``stream`` keeps. Nothing between the
+        question and the queueing yields to the loop (with local budgets), so
+        the answer is still true when the ticket is queued."""
+        if tier is not ServiceTier.PRIORITY or not self.config.tiers_enabled:
+            return tier
         limit = max(1, math.floor(self.config.priority_share * pool.capacity))
         held = pool.num_in_flight_of(ServiceTier.PRIORITY) + pool.queue.num_waiting(ServiceTier.PRIORITY)
-        if held >= limit:
-            ticket.served_tier = ServiceTier.DEFAULT
+        return ServiceTier.DEFAULT if held >= limit else tier
+
+    def _maybe_downgrade(self, pool: ModelPool, ticket: Ticket) -> None:
+        """Decide the served tier unless the caller did (``tier_to_serve``)."""
+        if ticket.served_tier is None:
+            ticket.served_tier = self.tier_to_serve(pool, ticket.tier)
+        if ticket.served_tier is not ticket.tier:
             pool.num_downgraded += 1
 
     def flex_deadline(self, ticket: Ticket) -> float:
@@ -570,6 +649,26 @@ class Scheduler:
         if step:
             share = replica.prefill.recent_share(time.monotonic())
             replica.observe_tpot(observed_tpot, step / (1.0 - share))
+
+
+def _cancelled_otherwise() -> bool:
+    """After a cancellation the scheduler asked for: whether something else
+    (the client leaving, the server shutting down) asked for one as well."""
+    task = asyncio.current_task()
+    return task is None or task.uncancel() > 0
+
+
+def _replica_label(pool: ModelPool, replica: Replica) -> str:
+    """A replica as clients may read of it: never its address."""
+    return f"replica {pool.replicas.index(replica) + 1} of `{pool.model}`"
+
+
+def _name_replica(exc: FlexServeError, pool: ModelPool, replica: Replica, request_id: str) -> None:
+    """Say in ``exc``'s message which replica failed, in words a client may
+    read; the replica's own name (its address) goes to the log."""
+    label = _replica_label(pool, replica)
+    log.info("request %s failed on %s (%s): %s", request_id, label, replica.name, exc.message)
+    exc.message = f"{exc.message.rstrip('.')} ({label})."
 
 
 def _refusal(retry_after: float, estimate: float | None) -> ResourceUnavailableError:

@@ -11,11 +11,19 @@ whole result (``EngineRequest.stream`` False: not streamed to the client,
 never aborted), which is then read as one JSON body, with no SSE framing on
 either side. ``relay`` turns either into Deltas.
 
-A replica that turns a request away before any output — HTTP 429 or 503, or
-a connection that cannot be made or breaks — raises ``EngineOverloadedError``
-with the upstream's ``Retry-After``, which the scheduler answers by trying
-another replica; once output has been relayed, a failure is an
-``EngineError``, and a slow answer an ``EngineTimeoutError``.
+A replica that turns a request away before any output — HTTP 429 or 503, a
+connection that cannot be made or breaks, or a stream that stays silent past
+``first_token_timeout`` — raises ``EngineOverloadedError`` with the
+upstream's ``Retry-After``, which the scheduler answers by trying another
+replica; once output has been relayed, a failure is an ``EngineError``, and
+a stream silent for ``idle_timeout`` (or any answer past ``timeout``) an
+``EngineTimeoutError``. A whole (non-streamed) answer arrives only at its
+end, so no silence limit applies to it: the scheduler's health watch ends
+such runs on a replica that stops answering (``scheduler._watch_load``).
+
+What a client reads never names the upstream's address: error messages say
+"the upstream" (the scheduler adds which replica of which model), and the
+detail, address included, is logged here with the request id.
 
 aiohttp's client is used for its speed under load; its exceptions are
 translated into FlexServe's Engine* errors here, and nowhere else.
@@ -23,9 +31,11 @@ translated into FlexServe's Engine* errors here, and nowhere else.
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import math
+import os
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -54,8 +64,12 @@ from flexserve.errors import (
     FlexServeError,
     InvalidRequestError,
 )
+from flexserve.engines.upstream.silence import SilenceWatch
 
 log = logging.getLogger(__name__)
+
+# How error messages, which clients read, call an upstream: never by its address.
+_LABEL = "The upstream"
 
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
 
@@ -75,6 +89,8 @@ class UpstreamEngine(Engine):
         capacity: int = 64,
         timeout: float = 600.0,
         connect_timeout: float = 5.0,
+        first_token_timeout: float = 60.0,
+        idle_timeout: float = 30.0,
         send_priority: bool = False,
         step_model: StepTimeModel | None = None,
     ) -> None:
@@ -90,6 +106,9 @@ class UpstreamEngine(Engine):
         self._timeout = aiohttp.ClientTimeout(
             total=timeout, sock_connect=connect_timeout, sock_read=timeout
         )
+        # Silence allowed on a stream before its first output, and between outputs.
+        self._first_token_timeout = first_token_timeout
+        self._idle_timeout = idle_timeout
         self._session: aiohttp.ClientSession | None = None
         self._models: list[ModelCard] = []
         # What the operator says this upstream's step time looks like (for TPOT SLOs).
@@ -108,7 +127,7 @@ class UpstreamEngine(Engine):
     @property
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            raise EngineUnavailableError(f"{self.name} is not started.")
+            raise EngineUnavailableError(f"{_LABEL} replica is not started.")
         return self._session
 
     async def start(self) -> None:
@@ -170,37 +189,64 @@ class UpstreamEngine(Engine):
         op = request.op
         headers = {**self._headers, "X-Request-Id": request.request_id}
         relayed = False
+        silence = SilenceWatch(self._first_token_timeout, self._idle_timeout) if request.stream else None
+        if silence is not None:
+            silence.start()
         try:
             async with self.session.post(
                 self._urls[op], data=orjson.dumps(self._payload(request)), headers=headers
             ) as response:
                 if response.status != 200:
-                    raise await _error_from_response(self.name, response)
+                    raise await _error_from_response(self.name, request.request_id, response)
                 if op != "embedding" and (request.stream or response.content_type == "text/event-stream"):
-                    async for delta in relay_sse(self.name, response, op):
+                    async for delta in relay_sse(_LABEL, response, op, silence):
                         relayed = True
                         yield delta
                     return
                 # A whole answer: read, and the connection back to the pool
                 # before the deltas are handed on.
                 body = await response.read()
+        except asyncio.CancelledError:
+            if silence is None or not silence.expired_alone():
+                raise
+            if relayed:
+                self._log(request, f"sent nothing for {silence.limit:g} s mid-stream")
+                raise EngineTimeoutError(
+                    f"{_LABEL} stopped sending output for {silence.limit:g} s."
+                ) from None
+            # It never answered: nothing was relayed, another replica may take it.
+            self._log(request, f"sent nothing for {silence.limit:g} s before its first output")
+            raise EngineOverloadedError(
+                f"{_LABEL} did not start answering within {silence.limit:g} s."
+            ) from None
         except aiohttp.ConnectionTimeoutError as exc:
             # Not connected in time: nothing was sent, another replica may take it.
-            raise EngineOverloadedError(f"{self.name} could not be reached in time.") from exc
+            self._log(request, f"could not be reached in time: {exc!r}")
+            raise EngineOverloadedError(f"{_LABEL} could not be reached in time.") from exc
         except TimeoutError as exc:
-            raise EngineTimeoutError(f"{self.name} did not answer in time.") from exc
+            self._log(request, f"did not answer in time: {exc!r}")
+            raise EngineTimeoutError(f"{_LABEL} did not answer in time.") from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            self._log(request, f"connection failed: {exc!r}")
             if relayed:
-                raise EngineError(f"{self.name} failed mid-request: {exc!r}") from exc
+                raise EngineError(f"{_LABEL} failed mid-request: {_reason(exc)}") from exc
             # Nothing came of it: the request can go to another replica as it is.
-            raise EngineOverloadedError(f"{self.name} is unreachable: {_reason(exc)}") from exc
+            raise EngineOverloadedError(f"{_LABEL} is unreachable: {_reason(exc)}") from exc
         except aiohttp.ClientError as exc:
-            raise EngineError(f"{self.name} failed mid-request: {exc!r}") from exc
+            self._log(request, f"failed: {exc!r}")
+            raise EngineError(f"{_LABEL} failed mid-request: {_reason(exc)}") from exc
+        finally:
+            if silence is not None:
+                silence.stop()
         if op == "embedding":
-            yield embedding_delta(self.name, body, request)
+            yield embedding_delta(_LABEL, body, request)
             return
-        for delta in completion_deltas(self.name, body, op):
+        for delta in completion_deltas(_LABEL, body, op):
             yield delta
+
+    def _log(self, request: EngineRequest, what: str) -> None:
+        """The detail a client is not shown (the upstream's address), for the operator."""
+        log.warning("request %s: upstream %s %s", request.request_id, self.base_url, what)
 
     async def read_load(self) -> EngineLoad:
         """vLLM-style load signals from the upstream's /metrics."""
@@ -219,13 +265,26 @@ class UpstreamEngine(Engine):
 
 
 def _reason(exc: aiohttp.ClientError) -> str:
+    """What went wrong, without the addresses aiohttp's messages carry."""
     if isinstance(exc, aiohttp.ClientConnectorError):
-        return str(exc.os_error)
-    return str(exc) or exc.__class__.__name__
+        # Not the OSError's own text: asyncio writes the address into it.
+        errno = exc.os_error.errno
+        return os.strerror(errno) if errno else exc.os_error.__class__.__name__
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    return exc.__class__.__name__
 
 
-async def _error_from_response(name: str, response: aiohttp.ClientResponse) -> FlexServeError:
+async def _error_from_response(
+    name: str, request_id: str, response: aiohttp.ClientResponse
+) -> FlexServeError:
+    """The upstream's error as FlexServe's; its message is relayed (it is the
+    engine's word on the request), the upstream's address only logged."""
     body = await response.read()
+    log.warning(
+        "request %s: upstream %s answered HTTP %d: %s",
+        request_id, name, response.status, body[:500].decode("utf-8", "replace"),
+    )
     message = body[:500].decode("utf-8", "replace")
     param = None
     try:
@@ -245,14 +304,14 @@ async def _error_from_response(name: str, response: aiohttp.ClientResponse) -> F
         return InvalidRequestError(f"The engine refused the request: {message}", param=param)
     if status in (429, 503):
         return EngineOverloadedError(
-            f"{name} is overloaded (HTTP {status}): {message}",
+            f"{_LABEL} is overloaded (HTTP {status}): {message}",
             retry_after=retry_after_seconds(response.headers.get("Retry-After")),
         )
     if status == 502:
-        return EngineUnavailableError(f"{name} is unavailable (HTTP {status}): {message}")
+        return EngineUnavailableError(f"{_LABEL} is unavailable (HTTP {status}): {message}")
     if status == 504:
-        return EngineTimeoutError(f"{name} timed out: {message}")
-    return EngineError(f"{name} answered HTTP {status}: {message}")
+        return EngineTimeoutError(f"{_LABEL} timed out: {message}")
+    return EngineError(f"{_LABEL} answered HTTP {status}: {message}")
 
 
 def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:

@@ -25,6 +25,7 @@ import aiohttp
 import orjson
 
 from flexserve.engines.base import Delta, EngineOp, EngineRequest, Usage
+from flexserve.engines.upstream.silence import SilenceWatch
 from flexserve.errors import EngineError
 
 # Members of a chat delta or message that a Delta holds in fields of its own;
@@ -61,6 +62,21 @@ def _other_members(member: dict[str, Any]) -> dict[str, Any] | None:
     return fields or None
 
 
+def _without_nulls(calls: list[Any]) -> list[Any]:
+    """Tool-call pieces without null members: vLLM streams `"name": null` in
+    the pieces after a call's first, where OpenAI leaves the member out (and
+    its schema wants a string when present)."""
+    cleaned = []
+    for call in calls:
+        function = call.get("function")
+        if type(function) is dict and None in function.values():
+            call = {**call, "function": {k: v for k, v in function.items() if v is not None}}
+        if None in call.values():
+            call = {k: v for k, v in call.items() if v is not None}
+        cleaned.append(call)
+    return cleaned
+
+
 def _usage(usage: Any) -> Usage:
     details = usage.get("prompt_tokens_details")
     cached = int(details.get("cached_tokens") or 0) if details else 0
@@ -93,6 +109,8 @@ def _chat_piece(choice: Any) -> Delta | None:
     if not (text or tool_calls or fields or finish_reason or logprobs is not None):
         return None
     _check_shapes(text, index, tool_calls, logprobs)
+    if tool_calls is not None:
+        tool_calls = _without_nulls(tool_calls)
     return Delta(text, finish_reason, None, index, tool_calls, logprobs, fields)
 
 
@@ -108,26 +126,35 @@ def _text_piece(choice: Any) -> Delta | None:
     return Delta(text, finish_reason, None, index, None, logprobs)
 
 
-async def _sse_lines(response: aiohttp.ClientResponse) -> AsyncIterator[list[bytes]]:
+async def _sse_lines(
+    response: aiohttp.ClientResponse, silence: SilenceWatch | None = None
+) -> AsyncIterator[list[bytes]]:
     """The body's lines, in batches: those each read completed.
 
     Split out of whatever the socket delivered rather than awaited one by one,
     so that an answer arriving in one read costs one await, not one per line.
+    ``silence``, when given, is told when each read begins and ends.
     """
     pending = b""
     async for block in response.content.iter_any():
+        if silence is not None:
+            silence.heard()
         *lines, pending = (pending + block).split(b"\n")
         if lines:
             yield lines
+        if silence is not None:
+            silence.waiting()
     if pending:
         yield [pending]
 
 
 async def relay_sse(
-    name: str, response: aiohttp.ClientResponse, op: EngineOp = "chat"
+    name: str, response: aiohttp.ClientResponse, op: EngineOp = "chat",
+    silence: SilenceWatch | None = None,
 ) -> AsyncIterator[Delta]:
     """An OpenAI stream (chat or completions chunks) as Deltas, every choice
-    relayed under its own index, the usage on the last."""
+    relayed under its own index, the usage on the last. ``name`` is how the
+    error messages, which clients read, call the upstream."""
     piece: Callable[[Any], Delta | None] = _chat_piece if op == "chat" else _text_piece
     usage: Usage | None = None
     # The newest delta that finished its choice, held back to carry the usage.
@@ -135,7 +162,7 @@ async def relay_sse(
     num_finished = 0
     num_output = 0
     done = False
-    async for lines in _sse_lines(response):
+    async for lines in _sse_lines(response, silence):
         for line in lines:
             if not line.startswith(b"data:"):
                 continue
@@ -202,7 +229,7 @@ def _chat_choice(choice: Any) -> Delta:
     _check_shapes(text, index, calls, logprobs)
     if calls is not None:
         # A whole message's calls have no index: their position is it.
-        calls = [{**call, "index": position} for position, call in enumerate(calls)]
+        calls = [{**call, "index": position} for position, call in enumerate(_without_nulls(calls))]
     return Delta(
         text, choice.get("finish_reason") or "stop", None, index, calls, logprobs,
         _other_members(message),
