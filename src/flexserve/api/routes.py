@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
-from flexserve.api import admin, ops
+from flexserve.api import admin, openapi, ops
 from flexserve.api.endpoints import responses
 from flexserve.api.endpoints.chat import ChatCompletions
 from flexserve.api.endpoints.completions import Completions
@@ -35,4 +35,5 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
         Route("/v1/organization/verification", admin.verification_status, methods=["GET"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
+        Route("/openapi.json", openapi.openapi_json, methods=["GET"]),
     ]
