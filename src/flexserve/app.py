@@ -17,24 +17,29 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexserve.accounts import Accounts
+from flexserve.accounts.hash_pool import HashPool
 from flexserve.accounts.verification import Verifications
-from flexserve.api.auth import KeyCache
-from flexserve.api.errors import handle_exception
+from flexserve.api.asgi import send_error
+from flexserve.api.auth import KeyCache, ambiguous_authorization
+from flexserve.api.connections import ConnectionGuard
+from flexserve.api.errors import DATABASE_ERRORS, handle_exception
 from flexserve.api.gates import Gate
 from flexserve.api.inference import Endpoint
 from flexserve.api.metrics import GatewayMetrics
-from flexserve.api.request_id import RequestIdMiddleware
+from flexserve.api.request_id import RequestIdMiddleware, new_request_id
 from flexserve.api.pipeline import serve
 from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
+from flexserve.billing.journal import UsageJournal
+from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.engines.base import Engine, StepTimeModel
@@ -61,6 +66,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         max_queue=settings.max_queue,
         fair_quantum=settings.fair_quantum,
         replica_backoff=settings.replica_backoff,
+        replica_silent_after=settings.replica_silent_after,
     )
 
 
@@ -100,6 +106,8 @@ def build_engines(settings: Settings) -> list[Engine]:
             capacity=settings.upstream_capacity,
             timeout=settings.upstream_timeout,
             connect_timeout=settings.upstream_connect_timeout,
+            first_token_timeout=settings.upstream_first_token_timeout,
+            idle_timeout=settings.upstream_idle_timeout,
             send_priority=settings.upstream_priority_hint,
             step_model=step_model,
         )
@@ -134,12 +142,24 @@ class FlexServeApp(Starlette):
         self._endpoints = endpoints
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            ambiguous = ambiguous_authorization(scope["headers"])
+            if ambiguous is not None:
+                # Before any route: each would read a different copy of the header.
+                await send_error(send, ambiguous, [(b"x-request-id", new_request_id().encode())])
+                return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self._endpoint(scope)
             if endpoint is not None:
                 await serve(endpoint, self.state.services, scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+    def build_middleware_stack(self) -> ASGIApp:
+        # RequestIdMiddleware goes around Starlette's whole stack, outside its
+        # ServerErrorMiddleware: the 500 that answers an unhandled error is
+        # sent through it, and carries x-request-id like every other answer.
+        return RequestIdMiddleware(super().build_middleware_stack())
 
     def _endpoint(self, scope: Scope) -> Endpoint | None:
         """The endpoint of the request's path, as Starlette's router would match it."""
@@ -152,9 +172,12 @@ class FlexServeApp(Starlette):
         return endpoint
 
 
-def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starlette:
+def create_app(
+    settings: Settings, engines: list[Engine] | None = None, connections: ConnectionGuard | None = None
+) -> Starlette:
     """The FlexServe ASGI app. ``engines`` overrides what the settings ask for
-    (tests hand in an in-process sim engine)."""
+    (tests hand in an in-process sim engine); ``connections`` is the guard of
+    the server that serves it, whose counts ``/metrics`` then shows."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -164,8 +187,12 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
             await db.migrate()
             accounts = Accounts(db)
             usage = UsageWriter(
-                db, flush_interval=settings.usage_flush_interval, batch_size=settings.usage_batch_size
+                db, flush_interval=settings.usage_flush_interval, batch_size=settings.usage_batch_size,
+                journal=UsageJournal(Path(settings.home) / "usage-journal"),
+                max_pending=settings.usage_max_pending,
             )
+            # Replays the rows a killed process journaled: before the gate
+            # seeds the budgets from the ledger, below.
             await usage.start()
             stack.push_async_callback(usage.close)
             started = await _start_engines(
@@ -184,16 +211,21 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
             )
             await gate.start()
             stack.push_async_callback(gate.close)
+            hashes = HashPool(settings.hash_threads, settings.hash_queue)
+            stack.callback(hashes.close)
             app.state.services = Services(
                 settings=settings,
                 accounts=accounts,
                 keys=KeyCache(accounts),
                 scheduler=scheduler,
                 usage=usage,
-                metrics=GatewayMetrics(scheduler),
+                metrics=GatewayMetrics(scheduler, None if connections is None else connections.collector),
                 gate=gate,
-                verifications=Verifications(db),
+                verifications=Verifications(db, hashes=hashes),
                 db=db,
+                verification_rate=CallRate(
+                    settings.verification_submissions_per_minute, "identity-document submissions"
+                ),
             )
             yield
 
@@ -201,12 +233,13 @@ def create_app(settings: Settings, engines: list[Engine] | None = None) -> Starl
     return FlexServeApp(
         {endpoint.path: endpoint for endpoint in endpoints},
         routes=routes(endpoints),
-        middleware=[Middleware(RequestIdMiddleware)],
-        # A domain error is answered by ExceptionMiddleware (no traceback logged);
-        # anything else by ServerErrorMiddleware, logged as the bug it is.
+        # A domain error, or a busy database (503), is answered by
+        # ExceptionMiddleware (no traceback logged); anything else by
+        # ServerErrorMiddleware, logged as the bug it is.
         exception_handlers={
             FlexServeError: handle_exception,
             HTTPException: handle_exception,
+            **dict.fromkeys(DATABASE_ERRORS, handle_exception),
             Exception: handle_exception,
         },
         lifespan=lifespan,

@@ -41,6 +41,26 @@ class Settings:
     bootstrap_demo: bool = _opt(
         True, "On first start with an empty database, create a demo organization and key."
     )
+    shutdown_grace: float = _opt(
+        10.0, "Seconds requests in flight get to finish on SIGTERM; then they are ended cleanly."
+    )
+
+    # --- connections (api/connections.py) -------------------------------------
+    max_connections: int = _opt(
+        16_000, "Most client connections open at once; past it new ones get 503 (0: no cap)."
+    )
+    max_connections_per_client: int = _opt(
+        12_000, "Most connections open at once from one client address, else 503 (0: no cap)."
+    )
+    header_timeout: float = _opt(
+        10.0, "Seconds a client has to send a request's line and headers, else 408 (0: none)."
+    )
+    body_timeout: float = _opt(
+        60.0, "Seconds a client has to send a request's body after its headers, else 408 (0: none)."
+    )
+    keep_alive_timeout: float = _opt(
+        5.0, "Seconds a connection may stay open with no request under way, new or kept alive."
+    )
 
     # --- engines --------------------------------------------------------------
     engine: str = _opt("embedded", "Engine kind: embedded, sim or upstream.")
@@ -50,6 +70,12 @@ class Settings:
     upstream_api_key: str = _opt("", "Bearer token FlexServe sends to its upstreams, if any.")
     upstream_timeout: float = _opt(600.0, "Seconds an upstream may take for a whole request.")
     upstream_connect_timeout: float = _opt(5.0, "Seconds to open a connection to an upstream.")
+    upstream_first_token_timeout: float = _opt(
+        60.0, "Seconds a streamed upstream request may wait for its first output; then another replica."
+    )
+    upstream_idle_timeout: float = _opt(
+        30.0, "Seconds an upstream stream may stay silent once output has begun; then 504."
+    )
     upstream_capacity: int = _opt(
         64, "Requests in flight per upstream replica before the gateway queues more."
     )
@@ -114,6 +140,9 @@ class Settings:
     replica_backoff: float = _opt(
         1.0, "Seconds a replica that turned a request away (429, 503, no connection) gets no work."
     )
+    replica_silent_after: float = _opt(
+        3.0, "Seconds a replica may leave its load signals unanswered before it is taken as hung."
+    )
     upstream_profile: str = _opt(
         "", "Sim profile whose step-time model predicts upstream TPOT (e.g. h100-llama3-8b)."
     )
@@ -121,10 +150,20 @@ class Settings:
     # --- usage records -------------------------------------------------------
     usage_flush_interval: float = _opt(0.2, "Seconds between batched writes of usage rows.")
     usage_batch_size: int = _opt(500, "Most usage rows written in one batch.")
+    usage_max_pending: int = _opt(
+        50_000, "Usage rows waiting for the database past which new requests get 503; 0: no bound."
+    )
 
     # --- billing and governance ------------------------------------------------
     policy_refresh_interval: float = _opt(
         5.0, "Seconds between reloads of prices, model gates, budgets and rate limits."
+    )
+    verification_submissions_per_minute: int = _opt(
+        5, "Identity documents each organization may submit per minute; past it 429."
+    )
+    hash_threads: int = _opt(1, "Threads that hash identity documents (scrypt, 16 MiB each).")
+    hash_queue: int = _opt(
+        4, "Document hashes that may wait for a hash thread; past it a submission gets 503."
     )
 
     @property

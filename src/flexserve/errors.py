@@ -18,6 +18,8 @@ of them (and anything unexpected) into OpenAI's envelope
     ├── EngineError                     (502 upstream_error: the engine failed)
     ├── EngineUnavailableError          (503 engine_unavailable: no healthy replica)
     │   └── EngineOverloadedError       (503 engine_overloaded, Retry-After: replicas turned it away)
+    ├── LedgerUnavailableError          (503 ledger_unavailable, Retry-After: usage cannot be recorded)
+    ├── ServiceUnavailableError         (503 service_unavailable, Retry-After: the gateway or its database is busy)
     └── EngineTimeoutError              (504 upstream_timeout)
 
 Engines raise the ``Engine*`` errors, translating their transport's own
@@ -167,6 +169,33 @@ class EngineOverloadedError(EngineUnavailableError):
         super().__init__(message, headers=None if retry_after is None else _retry_after(retry_after))
         # Seconds the replica asked for (its own Retry-After); None when it said nothing.
         self.retry_after = retry_after
+
+
+class LedgerUnavailableError(FlexServeError):
+    """A new billable request is refused because its usage could not be
+    recorded safely: the database has been away long enough that the rows
+    waiting for it reached their bound, or the usage journal cannot be written.
+    Nothing ran, so nothing is billed."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "ledger_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers=_retry_after(retry_after))
+
+
+class ServiceUnavailableError(FlexServeError):
+    """The gateway itself cannot take the request now: its database is locked
+    or unreachable, or the bounded pool for expensive work is full. Retrying
+    after ``Retry-After`` is expected to work."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "service_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message, headers=_retry_after(retry_after))
 
 
 class EngineTimeoutError(FlexServeError):

@@ -110,7 +110,7 @@ class _SchedulerCollector(Collector):
 
 
 class GatewayMetrics:
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, connections: Collector | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.requests = Labelled(Counter(
             "flexserve_requests",
@@ -153,6 +153,8 @@ class GatewayMetrics:
             registry=self.registry,
         )
         self.registry.register(_SchedulerCollector(scheduler))
+        if connections is not None:
+            self.registry.register(connections)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -3,8 +3,10 @@
 auth → bounded body → validation (the endpoint's) → tier → model and the
 features it needs → the endpoint's own preparation → gates → scheduler
 (queue, replica, generation) → the endpoint's answer, whole or streamed →
-usage record (handed to the batched writer, never awaited on the request
-path).
+usage record (journaled, then handed to the batched writer, never awaited
+on the request path; ``_finish`` runs before the response's last bytes are
+sent, so a response its client received is in the journal even if the
+process is killed right after).
 
 Inference routes are bare ASGI apps ahead of Starlette's routing and
 middleware (``app.FlexServeApp``): the request is read from ``receive`` and
@@ -45,6 +47,7 @@ from flexserve.api.asgi import (
 )
 from flexserve.api.auth import principal_of
 from flexserve.api.body import receive_json
+from flexserve.api.drain import shutting_down
 from flexserve.api.inference import Call, Endpoint, Output, check_features
 from flexserve.api.request_id import new_request_id
 from flexserve.api.state import Services
@@ -77,10 +80,12 @@ class DisconnectWatch:
     billed, as if the client had stayed (as OpenAI's API does).
     """
 
-    __slots__ = ("_handler", "_receive", "_stopped", "_task", "gone")
+    __slots__ = ("_handler", "_receive", "_stopped", "_task", "gone", "server_ended")
 
     def __init__(self, receive: Receive) -> None:
         self.gone = False
+        # Set when the server, shutting down, ended the request (api/drain.py).
+        self.server_ended = False
         self._handler = asyncio.current_task()
         self._receive = receive
         self._task: asyncio.Task[None] | None = None
@@ -103,6 +108,13 @@ class DisconnectWatch:
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
+
+    def end(self) -> None:
+        """The server is shutting down and the request's time is up: cancel
+        the handler, unless its response's last part is already under way."""
+        if not self._stopped and not self.server_ended and self._handler is not None:
+            self.server_ended = True
+            self._handler.cancel()
 
     def absorb(self) -> None:
         """After the cancellation it caused: let the handler clean up normally."""
@@ -131,6 +143,9 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
     reply_headers: Headers = [(b"x-request-id", request_id.encode())]
     headers = dict(scope["headers"])
     model = ""
+    if services.drain.draining:
+        await send_error(send, shutting_down(), reply_headers)
+        return
     try:
         principal = await principal_of(_header(headers, b"authorization"), services.keys)
         body = await receive_json(receive, headers.get(b"content-length"), settings.max_body_bytes)
@@ -141,11 +156,16 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         pool = services.scheduler.pool(model)  # 404 before anything queues
         check_features(inference, pool.features, model)
         await endpoint.prepare(services, principal, inference)
-        admission = await services.gate.admit(principal, inference, tier)  # 403/429 before queueing
+        services.usage.check_room()  # 503 while usage could not be recorded safely
+        # Priority past its share is served as default: decided before the gates,
+        # so that it is rate-limited and budgeted as the tier it is served on.
+        served_tier = services.scheduler.tier_to_serve(pool, tier)
+        admission = await services.gate.admit(principal, inference, served_tier)  # 403/429 before queueing
         ticket = Ticket(
             request_id=request_id,
             model=model,
             tier=tier,
+            served_tier=served_tier,
             org_id=principal.org_id,
             prompt_tokens=inference.prompt_tokens,
             cost_tokens=inference.prompt_tokens + inference.output_tokens_guess(_OUTPUT_GUESS),
@@ -171,6 +191,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
     watch = DisconnectWatch(receive)
     if inference.stream:
         watch.start()
+    services.drain.add(watch)
     waiting = on_wait.set(watch.start)
     first: Delta | None = None
     try:
@@ -188,6 +209,14 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         else:
             await _complete(services, endpoint, call, output, first, deltas, watch, send, reply_headers)
     except asyncio.CancelledError:
+        if watch.server_ended and not watch.gone and first is None:
+            # Shutting down before any answer (queued, or the engine not done):
+            # 503, and nothing billed.
+            watch.absorb()
+            with anyio.CancelScope(shield=True):
+                await deltas.aclose()
+            await send_error(send, shutting_down(), reply_headers)
+            return
         if not watch.gone:
             raise
         # The client has gone: nobody to answer.
@@ -199,6 +228,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
     finally:
         on_wait.reset(waiting)
         watch.stop()
+        services.drain.discard(watch)
         if first is None:  # never generated: the gates' holds go back, nothing is billed
             services.gate.release(admission)
 
@@ -278,6 +308,12 @@ async def _complete(
             if delta.usage is not None:
                 call.partial_usage = delta.usage
         status = "completed"
+    except asyncio.CancelledError:
+        if not watch.server_ended or watch.gone:
+            raise
+        # Shutting down: the client gets no answer, so no charge (api/drain.py).
+        watch.absorb()
+        status, error = "aborted", shutting_down()
     except Exception as exc:
         status, error = "error", exc
     finally:
@@ -335,6 +371,13 @@ async def _stream(
         usage = last.usage or _estimated_usage(call)
         pending += output.close(usage)
         status = "completed"
+    except asyncio.CancelledError:
+        if not watch.server_ended or watch.gone:
+            raise
+        # Shutting down: billed for what it delivered, ended with an error event.
+        watch.absorb()
+        status = "server_shutdown"
+        pending += output.failed(shutting_down())
     except Exception as exc:
         status = "error"
         pending += output.failed(exc)

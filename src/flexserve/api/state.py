@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flexserve.accounts import Accounts
 from flexserve.accounts.verification import Verifications
 from flexserve.api.auth import KeyCache
+from flexserve.api.drain import Drain
 from flexserve.api.gates import Gate
 from flexserve.api.metrics import GatewayMetrics
+from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.scheduler.scheduler import Scheduler
@@ -28,3 +30,7 @@ class Services:
     gate: Gate
     verifications: Verifications
     db: Database
+    # Identity-document submissions per organization per minute.
+    verification_rate: CallRate
+    # The requests in progress, ended cleanly when the server shuts down.
+    drain: Drain = field(default_factory=Drain)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,19 @@ def _server_class() -> type[uvicorn.Server]:
             gc.collect()
             gc.freeze()
 
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            """As uvicorn shuts down, the requests in progress get the grace to
+            finish and are then ended cleanly (api/drain.py), before uvicorn's
+            own timeout, set a little later, would cut them."""
+            state = getattr(self.config.app, "state", None)
+            services = getattr(state, "services", None)  # absent if start-up failed
+            ending = None
+            if services is not None:
+                ending = asyncio.create_task(services.drain.run(services.settings.shutdown_grace))
+            await super().shutdown(sockets)
+            if ending is not None:
+                ending.cancel()
+
     return FrozenAfterStartup
 
 
@@ -183,17 +197,23 @@ def serve(
 
     import uvicorn
 
+    from flexserve.api.connections import ConnectionGuard
+    from flexserve.api.drain import END_MARGIN
     from flexserve.app import create_app
 
+    # Caps and timeouts on client connections (api/connections.py); its
+    # protocol replaces uvicorn's httptools one.
+    connections = ConnectionGuard.from_settings(settings)
+    connections.fit_open_files_limit()
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, connections=connections),
         host=settings.host,
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
-        http="httptools",
         log_level=settings.log_level,
         access_log=False,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + END_MARGIN),
+        **connections.uvicorn_options(),
     )
     server = _server_class()(config)
     server.run()
