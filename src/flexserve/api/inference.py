@@ -155,9 +155,14 @@ class Endpoint(abc.ABC):
     def output(self, call: Call) -> Output:
         """A fresh ``Output`` for one call."""
 
+    # Whether ``finished`` does anything: the pipeline skips the call (and the
+    # cancellation shield a stream needs around it) when it does not.
+    has_finish_step = False
+
     async def finished(self, services: Services, call: Call, output: Output) -> None:
         """After a generation completed, before its answer is sent (the
-        responses endpoint stores the response here)."""
+        responses endpoint stores the response here). Set ``has_finish_step``
+        when overriding it."""
 
 
 @dataclass(eq=False, slots=True)

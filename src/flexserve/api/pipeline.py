@@ -332,7 +332,8 @@ async def _complete(
         await send_error(send, error, reply_headers)
         return
     document = output.document(usage or _estimated_usage(call))
-    await endpoint.finished(services, call, output)
+    if endpoint.has_finish_step:
+        await endpoint.finished(services, call, output)
     await send_json(send, 200, orjson.dumps(document), reply_headers)
 
 
@@ -389,7 +390,7 @@ async def _stream(
             with anyio.CancelScope(shield=True):
                 await deltas.aclose()
         _finish(services, call, usage, status)
-    if status == "completed":
+    if status == "completed" and endpoint.has_finish_step:
         with anyio.CancelScope(shield=True):
             await endpoint.finished(services, call, output)
     await send_part(send, pending, last=True)

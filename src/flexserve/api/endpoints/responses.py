@@ -148,6 +148,8 @@ class Responses(Endpoint):
     def output(self, call: Call) -> Output:
         return ResponseOutput(call)
 
+    has_finish_step = True
+
     async def finished(self, services: Services, call: Call, output: Output) -> None:
         assert isinstance(output, ResponseOutput)
         turn: _Turn = call.inference.extra
