@@ -99,7 +99,16 @@ def test_flex_status_shows_no_spare_capacity(busy_gateway: tuple[Gateway, str]) 
     (entry,) = body["data"]
     assert entry["model"] == model
     assert entry["spare_capacity"] == 0.0
-    assert set(entry) == {"model", "spare_capacity", "queue_depth", "estimated_wait_seconds", "accepting"}
+    assert set(entry) == {
+        "model", "spare_capacity", "queue_depth", "estimated_wait_seconds",
+        "estimated_wait_p90_seconds", "accepting",
+    }
+    # Once default has held both slots (flex may take one) for a few seconds,
+    # there is nothing to estimate a start from.
+    with gateway.http() as http:
+        wait_for(lambda: http.get("/v1/flex/status").json()["data"][0]["estimated_wait_p90_seconds"] is None)
+        (entry,) = http.get("/v1/flex/status").json()["data"]
+    assert entry["estimated_wait_seconds"] is None and entry["accepting"]
 
 
 def _raise_fd_limit(needed: int) -> None:

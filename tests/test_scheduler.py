@@ -23,6 +23,7 @@ from flexserve.engines.base import (
     Usage,
 )
 from flexserve.errors import EngineOverloadedError, ResourceUnavailableError
+from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.fairness import FairQueue
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots
 from flexserve.scheduler.prefill import PrefillBudget
@@ -318,7 +319,8 @@ def test_prompt_estimate_corrected_by_what_the_engine_counts() -> None:
 
 
 async def test_flex_refused_with_retry_after_at_its_deadline() -> None:
-    engine = ScriptedEngine(capacity=1)
+    # Default in a slot flex usually has: the estimate (flex runs of 0.1 s) lets it wait.
+    engine = ScriptedEngine(capacity=1, step_model=StepTimeModel(0.001, 0.0, 0.0))
     scheduler = await make_scheduler(engine, flex_headroom=0.0)
     blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=500))
     await until(lambda: engine.started == ["blocker"])
@@ -336,24 +338,31 @@ async def test_flex_refused_with_retry_after_at_its_deadline() -> None:
     await scheduler.close()
 
 
-async def test_flex_refused_at_once_when_estimate_exceeds_deadline() -> None:
+async def test_flex_refused_at_once_only_when_even_the_optimistic_estimate_exceeds_its_deadline() -> None:
     engine = ScriptedEngine(capacity=1, token_time=0.002)
     scheduler = await make_scheduler(engine, flex_headroom=0.0)
-    # A backlog of flex that drains at a measurable rate.
+    # A backlog of flex whose runs have been seen to end: the drain is known.
     backlog = [asyncio.create_task(run(scheduler, f"b{i}", ServiceTier.FLEX, tokens=10)) for i in range(40)]
     await until(lambda: len(engine.finished) >= 5)
     pool = scheduler.pools[MODEL]
-    rate = pool.flex_admissions.rate(time.monotonic())
-    assert rate is not None
-    depth = pool.queue.num_waiting(ServiceTier.FLEX)
+    estimate = scheduler.estimate_flex_wait(pool, "org-b", 100)
+    assert estimate is not None and 0 < estimate.p10 < estimate.p50 < estimate.p90
+    started = time.monotonic()
     with pytest.raises(ResourceUnavailableError) as caught:
-        await run(scheduler, "late", ServiceTier.FLEX, max_wait=0.001 * depth / rate)
+        await run(scheduler, "late", ServiceTier.FLEX, org="org-b", max_wait=estimate.p10 / 3)
     # Refused on arrival by its estimate, not by its deadline's timer after waiting.
+    assert time.monotonic() - started < estimate.p10 / 3
     assert "the estimated wait" in caught.value.message
     assert int(caught.value.headers["Retry-After"]) >= 1
-    for task in backlog:
+    # A deadline the optimistic end of the estimate fits is queued, not refused.
+    accepted = asyncio.create_task(
+        run(scheduler, "fits", ServiceTier.FLEX, org="org-b", max_wait=estimate.p50)
+    )
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) > 0 and not accepted.done())
+    assert not accepted.done()
+    for task in [*backlog, accepted]:
         task.cancel()
-    await asyncio.gather(*backlog, return_exceptions=True)
+    await asyncio.gather(*backlog, accepted, return_exceptions=True)
     await scheduler.close()
 
 
@@ -461,34 +470,38 @@ async def test_flex_status_reports_queue_and_spare_capacity() -> None:
 
 
 async def test_shedding_walks_from_the_newest_flex_and_stops_at_one_that_can_wait() -> None:
-    engine = ScriptedEngine(capacity=1)
+    engine = ScriptedEngine(capacity=1, token_time=10.0, step_model=StepTimeModel(0.05, 0.0, 0.0))
     scheduler = await make_scheduler(engine, flex_headroom=0.0)
-    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.DEFAULT, tokens=5000))
-    await until(lambda: engine.started == ["blocker"])
     pool = scheduler.pools[MODEL]
-    # No flex released yet, so no rate: all queue, each with its deadline. f2's
-    # is hopeless too, but it stands ahead of waiters that can wait (its timer refuses it).
-    max_waits = {f"f{i}": 3.0 if i == 2 else 21.5 for i in range(12)}
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=3))
+    await until(lambda: engine.started == ["blocker"])
     tasks = {
-        rid: asyncio.create_task(run(scheduler, rid, ServiceTier.FLEX, org=f"org-{i % 2}", max_wait=wait))
-        for i, (rid, wait) in enumerate(max_waits.items())
+        f"f{i}": asyncio.create_task(run(scheduler, f"f{i}", ServiceTier.FLEX, org=f"org-{i % 2}", max_wait=600))
+        for i in range(12)
     }
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 12)
     for rid in ("f8", "f10"):  # their clients leave: out of the line
         tasks[rid].cancel()
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 10)
+    # Deadlines that places 0-6 of the drain can make and places 7 and later
+    # cannot, even at the optimistic end; f2's is hopeless too, but it stands
+    # ahead of waiters that can wait (its timer refuses it).
     now = time.monotonic()
-    for released_at in (now - 10, now - 5, now):  # 0.3 flex/s: position p waits ~3.3 p seconds
-        pool.flex_admissions.record(released_at)
+    timeline = build_timeline(pool, scheduler.config, now)
+    fits, misses = timeline.wait(6), timeline.wait(7)
+    assert fits is not None and misses is not None and fits.p10 < misses.p10
+    for waiter in pool.queue.flex_newest_first():
+        waiter.deadline = now + (fits.p10 + misses.p10) / 2
+    waiters = list(pool.queue.flex_newest_first())
+    waiters[7].deadline = now + 0.001  # f2: in line f0 f1 f2 f3 f4 f5 f6 f7 f9 f11
     scheduler._shed_hopeless_flex(pool)
     await asyncio.sleep(0)
     refused = {
         rid for rid, task in tasks.items()
         if task.done() and not task.cancelled() and isinstance(task.exception(), ResourceUnavailableError)
     }
-    # In line: f0 f1 f2 f3 f4 f5 | f6 f7 f9 f11; positions 7-10 would wait 23 s or more.
-    assert refused == {"f6", "f7", "f9", "f11"}
-    assert pool.queue.num_waiting(ServiceTier.FLEX) == 6 and pool.num_flex_refused == 4
+    assert refused == {"f7", "f9", "f11"}
+    assert pool.queue.num_waiting(ServiceTier.FLEX) == 7 and pool.num_flex_refused == 3
     for task in [*tasks.values(), blocker]:
         task.cancel()
     await asyncio.gather(*tasks.values(), blocker, return_exceptions=True)

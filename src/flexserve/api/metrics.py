@@ -21,6 +21,13 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 
 _WAIT_LIMIT_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 480, 540, 600, 900, 1800, 3600)
 
+# Actual flex wait / the wait estimated on arrival: 0.75-1.25 is "within 25 %".
+_WAIT_RATIO_BUCKETS = (0.1, 0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 4, 10)
+
+# A wait this close to its estimate (seconds) counts as within 25 % however
+# short the estimate: releasing a waiter takes a moment of its own.
+FLEX_WAIT_TOLERANCE = 0.1
+
 _M = TypeVar("_M", Counter, Histogram)
 
 
@@ -152,9 +159,52 @@ class GatewayMetrics:
             buckets=_WAIT_LIMIT_BUCKETS,
             registry=self.registry,
         )
+        self.flex_estimate_measured = Labelled(Counter(
+            "flexserve_flex_estimate_measured",
+            "Flex requests served whose wait was estimated on arrival.",
+            ["model"],
+            registry=self.registry,
+        ))
+        self.flex_estimate_within = Labelled(Counter(
+            "flexserve_flex_estimate_within_25pct",
+            "Of those, the ones whose actual wait was within 25 % of the estimate "
+            f"(or within {FLEX_WAIT_TOLERANCE} s of it).",
+            ["model"],
+            registry=self.registry,
+        ))
+        self.flex_wait_ratio = Labelled(Histogram(
+            "flexserve_flex_wait_ratio",
+            "Actual flex wait / the wait estimated on arrival (estimates above zero).",
+            ["model"],
+            buckets=_WAIT_RATIO_BUCKETS,
+            registry=self.registry,
+        ))
+        self.flex_wait_over = Labelled(Counter(
+            "flexserve_flex_wait_over_estimate_seconds",
+            "Sum of the seconds flex waited beyond its estimate (bias: over - under, "
+            "per request measured).",
+            ["model"],
+            registry=self.registry,
+        ))
+        self.flex_wait_under = Labelled(Counter(
+            "flexserve_flex_wait_under_estimate_seconds",
+            "Sum of the seconds flex waited less than its estimate.",
+            ["model"],
+            registry=self.registry,
+        ))
         self.registry.register(_SchedulerCollector(scheduler))
         if connections is not None:
             self.registry.register(connections)
+
+    def observe_flex_wait(self, model: str, estimate: float, actual: float) -> None:
+        """How the wait a flex request was told on arrival compared with its wait."""
+        self.flex_estimate_measured.labels(model).inc()
+        error = actual - estimate
+        if abs(error) <= max(0.25 * estimate, FLEX_WAIT_TOLERANCE):
+            self.flex_estimate_within.labels(model).inc()
+        if estimate > 0:
+            self.flex_wait_ratio.labels(model).observe(actual / estimate)
+        (self.flex_wait_over if error > 0 else self.flex_wait_under).labels(model).inc(abs(error))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,6 +44,13 @@ _REQUEST_ID_HEADER = {
     "schema": STRING,
 }
 _RETRY_AFTER_HEADER = {"description": "Seconds to wait before retrying.", "schema": STRING}
+_FLEX_ESTIMATED_WAIT_HEADER = {
+    "description": (
+        "Flex only: the wait (median, seconds, three significant digits) estimated for the "
+        "request when it arrived; absent when no estimate could be made."
+    ),
+    "schema": STRING,
+}
 
 # The error answers, by status: (component name, description).
 _ERRORS = {
@@ -78,6 +85,7 @@ def _error_response(description: str) -> Schema:
         "headers": {
             "x-request-id": _ref_response_header("RequestId"),
             "Retry-After": _ref_response_header("RetryAfter"),
+            "x-flex-estimated-wait": _ref_response_header("FlexEstimatedWait"),
         },
         "content": {"application/json": {"schema": ref("ErrorResponse")}},
     }
@@ -218,10 +226,15 @@ def _inference(summary: str, body: str, answer: str) -> Schema:
         "parameters": [_FLEX_MAX_WAIT],
         "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}},
         "responses": {
-            "200": _ok(ref(answer), stream=answer != "EmbeddingList"),
+            "200": _flex_ok(_ok(ref(answer), stream=answer != "EmbeddingList")),
             **_errors("400", "401", "403", "404", "413", "429"),
         },
     }
+
+
+def _flex_ok(answer: Schema) -> Schema:
+    answer["headers"]["x-flex-estimated-wait"] = _ref_response_header("FlexEstimatedWait")
+    return answer
 
 
 def _operations() -> dict[tuple[str, str], Schema]:
@@ -275,7 +288,22 @@ def _operations() -> dict[tuple[str, str], Schema]:
         },
         ("get", "/v1/flex/status"): {
             "summary": "Spare flex capacity, queue depth and expected wait per model",
-            "responses": {"200": _ok(ref("FlexStatusList")), **_errors("400", "401")},
+            "description": (
+                "The wait is that of a flex request sent now by an organization with nothing "
+                "queued; `accepting` says whether it would be queued rather than refused at "
+                "once with the given deadline."
+            ),
+            "parameters": [
+                _query("model", STRING, "Only this model (404 if it is not served)."),
+                _query(
+                    "max_wait", {"type": "number", "minimum": 0},
+                    "The client's deadline in seconds, as it will send it in `X-Flex-Max-Wait` "
+                    "(at most the server's `flex_max_wait`); wins over the header.",
+                ),
+                {**_FLEX_MAX_WAIT, "description": "The same deadline as a header, as inference "
+                 "requests send it (the `max_wait` query parameter wins)."},
+            ],
+            "responses": {"200": _ok(ref("FlexStatusList")), **_errors("400", "401", "404")},
         },
         ("get", "/v1/organization/usage/completions"): {
             "summary": "Token usage by bucket (admin key)",
@@ -393,7 +421,11 @@ def build_document(routes: Iterable[BaseRoute], settings: Settings) -> Schema:
             "responses": {
                 name: _error_response(description) for name, description in _ERRORS.values()
             },
-            "headers": {"RequestId": _REQUEST_ID_HEADER, "RetryAfter": _RETRY_AFTER_HEADER},
+            "headers": {
+                "RequestId": _REQUEST_ID_HEADER,
+                "RetryAfter": _RETRY_AFTER_HEADER,
+                "FlexEstimatedWait": _FLEX_ESTIMATED_WAIT_HEADER,
+            },
             "securitySchemes": {
                 "bearerAuth": {
                     "type": "http",

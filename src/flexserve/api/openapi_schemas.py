@@ -309,15 +309,33 @@ def _list_of(item: Schema) -> Schema:
 
 
 _FLEX_STATUS = object_of(
-    ("model", "spare_capacity", "queue_depth", "estimated_wait_seconds", "accepting"),
+    (
+        "model", "spare_capacity", "queue_depth", "estimated_wait_seconds",
+        "estimated_wait_p90_seconds", "accepting",
+    ),
     model=STRING,
     spare_capacity={"type": "number", "description": "Share of capacity flex may use now (0–1)."},
     queue_depth={"type": "integer", "description": "Flex requests waiting."},
     estimated_wait_seconds={
         **nullable(NUMBER),
-        "description": "Expected wait of a flex request sent now; null when no estimate can be made.",
+        "description": (
+            "Median wait (seconds until it starts) of a flex request sent now by an "
+            "organization with nothing queued; 0 when flex could start at once; null only "
+            "when nothing can be said (no healthy replica, or default and priority hold every "
+            "slot flex could use)."
+        ),
     },
-    accepting=BOOLEAN,
+    estimated_wait_p90_seconds={
+        **nullable(NUMBER),
+        "description": "The same wait's 90th percentile; null when the median is.",
+    },
+    accepting={
+        "type": "boolean",
+        "description": (
+            "A flex request sent now with the given deadline (`max_wait`, else the server's "
+            "`flex_max_wait`) would be queued rather than refused at once."
+        ),
+    },
 )
 
 _AMOUNT = object_of(("value", "currency"), value=NUMBER, currency=STRING)

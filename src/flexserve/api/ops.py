@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
 from flexserve.api.state import Services
-from flexserve.errors import ModelNotFoundError
+from flexserve.errors import InvalidRequestError, ModelNotFoundError
 
 
 def _json(body: object, status_code: int = 200) -> Response:
@@ -38,10 +40,34 @@ async def retrieve_model(request: Request) -> Response:
 
 
 async def flex_status(request: Request) -> Response:
-    """Spare flex capacity, queue depth and expected wait per model."""
+    """Spare flex capacity, queue depth and expected wait per model (or the
+    one asked for), for the client's deadline: the ``max_wait`` query
+    parameter, else the ``X-Flex-Max-Wait`` header, else the server's."""
     services: Services = request.app.state.services
     await authenticate(request, services.keys)
-    return _json({"object": "list", "data": services.scheduler.flex_status()})
+    model = request.query_params.get("model")
+    query = request.query_params.get("max_wait")
+    header = request.headers.get("x-flex-max-wait")
+    # Both are checked (a malformed one is a 400 either way); the query wins.
+    from_header = None if header is None else _max_wait(header, None)
+    max_wait = from_header if query is None else _max_wait(query, "max_wait")
+    data = services.scheduler.flex_status(model=model, max_wait=max_wait)
+    return _json({"object": "list", "data": data})
+
+
+def _max_wait(raw: str, param: str | None) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        where = "max_wait" if param else "X-Flex-Max-Wait header"
+        raise InvalidRequestError(
+            f"Invalid {where}: {raw!r}; expected a number of seconds >= 0.",
+            param=param,
+            code="invalid_value" if param else "invalid_header",
+        )
+    return value
 
 
 async def healthz(request: Request) -> Response:

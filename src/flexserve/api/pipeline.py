@@ -59,6 +59,8 @@ from flexserve.scheduler.scheduler import Ticket
 from flexserve.tiers import ServiceTier, resolve_tier
 
 FLEX_MAX_WAIT_HEADER = b"x-flex-max-wait"
+# On a flex response or refusal: the wait (p50, seconds) estimated for it on arrival.
+FLEX_ESTIMATED_WAIT_HEADER = b"x-flex-estimated-wait"
 # The official SDKs say how long they will wait for an answer (their read
 # timeout, seconds; Python sends the first, other Stainless SDKs the second):
 # a flex request is refused before that rather than left to time out and be
@@ -201,8 +203,9 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
             watch.stop()
             _count_refusal(services, model, exc)
             await deltas.aclose()
-            await send_error(send, exc, reply_headers)
+            await send_error(send, exc, _with_estimate(reply_headers, ticket))
             return
+        reply_headers = _with_estimate(reply_headers, ticket)
         output = endpoint.output(call)
         if inference.stream:
             await _stream(services, endpoint, call, output, first, deltas, watch, send, reply_headers)
@@ -231,6 +234,24 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         services.drain.discard(watch)
         if first is None:  # never generated: the gates' holds go back, nothing is billed
             services.gate.release(admission)
+
+
+def _with_estimate(reply_headers: Headers, ticket: Ticket) -> Headers:
+    """``reply_headers`` with the flex wait estimated on arrival, when there is one."""
+    estimate = ticket.estimated_wait
+    if estimate is None:
+        return reply_headers
+    return [*reply_headers, (FLEX_ESTIMATED_WAIT_HEADER, format_seconds(estimate.p50).encode())]
+
+
+def format_seconds(seconds: float) -> str:
+    """Seconds to three significant digits, without an exponent: 0.0123, 4.56, 1230."""
+    if seconds <= 0:
+        return "0"
+    text = f"{seconds:.3g}"
+    if "e" in text:
+        return str(round(float(text)))
+    return text
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
@@ -420,6 +441,9 @@ def _finish(services: Services, call: Call, usage: Usage | None, status: str) ->
     metrics.tokens.labels(model, tier, "completion").inc(usage.completion_tokens)
     metrics.latency.labels(tier).observe(total_time)
     metrics.queue_time.labels(tier).observe(queue_time)
+    estimate = call.ticket.estimated_wait
+    if estimate is not None:
+        metrics.observe_flex_wait(model, estimate.p50, queue_time)
     first_token_at = call.ticket.first_token_at
     ttft = None if first_token_at is None else first_token_at - call.arrived_at
     if ttft is not None:

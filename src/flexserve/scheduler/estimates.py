@@ -1,43 +1,308 @@
-"""Wait estimates for flex: how fast the flex queue is moving.
+"""Wait estimates for flex: how fast the queue can drain now, not how fast it
+moved lately.
 
-The queue moves at the rate flex requests are released onto replicas; a
-waiter at position p expects to wait about p / rate. The rate is measured
-over a sliding window, so the estimate follows the spare capacity as default
-traffic rises and falls.
+A rate of past flex admissions says nothing about a burst that has just
+arrived, nor about a cold start with no flex before it. A flex request waits
+until enough runs end to make room for it and for everything the fair queue
+releases before it, so the estimate is built from what the scheduler knows
+at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
+
+* **Slots.** On each healthy replica flex may hold ``L = capacity − headroom``
+  sequences (fewer when a TPOT SLO caps the batch the step-time model allows;
+  on engines that pause flex between tokens, no more than decode at once).
+  Default and priority take theirs first, so ``S = L − U`` slots serve flex,
+  ``U`` being default and priority in flight. While a flex backlog exists,
+  flex holds every slot it may, so ``S`` is observed instead: the flex runs
+  in flight, which also counts flex admitted in a lull that keeps running
+  while default spills into the headroom (not while a preemption's
+  cooldown keeps flex off: those pauses are counted apart, below). Either
+  way ``S`` is smoothed at every load reading, over 2 s while flex waits
+  and 6 s otherwise: the count jumps with every arrival and departure, a
+  momentary default peak must not read as "flex never runs again", and
+  what matters to a drain is default's share averaged over it. A replica
+  backing off offers its slots only once its pause is over.
+* **Service time** ``T``: how long a flex run holds its slot. Where the
+  engine has a step-time model (``Engine.step_time_model``): prefill
+  ``a·p`` plus ``o`` decode steps at the batch the replica runs with a flex
+  backlog, scaled by the replica's observed/predicted TPOT, for the mean
+  prompt ``p`` and output limit ``o`` of the queued flex work. Without one, a
+  prior of ``PRIOR_TPOT`` seconds per output token. Either way it is
+  multiplied by a correction learned from flex runs as they finish
+  (``ServiceCalibration``: the mean of log(observed / predicted), which the
+  first completions set at once and later ones move with a weight of at
+  least 5 %), and which also absorbs outputs that stop before their limit.
+* **Timeline.** Each flex slot frees when its current run ends (its predicted
+  service time minus the time it has run) or now if it is empty, and after
+  that every ``T`` seconds. The request with ``j`` requests ahead of it starts
+  at ``f[j mod S] + ⌊j / S⌋·T``, ``f`` being the slots' free times in order.
+  With a TPOT SLO, starts are also no closer than the prefill budget allows.
+* **Preemption.** A preemption keeps flex off its replica for
+  ``preempt_cooldown`` seconds. The rate of such pauses while flex waits
+  (averaged over a minute of backlog) gives the share of time lost, which
+  lengthens ``T`` by ``1 / (1 − share)``; their number over a wait is
+  Poisson, which widens the spread. Before any backlog has been seen (a
+  cold burst) nothing is known of them, and none are counted on.
+* **Position** ``j``. Under deficit round robin (``scheduler/fairness.py``) a
+  request from an organization with ``q`` tokens queued needs
+  ``r = ⌈(q + c) / quantum⌉`` turns, in which every other organization
+  releases at most ``r·quantum`` tokens: an organization with little queued
+  goes almost first, one with a large backlog waits behind its own. The
+  tokens ahead divided by the mean cost of a queued request give ``j``;
+  default and priority waiting are added (they go first).
+* **Spread.** p50 is the timeline at the median service time. p10 and p90
+  are ``p50·exp(∓1.28·σ)`` with ``σ² = σ_scale² + σ_run² / n + σ_slots²``:
+  the uncertainty of the learned correction (a prior that shrinks as runs
+  are observed), the spread of single runs averaged over the ``n`` runs per
+  slot that must end first, the Poisson spread of default's share of the
+  slots (``√U / S``), and that of the preemption pauses over the wait.
+
+The estimate is ``None`` only when nothing can be said: no healthy replica,
+or default and priority hold every slot flex could use even when smoothed.
+
+Decisions made from it:
+
+* **Refusal on arrival** only when even the optimistic p10 is past the
+  request's deadline: a burst is judged on how fast it will drain, and no
+  request that would likely have started in time is turned away.
+* **Retry-After** for a request refused with deadline ``D``: at the retry
+  it is accepted when the p10 then is within ``D``, which holds with 90 %
+  probability once ``τ = p90 − D·e^{1.28σ}`` seconds have passed (the p90 of
+  the drain, less what the deadline covers). The margin: Retry-After is
+  later than the moment the request would have been accepted by about
+  ``p90 − p50`` of the wait (plus the rounding up to whole seconds), and
+  never earlier than 1 s.
+  Clients refused together are spread by refusal order: the ``m``-th to be
+  refused while ``m`` others are still to return is placed ``m`` starts of
+  the drain (``m·T/S`` seconds) behind its own place, so they come back at
+  the pace room appears rather than all at once — even when the timeline
+  has many slots freeing at one moment, as after a burst started together.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
+from dataclasses import dataclass
+
+# z of the 90th percentile of a normal distribution.
+Z90 = 1.2816
+# Seconds per output token assumed for engines without a step-time model,
+# until flex runs have been observed (50 tokens/s per sequence: a busy GPU
+# replica of a small model; its wide spread keeps refusals on it rare).
+PRIOR_TPOT = 0.02
+# Prior spread (log sd) of the service-time correction: the step-time model
+# is calibrated; a per-token guess for an unknown engine is not.
+PRIOR_SIGMA_MODEL = 0.35
+PRIOR_SIGMA_GUESS = 1.0
+# Spread the correction keeps however many runs were seen: load drifts.
+_SIGMA_DRIFT = 0.05
+# Most weight one observation keeps once many were seen.
+_MIN_WEIGHT = 0.05
+# Seconds of smoothing of the number of slots that serve flex: as observed
+# while flex waits, and as the rule says when nothing waits (default's count
+# swings more than the flex it leaves room for, averaged over a drain).
+SLOT_SMOOTHING = 2.0
+RULE_SMOOTHING = 6.0
+# Seconds of flex backlog over which the rate of preemptions is averaged.
+PREEMPTION_WINDOW = 60.0
+# Most of a replica's time preemption cooldowns are taken to keep flex out.
+_MAX_STALL = 0.5
 
 
-class RateWindow:
-    """Events per second over a sliding window (flex admissions, for wait estimates)."""
+@dataclass(frozen=True, slots=True)
+class WaitEstimate:
+    """Seconds until a flex request starts: median and 10th/90th percentiles."""
 
-    def __init__(self, window: float = 30.0) -> None:
-        self.window = window
-        self._times: deque[float] = deque()
+    p10: float
+    p50: float
+    p90: float
+    # Log sd of the wait (p90 = p50·e^{1.28σ}).
+    sigma: float = 0.0
 
-    def record(self, now: float) -> None:
-        self._times.append(now)
-        self._trim(now)
 
-    def rate(self, now: float) -> float | None:
-        """Events per second, or None with too few events to say."""
-        self._trim(now)
-        if len(self._times) < 3:
+NO_WAIT = WaitEstimate(0.0, 0.0, 0.0)
+
+
+class ServiceCalibration:
+    """What flex runs are seen to take, as a factor on what was predicted:
+    the mean of log(observed / predicted) — a plain mean over the first
+    runs, so the first completions replace the prior at once, then
+    exponentially weighted to follow drift — and the spread around it."""
+
+    __slots__ = ("log_scale", "num_observed", "variance")
+
+    def __init__(self) -> None:
+        self.log_scale = 0.0
+        self.variance = 0.0
+        self.num_observed = 0
+
+    @property
+    def scale(self) -> float:
+        return math.exp(self.log_scale)
+
+    def observe(self, observed: float, predicted: float) -> None:
+        if observed <= 0 or predicted <= 0:
+            return
+        deviation = math.log(observed / predicted) - self.log_scale
+        weight = max(1.0 / (self.num_observed + 1), _MIN_WEIGHT)
+        self.log_scale += weight * deviation
+        self.variance = (1 - weight) * (self.variance + weight * deviation * deviation)
+        self.num_observed += 1
+
+    def sigma_run(self, guessed: bool) -> float:
+        """Spread of single runs (log sd): the prior's, giving way to what is observed."""
+        prior = PRIOR_SIGMA_GUESS if guessed else PRIOR_SIGMA_MODEL
+        seen = min(self.num_observed, round(1 / _MIN_WEIGHT))
+        return math.sqrt((prior * prior + seen * self.variance) / (1 + seen))
+
+    def sigma_scale(self, guessed: bool) -> float:
+        """Uncertainty of the correction itself (log sd)."""
+        prior = PRIOR_SIGMA_GUESS if guessed else PRIOR_SIGMA_MODEL
+        return math.sqrt(prior * prior / (1 + self.num_observed) + _SIGMA_DRIFT**2)
+
+
+class DrainTimeline:
+    """When each place in the flex queue starts, as of one moment."""
+
+    __slots__ = (
+        "_free_at", "_min_interval", "_num_free", "_sigma_fixed", "_sigma_run", "_stall_rate",
+        "_stall_seconds", "period",
+    )
+
+    def __init__(
+        self, free_at: list[float], period: float, *, min_interval: float = 0.0,
+        sigma_scale: float = 0.0, sigma_run: float = 0.0, sigma_slots: float = 0.0,
+        stall_rate: float = 0.0, stall_seconds: float = 0.0,
+    ) -> None:
+        self._free_at = sorted(free_at)
+        # Seconds between successive starts on one slot (the service time).
+        self.period = period
+        self._min_interval = min_interval
+        self._num_free = sum(1 for t in self._free_at if t <= 0)
+        self._sigma_fixed = sigma_scale**2 + sigma_slots**2
+        self._sigma_run = sigma_run
+        # Pauses of flex (preemption cooldowns) per second, and seconds each, per replica.
+        self._stall_rate = stall_rate
+        self._stall_seconds = stall_seconds
+
+    @property
+    def num_slots(self) -> int:
+        return len(self._free_at)
+
+    def wait(self, num_ahead: int) -> WaitEstimate | None:
+        """The wait of a request with ``num_ahead`` requests released before it."""
+        num_slots = len(self._free_at)
+        if num_slots == 0:
             return None
-        span = max(now - self._times[0], 1e-3)
-        return len(self._times) / span
+        num_ahead = max(0, num_ahead)
+        paced = num_ahead * self._min_interval
+        if num_ahead < self._num_free and paced <= 0:
+            return NO_WAIT
+        cycles, index = divmod(num_ahead, num_slots)
+        first = self._free_at[index]
+        p50 = max(first + cycles * self.period, paced)
+        if p50 <= 0:
+            return NO_WAIT
+        num_runs = cycles + (1 if first > 0 else 0)
+        variance = self._sigma_fixed + self._sigma_run**2 / max(1, num_runs)
+        # A Poisson number of pauses over the wait: its share of the wait varies.
+        variance += self._stall_rate * p50 * self._stall_seconds**2 / (p50 * p50)
+        sigma = math.sqrt(variance)
+        spread = math.exp(Z90 * sigma)
+        return WaitEstimate(p50 / spread, p50, p50 * spread, sigma)
 
-    def _trim(self, now: float) -> None:
-        while self._times and now - self._times[0] > self.window:
-            self._times.popleft()
+
+    def wait_behind(self, num_ahead: int, num_returning: int) -> WaitEstimate | None:
+        """The wait of a request with ``num_ahead`` ahead of it that returns
+        behind ``num_returning`` clients refused before it: its own place,
+        then one start's worth of the drain (``period / S``) per client —
+        spread evenly, as room appears, even where the timeline has several
+        slots freeing at one moment."""
+        own = self.wait(num_ahead)
+        if own is None or num_returning <= 0:
+            return own
+        behind = self.wait(num_ahead + num_returning)
+        assert behind is not None
+        p50 = max(own.p50, self._free_at[0]) + num_returning * self.period / len(self._free_at)
+        spread = math.exp(Z90 * behind.sigma)
+        return WaitEstimate(p50 / spread, p50, p50 * spread, behind.sigma)
 
 
-def estimate_wait(position: int, admission_rate: float | None) -> float | None:
-    """Seconds until the waiter at ``position`` (1 = next) is released, or None
-    when there is no recent rate to estimate from."""
-    if admission_rate is None or admission_rate <= 0:
-        return None
-    return position / admission_rate
+def retry_after(estimate: WaitEstimate, wait_limit: float) -> float:
+    """Seconds after which a request refused with this estimate (its place
+    counting the clients refused before it) is accepted with its deadline
+    ``wait_limit`` with 90 % probability: the drain's p90 less what the
+    deadline covers at the p10 the admission rule uses."""
+    return max(1.0, estimate.p90 - max(0.0, wait_limit) * math.exp(Z90 * estimate.sigma))
+
+
+class FlexHistory:
+    """What a model's wait estimates learn over time."""
+
+    __slots__ = (
+        "_backlog_seen_at", "_num_preemptions_seen", "_returns", "backlog_seconds", "calibration",
+        "num_arrivals", "preemption_rate", "prompt_share", "typical_cost",
+    )
+
+    def __init__(self) -> None:
+        self.calibration = ServiceCalibration()
+        # Of flex requests' expected tokens, the share that is prompt, and a
+        # typical request's expected tokens (for an empty queue): means over
+        # the first arrivals, then EWMAs; priors until the first one.
+        self.prompt_share = 0.2
+        self.typical_cost = 320.0
+        self.num_arrivals = 0
+        # time.monotonic() at which clients refused lately were told to return.
+        self._returns: deque[float] = deque()
+        # Preemption pauses per second while flex waits, the seconds of
+        # backlog they were counted over, and what was seen last look.
+        self.preemption_rate = 0.0
+        self.backlog_seconds = 0.0
+        self._backlog_seen_at: float | None = None
+        self._num_preemptions_seen = 0
+
+    def observe_backlog(self, now: float, backlog: bool, num_preemptions: int) -> None:
+        """Count preemptions that paused flex on a replica (``num_preemptions``
+        so far) over the time flex waits; looked at every load reading."""
+        last = self._backlog_seen_at
+        if backlog and last is not None and now > last:
+            elapsed = now - last
+            weight = 1.0 - math.exp(-elapsed / PREEMPTION_WINDOW)
+            rate = (num_preemptions - self._num_preemptions_seen) / elapsed
+            self.preemption_rate += weight * (rate - self.preemption_rate)
+            self.backlog_seconds = min(10 * PREEMPTION_WINDOW, self.backlog_seconds + elapsed)
+        self._backlog_seen_at = now
+        self._num_preemptions_seen = num_preemptions
+
+    def pause_rate(self) -> float:
+        """Preemption pauses per second while flex waits. The EWMA starts at
+        zero: over the weight it has gathered, it is the mean rate so far."""
+        if self.backlog_seconds <= 0:
+            return 0.0
+        return self.preemption_rate / (1.0 - math.exp(-self.backlog_seconds / PREEMPTION_WINDOW))
+
+    def stall_share(self, cooldown: float, num_replicas: int) -> float:
+        """Share of each replica's time preemption cooldowns keep flex off it."""
+        if num_replicas <= 0:
+            return 0.0
+        return min(_MAX_STALL, self.pause_rate() * cooldown / num_replicas)
+
+    def observe_arrival(self, cost_tokens: int, prompt_tokens: int) -> None:
+        if cost_tokens > 0:
+            self.num_arrivals += 1
+            weight = max(1.0 / self.num_arrivals, _MIN_WEIGHT)
+            self.typical_cost += weight * (cost_tokens - self.typical_cost)
+            self.prompt_share += weight * (min(1.0, prompt_tokens / cost_tokens) - self.prompt_share)
+
+    def num_returning(self, now: float) -> int:
+        """Clients refused lately who have not yet been told to come back."""
+        returns = self._returns
+        while returns and returns[0] <= now:
+            returns.popleft()
+        return len(returns)
+
+    def expect_return(self, at: float) -> None:
+        # Kept in order: each refusal is told no earlier than those before it.
+        if self._returns and at < self._returns[-1]:
+            at = self._returns[-1]
+        self._returns.append(at)

@@ -43,6 +43,9 @@ class FairQueue:
         # The organization whose turn has started (its quantum already added).
         self._turn_of: str | None = None
         self._num_waiting = 0
+        # Expected tokens waiting, in all and per organization (for wait estimates).
+        self.num_tokens = 0
+        self._tokens: dict[str, int] = {}
         # Every waiter in the order it joined (preempted work back at the front).
         # Waiters that left are dropped at either end at once, and from the
         # middle when they make up half of it (amortised O(1) per leave).
@@ -67,12 +70,20 @@ class FairQueue:
             self._order.append(waiter)
         waiter.queued = True
         self._num_waiting += 1
+        self.num_tokens += waiter.cost_tokens
+        self._tokens[waiter.org_id] = self._tokens.get(waiter.org_id, 0) + waiter.cost_tokens
 
     def remove(self, waiter: FairWaiter) -> None:
         if not waiter.queued:
             return
         waiter.queued = False
         self._num_waiting -= 1
+        self.num_tokens -= waiter.cost_tokens
+        left = self._tokens[waiter.org_id] - waiter.cost_tokens
+        if left > 0:
+            self._tokens[waiter.org_id] = left
+        else:
+            del self._tokens[waiter.org_id]
         order = self._order
         while order and not order[-1].queued:
             order.pop()
@@ -119,6 +130,16 @@ class FairQueue:
         del self._deficit[org]
         if self._turn_of == org:
             self._turn_of = None
+
+    def tokens_ahead(self, org_id: str, cost_tokens: int, *, front: bool = False) -> int:
+        """Tokens released before a waiter of ``cost_tokens`` that ``org_id``
+        queues now: its own flow ahead of it (none at the ``front``), and what
+        every other organization releases in the turns it needs, at most
+        ``quantum`` tokens a turn."""
+        own = 0 if front else self._tokens.get(org_id, 0)
+        turns = max(1, -(-(own + cost_tokens) // self.quantum))
+        budget = turns * self.quantum
+        return own + sum(min(tokens, budget) for org, tokens in self._tokens.items() if org != org_id)
 
     def newest_first(self) -> Iterator[FairWaiter]:
         """Every waiting waiter, the last to join first. Stop iterating before

@@ -134,6 +134,25 @@ class TierQueue:
             self.remove(head)
         return head
 
+    def flex_tokens(self) -> tuple[int, int]:
+        """Expected tokens and number of the flex waiters."""
+        if not self.tiers_enabled:
+            return 0, 0
+        fair = self._fair[ServiceTier.FLEX]
+        return fair.num_tokens, len(fair)
+
+    def flex_requests_ahead(self, org_id: str, cost_tokens: int, *, front: bool = False) -> int:
+        """Flex waiters released before one that ``org_id`` queues now, by
+        deficit round robin: the tokens ahead of it over a waiter's mean cost.
+        With tiers off, everything waiting is ahead."""
+        if not self.tiers_enabled:
+            return 0 if front else len(self)
+        fair = self._fair[ServiceTier.FLEX]
+        if len(fair) == 0:
+            return 0
+        mean_cost = max(1.0, fair.num_tokens / len(fair))
+        return round(fair.tokens_ahead(org_id, cost_tokens, front=front) / mean_cost)
+
     def flex_newest_first(self) -> Iterator[Waiter]:
         """Flex waiters from the last to join (for shedding those that cannot
         make their deadline). Stop iterating before removing any."""

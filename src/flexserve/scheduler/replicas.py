@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flexserve.engines.base import Engine, EngineLoad, Feature, SequenceControl
-from flexserve.scheduler.estimates import RateWindow
+from flexserve.scheduler.estimates import FlexHistory
 from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.queue import TierQueue
 from flexserve.tiers import ServiceTier
@@ -27,6 +27,10 @@ class Running:
     # Estimated prompt tokens, for the replica's prefill budget.
     prompt_tokens: int = 0
     started_at: float = field(default_factory=time.monotonic)
+    # time.monotonic() when it was put on a replica, and the seconds it was
+    # then predicted to hold its slot (flex: for wait estimates).
+    granted_at: float = 0.0
+    expected_seconds: float = 0.0
     control: SequenceControl = field(default_factory=SequenceControl)
     # Set when output has been handed to the client.
     delivered: bool = False
@@ -76,6 +80,9 @@ class Replica:
     prompt_scale: float = 1.0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
+    # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
+    flex_slots_smoothed: float = 0.0
+    flex_slots_seen_at: float | None = None
 
     @property
     def name(self) -> str:
@@ -93,6 +100,7 @@ class Replica:
         return self.tokens_in_flight // len(self.running) if self.running else 0
 
     def add(self, run: Running, now: float) -> None:
+        run.granted_at = now
         self.running.append(run)
         self.num_in_flight_by_tier[run.tier] += 1
         self.tokens_in_flight += run.cost_tokens
@@ -129,11 +137,13 @@ class ModelPool:
     model: str
     replicas: list[Replica]
     queue: TierQueue = field(default_factory=TierQueue)
-    # Flex releases onto replicas, for wait estimates.
-    flex_admissions: RateWindow = field(default_factory=RateWindow)
+    # What flex wait estimates have learned (service times, refusals to return).
+    flex_history: FlexHistory = field(default_factory=FlexHistory)
     # Aborts of flex ordered by the scheduler and not yet carried out.
     num_preempting: int = 0
     num_preemptions: int = 0
+    # Preemptions that started a replica's cooldown (those within one add no pause).
+    num_cooldowns: int = 0
     num_pauses: int = 0
     num_flex_refused: int = 0
     num_downgraded: int = 0

@@ -6,8 +6,10 @@ The API hands the scheduler a ``Ticket`` and an ``EngineRequest`` and iterates
 * queues the request by ``(tier_rank, arrival)`` — flex fairly across
   organizations — and releases it when ``policy.can_admit`` says a replica has
   room for its tier (waiters are woken by futures, never by polling);
-* refuses flex at once with 429 when its estimated wait exceeds its deadline,
-  and later when the deadline passes (a timer per waiter);
+* estimates each flex request's wait on arrival from how fast the queue can
+  drain now (``estimates.py``), refuses it at once with 429 only when even
+  the optimistic end of that estimate is past its deadline, and later when
+  the deadline passes (a timer per waiter);
 * makes room for default and priority work by preempting flex: on engines that
   pause between tokens (embedded) the newest flex sequences are paused while
   higher tiers need the decode slots; elsewhere the newest flex sequence whose
@@ -51,7 +53,14 @@ from flexserve.errors import (
     ModelNotFoundError,
     ResourceUnavailableError,
 )
-from flexserve.scheduler.estimates import estimate_wait
+from flexserve.scheduler.drain import (
+    build_timeline,
+    estimate_for,
+    expected_run_seconds,
+    observe,
+    requests_ahead,
+)
+from flexserve.scheduler.estimates import NO_WAIT, DrainTimeline, WaitEstimate, retry_after
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, predicted_tpot, spare_capacity
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running
@@ -92,6 +101,8 @@ class Ticket:
     num_preemptions: int = 0
     # time.monotonic() of the first generated token of the run that counts.
     first_token_at: float | None = None
+    # Flex: the wait estimated when it arrived (None: none could be made).
+    estimated_wait: WaitEstimate | None = None
 
     @property
     def queue_time(self) -> float:
@@ -292,6 +303,10 @@ class Scheduler:
                 self._release(pool, replica, run)
                 if finished and run.tier is ServiceTier.DEFAULT and num_tokens > 2:
                     self._calibrate(replica, run, (last_at - first_at) / (num_tokens - 1))
+                if finished and run.expected_seconds > 0:
+                    pool.flex_history.calibration.observe(
+                        time.monotonic() - run.granted_at, run.expected_seconds
+                    )
 
     async def _pumped(self, run: Running, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         """Iterate ``deltas`` so that the scheduler can abort the run.
@@ -336,21 +351,30 @@ class Scheduler:
         if not any(r.healthy for r in pool.replicas):
             raise EngineUnavailableError(f"No healthy replica serves `{ticket.model}` right now.")
         now = time.monotonic()
+        if tier is ServiceTier.FLEX and not front:
+            pool.flex_history.observe_arrival(ticket.cost_tokens, ticket.prompt_tokens)
         head = pool.queue.peek()
         if head is None or (front and tier.rank <= head.tier.rank):
             replica = self._pick(pool, tier, now)
             if replica is not None:
+                if tier is ServiceTier.FLEX and not front:
+                    ticket.estimated_wait = NO_WAIT
                 replica.add(run, now)
-                return self._granted(pool, ticket, replica, tier)
+                return self._granted(pool, ticket, replica, run)
         waiter = Waiter(tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run)
         if self.config.tiers_enabled and tier.is_preemptible:
-            self._check_flex_deadline(pool, ticket, waiter, now)
+            self._check_flex_deadline(pool, ticket, waiter, now, front=front)
+        elif tier is ServiceTier.FLEX and not front:
+            # Tier-blind: no deadline, but the client is told its wait all the same.
+            ticket.estimated_wait = estimate_for(pool, self.config, now, ticket.org_id, ticket.cost_tokens)
         if len(pool.queue) >= self.config.max_queue:
             if tier.is_preemptible:
                 pool.num_flex_refused += 1
                 raise ResourceUnavailableError(
                     "The flex queue for this model is full; retry later.",
-                    retry_after=self._retry_after(pool, len(pool.queue), now),
+                    retry_after=self._retry_after(
+                        pool, len(pool.queue), self.flex_deadline(ticket), now
+                    ),
                 )
             raise EngineUnavailableError(f"The queue for `{ticket.model}` is full; retry later.")
         pool.queue.push(waiter, front=front)
@@ -371,16 +395,17 @@ class Scheduler:
                 self._dispatch(pool)
             raise
         assert isinstance(replica, Replica)
-        return self._granted(pool, ticket, replica, tier)
+        return self._granted(pool, ticket, replica, run)
 
-    def _granted(self, pool: ModelPool, ticket: Ticket, replica: Replica, tier: ServiceTier) -> Replica:
-        now = time.monotonic()
+    def _granted(self, pool: ModelPool, ticket: Ticket, replica: Replica, run: Running) -> Replica:
         if ticket.admitted_at is None:
-            ticket.admitted_at = now
-        ticket.served_tier = tier
+            ticket.admitted_at = run.granted_at
+        ticket.served_tier = run.tier
         ticket.replica_name = replica.name
-        if tier is ServiceTier.FLEX:
-            pool.flex_admissions.record(now)
+        if run.tier.is_preemptible:
+            run.expected_seconds = expected_run_seconds(
+                self.config, replica, run, backlog=pool.queue.num_waiting(ServiceTier.FLEX) > 0
+            )
         return replica
 
     def _pick(self, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
@@ -441,6 +466,8 @@ class Scheduler:
         run.preempted = True
         pool.num_preempting += 1
         pool.num_preemptions += 1
+        if now - replica.last_preempted_at >= self.config.preempt_cooldown:
+            pool.num_cooldowns += 1
         replica.last_preempted_at = now
         assert run.pump is not None
         run.pump.cancel()
@@ -569,22 +596,49 @@ class Scheduler:
             limit = min(limit, ticket.max_wait)
         return max(0.0, limit)
 
-    def estimated_flex_wait(self, pool: ModelPool, position: int, now: float) -> float | None:
-        return estimate_wait(position, pool.flex_admissions.rate(now))
+    def estimate_flex_wait(
+        self, pool: ModelPool, org_id: str, cost_tokens: int, now: float | None = None
+    ) -> WaitEstimate | None:
+        """The wait of a flex request from ``org_id`` joining ``pool``'s queue
+        now (``estimates.py``); None when nothing can be said."""
+        now = time.monotonic() if now is None else now
+        return estimate_for(pool, self.config, now, org_id, cost_tokens)
 
-    def _retry_after(self, pool: ModelPool, position: int, now: float) -> float:
-        estimate = self.estimated_flex_wait(pool, position, now)
+    def _retry_after(
+        self, pool: ModelPool, num_ahead: int, wait_limit: float, now: float,
+        timeline: DrainTimeline | None = None,
+    ) -> float:
+        """Seconds after which a refused flex request with ``num_ahead``
+        requests ahead of it is likely to be accepted with the same deadline.
+        The clients refused before it and not yet back count as ahead of it,
+        so a burst of refusals is told to return at the drain's pace."""
+        history = pool.flex_history
+        num_returning = history.num_returning(now)
+        if timeline is None:
+            timeline = build_timeline(pool, self.config, now)
+        estimate = timeline.wait_behind(num_ahead, num_returning)
         if estimate is None:
-            return self.config.unknown_wait_retry_after
-        return min(max(estimate, 1.0), self.config.flex_max_wait)
+            # Nothing to estimate from: the configured pause, spread over a tenth of it.
+            seconds = self.config.unknown_wait_retry_after * (1 + 0.01 * (num_returning % 10))
+        else:
+            seconds = retry_after(estimate, wait_limit)
+        history.expect_return(now + seconds)
+        return seconds
 
-    def _check_flex_deadline(self, pool: ModelPool, ticket: Ticket, waiter: Waiter, now: float) -> None:
+    def _check_flex_deadline(
+        self, pool: ModelPool, ticket: Ticket, waiter: Waiter, now: float, *, front: bool
+    ) -> None:
+        """Refuse a flex request on arrival only when even the optimistic end
+        (p10) of its estimated wait is past its deadline; record the estimate."""
         wait_limit = self.flex_deadline(ticket)
-        position = pool.queue.num_waiting(ServiceTier.FLEX) + 1
-        estimate = self.estimated_flex_wait(pool, position, now)
-        if wait_limit <= 0 or (estimate is not None and estimate > wait_limit):
+        timeline = build_timeline(pool, self.config, now)
+        num_ahead = requests_ahead(pool, ticket.org_id, ticket.cost_tokens, front=front)
+        estimate = timeline.wait(num_ahead)
+        if not front:
+            ticket.estimated_wait = estimate
+        if wait_limit <= 0 or (estimate is not None and estimate.p10 > wait_limit):
             pool.num_flex_refused += 1
-            raise _refusal(self._retry_after(pool, position, now), estimate)
+            raise _refusal(self._retry_after(pool, num_ahead, wait_limit, now, timeline), estimate)
         waiter.deadline = ticket.enqueued_at + wait_limit
 
     def _expire(self, pool: ModelPool, waiter: Waiter) -> None:
@@ -593,47 +647,86 @@ class Scheduler:
         pool.queue.remove(waiter)
         pool.num_flex_refused += 1
         now = time.monotonic()
-        waiter.future.set_exception(_refusal(self._retry_after(pool, pool.queue.num_waiting(ServiceTier.FLEX), now), None))
+        # Sent again, it joins the queue as a new request does.
+        num_ahead = requests_ahead(pool, waiter.org_id, waiter.cost_tokens)
+        wait_limit = (waiter.deadline or now) - waiter.arrival
+        waiter.future.set_exception(_refusal(self._retry_after(pool, num_ahead, wait_limit, now), None))
 
     def _shed_hopeless_flex(self, pool: ModelPool) -> None:
-        """Refuse waiting flex whose estimated wait now exceeds its deadline."""
+        """Refuse waiting flex whose optimistic (p10) wait now ends past its deadline.
+
+        From the newest, so the pass costs what it sheds, not the queue's
+        length; each one's place is the nearer of its place in joining order
+        and its place at the back of its organization's flow (the fair queue
+        may release it sooner than joining order says). Run at every load
+        reading, it first lets the estimates learn what they learn there."""
         now = time.monotonic()
-        rate = pool.flex_admissions.rate(now)
-        position = pool.queue.num_waiting(ServiceTier.FLEX)
-        if rate is None or position == 0:
+        queue = pool.queue
+        num_waiting = queue.num_waiting(ServiceTier.FLEX)
+        observe(pool, self.config, now)
+        if num_waiting == 0:
             return
-        # From the newest, so the pass costs what it sheds, not the queue's length.
-        hopeless: list[tuple[Waiter, float]] = []
-        for waiter in pool.queue.flex_newest_first():
-            estimate = position / rate
-            if waiter.deadline is None or now + estimate <= waiter.deadline:
+        timeline = build_timeline(pool, self.config, now)
+        if timeline.num_slots == 0:
+            return
+        num_urgent = queue.num_waiting(ServiceTier.PRIORITY) + queue.num_waiting(ServiceTier.DEFAULT)
+        position = num_urgent + num_waiting - 1
+        hopeless: list[tuple[Waiter, WaitEstimate]] = []
+        for waiter in queue.flex_newest_first():
+            in_flow = num_urgent + max(0, queue.flex_requests_ahead(waiter.org_id, 0) - 1)
+            estimate = timeline.wait(min(position, in_flow))
+            if estimate is None or waiter.deadline is None or now + estimate.p10 <= waiter.deadline:
                 break  # those ahead of it wait less and no longer
             hopeless.append((waiter, estimate))
             position -= 1
         for waiter, estimate in hopeless:
-            pool.queue.remove(waiter)
+            queue.remove(waiter)
             pool.num_flex_refused += 1
             if not waiter.future.done():
-                waiter.future.set_exception(_refusal(min(estimate, self.config.flex_max_wait), estimate))
+                num_ahead = requests_ahead(pool, waiter.org_id, waiter.cost_tokens)
+                wait_limit = (waiter.deadline or now) - waiter.arrival
+                waiter.future.set_exception(
+                    _refusal(self._retry_after(pool, num_ahead, wait_limit, now, timeline), estimate)
+                )
 
     # --- what clients and operators can see ------------------------------------------
 
-    def flex_status(self) -> list[dict[str, Any]]:
+    def flex_status(self, *, model: str | None = None, max_wait: float | None = None) -> list[dict[str, Any]]:
+        """Per model (or the one named): spare capacity, flex queue depth, and
+        the wait of a flex request sent now by an organization with nothing
+        queued, judged against ``max_wait`` (the client's deadline) or
+        ``flex_max_wait``. ``accepting`` means such a request would be queued
+        rather than refused at once, by the same rule as admission."""
         now = time.monotonic()
+        wait_limit = self.config.flex_max_wait if max_wait is None else min(
+            self.config.flex_max_wait, max(0.0, max_wait)
+        )
+        pools = sorted(self._pools.items()) if model is None else [(model, self.pool(model))]
         status = []
-        for model, pool in sorted(self._pools.items()):
+        for name, pool in pools:
             depth = pool.queue.num_waiting(ServiceTier.FLEX)
             spare = spare_capacity(self.config, pool.replicas, now) if self.config.tiers_enabled else 0.0
-            estimate = 0.0 if spare > 0 and depth == 0 else self.estimated_flex_wait(pool, depth + 1, now)
-            accepting = len(pool.queue) < self.config.max_queue and (
-                estimate is None or estimate <= self.config.flex_max_wait
-            ) and any(r.healthy for r in pool.replicas)
+            healthy = any(r.healthy for r in pool.replicas)
+            estimate = None
+            if healthy:
+                cost = round(pool.flex_history.typical_cost)
+                estimate = NO_WAIT if spare > 0 and depth == 0 else estimate_for(
+                    pool, self.config, now, "", cost
+                )
+            if estimate is None:
+                fits = wait_limit > 0
+            elif wait_limit <= 0:
+                fits = estimate.p50 == 0
+            else:
+                fits = estimate.p10 <= wait_limit
+            accepting = healthy and len(pool.queue) < self.config.max_queue and fits
             status.append(
                 {
-                    "model": model,
+                    "model": name,
                     "spare_capacity": round(spare, 4),
                     "queue_depth": depth,
-                    "estimated_wait_seconds": None if estimate is None else round(estimate, 3),
+                    "estimated_wait_seconds": None if estimate is None else round(estimate.p50, 3),
+                    "estimated_wait_p90_seconds": None if estimate is None else round(estimate.p90, 3),
                     "accepting": accepting,
                 }
             )
@@ -671,9 +764,10 @@ def _name_replica(exc: FlexServeError, pool: ModelPool, replica: Replica, reques
     exc.message = f"{exc.message.rstrip('.')} ({label})."
 
 
-def _refusal(retry_after: float, estimate: float | None) -> ResourceUnavailableError:
+def _refusal(retry_after: float, estimate: WaitEstimate | None) -> ResourceUnavailableError:
     why = (
-        f"the estimated wait ({estimate:.0f} s) is longer than this request's deadline"
+        f"the estimated wait (likely {estimate.p10:.0f} to {estimate.p90:.0f} s) is longer "
+        "than this request's deadline"
         if estimate is not None
         else "no flex capacity became free before this request's deadline"
     )
