@@ -103,3 +103,28 @@ def test_hot_path_report(tmp_path: Path) -> None:
     assert all(value > 0 for value in current["request_us"].values())
     assert current["sse_relay_us"] > 0
     assert all(value >= 0 for value in report["parts_us"].values())
+
+
+def test_waits_quick_report(tmp_path: Path) -> None:
+    out = tmp_path / "waits.json"
+    done = _run("bench", "waits", "--quick", "--out", str(out))
+    report: dict[str, Any] = json.loads(out.read_text())
+    assert list(report["scenarios"]) == ["cold", "trickle-burst", "parallel"]
+    assert report["setup"]["capacity_output_tokens_per_s"] > 0
+    assert report["default"]["ok"] > 0
+    deadlines = [f"{d:g}" for d in report["setup"]["deadlines_s"]]
+    for name, scenario in report["scenarios"].items():
+        first = scenario["first_attempts"]
+        assert first["served"] > 0 and first["other"] == 0, (name, scenario["errors"])
+        # Every served request was found in the ledger, so its wait is known.
+        assert scenario["served_without_ledger_row"] == 0
+        _positive(scenario["wait_ms"])
+        accuracy = scenario["accuracy_status"]
+        assert accuracy["n"] > 0 and 0 <= accuracy["within"] <= 1
+        assert scenario["accuracy_header"] == "n/a" or scenario["accuracy_header"]["n"] > 0
+        assert sorted(scenario["retry_after"]) == sorted(deadlines)
+        assert scenario["completion_longest_deadline"]["sent"] > 0
+        assert scenario["engine_load"]["batch_share"] is not None
+        assert set(scenario["goals"]) >= {"status_within", "false_refusals", "completion_longest"}
+        assert name in done.stdout
+    assert "Retry-After" in done.stdout

@@ -289,3 +289,64 @@ def _settings(items: Sequence[str], option: str) -> dict[str, str]:
             raise click.BadParameter(f"expected NAME=VALUE, got {item!r}", param_hint=option)
         pairs[name.strip().lower()] = value
     return pairs
+
+
+@bench.command("waits")
+@click.option("--quick", is_flag=True, help="A smoke run: short outputs, bursts of 40 and 80, "
+              "about a minute and a half.")
+@click.option("--seed", type=int, help="Seed of all traffic [0].")
+@click.option("--profile", help="Sim engine profile [h100-llama3-8b].")
+@click.option("--speed", type=float, help="Sim engine speed-up [1]; deadlines stay wall seconds.")
+@click.option("--max-num-seqs", type=int, help="Sim engine batch and the gateway's upstream "
+              "capacity [32; quick 16].")
+@click.option("--load", type=float, help="Default traffic as a fraction of capacity [0.4].")
+@click.option("--cold-burst", type=int, help="Flex requests of the cold-start burst [300].")
+@click.option("--sequential-burst", type=int, help="Flex requests of the burst after the "
+              "trickle [300].")
+@click.option("--parallel-burst", type=int, help="Flex requests sent at once [600].")
+@click.option("--deadlines", help="X-Flex-Max-Wait values, comma-separated, drawn evenly "
+              "[1,5,20,60,180,600].")
+@click.option("--gap", type=float, help="Quiet seconds between scenarios [30].")
+@click.option("--tolerance-floor", type=float, help="Seconds within which an estimate near zero "
+              "counts as right, beside the 25 % [0.1].")
+@click.option("--retry-cap", type=float, help="Longest Retry-After waited for, seconds [120].")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE",
+              help="A gateway setting (FLEXSERVE_NAME); repeatable.")
+@click.option("--gateway-src", type=click.Path(file_okay=False, exists=True, path_type=Path),
+              help="The `src` folder of another FlexServe tree to run the gateway from (say "
+              "an earlier commit's, to compare estimators).")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the servers' logs, the gateway's database and every attempt "
+              "(attempts.jsonl) here (default: a temporary folder).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/waits.json"), show_default=True, help="JSON report path.")
+def waits(quick: bool, deadlines: str | None, settings: tuple[str, ...], out: Path,
+          **options: Any) -> None:
+    """Flex wait estimates, Retry-After and refusals under bursts and cold starts.
+
+    A sim engine and a gateway in front of it, default traffic at --load of
+    the engine's measured capacity throughout, and three flex scenarios in
+    turn: a burst with no flex before (cold), a trickle then a burst, and a
+    burst sent at once. Reports per scenario the share of served flex
+    requests that started within 25 % of the estimate they were given (the
+    status read before sending, and the gateway's x-flex-estimated-wait), the
+    share of retries at Retry-After served per deadline, false refusals,
+    completion of the longest deadline and the engine's load.
+    """
+    import sys
+
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+    from flexserve.bench.waits import QUICK, WaitsOptions, command_line, run_waits, with_changes
+    from flexserve.bench.waits_report import format_report
+
+    opts = with_changes(QUICK if quick else WaitsOptions(), **options,
+                        deadlines=_floats(deadlines), settings=_settings(settings, "--set") or None,
+                        out=out, command=command_line(sys.argv[1:]))
+    try:
+        report = run_waits(opts)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    click.echo(format_report(report))
+    click.echo(f"report: {out}", err=True)
