@@ -156,6 +156,11 @@ async def test_an_organization_with_little_queued_goes_almost_first() -> None:
     assert small.p50 < big.p50 / 5
     timeline = build_timeline(pool, scheduler.config, time.monotonic())
     assert small.p50 == pytest.approx(timeline.wait(20).p50, rel=0.1)  # type: ignore[union-attr]
+    # /v1/flex/status answers for the caller's organization: behind its own backlog.
+    (own,) = scheduler.flex_status(org_id="org-a")
+    (other,) = scheduler.flex_status(org_id="org-b")
+    assert own["estimated_wait_seconds"] == pytest.approx(big.p50, rel=0.05, abs=1e-3)
+    assert other["estimated_wait_seconds"] == pytest.approx(small.p50, rel=0.05, abs=1e-3)
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -41,17 +41,19 @@ async def retrieve_model(request: Request) -> Response:
 
 async def flex_status(request: Request) -> Response:
     """Spare flex capacity, queue depth and expected wait per model (or the
-    one asked for), for the client's deadline: the ``max_wait`` query
+    one asked for), for a request of the caller's organization sent now and
+    the client's deadline: the ``max_wait`` query
     parameter, else the ``X-Flex-Max-Wait`` header, else the server's."""
     services: Services = request.app.state.services
-    await authenticate(request, services.keys)
+    principal = await authenticate(request, services.keys)
     model = request.query_params.get("model")
     query = request.query_params.get("max_wait")
     header = request.headers.get("x-flex-max-wait")
     # Both are checked (a malformed one is a 400 either way); the query wins.
     from_header = None if header is None else _max_wait(header, None)
     max_wait = from_header if query is None else _max_wait(query, "max_wait")
-    data = services.scheduler.flex_status(model=model, max_wait=max_wait)
+    # For the caller's organization: behind what it already has queued.
+    data = services.scheduler.flex_status(model=model, max_wait=max_wait, org_id=principal.org_id)
     return _json({"object": "list", "data": data})
 
 

@@ -691,12 +691,15 @@ class Scheduler:
 
     # --- what clients and operators can see ------------------------------------------
 
-    def flex_status(self, *, model: str | None = None, max_wait: float | None = None) -> list[dict[str, Any]]:
+    def flex_status(
+        self, *, model: str | None = None, max_wait: float | None = None, org_id: str = ""
+    ) -> list[dict[str, Any]]:
         """Per model (or the one named): spare capacity, flex queue depth, and
-        the wait of a flex request sent now by an organization with nothing
-        queued, judged against ``max_wait`` (the client's deadline) or
-        ``flex_max_wait``. ``accepting`` means such a request would be queued
-        rather than refused at once, by the same rule as admission."""
+        the wait of a flex request sent now by ``org_id`` (behind what that
+        organization already has queued; "": one with nothing queued), judged
+        against ``max_wait`` (the client's deadline) or ``flex_max_wait``.
+        ``accepting`` means such a request would be queued rather than
+        refused at once, by the same rule as admission."""
         now = time.monotonic()
         wait_limit = self.config.flex_max_wait if max_wait is None else min(
             self.config.flex_max_wait, max(0.0, max_wait)
@@ -711,7 +714,7 @@ class Scheduler:
             if healthy:
                 cost = round(pool.flex_history.typical_cost)
                 estimate = NO_WAIT if spare > 0 and depth == 0 else estimate_for(
-                    pool, self.config, now, "", cost
+                    pool, self.config, now, org_id, cost
                 )
             if estimate is None:
                 fits = wait_limit > 0
