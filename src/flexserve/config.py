@@ -141,7 +141,7 @@ class Settings:
         1.0, "Seconds a replica that turned a request away (429, 503, no connection) gets no work."
     )
     replica_silent_after: float = _opt(
-        3.0, "Seconds a replica may leave its load signals unanswered before it is taken as hung."
+        10.0, "Seconds a replica may go with no load reading answered and no output before it is taken as hung."
     )
     upstream_profile: str = _opt(
         "", "Sim profile whose step-time model predicts upstream TPOT (e.g. h100-llama3-8b)."
@@ -152,6 +152,13 @@ class Settings:
     usage_batch_size: int = _opt(500, "Most usage rows written in one batch.")
     usage_max_pending: int = _opt(
         50_000, "Usage rows waiting for the database past which new requests get 503; 0: no bound."
+    )
+
+    # --- batches (batches/) ------------------------------------------------------
+    batch_window: int = _opt(32, "Lines of one batch in flight at once (the rest wait in the database).")
+    batch_max_lines: int = _opt(50_000, "Most request lines in a batch's input file.")
+    batch_max_attempts: int = _opt(
+        5, "Attempts at a batch line the engine answers with 429/5xx before it goes to the error file."
     )
 
     # --- billing and governance ------------------------------------------------

@@ -62,7 +62,7 @@ class SchedulerConfig:
     replica_backoff_max: float = 10.0
     # Seconds a replica may go without answering a read of its load signals
     # before it is taken as hung (each read may take half of it).
-    replica_silent_after: float = 3.0
+    replica_silent_after: float = 10.0
 
 
 def headroom_slots(config: SchedulerConfig, capacity: int) -> int:

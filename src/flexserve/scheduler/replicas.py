@@ -74,6 +74,9 @@ class Replica:
     backoff_until: float = float("-inf")
     # Requests the replica turned away before any output.
     num_refusals: int = 0
+    # time.monotonic() of the last output any run on it produced: a sign of
+    # life when its load signals are slow to answer.
+    last_output_at: float = float("-inf")
     # Observed / predicted TPOT (EWMA): calibrates the step-time model to this replica.
     tpot_scale: float = 1.0
     # Engine's / gateway's prompt token counts (EWMA): corrects the gateway's estimate.

@@ -175,9 +175,11 @@ class Scheduler:
 
     async def _watch_load(self, replica: Replica) -> None:
         """Read ``replica``'s load signals; they are also its health: a replica
-        that fails three reads in a row (refused, errors), or answers none for
-        ``replica_silent_after`` seconds (a frozen process answers nothing and
-        refuses nothing), is unhealthy until a read succeeds again."""
+        that fails three reads in a row (refused, errors), or is silent for
+        ``replica_silent_after`` seconds — no read answered and no output
+        from any of its runs (a frozen process answers nothing and refuses
+        nothing; a busy one may answer its metrics slowly, but its runs go on
+        producing) — is unhealthy until a read succeeds again."""
         pools = self._pools_of(replica)
         silent_after = self.config.replica_silent_after
         heard_at = time.monotonic()
@@ -198,8 +200,9 @@ class Scheduler:
                     self._dispatch(pool)
                 return
             except (FlexServeError, TimeoutError) as exc:
-                replica.num_failed_reads += 1
-                silent_for = time.monotonic() - heard_at
+                if isinstance(exc, FlexServeError):
+                    replica.num_failed_reads += 1  # a slow read counts only as silence
+                silent_for = time.monotonic() - max(heard_at, replica.last_output_at)
                 if replica.healthy and (replica.num_failed_reads >= 3 or silent_for >= silent_after):
                     reason = exc.message if isinstance(exc, FlexServeError) else "read timed out"
                     log.warning("replica %s unhealthy (no load signals for %.1f s): %s",
@@ -257,7 +260,7 @@ class Scheduler:
                     last = delta
                     if delta.has_output:
                         num_tokens += 1
-                        last_at = time.monotonic()
+                        last_at = replica.last_output_at = time.monotonic()
                         if num_tokens == 1:
                             first_at = last_at
                             ticket.first_token_at = last_at
