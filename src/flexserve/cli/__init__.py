@@ -20,11 +20,12 @@ def main() -> None:
 
 def _register() -> None:
     from flexserve.cli.accounts import keys, orgs
+    from flexserve.cli.batches import batches
     from flexserve.cli.bench import bench
     from flexserve.cli.serve import serve
     from flexserve.cli.sim import sim_engine
 
-    for command in (serve, orgs, keys, sim_engine, bench):
+    for command in (serve, orgs, keys, sim_engine, bench, batches):
         main.add_command(command)
     _register_billing()
 

@@ -1,0 +1,358 @@
+"""Runs batches: one task per active batch, in the gateway's own process.
+
+Each batch moves validating → in_progress → finalizing → completed (or
+failed, expired, cancelling → cancelled). While in progress, at most
+``batch_window`` of its lines are in flight; the rest wait in the database,
+not in the scheduler's queue. Lines are claimed (marked running) a window at
+a time and their results recorded in batches of a few, with the batch's
+counts, in one transaction each.
+
+On start, every batch not in a final state is taken up again: lines left
+running by a killed process are pending again, finished ones are never run
+again. Output and error files are written from the lines' rows at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+
+from flexserve.accounts import Principal
+from flexserve.api.inference import Endpoint
+from flexserve.api.state import Services
+from flexserve.batches.lines import Retry, error_result, run_line
+from flexserve.batches.store import BatchStore, LineResult, PendingLine
+from flexserve.batches.validate import check_file
+from flexserve.errors import FlexServeError
+from flexserve.store.schema import organizations, projects
+
+log = logging.getLogger(__name__)
+
+# Pause before retrying a line the engine failed: doubles from the first to the longest.
+_RETRY_FIRST = 0.2
+_RETRY_LONGEST = 30.0
+# A wait for capacity (no room below flex, or a rate limit) is never longer than this.
+_WAIT_LONGEST = 5.0
+# Results are written at least this often while lines finish.
+_FLUSH_INTERVAL = 0.05
+# Seconds between looks at the batch's status in the database while it runs.
+_STATUS_INTERVAL = 1.0
+# Pause before taking up a batch again after an unexpected error.
+_ERROR_PAUSE = 1.0
+
+
+class _Job:
+    """One batch being run here."""
+
+    def __init__(self, batch_id: str) -> None:
+        self.batch_id = batch_id
+        # Set to "cancel", "expire" or "shutdown" to stop taking lines.
+        self.stop_reason: str | None = None
+        self.stopped = asyncio.Event()
+        self.results: list[LineResult] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason is None or reason == "shutdown":
+            self.stop_reason = reason
+        self.stopped.set()
+
+
+class BatchRunner:
+    def __init__(self, services: Services, endpoints: dict[str, Endpoint], store: BatchStore,
+                 files: Any) -> None:
+        self._services = services
+        self._endpoints = endpoints
+        self._store = store
+        self._files = files
+        self._jobs: dict[str, _Job] = {}
+        self._closing = False
+        self._tmp = Path(services.settings.home) / "batches"
+
+    async def start(self) -> None:
+        for batch_id in await self._store.active_ids():
+            self.submit(batch_id)
+
+    def submit(self, batch_id: str) -> None:
+        """Run the batch here, unless it already is."""
+        if self._closing or batch_id in self._jobs:
+            return
+        job = _Job(batch_id)
+        self._jobs[batch_id] = job
+        job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"batch {batch_id}")
+
+    def cancel(self, batch_id: str) -> None:
+        job = self._jobs.get(batch_id)
+        if job is not None:
+            job.stop("cancel")
+        else:
+            self.submit(batch_id)
+
+    def in_flight(self, batch_id: str) -> bool:
+        return batch_id in self._jobs
+
+    async def close(self) -> None:
+        """Stop every batch where it is: its unfinished lines run after the restart."""
+        self._closing = True
+        jobs = list(self._jobs.values())
+        for job in jobs:
+            job.stop("shutdown")
+        tasks = [job.task for job in jobs if job.task is not None]
+        if tasks:
+            await asyncio.wait(tasks)
+
+    async def _run(self, job: _Job) -> None:
+        try:
+            while True:
+                try:
+                    await self._advance(job)
+                    return
+                except Exception:
+                    # A busy or unreachable database, say: the lines' rows say
+                    # where the batch is, so it is taken up again from them.
+                    log.exception("batch %s stopped on an error; taking it up again", job.batch_id)
+                if job.stop_reason == "shutdown":
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(job.stopped.wait(), _ERROR_PAUSE)
+                if job.stop_reason == "shutdown":
+                    return
+        finally:
+            self._jobs.pop(job.batch_id, None)
+
+    async def _advance(self, job: _Job) -> None:
+        store = self._store
+        row = await store.get(None, job.batch_id)
+        if row is None:
+            return
+        if row["status"] == "validating":
+            await self._validate(row)
+            row = await store.get(None, job.batch_id)
+            assert row is not None
+        if row["status"] == "in_progress":
+            outcome = await self._execute(job, row)
+            if outcome == "shutdown":
+                return
+            if outcome == "expire":
+                await store.fail_unfinished(job.batch_id, "batch_expired",
+                                            "The batch expired before this request was run.")
+                await self._finalize(row, "expired")
+                return
+            if not await store.set_status(job.batch_id, "finalizing", _now(),
+                                          only_from=("in_progress",)):
+                row = await store.get(None, job.batch_id)
+                assert row is not None
+        if row["status"] == "cancelling":
+            await store.fail_unfinished(job.batch_id, "batch_cancelled",
+                                        "The batch was cancelled before this request was run.")
+            await self._finalize(row, "cancelled")
+            return
+        row = await store.get(None, job.batch_id)
+        assert row is not None
+        if row["status"] == "finalizing":
+            await self._finalize(row, "completed")
+
+    # --- validation ----------------------------------------------------------------
+
+    async def _validate(self, row: dict[str, Any]) -> None:
+        services = self._services
+        endpoint = self._endpoints[row["endpoint"]]
+        batch_id = row["id"]
+        try:
+            record = await self._files.get(row["org_id"], row["input_file_id"])
+            path = self._files.path(record)
+        except FlexServeError as exc:
+            await self._fail(batch_id, [{"code": "invalid_file", "message": exc.message,
+                                         "param": "input_file_id", "line": None}])
+            return
+        checked = await asyncio.to_thread(
+            check_file, path, endpoint, services.scheduler, services.settings, _hex(batch_id)
+        )
+        if checked.num_errors:
+            errors = checked.errors
+            if checked.num_errors > len(errors):
+                errors.append({
+                    "code": "too_many_errors",
+                    "message": f"{checked.num_errors - len(errors)} more errors not listed.",
+                    "param": None, "line": None,
+                })
+            await self._fail(batch_id, errors)
+            return
+        rows = [
+            {"batch_id": batch_id, "line": c["line"], "custom_id": c["custom_id"],
+             "body": orjson.dumps(c["body"]).decode(), "request_id": c["request_id"]}
+            for c in checked.lines
+        ]
+        await self._store.add_lines(batch_id, rows, checked.model)
+        await self._store.set_status(batch_id, "in_progress", _now(), only_from=("validating",))
+
+    async def _fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
+        await self._store.set_status(
+            batch_id, "failed", _now(), only_from=("validating",),
+            errors=orjson.dumps(errors).decode(),
+        )
+
+    # --- execution -----------------------------------------------------------------
+
+    async def _execute(self, job: _Job, row: dict[str, Any]) -> str:
+        """Run the lines until none is left or the job is stopped; the reason it
+        stopped ("done", "cancel", "expire", "shutdown")."""
+        store = self._store
+        settings = self._services.settings
+        endpoint = self._endpoints[row["endpoint"]]
+        principal = await self._principal(row)
+        await store.reset_running(job.batch_id)
+        window = max(1, settings.batch_window)
+        in_flight: dict[asyncio.Task[None], PendingLine] = {}
+        exhausted = False
+        checked_at = time.monotonic()
+        try:
+            while job.stop_reason is None:
+                if _now() >= row["expires_at"]:
+                    job.stop("expire")
+                    break
+                if time.monotonic() - checked_at >= _STATUS_INTERVAL:
+                    # Cancelled from elsewhere (the CLI, another gateway)?
+                    checked_at = time.monotonic()
+                    current = await store.get(None, job.batch_id)
+                    if current is not None and current["status"] != "in_progress":
+                        job.stop("cancel")
+                        break
+                if not exhausted and len(in_flight) <= window // 2:
+                    claimed = await store.claim(job.batch_id, window - len(in_flight))
+                    exhausted = len(claimed) < window - len(in_flight)
+                    for line in claimed:
+                        task = asyncio.create_task(self._line(job, endpoint, principal, line))
+                        in_flight[task] = line
+                if not in_flight:
+                    break
+                stop_wait: asyncio.Future[Any] = asyncio.ensure_future(job.stopped.wait())
+                waiting: set[asyncio.Future[Any]] = {*in_flight, stop_wait}
+                done, _ = await asyncio.wait(
+                    waiting, timeout=_FLUSH_INTERVAL if job.results else 1.0,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                stop_wait.cancel()
+                for finished in done:
+                    if finished is not stop_wait:
+                        in_flight.pop(finished)  # type: ignore[call-overload]
+                await self._flush(job)
+        finally:
+            for task in in_flight:
+                task.cancel()
+            if in_flight:
+                await asyncio.wait(in_flight)
+            await self._flush(job)
+        return job.stop_reason or "done"
+
+    async def _line(self, job: _Job, endpoint: Endpoint, principal: Principal, line: PendingLine) -> None:
+        settings = self._services.settings
+        attempts = line.attempts
+        failures = 0
+        while True:
+            try:
+                await run_line(self._services, endpoint, principal, line, job.results.append)
+                return
+            except Retry as retry:
+                if retry.counts:
+                    attempts += 1
+                    failures += 1
+                    if attempts > settings.batch_max_attempts:
+                        job.results.append(error_result(line, retry.error))
+                        return
+                    pause = min(_RETRY_LONGEST, _RETRY_FIRST * 2 ** (failures - 1))
+                else:
+                    pause = min(_WAIT_LONGEST, max(0.05, retry.after))
+                await asyncio.sleep(pause * (0.5 + random.random()))
+            except Exception as exc:
+                log.exception("batch %s line %d failed", job.batch_id, line.line)
+                job.results.append(LineResult(line.line, "failed", error_code="batch_failed",
+                                              error_message=f"The request failed: {exc}"))
+                return
+
+    async def _flush(self, job: _Job) -> None:
+        results, job.results = job.results, []
+        await self._store.record(job.batch_id, results)
+
+    async def _principal(self, row: dict[str, Any]) -> Principal:
+        """Who the batch's lines are from: its creator's key, as of now."""
+        db = self._services.db
+        async with db.engine.connect() as conn:
+            org = (await conn.execute(
+                select(organizations.c.name, organizations.c.verification_status)
+                .where(organizations.c.id == row["org_id"])
+            )).first()
+            project = (await conn.execute(
+                select(projects.c.default_service_tier).where(projects.c.id == row["project_id"])
+            )).first()
+        return Principal(
+            key_id=row["api_key_id"], org_id=row["org_id"], org_name="" if org is None else org.name,
+            project_id=row["project_id"], is_admin=False,
+            default_service_tier="default" if project is None else project.default_service_tier,
+            verification_status="unverified" if org is None else org.verification_status,
+        )
+
+    # --- the end -------------------------------------------------------------------
+
+    async def _finalize(self, row: dict[str, Any], status: str) -> None:
+        """Write the output and error files from the lines' rows, then the final status."""
+        batch_id = row["id"]
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        out_path = self._tmp / f"{batch_id}_output.jsonl"
+        err_path = self._tmp / f"{batch_id}_error.jsonl"
+        num_out = num_err = 0
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            for line in await self._store.finished_lines(batch_id):
+                item = _output_line(batch_id, line)
+                if line["state"] == "done":
+                    out.write(item)
+                    num_out += 1
+                else:
+                    err.write(item)
+                    num_err += 1
+        files: dict[str, Any] = {}
+        if num_out:
+            record = await self._files.create_from_path(
+                row["org_id"], "batch_output", f"{batch_id}_output.jsonl", out_path)
+            files["output_file_id"] = record.id
+        if num_err:
+            record = await self._files.create_from_path(
+                row["org_id"], "batch_output", f"{batch_id}_error.jsonl", err_path)
+            files["error_file_id"] = record.id
+        for path in (out_path, err_path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        await self._store.set_status(batch_id, status, _now(), **files)
+
+
+def _output_line(batch_id: str, line: Any) -> bytes:
+    """One line of the output or error file, in OpenAI's shape."""
+    item: dict[str, Any] = {"id": f"batch_req_{_hex(batch_id)}_{line['line']}",
+                            "custom_id": line["custom_id"]}
+    if line["status_code"] is not None:
+        item["response"] = {
+            "status_code": line["status_code"],
+            "request_id": line["request_id"],
+            "body": orjson.loads(line["response"]) if line["response"] else None,
+        }
+        item["error"] = None
+    else:
+        item["response"] = None
+        item["error"] = {"code": line["error_code"], "message": line["error_message"]}
+    return orjson.dumps(item) + b"\n"
+
+
+def _hex(batch_id: str) -> str:
+    return batch_id.removeprefix("batch_")
+
+
+def _now() -> int:
+    return int(time.time())

@@ -1,0 +1,250 @@
+"""The batches and their lines in the database.
+
+A batch's row is the Batch object's state; each input line has a row whose
+``state`` is the truth about it (pending, running, done, failed). The runner
+claims lines by marking them running and records each result in the same
+transaction as the batch's counts, so a restarted gateway knows exactly what
+is left, and every lookup a client makes is scoped to its organization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from sqlalchemy import and_, func, insert, or_, select, update
+
+from flexserve.store.database import Database
+from flexserve.store.schema import batch_lines, batches
+
+# Statuses in which the runner still has work to do on a batch.
+ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
+FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+_TIMESTAMPS = (
+    "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+    "cancelling_at", "cancelled_at",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LineResult:
+    """What became of one line: an output line (``done``) or an error line (``failed``)."""
+
+    line: int
+    state: str  # done or failed
+    status_code: int | None = None
+    response: dict[str, Any] | None = None
+    error_code: str | None = None
+    error_message: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class PendingLine:
+    line: int
+    custom_id: str
+    body: dict[str, Any]
+    request_id: str
+    attempts: int
+
+
+class BatchStore:
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def insert(self, row: dict[str, Any]) -> None:
+        async with self._db.engine.begin() as conn:
+            await conn.execute(insert(batches).values(**row))
+
+    async def get(self, org_id: str | None, batch_id: str) -> dict[str, Any] | None:
+        """The batch's row; ``org_id`` None: any organization's (operators)."""
+        statement = select(batches).where(batches.c.id == batch_id)
+        if org_id is not None:
+            statement = statement.where(batches.c.org_id == org_id)
+        async with self._db.engine.connect() as conn:
+            row = (await conn.execute(statement)).mappings().first()
+        return None if row is None else dict(row)
+
+    async def page(
+        self, org_id: str | None, *, limit: int, after: str | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """Newest first; ``after`` is the id of the last batch of the previous page."""
+        statement = select(batches)
+        if org_id is not None:
+            statement = statement.where(batches.c.org_id == org_id)
+        if after is not None:
+            cursor = await self.get(org_id, after)
+            if cursor is not None:
+                statement = statement.where(
+                    or_(
+                        batches.c.created_at < cursor["created_at"],
+                        and_(batches.c.created_at == cursor["created_at"], batches.c.id < after),
+                    )
+                )
+        statement = statement.order_by(batches.c.created_at.desc(), batches.c.id.desc()).limit(limit + 1)
+        async with self._db.engine.connect() as conn:
+            rows = [dict(r) for r in (await conn.execute(statement)).mappings()]
+        return rows[:limit], len(rows) > limit
+
+    async def active_ids(self) -> list[str]:
+        async with self._db.engine.connect() as conn:
+            result = await conn.execute(
+                select(batches.c.id)
+                .where(batches.c.status.in_(ACTIVE_STATUSES))
+                .order_by(batches.c.created_at)
+            )
+            return [r[0] for r in result]
+
+    async def set_status(
+        self, batch_id: str, status: str, now: int, *, only_from: Sequence[str] | None = None,
+        **fields: Any,
+    ) -> bool:
+        """Move the batch to ``status`` (stamping its ``<status>_at``), only from
+        the statuses given; False when it was in none of them."""
+        values = dict(fields)
+        stamp = f"{status}_at"
+        if stamp in _TIMESTAMPS:
+            values[stamp] = now
+        statement = update(batches).where(batches.c.id == batch_id).values(status=status, **values)
+        if only_from is not None:
+            statement = statement.where(batches.c.status.in_(only_from))
+        async with self._db.engine.begin() as conn:
+            result = await conn.execute(statement)
+        return bool(result.rowcount)
+
+    async def add_lines(self, batch_id: str, rows: list[dict[str, Any]], model: str | None) -> None:
+        """The validated lines, and the batch in progress, in one transaction."""
+        async with self._db.engine.begin() as conn:
+            for start in range(0, len(rows), 1000):
+                await conn.execute(insert(batch_lines), rows[start:start + 1000])
+            await conn.execute(
+                update(batches).where(batches.c.id == batch_id).values(total=len(rows), model=model)
+            )
+
+    async def reset_running(self, batch_id: str) -> None:
+        """Lines a killed process had in flight: run again (the ledger bills a
+        request id once, so a line finished but not recorded is not billed twice)."""
+        async with self._db.engine.begin() as conn:
+            await conn.execute(
+                update(batch_lines)
+                .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "running")
+                .values(state="pending")
+            )
+
+    async def claim(self, batch_id: str, limit: int) -> list[PendingLine]:
+        """Up to ``limit`` pending lines, in file order, marked running."""
+        # One statement, a write from the start: a read turned into a write
+        # inside a transaction would fail at once on SQLite when another
+        # writer got in between.
+        chosen = (
+            select(batch_lines.c.line)
+            .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "pending")
+            .order_by(batch_lines.c.line)
+            .limit(limit)
+            .scalar_subquery()
+        )
+        async with self._db.engine.begin() as conn:
+            rows = list(
+                (await conn.execute(
+                    update(batch_lines)
+                    .where(batch_lines.c.batch_id == batch_id, batch_lines.c.line.in_(chosen))
+                    .values(state="running", attempts=batch_lines.c.attempts + 1)
+                    .returning(
+                        batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.body,
+                        batch_lines.c.request_id, batch_lines.c.attempts,
+                    )
+                )).all()
+            )
+        rows.sort(key=lambda r: r.line)
+        return [
+            PendingLine(r.line, r.custom_id, orjson.loads(r.body), r.request_id, r.attempts)
+            for r in rows
+        ]
+
+    async def record(self, batch_id: str, results: Iterable[LineResult]) -> None:
+        """Results of finished lines, and the batch's counts, in one transaction."""
+        results = list(results)
+        if not results:
+            return
+        done = failed = 0
+        async with self._db.engine.begin() as conn:
+            for result in results:
+                changed = await conn.execute(
+                    update(batch_lines)
+                    .where(
+                        batch_lines.c.batch_id == batch_id,
+                        batch_lines.c.line == result.line,
+                        # Recorded once: a line already finished keeps its result.
+                        batch_lines.c.state.in_(("pending", "running")),
+                    )
+                    .values(
+                        state=result.state,
+                        status_code=result.status_code,
+                        response=None if result.response is None else orjson.dumps(result.response).decode(),
+                        error_code=result.error_code,
+                        error_message=result.error_message,
+                        prompt_tokens=result.prompt_tokens,
+                        completion_tokens=result.completion_tokens,
+                        cached_tokens=result.cached_tokens,
+                    )
+                )
+                if changed.rowcount:
+                    if result.state == "done":
+                        done += 1
+                    else:
+                        failed += 1
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id)
+                .values(completed=batches.c.completed + done, failed=batches.c.failed + failed)
+            )
+
+    async def fail_unfinished(self, batch_id: str, code: str, message: str) -> None:
+        """Every line not finished gets an error line: the batch is ending."""
+        async with self._db.engine.begin() as conn:
+            result = await conn.execute(
+                update(batch_lines)
+                .where(
+                    batch_lines.c.batch_id == batch_id,
+                    batch_lines.c.state.in_(("pending", "running")),
+                )
+                .values(state="failed", error_code=code, error_message=message)
+            )
+            await conn.execute(
+                update(batches)
+                .where(batches.c.id == batch_id)
+                .values(failed=batches.c.failed + result.rowcount)
+            )
+
+    async def finished_lines(self, batch_id: str) -> list[Any]:
+        async with self._db.engine.connect() as conn:
+            return list(
+                (
+                    await conn.execute(
+                        select(batch_lines)
+                        .where(
+                            batch_lines.c.batch_id == batch_id,
+                            batch_lines.c.state.in_(("done", "failed")),
+                        )
+                        .order_by(batch_lines.c.line)
+                    )
+                ).mappings()
+            )
+
+    async def usage(self, batch_id: str) -> tuple[int, int, int]:
+        """Prompt, completion and cached tokens of the batch's output lines."""
+        async with self._db.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(
+                        func.coalesce(func.sum(batch_lines.c.prompt_tokens), 0),
+                        func.coalesce(func.sum(batch_lines.c.completion_tokens), 0),
+                        func.coalesce(func.sum(batch_lines.c.cached_tokens), 0),
+                    ).where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "done")
+                )
+            ).one()
+        return int(row[0]), int(row[1]), int(row[2])

@@ -1,0 +1,342 @@
+"""The Batch API end to end: the official SDK against a real gateway in front
+of the in-process sim engine, objects checked against OpenAI's schemas, the
+ledger read from the SQLite file."""
+
+from __future__ import annotations
+
+import io
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+import openai
+import orjson
+import pytest
+
+from conftest import Gateway, sim_engine, sim_model_id
+from openapi import validate
+
+FINAL = ("completed", "failed", "expired", "cancelled")
+
+
+@pytest.fixture(scope="module")
+def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    return start_gateway(engines=[sim_engine(speed=200.0)], engine="sim", batch_window=8)
+
+
+@pytest.fixture(scope="module")
+def model(gateway: Gateway) -> str:
+    return sim_model_id(gateway)
+
+
+def jsonl(lines: list[Any]) -> bytes:
+    return b"".join(
+        (line if isinstance(line, bytes) else orjson.dumps(line)) + b"\n" for line in lines
+    )
+
+
+def chat_line(custom_id: str, model: str, text: str = "Hello", **body: Any) -> dict[str, Any]:
+    return {
+        "custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "messages": [{"role": "user", "content": text}],
+                 "max_tokens": 5, **body},
+    }
+
+
+def upload(client: openai.OpenAI, content: bytes) -> str:
+    return client.files.create(file=("input.jsonl", io.BytesIO(content)), purpose="batch").id
+
+
+def wait_final(client: openai.OpenAI, batch_id: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        batch = client.batches.retrieve(batch_id)
+        if batch.status in FINAL:
+            return batch
+        assert time.monotonic() < deadline, f"batch still {batch.status}"
+        time.sleep(0.05)
+
+
+def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any]]:
+    if file_id is None:
+        return []
+    return [orjson.loads(line) for line in client.files.content(file_id).content.splitlines()]
+
+
+def ledger_rows(gateway: Gateway, prefix: str) -> list[sqlite3.Row]:
+    path = gateway.db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as conn:
+        conn.row_factory = sqlite3.Row
+        return conn.execute(
+            "SELECT * FROM usage_records WHERE request_id LIKE ?", (prefix + "%",)
+        ).fetchall()
+
+
+def test_sdk_workflow_outputs_match_custom_ids_and_bill_once(gateway: Gateway, model: str) -> None:
+    client = gateway.client()
+    lines = [chat_line(f"task-{i}", model, f"Question {i}") for i in range(20)]
+    file_id = upload(client, jsonl(lines))
+    raw = client.batches.with_raw_response.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+        metadata={"job": "eval"},
+    )
+    created = raw.parse()
+    validate(raw.http_response.json(), "Batch")
+    assert created.status == "validating" and created.metadata == {"job": "eval"}
+    batch = wait_final(client, created.id)
+    assert batch.status == "completed", batch
+    with gateway.http() as http:
+        validate(http.get(f"/v1/batches/{batch.id}").json(), "Batch")
+    assert batch.request_counts is not None
+    assert (batch.request_counts.total, batch.request_counts.completed,
+            batch.request_counts.failed) == (20, 20, 0)
+    assert batch.in_progress_at and batch.finalizing_at and batch.completed_at
+    assert batch.error_file_id is None
+    output = read_jsonl(client, batch.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == sorted(f"task-{i}" for i in range(20))
+    for item in output:
+        assert item["id"].startswith("batch_req_") and item["error"] is None
+        assert item["response"]["status_code"] == 200
+        validate(item["response"]["body"], "CreateChatCompletionResponse")
+        assert "service_tier" not in item["response"]["body"]
+    # Billed once per line, at the batch tier, from the line's own usage.
+    hex_id = batch.id.removeprefix("batch_")
+    rows = _wait_rows(gateway, f"req_{hex_id}_", len(output))
+    assert len(rows) == len(output)
+    assert {row["served_tier"] for row in rows} == {"batch"}
+    by_request = {row["request_id"]: row for row in rows}
+    for item in output:
+        usage = item["response"]["body"]["usage"]
+        row = by_request[item["response"]["request_id"]]
+        assert row["completion_tokens"] == usage["completion_tokens"]
+    assert batch.usage is not None
+    assert batch.usage.output_tokens == sum(r["completion_tokens"] for r in rows)
+    # The file is downloadable again; the batch appears in the list.
+    assert read_jsonl(client, batch.output_file_id) == output
+    listed = client.batches.list(limit=100)
+    assert batch.id in [b.id for b in listed.data]
+
+
+def _wait_rows(gateway: Gateway, prefix: str, count: int) -> list[sqlite3.Row]:
+    deadline = time.monotonic() + 10
+    while True:
+        rows = ledger_rows(gateway, prefix)
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.05)
+
+
+def test_every_bad_line_is_reported_with_its_line(gateway: Gateway, model: str) -> None:
+    client = gateway.client()
+    lines: list[Any] = [
+        chat_line("a", model),                                    # 1 fine
+        b"{not json",                                             # 2
+        chat_line("a", model),                                    # 3 duplicate of line 1
+        {**chat_line("c", model), "url": "/v1/embeddings"},       # 4
+        {**chat_line("d", model), "method": "GET"},               # 5
+        chat_line("e", "no-such-model"),                          # 6
+        chat_line("f", model, stream=True),                       # 7
+        chat_line("g", model, max_tokens="many"),                 # 8 the endpoint refuses it
+        {"method": "POST", "url": "/v1/chat/completions", "body": {}},  # 9 no custom_id
+    ]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    batch = wait_final(client, batch.id)
+    assert batch.status == "failed" and batch.failed_at
+    with gateway.http() as http:
+        validate(http.get(f"/v1/batches/{batch.id}").json(), "Batch")
+    assert batch.errors is not None and batch.errors.data is not None
+    found = {(e.code, e.line) for e in batch.errors.data}
+    for expected in [("invalid_json_line", 2), ("duplicate_custom_id", 3),
+                     ("mismatched_url", 4), ("invalid_method", 5), ("model_not_found", 6),
+                     ("stream_unsupported", 7), ("missing_custom_id", 9)]:
+        assert expected in found, (expected, found)
+    assert any(line == 8 for _, line in found)
+    assert not any(line == 1 for _, line in found)
+    # Nothing ran.
+    assert ledger_rows(gateway, "req_" + batch.id.removeprefix("batch_")) == []
+
+
+def test_empty_file_and_wrong_purpose(gateway: Gateway, model: str) -> None:
+    client = gateway.client()
+    empty = client.batches.create(
+        input_file_id=upload(client, b"\n"), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    failed = wait_final(client, empty.id)
+    assert failed.status == "failed"
+    assert failed.errors is not None and failed.errors.data is not None
+    assert [e.code for e in failed.errors.data] == ["empty_file"]
+    other = client.files.create(file=("x.jsonl", io.BytesIO(b"{}\n")), purpose="user_data").id
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=other, endpoint="/v1/chat/completions",
+                              completion_window="24h")
+    assert refused.value.code == "invalid_file_purpose"
+    for kwargs, param in [
+        ({"endpoint": "/v1/moderations"}, "endpoint"),
+        ({"completion_window": "1w"}, "completion_window"),
+        ({"metadata": {f"k{i}": "v" for i in range(17)}}, "metadata"),
+        ({"metadata": {"k" * 65: "v"}}, None),
+        ({"metadata": {"k": "v" * 513}}, "metadata.k"),
+    ]:
+        args = {"input_file_id": other, "endpoint": "/v1/chat/completions",
+                "completion_window": "24h", **kwargs}
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.batches.create(**args)  # type: ignore[arg-type]
+        if param is not None:
+            assert bad.value.param == param
+
+
+def test_other_organizations_batch_is_404(gateway: Gateway, model: str) -> None:
+    client = gateway.client()
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl([chat_line("x", model)])),
+        endpoint="/v1/chat/completions", completion_window="24h",
+    )
+    other = openai.OpenAI(base_url=gateway.url + "/v1", api_key=gateway.new_key("other-org"),
+                          max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.retrieve(batch.id)
+    with pytest.raises(openai.NotFoundError):
+        other.batches.cancel(batch.id)
+    assert batch.id not in [b.id for b in other.batches.list().data]
+    with pytest.raises(openai.NotFoundError):
+        other.batches.create(input_file_id=batch.input_file_id,
+                             endpoint="/v1/chat/completions", completion_window="24h")
+    wait_final(client, batch.id)
+
+
+def test_cancel_mid_run_keeps_finished_lines_and_counts_add_up(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    # A slow engine, two lines at a time: the cancel lands mid-run.
+    gateway = start_gateway(engines=[sim_engine(speed=2.0)], engine="sim", batch_window=2)
+    model = sim_model_id(gateway)
+    client = gateway.client()
+    lines = [chat_line(f"t{i}", model, max_tokens=20) for i in range(30)]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    deadline = time.monotonic() + 20
+    while client.batches.retrieve(batch.id).request_counts.completed < 2:  # type: ignore[union-attr]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    batch = wait_final(client, batch.id)
+    assert batch.status == "cancelled" and batch.cancelled_at
+    counts = batch.request_counts
+    assert counts is not None and counts.total == 30
+    output = read_jsonl(client, batch.output_file_id)
+    errors = read_jsonl(client, batch.error_file_id)
+    assert counts.completed == len(output) >= 2 and counts.failed == len(errors) > 0
+    assert len(output) + len(errors) == 30
+    assert sorted(o["custom_id"] for o in output + errors) == sorted(f"t{i}" for i in range(30))
+    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
+    # Finished lines are billed, once each; the rest are not.
+    rows = _wait_rows(gateway, "req_" + batch.id.removeprefix("batch_"), len(output))
+    time.sleep(0.2)
+    rows = ledger_rows(gateway, "req_" + batch.id.removeprefix("batch_"))
+    assert sorted(r["request_id"] for r in rows) == sorted(
+        o["response"]["request_id"] for o in output
+    )
+
+
+def test_kill_9_mid_batch_resumes_without_doubling(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`flexserve serve` killed mid-batch and started again on the same
+    database: the batch completes, no custom_id twice, each line billed once,
+    and lines finished before the kill are not run again."""
+    import os
+    import signal
+    from contextlib import ExitStack
+
+    from conftest import _make_org, run_async
+    from flexserve.bench.ledger_kill import SIM_PROFILE, start_gateway
+    from flexserve.engines.sim import PROFILES
+
+    home = tmp_path / "home"
+    home.mkdir()
+    _, key = run_async(_make_org(f"sqlite:///{home / 'flexserve.db'}", "kill-org", admin=False))
+    model = PROFILES[SIM_PROFILE].model_id
+    monkeypatch.setenv("FLEXSERVE_BATCH_WINDOW", "4")
+    db_path = home / "flexserve.db"
+    lines = [chat_line(f"k{i}", model, max_tokens=8) for i in range(40)]
+    with ExitStack() as stack:
+        server = start_gateway(stack, home, "batch-killed", speed=5.0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        batch = client.batches.create(
+            input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+            completion_window="24h",
+        )
+        deadline = time.monotonic() + 30
+        while client.batches.retrieve(batch.id).request_counts.completed < 6:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.killpg(server.pid, signal.SIGKILL)
+        server.process.wait(timeout=10)
+    with sqlite3.connect(db_path) as conn:
+        done_before = {
+            line for (line,) in conn.execute(
+                "SELECT line FROM batch_lines WHERE batch_id = ? AND state = 'done'", (batch.id,)
+            )
+        }
+    assert 6 <= len(done_before) < 40
+    with ExitStack() as stack:
+        server = start_gateway(stack, home, "batch-restarted", speed=50.0)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0)
+        final = wait_final(client, batch.id, timeout=60)
+        assert final.status == "completed", final
+        output = read_jsonl(client, final.output_file_id)
+    custom_ids = [o["custom_id"] for o in output]
+    assert sorted(custom_ids) == sorted(f"k{i}" for i in range(40))  # none twice, none lost
+    with sqlite3.connect(db_path) as conn:
+        attempts = dict(conn.execute(
+            "SELECT line, attempts FROM batch_lines WHERE batch_id = ?", (batch.id,)
+        ).fetchall())
+        billed = [r for (r,) in conn.execute(
+            "SELECT request_id FROM usage_records WHERE request_id LIKE ?",
+            ("req_" + batch.id.removeprefix("batch_") + "_%",),
+        )]
+    assert all(attempts[line] == 1 for line in done_before)  # not run again
+    assert sorted(billed) == sorted(o["response"]["request_id"] for o in output)
+
+
+def test_cli_lists_shows_and_cancels_across_organizations(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    from click.testing import CliRunner
+
+    from flexserve.cli import main
+
+    gateway = start_gateway(engines=[sim_engine(speed=1.0)], engine="sim", batch_window=1)
+    model = sim_model_id(gateway)
+    client = gateway.client()
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl([chat_line(f"c{i}", model, max_tokens=50)
+                                            for i in range(20)])),
+        endpoint="/v1/chat/completions", completion_window="24h",
+    )
+    runner = CliRunner()
+    db = ["--db", gateway.db_url]
+    listed = runner.invoke(main, ["batches", "list", *db])
+    assert listed.exit_code == 0, listed.output
+    assert batch.id in listed.output
+    shown = runner.invoke(main, ["batches", "show", batch.id, *db])
+    assert shown.exit_code == 0, shown.output
+    document = orjson.loads(shown.output)
+    assert document["id"] == batch.id and document["org_id"].startswith("org")
+    cancelled = runner.invoke(main, ["batches", "cancel", batch.id, *db])
+    assert cancelled.exit_code == 0, cancelled.output
+    # The running gateway notices and ends it.
+    final = wait_final(client, batch.id)
+    assert final.status == "cancelled"
+    counts = final.request_counts
+    assert counts is not None and counts.completed + counts.failed == 20
+    missing = runner.invoke(main, ["batches", "show", "batch_nope", *db])
+    assert missing.exit_code != 0
