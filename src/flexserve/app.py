@@ -38,12 +38,14 @@ from flexserve.api.request_id import RequestIdMiddleware, new_request_id
 from flexserve.api.pipeline import serve
 from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
+from flexserve.batches import Batches
 from flexserve.billing.journal import UsageJournal
 from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.engines.base import Engine, StepTimeModel
 from flexserve.errors import FlexServeError
+from flexserve.files import Files
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
@@ -226,7 +228,13 @@ def create_app(
                 verification_rate=CallRate(
                     settings.verification_submissions_per_minute, "identity-document submissions"
                 ),
+                files=Files(db, Path(settings.home) / "files"),
             )
+            # Batches in progress when the gateway stopped carry on from here.
+            batches = Batches(app.state.services, endpoints, app.state.services.files)
+            app.state.services.batches = batches
+            await batches.start()
+            stack.push_async_callback(batches.close)
             yield
 
     endpoints = inference_endpoints()

@@ -64,7 +64,7 @@ _ERRORS = {
         "Forbidden",
         "Not allowed: an admin key is needed, or the model needs a verified organization.",
     ),
-    "404": ("NotFound", "Unknown model or stored response."),
+    "404": ("NotFound", "Unknown model, stored response or file."),
     "413": ("TooLarge", "The body is larger than `max_body_bytes`."),
     "429": (
         "TooManyRequests",
@@ -277,6 +277,8 @@ def _operations() -> dict[tuple[str, str], Schema]:
             ],
             "responses": {"200": _ok(ref("ResponseItemList")), **_errors("400", "401", "404")},
         },
+        **_file_operations(),
+        **_batch_operations(),
         ("get", "/v1/models"): {
             "summary": "List the models served",
             "responses": {"200": _ok(ref("ModelList")), **_errors("400", "401")},
@@ -374,6 +376,105 @@ def _operations() -> dict[tuple[str, str], Schema]:
             "responses": {
                 "200": _ok({"type": "object"}, "FlexServe's OpenAPI document."),
                 **_errors("400"),
+            },
+        },
+    }
+
+
+def _batch_operations() -> dict[tuple[str, str], Schema]:
+    batch_id = _path("batch_id", "The `id` of a batch (`batch_…`).")
+    return {
+        ("post", "/v1/batches"): {
+            "summary": "Create a batch",
+            "description": (
+                "Its lines are validated, then run on the `batch` tier, below flex; every bad "
+                "line is listed in `errors.data` of a `failed` batch."
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ref("CreateBatchRequest")}},
+            },
+            "responses": {"200": _ok(ref("Batch")), **_errors("400", "401", "404")},
+        },
+        ("get", "/v1/batches"): {
+            "summary": "List the organization's batches, newest first",
+            "parameters": [
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                    "Batches per page.",
+                ),
+                _query("after", STRING, "The `last_id` of the previous page."),
+            ],
+            "responses": {"200": _ok(ref("ListBatchesResponse")), **_errors("400", "401")},
+        },
+        ("get", "/v1/batches/{batch_id}"): {
+            "summary": "Retrieve a batch",
+            "parameters": [batch_id],
+            "responses": {"200": _ok(ref("Batch")), **_errors("400", "401", "404")},
+        },
+        ("post", "/v1/batches/{batch_id}/cancel"): {
+            "summary": "Cancel a batch",
+            "description": "Finished lines are kept (and billed); the rest get `batch_cancelled`.",
+            "parameters": [batch_id],
+            "responses": {"200": _ok(ref("Batch")), **_errors("400", "401", "404")},
+        },
+    }
+
+
+def _file_operations() -> dict[tuple[str, str], Schema]:
+    file_id = _path("file_id", "The `id` of a file (`file-…`).")
+    return {
+        ("post", "/v1/files"): {
+            "summary": "Upload a file",
+            "description": (
+                "A multipart form; its text fields come before the `file` part. "
+                "`purpose=batch` files may have up to 200 MB and 50,000 lines (else 400)."
+            ),
+            "requestBody": {
+                "required": True,
+                "content": {"multipart/form-data": {"schema": ref("CreateFileRequest")}},
+            },
+            "responses": {"200": _ok(ref("OpenAIFile")), **_errors("400", "401")},
+        },
+        ("get", "/v1/files"): {
+            "summary": "List the organization's files",
+            "parameters": [
+                _query("purpose", {"type": "string", "maxLength": 64}, "Only files of this purpose."),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": 10000, "default": 10000},
+                    "Files per page.",
+                ),
+                _query(
+                    "order",
+                    {"type": "string", "enum": ["asc", "desc"], "default": "desc"},
+                    "By `created_at`: oldest or newest first.",
+                ),
+                _query("after", STRING, "The `last_id` of the previous page (400 if unknown)."),
+            ],
+            "responses": {"200": _ok(ref("ListFilesResponse")), **_errors("400", "401")},
+        },
+        ("get", "/v1/files/{file_id}"): {
+            "summary": "Retrieve a file",
+            "parameters": [file_id],
+            "responses": {"200": _ok(ref("OpenAIFile")), **_errors("400", "401", "404")},
+        },
+        ("delete", "/v1/files/{file_id}"): {
+            "summary": "Delete a file",
+            "parameters": [file_id],
+            "responses": {"200": _ok(ref("DeleteFileResponse")), **_errors("400", "401", "404")},
+        },
+        ("get", "/v1/files/{file_id}/content"): {
+            "summary": "Download a file's content",
+            "parameters": [file_id],
+            "responses": {
+                "200": _ok(
+                    {"type": "string", "format": "binary"},
+                    "The file's bytes.",
+                    media_type="application/octet-stream",
+                ),
+                **_errors("400", "401", "404"),
             },
         },
     }

@@ -300,6 +300,70 @@ _MODEL = object_of(
 )
 
 
+# Files (`/v1/files`), as OpenAI's `OpenAIFile`, `ListFilesResponse` and
+# `DeleteFileResponse`; the upload is the multipart form as sent on the wire.
+_FILE = object_of(
+    ("id", "object", "bytes", "created_at", "filename", "purpose", "status"),
+    id=STRING,
+    object={"type": "string", "enum": ["file"]},
+    bytes=INTEGER,
+    created_at=INTEGER,
+    expires_at=INTEGER,
+    filename=STRING,
+    purpose=STRING,
+    status={"type": "string", "enum": ["uploaded", "processed", "error"]},
+)
+
+_FILE_LIST = object_of(
+    ("object", "data", "first_id", "last_id", "has_more"),
+    object={"type": "string", "enum": ["list"]},
+    data={"type": "array", "items": ref("OpenAIFile")},
+    first_id=nullable(STRING),
+    last_id=nullable(STRING),
+    has_more=BOOLEAN,
+)
+
+_FILE_DELETED = object_of(
+    ("id", "object", "deleted"),
+    id=STRING,
+    object={"type": "string", "enum": ["file"]},
+    deleted=BOOLEAN,
+)
+
+# OpenAI's `expires_after` object, as its SDKs send it in a form.
+_EXPIRES_AFTER_FIELDS: dict[str, Schema] = {
+    "expires_after[anchor]": {
+        "type": "string",
+        "enum": ["created_at"],
+        "description": "Sent before `file`, with `expires_after[seconds]`.",
+    },
+    "expires_after[seconds]": {
+        "type": "integer",
+        "minimum": 3600,
+        "maximum": 2592000,
+        "description": "Seconds after `created_at` the file expires (batch default: 30 days).",
+    },
+}
+
+_FILE_UPLOAD = {
+    **object_of(
+        ("purpose", "file"),
+        purpose={
+            "type": "string",
+            "enum": ["batch", "user_data"],
+            "description": "Sent before `file`. `batch`: up to 200 MB and 50,000 lines.",
+        },
+        **_EXPIRES_AFTER_FIELDS,
+        file={"type": "string", "format": "binary", "description": "The content, with a filename."},
+    ),
+    "additionalProperties": False,
+    "dependentRequired": {
+        "expires_after[anchor]": ["expires_after[seconds]"],
+        "expires_after[seconds]": ["expires_after[anchor]"],
+    },
+}
+
+
 def _list_of(item: Schema) -> Schema:
     return object_of(
         ("object", "data"),
@@ -474,7 +538,19 @@ def response_schemas() -> dict[str, Schema]:
         "FlexSavingsPage": _page_of(ref("FlexSavingsResult")),
         "Verification": _VERIFICATION,
         "Health": _HEALTH,
+        "OpenAIFile": _FILE,
+        "ListFilesResponse": _FILE_LIST,
+        "DeleteFileResponse": _FILE_DELETED,
+        "CreateFileRequest": _FILE_UPLOAD,
+        **batch_schemas(),
     }
+
+
+def batch_schemas() -> dict[str, Schema]:
+    # Its own module: imported here, where it is used, as it imports this one.
+    from flexserve.api.openapi_batch_schemas import batch_schemas as schemas
+
+    return schemas()
 
 
 def component_schemas(settings: Settings) -> dict[str, Schema]:

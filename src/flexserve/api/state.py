@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from flexserve.accounts import Accounts
 from flexserve.accounts.verification import Verifications
@@ -13,8 +14,12 @@ from flexserve.api.metrics import GatewayMetrics
 from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
+from flexserve.files import Files
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
+
+if TYPE_CHECKING:
+    from flexserve.batches import Batches
 
 
 @dataclass(eq=False)
@@ -32,5 +37,9 @@ class Services:
     db: Database
     # Identity-document submissions per organization per minute.
     verification_rate: CallRate
+    # Uploaded files and batch output (`/v1/files`).
+    files: Files
     # The requests in progress, ended cleanly when the server shuts down.
     drain: Drain = field(default_factory=Drain)
+    # The Batch API's service and runner (None until the lifespan starts it).
+    batches: Batches | None = None

@@ -224,3 +224,80 @@ stored_responses = Table(
     Column("conversation", Text, nullable=False),
     Index("ix_stored_responses_org_id_created_at", "org_id", "created_at"),
 )
+
+# Uploaded files (`/v1/files`) and the batch output files; the content lives
+# in the file store (a directory under `home` by default), named by `id`.
+files = Table(
+    "files",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "file-…"
+    Column("org_id", String(40), ForeignKey("organizations.id"), nullable=False),
+    Column("purpose", String(32), nullable=False),
+    Column("filename", String(255), nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    # NULL: kept until deleted.
+    Column("expires_at", BigInteger, nullable=True),
+    Index("ix_files_org_id_created_at", "org_id", "created_at"),
+    Index("ix_files_expires_at", "expires_at"),
+)
+
+# Batches (`/v1/batches`): the batch object, and each input line's durable
+# state, so that a restarted gateway resumes a batch without running a
+# finished line again.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", String(64), primary_key=True),  # "batch_…"
+    Column("org_id", String(40), ForeignKey("organizations.id"), nullable=False),
+    Column("project_id", String(40), nullable=False),
+    # The key that created it: its lines are billed and rate-limited as that key's.
+    Column("api_key_id", String(40), nullable=False),
+    Column("endpoint", String(64), nullable=False),
+    Column("input_file_id", String(64), nullable=False),
+    Column("completion_window", String(16), nullable=False),
+    # validating, in_progress, finalizing, completed, failed, expired, cancelling, cancelled.
+    Column("status", String(16), nullable=False),
+    Column("model", String, nullable=True),
+    Column("output_file_id", String(64), nullable=True),
+    Column("error_file_id", String(64), nullable=True),
+    # `errors.data` of a batch that failed validation (JSON list); NULL: none.
+    Column("errors", Text, nullable=True),
+    Column("metadata", Text, nullable=True),  # JSON object
+    Column("total", Integer, nullable=False, server_default="0"),
+    Column("completed", Integer, nullable=False, server_default="0"),
+    Column("failed", Integer, nullable=False, server_default="0"),
+    Column("created_at", BigInteger, nullable=False),
+    Column("expires_at", BigInteger, nullable=False),
+    Column("in_progress_at", BigInteger, nullable=True),
+    Column("finalizing_at", BigInteger, nullable=True),
+    Column("completed_at", BigInteger, nullable=True),
+    Column("failed_at", BigInteger, nullable=True),
+    Column("expired_at", BigInteger, nullable=True),
+    Column("cancelling_at", BigInteger, nullable=True),
+    Column("cancelled_at", BigInteger, nullable=True),
+    Index("ix_batches_org_id_created_at", "org_id", "created_at"),
+    Index("ix_batches_status", "status"),
+)
+
+batch_lines = Table(
+    "batch_lines",
+    metadata,
+    Column("batch_id", String(64), ForeignKey("batches.id"), primary_key=True),
+    Column("line", Integer, primary_key=True),  # 1-based, as in the input file
+    Column("custom_id", String, nullable=False),
+    Column("body", Text, nullable=False),  # the request body (JSON)
+    # pending, running, done (an output line) or failed (an error line).
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("request_id", String(64), nullable=False),
+    Column("status_code", Integer, nullable=True),
+    Column("response", Text, nullable=True),  # the response body (JSON)
+    # A failure outside HTTP (batch_cancelled, batch_expired…): code and message.
+    Column("error_code", String(64), nullable=True),
+    Column("error_message", Text, nullable=True),
+    Column("prompt_tokens", Integer, nullable=False, server_default="0"),
+    Column("completion_tokens", Integer, nullable=False, server_default="0"),
+    Column("cached_tokens", Integer, nullable=False, server_default="0"),
+    Index("ix_batch_lines_batch_id_state", "batch_id", "state"),
+)
