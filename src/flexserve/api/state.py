@@ -30,7 +30,7 @@ class Services:
     scheduler: Scheduler
     usage: UsageWriter
     metrics: GatewayMetrics
-    # Billing and governance (issue 4): admission gates and metering, the
+    # Billing and governance: admission gates and metering, the
     # verification workflow, and the database the admin reports read.
     gate: Gate
     verifications: Verifications
