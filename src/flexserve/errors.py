@@ -18,8 +18,11 @@ of them (and anything unexpected) into OpenAI's envelope
     ├── EngineError                     (502 upstream_error: the engine failed)
     ├── EngineUnavailableError          (503 engine_unavailable: no healthy replica)
     │   └── EngineOverloadedError       (503 engine_overloaded, Retry-After: replicas turned it away)
-    ├── LedgerUnavailableError          (503 ledger_unavailable, Retry-After: usage cannot be recorded)
-    ├── ServiceUnavailableError         (503 service_unavailable, Retry-After: the gateway or its database is busy)
+    ├── ServiceUnavailableError         (503 service_unavailable, Retry-After: the gateway or its database is busy,
+    │   │                                 or it is shutting down: server_shutting_down)
+    │   ├── LedgerUnavailableError      (503 ledger_unavailable: usage cannot be recorded)
+    │   └── TooManyConnectionsError     (503 too_many_connections: past the connection caps)
+    ├── RequestTimeoutError             (408 request_timeout: headers or body too slow)
     └── EngineTimeoutError              (504 upstream_timeout)
 
 Engines raise the ``Engine*`` errors, translating their transport's own
@@ -171,20 +174,6 @@ class EngineOverloadedError(EngineUnavailableError):
         self.retry_after = retry_after
 
 
-class LedgerUnavailableError(FlexServeError):
-    """A new billable request is refused because its usage could not be
-    recorded safely: the database has been away long enough that the rows
-    waiting for it reached their bound, or the usage journal cannot be written.
-    Nothing ran, so nothing is billed."""
-
-    status_code = 503
-    error_type = "api_error"
-    code = "ledger_unavailable"
-
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message, headers=_retry_after(retry_after))
-
-
 class ServiceUnavailableError(FlexServeError):
     """The gateway itself cannot take the request now: its database is locked
     or unreachable, or the bounded pool for expensive work is full. Retrying
@@ -194,8 +183,31 @@ class ServiceUnavailableError(FlexServeError):
     error_type = "api_error"
     code = "service_unavailable"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message, headers=_retry_after(retry_after))
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code, headers=_retry_after(retry_after))
+
+
+class LedgerUnavailableError(ServiceUnavailableError):
+    """A new billable request is refused because its usage could not be
+    recorded safely: the database has been away long enough that the rows
+    waiting for it reached their bound, or the usage journal cannot be written.
+    Nothing ran, so nothing is billed."""
+
+    code = "ledger_unavailable"
+
+
+class TooManyConnectionsError(ServiceUnavailableError):
+    """A new connection past the gateway's cap, or its client's."""
+
+    code = "too_many_connections"
+
+
+class RequestTimeoutError(FlexServeError):
+    """The client took too long to send its request's headers or body."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class EngineTimeoutError(FlexServeError):

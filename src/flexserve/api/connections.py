@@ -58,7 +58,7 @@ from prometheus_client.registry import Collector
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from flexserve.api.request_id import new_request_id
-from flexserve.errors import FlexServeError
+from flexserve.errors import FlexServeError, RequestTimeoutError, TooManyConnectionsError
 
 if TYPE_CHECKING:
     from flexserve.config import Settings
@@ -87,22 +87,6 @@ _UNSTAMPED = -1.0
 
 REFUSED_TOTAL = "max_connections"
 REFUSED_PER_CLIENT = "max_connections_per_client"
-
-
-class TooManyConnectionsError(FlexServeError):
-    """A new connection past the gateway's cap, or its client's."""
-
-    status_code = 503
-    error_type = "api_error"
-    code = "too_many_connections"
-
-
-class RequestTimeoutError(FlexServeError):
-    """The client took too long to send its request's headers or body."""
-
-    status_code = 408
-    error_type = "invalid_request_error"
-    code = "request_timeout"
 
 
 @dataclass(frozen=True)
@@ -237,7 +221,7 @@ class ConnectionGuard:
             )
         else:
             message = "The server holds as many connections as it can; retry later."
-        exc = TooManyConnectionsError(message, headers={"retry-after": str(_RETRY_AFTER)})
+        exc = TooManyConnectionsError(message, retry_after=_RETRY_AFTER)
         return _http_error(exc, b"HTTP/1.1 503 Service Unavailable")
 
     def timeout_response(self, phase: str) -> bytes:

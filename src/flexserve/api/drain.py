@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 from typing import Protocol
 
-from flexserve.errors import EngineUnavailableError
+from flexserve.errors import ServiceUnavailableError
 
 # Seconds uvicorn waits past the grace before it cancels what is left.
 END_MARGIN = 3.0
@@ -72,10 +72,10 @@ class Drain:
             request.end()
 
 
-def shutting_down() -> EngineUnavailableError:
+def shutting_down() -> ServiceUnavailableError:
     """What a request the server will not finish is answered."""
-    return EngineUnavailableError(
+    return ServiceUnavailableError(
         "The server is shutting down and ended this request before it finished; retry it.",
+        retry_after=1,
         code="server_shutting_down",
-        headers={"Retry-After": "1"},
     )
