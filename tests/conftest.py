@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -164,6 +168,47 @@ def sim_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
 def sim_model_id(gateway: Gateway) -> str:
     with gateway.http() as http:
         return str(http.get("/v1/models").json()["data"][0]["id"])
+
+
+@contextlib.contextmanager
+def serve_process(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
+    """`flexserve serve ARGS` as a user starts it (a real process, no
+    FLEXSERVE_* from this environment but ``env``), on a free port with
+    ``home``; yields it once /healthz answers, with its URL and its log file.
+    Stopped at the end (SIGTERM, then SIGKILL) unless it already has."""
+    port = free_port()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("FLEXSERVE_")}
+    environ.update(env or {})
+    log = home / f"serve-{port}.log"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "flexserve.cli", "serve", "--port", str(port), "--home", str(home),
+             *args],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=environ,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        yield process, url, log
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        process.wait(timeout=30)
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

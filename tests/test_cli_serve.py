@@ -7,44 +7,19 @@ import os
 import re
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import openai
 
-from conftest import free_port
+from conftest import serve_process
 
 
 @contextmanager
 def serve(home: Path, *args: str) -> Iterator[tuple[str, list[str]]]:
-    port = free_port()
-    log = home / f"serve-{port}.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXSERVE_")}
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flexserve.cli", "serve", "--engine", "sim", "--sim-speed", "50",
-             "--port", str(port), "--home", str(home), *args],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    with serve_process(home, "--engine", "sim", "--sim-speed", "50", *args) as (_, url, log):
         yield url, log.read_text().splitlines()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_first_start_prints_a_working_demo_key(tmp_path: Path) -> None:

@@ -5,11 +5,8 @@ the gateway recovers; requests waiting server-side are never cut."""
 
 from __future__ import annotations
 
-import os
 import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +18,7 @@ import openai
 import orjson
 import pytest
 
-from conftest import Gateway, free_port, sim_engine, sim_model_id, wait_for
+from conftest import Gateway, serve_process, sim_engine, sim_model_id, wait_for
 
 MESSAGES = [{"role": "user", "content": "Say hello."}]
 # Short timeouts, so that the tests wait little; the tests never assert timings.
@@ -301,27 +298,9 @@ def test_stray_bytes_during_a_response_do_not_cut_it(one_slot_gateway: tuple[Gat
 def test_flexserve_serve_applies_the_guard_and_logs_once(tmp_path: Path) -> None:
     """The protections as `flexserve serve` starts them, with the summary log
     line an operator sees (one line for many refusals, not one each)."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXSERVE_")}
-    env.update({"FLEXSERVE_MAX_CONNECTIONS_PER_CLIENT": "2", "FLEXSERVE_HEADER_TIMEOUT": "0.3",
-                "FLEXSERVE_KEEP_ALIVE_TIMEOUT": "30", "FLEXSERVE_BOOTSTRAP_DEMO": "false"})
-    log = tmp_path / "serve.log"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flexserve.cli", "serve", "--engine", "sim", "--port", str(port),
-             "--home", str(tmp_path)],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            assert process.poll() is None, log.read_text()
-            try:
-                return httpx.get(url + "/healthz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(ready, timeout=60)
+    env = {"FLEXSERVE_MAX_CONNECTIONS_PER_CLIENT": "2", "FLEXSERVE_HEADER_TIMEOUT": "0.3",
+           "FLEXSERVE_KEEP_ALIVE_TIMEOUT": "30", "FLEXSERVE_BOOTSTRAP_DEMO": "false"}
+    with serve_process(tmp_path, "--engine", "sim", env=env) as (_, url, log):
         with ExitStack() as stack:
             _hold(stack, url, "127.0.0.7", 2)
             for _ in range(5):
@@ -331,9 +310,6 @@ def test_flexserve_serve_applies_the_guard_and_logs_once(tmp_path: Path) -> None
             assert _status_and_error(_trickle_until_closed(slow, b"X-Slow: 1\r\n"))[0] == 408
         assert _metric(url, 'flexserve_connections_refused_total{reason="max_connections_per_client"}') == 5
         assert _metric(url, 'flexserve_connection_timeouts_total{phase="header"}') == 1
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
     lines = [line for line in log.read_text().splitlines() if "flexserve.api.connections" in line]
     # The first refusal is reported at once; the rest, and the timeout, in one
     # summary line when the interval is over (or not at all if the process

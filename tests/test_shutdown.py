@@ -6,13 +6,10 @@ charged (status `aborted`); the ledger in the SQLite file says so."""
 
 from __future__ import annotations
 
-import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +18,7 @@ import httpx
 import orjson
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import serve_process, wait_for
 from test_error_shape import assert_envelope
 
 MODEL = "llama3-8b-sim-h100"
@@ -43,32 +40,10 @@ def gateway_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], s
     answer takes tens of seconds), its URL, demo key and home directory."""
     config = tmp_path / "flexserve.toml"
     config.write_text(CONFIG)
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FLEXSERVE_")}
-    log = tmp_path / "serve.log"
-    with open(log, "w") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "flexserve.cli", "serve", "--engine", "sim", "--sim-speed", "1",
-             "--port", str(port), "--home", str(tmp_path), "--config", str(config)],
-            stdout=subprocess.DEVNULL, stderr=stderr, env=env,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+    with serve_process(tmp_path, "--engine", "sim", "--sim-speed", "1", "--config", str(config)) as (
+        process, url, _
+    ):
         yield process, url, (tmp_path / "demo_key").read_text().strip(), tmp_path
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
 
 
 def _in_flight(url: str) -> float:
