@@ -132,17 +132,22 @@ class ChatCompletions(Endpoint):
         return ChatOutput(call)
 
 
-class ChatOutput(Output):
-    """A chat completion, or its `chat.completion.chunk`s."""
+class ChunkedOutput(Output):
+    """What chat completions and completions answer alike: the choices
+    collected for a whole answer, and stream chunks that share one head
+    (`id`, `object`, `created`, `model`, `service_tier`), with the usage chunk
+    and `[DONE]` last."""
 
-    __slots__ = ("_call", "_choices", "_head", "_usage_null")
+    __slots__ = ("_call", "_choices", "_head", "_id", "_object", "_usage_null")
 
-    def __init__(self, call: Call) -> None:
+    def __init__(self, call: Call, id_prefix: str, object_: str, chunk_object: str) -> None:
         self._call = call
         self._choices = Choices()
+        self._id = id_prefix + call.request_id[4:]
+        self._object = object_
         head = {
-            "id": "chatcmpl-" + call.request_id[4:],
-            "object": "chat.completion.chunk",
+            "id": self._id,
+            "object": chunk_object,
             "created": call.created,
             "model": call.model,
             "service_tier": call.served_tier.value,
@@ -151,13 +156,44 @@ class ChatOutput(Output):
         self._head = b"data: " + orjson.dumps(head)[:-1]
         self._usage_null = b',"usage":null' if call.inference.include_usage else b""
 
-    # --- the whole answer ------------------------------------------------------
-
     def collect(self, delta: Delta) -> None:
         self._choices.add(delta)
 
-    def document(self, usage: Usage) -> dict[str, Any]:
+    def _document(self, choices: list[dict[str, Any]], usage: Usage) -> dict[str, Any]:
         call = self._call
+        return {
+            "id": self._id,
+            "object": self._object,
+            "created": call.created,
+            "model": call.model,
+            "service_tier": call.served_tier.value,
+            "choices": choices,
+            "usage": usage_dict(usage),
+        }
+
+    def _chunk(self, choice: dict[str, Any]) -> bytes:
+        return self._head + b',"choices":[' + orjson.dumps(choice) + b"]" + self._usage_null + b"}\n\n"
+
+    def close(self, usage: Usage) -> bytes:
+        if not self._call.inference.include_usage:
+            return DONE
+        return self._head + b',"choices":[],"usage":' + orjson.dumps(usage_dict(usage)) + b"}\n\n" + DONE
+
+    def failed(self, error: BaseException) -> bytes:
+        return b"event: error\ndata: " + error_parts(error)[1] + b"\n\n"
+
+
+class ChatOutput(ChunkedOutput):
+    """A chat completion, or its `chat.completion.chunk`s."""
+
+    __slots__ = ()
+
+    def __init__(self, call: Call) -> None:
+        super().__init__(call, "chatcmpl-", "chat.completion", "chat.completion.chunk")
+
+    # --- the whole answer ------------------------------------------------------
+
+    def document(self, usage: Usage) -> dict[str, Any]:
         choices = []
         for choice in self._choices:
             message: dict[str, Any] = {
@@ -183,20 +219,9 @@ class ChatOutput(Output):
                 "logprobs": logprobs,
                 "finish_reason": choice.finish_reason or "stop",
             })
-        return {
-            "id": "chatcmpl-" + call.request_id[4:],
-            "object": "chat.completion",
-            "created": call.created,
-            "model": call.model,
-            "service_tier": call.served_tier.value,
-            "choices": choices,
-            "usage": usage_dict(usage),
-        }
+        return self._document(choices, usage)
 
     # --- the stream ------------------------------------------------------------
-
-    def _chunk(self, choice: dict[str, Any]) -> bytes:
-        return self._head + b',"choices":[' + orjson.dumps(choice) + b"]" + self._usage_null + b"}\n\n"
 
     def open(self) -> bytes:
         # The role first, for every choice.
@@ -229,11 +254,3 @@ class ChatOutput(Output):
             "logprobs": logprobs,
             "finish_reason": delta.finish_reason,
         })
-
-    def close(self, usage: Usage) -> bytes:
-        if not self._call.inference.include_usage:
-            return DONE
-        return self._head + b',"choices":[],"usage":' + orjson.dumps(usage_dict(usage)) + b"}\n\n" + DONE
-
-    def failed(self, error: BaseException) -> bytes:
-        return b"event: error\ndata: " + error_parts(error)[1] + b"\n\n"

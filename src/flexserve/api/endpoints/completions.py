@@ -6,18 +6,14 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
 
 from flexserve.api.endpoints.chat import (
-    DONE,
+    ChunkedOutput,
     check_max_tokens,
     check_service_tier,
     check_stream_options,
     engine_body,
-    usage_dict,
 )
-from flexserve.api.endpoints.choices import Choices
-from flexserve.api.errors import error_parts
 from flexserve.api.inference import Call, Endpoint, Inference, Output
 from flexserve.api.schemas import convert
 from flexserve.api.schemas.completions import (
@@ -98,28 +94,15 @@ class Completions(Endpoint):
         return CompletionOutput(call)
 
 
-class CompletionOutput(Output):
+class CompletionOutput(ChunkedOutput):
     """A `text_completion`, whole or as stream chunks."""
 
-    def __init__(self, call: Call) -> None:
-        self._call = call
-        self._choices = Choices()
-        self._id = "cmpl-" + call.request_id[4:]
-        head = {
-            "id": self._id,
-            "object": "text_completion",
-            "created": call.created,
-            "model": call.model,
-            "service_tier": call.served_tier.value,
-        }
-        self._head = b"data: " + orjson.dumps(head)[:-1]
-        self._usage_null = b',"usage":null' if call.inference.include_usage else b""
+    __slots__ = ()
 
-    def collect(self, delta: Delta) -> None:
-        self._choices.add(delta)
+    def __init__(self, call: Call) -> None:
+        super().__init__(call, "cmpl-", "text_completion", "text_completion")
 
     def document(self, usage: Usage) -> dict[str, Any]:
-        call = self._call
         choices = [
             {
                 "index": choice.index,
@@ -129,15 +112,7 @@ class CompletionOutput(Output):
             }
             for choice in self._choices
         ]
-        return {
-            "id": self._id,
-            "object": "text_completion",
-            "created": call.created,
-            "model": call.model,
-            "service_tier": call.served_tier.value,
-            "choices": choices,
-            "usage": usage_dict(usage),
-        }
+        return self._document(choices, usage)
 
     def open(self) -> bytes:
         return b""
@@ -151,15 +126,7 @@ class CompletionOutput(Output):
             "logprobs": delta.logprobs,
             "finish_reason": delta.finish_reason,
         }
-        return self._head + b',"choices":[' + orjson.dumps(choice) + b"]" + self._usage_null + b"}\n\n"
-
-    def close(self, usage: Usage) -> bytes:
-        if not self._call.inference.include_usage:
-            return DONE
-        return self._head + b',"choices":[],"usage":' + orjson.dumps(usage_dict(usage)) + b"}\n\n" + DONE
-
-    def failed(self, error: BaseException) -> bytes:
-        return b"event: error\ndata: " + error_parts(error)[1] + b"\n\n"
+        return self._chunk(choice)
 
 
 def _logprobs(lists: dict[str, list[Any]] | None) -> dict[str, Any] | None:
