@@ -26,7 +26,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import httpx
@@ -43,6 +43,7 @@ START_TIMEOUT = 600.0
 IDLE_TIMEOUT = 120.0
 
 _TIMINGS = pytest.StashKey[dict[str, float]]()
+_LOG = pytest.StashKey[Path]()
 
 
 def server_command(python: str, model_dir: Path, port: int) -> list[str]:
@@ -161,6 +162,7 @@ def vllm(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReques
 
     port = free_port()
     log_path = work / "vllm.log"
+    request.config.stash[_LOG] = log_path
     started = time.monotonic()
     with log_path.open("wb") as log:
         # Its own session: the process group is what _stop ends. Its working
@@ -204,6 +206,18 @@ def vllm_falls_idle(vllm: VllmServer) -> Iterator[None]:
 def gateway(start_gateway: Callable[..., Gateway], vllm: VllmServer) -> Gateway:
     """A FlexServe gateway in front of the vLLM server, with default settings."""
     return start_gateway(engine="upstream", upstreams=[vllm.url])
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test's report carries the end of vLLM's log: what vLLM saw then."""
+    report = yield
+    log_path = item.config.stash.get(_LOG, None)
+    if report.failed and log_path is not None:
+        report.sections.append(("vLLM log (last lines)", _log_tail(log_path, 60)))
+    return report
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

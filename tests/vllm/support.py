@@ -135,6 +135,11 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
         thread.start()
     try:
         yield
+    except BaseException as exc:
+        # A holder that failed is most often why the test's wait did not end.
+        if errors:
+            raise AssertionError(f"{exc}; and a holder failed: {errors[0]!r}") from exc
+        raise
     finally:
         stop.set()
         for thread in threads:
