@@ -9,7 +9,7 @@ is left, and every lookup a client makes is scoped to its organization.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +22,8 @@ from flexserve.store.schema import batch_lines, batches
 # Statuses in which the runner still has work to do on a batch.
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
 FINAL_STATUSES = ("completed", "failed", "expired", "cancelled")
+# Finished lines read from the database at a time.
+_PAGE = 500
 _TIMESTAMPS = (
     "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at",
@@ -220,7 +222,12 @@ class BatchStore:
                 .values(failed=batches.c.failed + result.rowcount)
             )
 
-    async def finished_lines(self, batch_id: str) -> list[Any]:
+    async def finished_lines(
+        self, batch_id: str, *, after: int = -1, limit: int = _PAGE
+    ) -> list[Any]:
+        """Up to ``limit`` finished lines past line number ``after``, in file
+        order: read a page at a time, so a 50,000-line batch's results are
+        never all in memory at once."""
         async with self._db.engine.connect() as conn:
             return list(
                 (
@@ -228,12 +235,25 @@ class BatchStore:
                         select(batch_lines)
                         .where(
                             batch_lines.c.batch_id == batch_id,
+                            batch_lines.c.line > after,
                             batch_lines.c.state.in_(("done", "failed")),
                         )
                         .order_by(batch_lines.c.line)
+                        .limit(limit)
                     )
                 ).mappings()
             )
+
+    async def iter_finished(self, batch_id: str) -> AsyncIterator[Any]:
+        """Every finished line, in file order, a page at a time."""
+        after = -1
+        while True:
+            page = await self.finished_lines(batch_id, after=after)
+            for line in page:
+                yield line
+            if len(page) < _PAGE:
+                return
+            after = page[-1]["line"]
 
     async def usage(self, batch_id: str) -> tuple[int, int, int]:
         """Prompt, completion and cached tokens of the batch's output lines."""
