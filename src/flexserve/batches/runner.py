@@ -1,9 +1,10 @@
 """Runs batches: one task per active batch, in the gateway's own process.
 
 Each batch moves validating → in_progress → finalizing → completed (or
-failed, expired, cancelling → cancelled). While in progress, at most
-``batch_window`` of its lines are in flight; the rest wait in the database,
-not in the scheduler's queue. Lines are claimed (marked running) a window at
+failed, expired, cancelling → cancelled). While in progress, an organization
+has at most ``batch_window`` lines in flight across its batches, given first
+to the batch whose window closes first (``batches/lanes.py``); the rest wait
+in the database, not in the scheduler's queue. Lines are claimed (marked running) a window at
 a time and their results recorded in batches of a few, with the batch's
 counts, in one transaction each.
 
@@ -28,6 +29,7 @@ from sqlalchemy import select
 from flexserve.accounts import Principal
 from flexserve.api.inference import Endpoint
 from flexserve.api.state import Services
+from flexserve.batches.lanes import BatchLanes
 from flexserve.batches.lines import Retry, error_result, run_line
 from flexserve.batches.store import BatchStore, LineResult, PendingLine
 from flexserve.batches.validate import check_file
@@ -76,6 +78,8 @@ class BatchRunner:
         self._jobs: dict[str, _Job] = {}
         self._closing = False
         self._tmp = Path(services.settings.home) / "batches"
+        # Lines in flight per organization, given to its batches by deadline.
+        self.lanes = BatchLanes(max(1, services.settings.batch_window))
 
     async def start(self) -> None:
         for batch_id in await self._store.active_ids():
@@ -206,12 +210,13 @@ class BatchRunner:
         """Run the lines until none is left or the job is stopped; the reason it
         stopped ("done", "cancel", "expire", "shutdown")."""
         store = self._store
-        settings = self._services.settings
         endpoint = self._endpoints[row["endpoint"]]
         principal = await self._principal(row)
         await store.reset_running(job.batch_id)
-        window = max(1, settings.batch_window)
+        lanes, org_id, deadline = self.lanes, row["org_id"], float(row["expires_at"])
         in_flight: dict[asyncio.Task[None], PendingLine] = {}
+        # Room asked of the organization's lane and not yet used.
+        room: asyncio.Future[int] | None = None
         exhausted = False
         checked_at = time.monotonic()
         try:
@@ -226,26 +231,35 @@ class BatchRunner:
                     if current is not None and current["status"] != "in_progress":
                         job.stop("cancel")
                         break
-                if not exhausted and len(in_flight) <= window // 2:
-                    claimed = await store.claim(job.batch_id, window - len(in_flight))
-                    exhausted = len(claimed) < window - len(in_flight)
+                if not exhausted and room is None and len(in_flight) <= lanes.size // 2:
+                    room = lanes.request(org_id, deadline, lanes.size - len(in_flight))
+                if room is not None and room.done():
+                    granted, room = room.result(), None
+                    claimed = await store.claim(job.batch_id, granted)
+                    exhausted = len(claimed) < granted
+                    lanes.give_back(org_id, granted - len(claimed))
                     for line in claimed:
                         task = asyncio.create_task(self._line(job, endpoint, principal, line))
+                        task.add_done_callback(lambda _: lanes.give_back(org_id, 1))
                         in_flight[task] = line
-                if not in_flight:
+                if not in_flight and room is None:
                     break
                 stop_wait: asyncio.Future[Any] = asyncio.ensure_future(job.stopped.wait())
                 waiting: set[asyncio.Future[Any]] = {*in_flight, stop_wait}
+                if room is not None:
+                    waiting.add(room)
                 done, _ = await asyncio.wait(
                     waiting, timeout=_FLUSH_INTERVAL if job.results else 1.0,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 stop_wait.cancel()
                 for finished in done:
-                    if finished is not stop_wait:
+                    if finished is not stop_wait and finished is not room:
                         in_flight.pop(finished)  # type: ignore[call-overload]
                 await self._flush(job)
         finally:
+            if room is not None:
+                lanes.withdraw(org_id, room)
             for task in in_flight:
                 task.cancel()
             if in_flight:
@@ -310,7 +324,7 @@ class BatchRunner:
         err_path = self._tmp / f"{batch_id}_error.jsonl"
         num_out = num_err = 0
         with out_path.open("wb") as out, err_path.open("wb") as err:
-            for line in await self._store.finished_lines(batch_id):
+            async for line in self._store.iter_finished(batch_id):
                 item = _output_line(batch_id, line)
                 if line["state"] == "done":
                     out.write(item)
