@@ -14,6 +14,7 @@ import openai
 import orjson
 import pytest
 
+from billing_support import cli
 from conftest import Gateway, sim_engine, sim_model_id
 from openapi import validate
 
@@ -340,3 +341,96 @@ def test_cli_lists_shows_and_cancels_across_organizations(
     assert counts is not None and counts.completed + counts.failed == 20
     missing = runner.invoke(main, ["batches", "show", "batch_nope", *db])
     assert missing.exit_code != 0
+
+
+def _counts(client: openai.OpenAI, batch_id: str) -> Any:
+    counts = client.batches.retrieve(batch_id).request_counts
+    assert counts is not None
+    return counts
+
+
+def test_progress_and_output_so_far_while_in_progress(
+    start_gateway: Callable[..., Gateway], tmp_path: Any,
+) -> None:
+    """The batch object shows lines in flight, cost so far and an estimated
+    end while it runs; `/output` serves the finished lines, each whole."""
+    db_url = f"sqlite:///{tmp_path / 'flexserve.db'}"
+    model = sim_engine().models()[0].id
+    cli(db_url, "prices", "set", model, "--input", "1", "--output", "4")
+    gateway = start_gateway(engines=[sim_engine(speed=4.0)], engine="sim", batch_window=2,
+                            db=db_url)
+    client = gateway.client()
+    lines = [chat_line(f"p{i}", model, max_tokens=12) for i in range(80)]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    deadline = time.monotonic() + 30
+    while _counts(client, batch.id).completed < 4:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with gateway.http() as http:
+        document = http.get(f"/v1/batches/{batch.id}").json()
+        validate(document, "Batch")
+        completed = document["request_counts"]["completed"]
+        so_far = http.get(f"/v1/batches/{batch.id}/output")
+        assert so_far.status_code == 200
+        partial = [orjson.loads(line) for line in so_far.content.splitlines()]
+    assert document["status"] == "in_progress"
+    extra = document["flexserve"]
+    assert 1 <= extra["lines_in_flight"] <= 2
+    assert extra["estimated_completion_at"] >= document["created_at"]
+    assert len(partial) >= completed >= 4
+    assert all(item["response"]["status_code"] == 200 for item in partial)
+    final = wait_final(client, batch.id, timeout=60)
+    with gateway.http() as http:
+        done = http.get(f"/v1/batches/{final.id}").json()
+        whole = http.get(f"/v1/batches/{final.id}/output").content
+        assert http.get(f"/v1/batches/{final.id}/errors").content == b""
+    # The output so far was the start of the output file, in input order.
+    output = client.files.content(final.output_file_id).content  # type: ignore[arg-type]
+    assert whole == output
+    assert [o["custom_id"] for o in partial] == [
+        orjson.loads(line)["custom_id"] for line in output.splitlines()[: len(partial)]
+    ]
+    # What it cost is what its ledger rows cost.
+    rows = _wait_rows(gateway, "req_" + final.id.removeprefix("batch_"), 80)
+    pico = sum(r["input_cost_pico"] + r["cached_input_cost_pico"] + r["output_cost_pico"]
+               for r in rows)
+    assert pico > 0
+    assert done["flexserve"]["cost"] == {"value": pico / 1e12, "currency": "usd"}
+    assert done["flexserve"]["lines_in_flight"] == 0
+
+
+def test_expiry_mid_run_keeps_finished_lines_and_fails_the_rest(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    gateway = start_gateway(engines=[sim_engine(speed=1.0)], engine="sim", batch_window=1)
+    model = sim_model_id(gateway)
+    client = gateway.client()
+    lines = [chat_line(f"x{i}", model, max_tokens=50) for i in range(30)]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    deadline = time.monotonic() + 20
+    while _counts(client, batch.id).completed < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    # The window closes now (as a day passing would).
+    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
+        conn.execute("UPDATE batches SET expires_at = ? WHERE id = ?", (int(time.time()), batch.id))
+    final = wait_final(client, batch.id)
+    assert final.status == "expired" and final.expired_at
+    output = read_jsonl(client, final.output_file_id)
+    errors = read_jsonl(client, final.error_file_id)
+    assert final.request_counts is not None
+    assert (final.request_counts.completed, final.request_counts.failed) == (len(output), len(errors))
+    assert len(output) >= 2 and len(output) + len(errors) == 30
+    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
+    rows = _wait_rows(gateway, "req_" + final.id.removeprefix("batch_"), len(output))
+    time.sleep(0.2)
+    rows = ledger_rows(gateway, "req_" + final.id.removeprefix("batch_"))
+    assert sorted(r["request_id"] for r in rows) == sorted(
+        o["response"]["request_id"] for o in output
+    )

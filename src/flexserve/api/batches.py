@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from flexserve.accounts import Principal
 from flexserve.api.auth import principal_of
@@ -72,3 +72,12 @@ async def list_batches(request: Request) -> Response:
         )
     after = request.query_params.get("after") or None
     return _json(await batches.list(principal.org_id, limit=limit, after=after))
+
+
+async def batch_results(request: Request) -> Response:
+    """`GET /v1/batches/{batch_id}/output` and `…/errors` (FlexServe's own): the
+    lines finished so far, as the output or error file will hold them."""
+    batches, principal = await _caller(request)
+    lines = await batches.results(principal.org_id, request.path_params["batch_id"],
+                                  errors=request.url.path.endswith("/errors"))
+    return StreamingResponse(lines, media_type="application/jsonl")

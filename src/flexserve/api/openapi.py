@@ -419,6 +419,27 @@ def _batch_operations() -> dict[tuple[str, str], Schema]:
             "parameters": [batch_id],
             "responses": {"200": _ok(ref("Batch")), **_errors("400", "401", "404")},
         },
+        ("get", "/v1/batches/{batch_id}/output"): {
+            "summary": "The output lines finished so far (FlexServe's own)",
+            "description": (
+                "While the batch runs, the lines of its output file that are done, in input "
+                "order, each line whole; at the end, what the output file holds."
+            ),
+            "parameters": [batch_id],
+            "responses": {
+                "200": _ok({"type": "string"}, "JSON Lines.", media_type="application/jsonl"),
+                **_errors("400", "401", "404"),
+            },
+        },
+        ("get", "/v1/batches/{batch_id}/errors"): {
+            "summary": "The error lines finished so far (FlexServe's own)",
+            "description": "As `/output`, for the lines of the error file.",
+            "parameters": [batch_id],
+            "responses": {
+                "200": _ok({"type": "string"}, "JSON Lines.", media_type="application/jsonl"),
+                **_errors("400", "401", "404"),
+            },
+        },
     }
 
 

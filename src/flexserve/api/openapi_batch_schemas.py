@@ -64,6 +64,19 @@ _BATCH = object_of(
         total_tokens=INTEGER,
     ),
     metadata=_METADATA,
+    flexserve={
+        **object_of(
+            ("lines_in_flight", "cost", "estimated_completion_at"),
+            lines_in_flight=INTEGER,
+            cost=object_of(("value", "currency"), value={"type": "number"}, currency=STRING),
+            estimated_completion_at=nullable(INTEGER),
+        ),
+        "description": (
+            "FlexServe's own, beside OpenAI's fields: lines being run now, what the batch's "
+            "ledger rows cost so far (USD), and while in progress when it should be done "
+            "(Unix seconds, at the pace of its lines so far; null before one has finished)."
+        ),
+    },
 )
 
 _BATCH_LIST = object_of(

@@ -34,6 +34,8 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
         Route("/v1/batches", batches.list_batches, methods=["GET"]),
         Route("/v1/batches/{batch_id}", batches.retrieve_batch, methods=["GET"]),
         Route("/v1/batches/{batch_id}/cancel", batches.cancel_batch, methods=["POST"]),
+        Route("/v1/batches/{batch_id}/output", batches.batch_results, methods=["GET"]),
+        Route("/v1/batches/{batch_id}/errors", batches.batch_results, methods=["GET"]),
         Route("/v1/models", ops.list_models, methods=["GET"]),
         Route("/v1/models/{model:path}", ops.retrieve_model, methods=["GET"]),
         Route("/v1/flex/status", ops.flex_status, methods=["GET"]),

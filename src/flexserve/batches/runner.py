@@ -61,6 +61,10 @@ class _Job:
         self.stopped = asyncio.Event()
         self.results: list[LineResult] = []
         self.task: asyncio.Task[None] | None = None
+        # Lines finished by this process since it took the batch up, and when
+        # it did: the pace that estimates the rest.
+        self.num_finished = 0
+        self.started_at = time.monotonic()
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None or reason == "shutdown":
@@ -102,6 +106,15 @@ class BatchRunner:
 
     def in_flight(self, batch_id: str) -> bool:
         return batch_id in self._jobs
+
+    def estimated_completion(self, batch_id: str, num_left: int) -> int | None:
+        """When the batch's ``num_left`` lines should be done, at the pace its
+        lines have finished here (Unix seconds); None before any has."""
+        job = self._jobs.get(batch_id)
+        if job is None or job.num_finished == 0:
+            return None
+        pace = (time.monotonic() - job.started_at) / job.num_finished
+        return int(time.time() + num_left * pace)
 
     async def close(self) -> None:
         """Stop every batch where it is: its unfinished lines run after the restart."""
@@ -231,6 +244,8 @@ class BatchRunner:
                     if current is not None and current["status"] != "in_progress":
                         job.stop("cancel")
                         break
+                    if current is not None:
+                        row = current
                 if not exhausted and room is None and len(in_flight) <= lanes.size // 2:
                     room = lanes.request(org_id, deadline, lanes.size - len(in_flight))
                 if room is not None and room.done():
@@ -294,6 +309,7 @@ class BatchRunner:
 
     async def _flush(self, job: _Job) -> None:
         results, job.results = job.results, []
+        job.num_finished += len(results)
         await self._store.record(job.batch_id, results)
 
     async def _principal(self, row: dict[str, Any]) -> Principal:
@@ -325,7 +341,7 @@ class BatchRunner:
         num_out = num_err = 0
         with out_path.open("wb") as out, err_path.open("wb") as err:
             async for line in self._store.iter_finished(batch_id):
-                item = _output_line(batch_id, line)
+                item = output_line(batch_id, line)
                 if line["state"] == "done":
                     out.write(item)
                     num_out += 1
@@ -347,7 +363,7 @@ class BatchRunner:
         await self._store.set_status(batch_id, status, _now(), **files)
 
 
-def _output_line(batch_id: str, line: Any) -> bytes:
+def output_line(batch_id: str, line: Any) -> bytes:
     """One line of the output or error file, in OpenAI's shape."""
     item: dict[str, Any] = {"id": f"batch_req_{_hex(batch_id)}_{line['line']}",
                             "custom_id": line["custom_id"]}

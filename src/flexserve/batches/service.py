@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -12,7 +13,8 @@ import orjson
 from flexserve.accounts import Principal
 from flexserve.api.inference import Endpoint
 from flexserve.api.state import Services
-from flexserve.batches.runner import BatchRunner
+from flexserve.batches.runner import BatchRunner, output_line
+from flexserve.billing.cost import pico_to_usd
 from flexserve.batches.store import BatchStore
 from flexserve.errors import InvalidRequestError, NotFoundError
 
@@ -102,8 +104,25 @@ class Batches:
             self.runner.cancel(batch_id)
         return await self.retrieve(org_id, batch_id)
 
+    async def results(self, org_id: str, batch_id: str, *, errors: bool) -> AsyncIterator[bytes]:
+        """The output (or error) lines finished so far, in file order; while the
+        batch runs, a snapshot that only ever grows, each line whole."""
+        if await self.store.get(org_id, batch_id) is None:
+            raise not_found(batch_id)
+        return self._results(batch_id, ("failed",) if errors else ("done",))
+
+    async def _results(self, batch_id: str, states: tuple[str, ...]) -> AsyncIterator[bytes]:
+        async for line in self.store.iter_finished(batch_id, states):
+            yield output_line(batch_id, line)
+
     async def to_openai(self, row: dict[str, Any]) -> dict[str, Any]:
-        return await batch_object(self.store, row)
+        document = await batch_object(self.store, row)
+        if row["status"] == "in_progress":
+            counts = document["request_counts"]
+            left = counts["total"] - counts["completed"] - counts["failed"]
+            document["flexserve"]["estimated_completion_at"] = self.runner.estimated_completion(
+                row["id"], left)
+        return document
 
 
 async def mark_cancelling(store: BatchStore, org_id: str | None, batch_id: str) -> bool:
@@ -145,6 +164,14 @@ async def batch_object(store: BatchStore, row: dict[str, Any]) -> dict[str, Any]
         if row[name] is not None:
             document[name] = row[name]
     document["metadata"] = None if row["metadata"] is None else orjson.loads(row["metadata"])
+    running, cost_pico = await store.progress(row["id"])
+    # FlexServe's own fields, beside OpenAI's: lines being run now, what the
+    # batch cost so far, and (while in progress) when it should be done.
+    document["flexserve"] = {
+        "lines_in_flight": running,
+        "cost": {"value": float(pico_to_usd(cost_pico)), "currency": "usd"},
+        "estimated_completion_at": None,
+    }
     if row["total"]:
         prompt, completion, cached = await store.usage(row["id"])
         document["usage"] = {

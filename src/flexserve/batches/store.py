@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy import and_, func, insert, or_, select, update
 
 from flexserve.store.database import Database
-from flexserve.store.schema import batch_lines, batches
+from flexserve.store.schema import batch_lines, batches, usage_records
 
 # Statuses in which the runner still has work to do on a batch.
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
@@ -28,6 +28,11 @@ _TIMESTAMPS = (
     "in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
     "cancelling_at", "cancelled_at",
 )
+
+
+def line_request_id(batch_hex: str, line: int) -> str:
+    """The request id a line is run and billed under, whatever the attempt."""
+    return f"req_{batch_hex}_{line}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +228,8 @@ class BatchStore:
             )
 
     async def finished_lines(
-        self, batch_id: str, *, after: int = -1, limit: int = _PAGE
+        self, batch_id: str, *, after: int = -1, limit: int = _PAGE,
+        states: tuple[str, ...] = ("done", "failed"),
     ) -> list[Any]:
         """Up to ``limit`` finished lines past line number ``after``, in file
         order: read a page at a time, so a 50,000-line batch's results are
@@ -236,7 +242,7 @@ class BatchStore:
                         .where(
                             batch_lines.c.batch_id == batch_id,
                             batch_lines.c.line > after,
-                            batch_lines.c.state.in_(("done", "failed")),
+                            batch_lines.c.state.in_(states),
                         )
                         .order_by(batch_lines.c.line)
                         .limit(limit)
@@ -244,11 +250,13 @@ class BatchStore:
                 ).mappings()
             )
 
-    async def iter_finished(self, batch_id: str) -> AsyncIterator[Any]:
-        """Every finished line, in file order, a page at a time."""
+    async def iter_finished(
+        self, batch_id: str, states: tuple[str, ...] = ("done", "failed")
+    ) -> AsyncIterator[Any]:
+        """Every finished line (of ``states``), in file order, a page at a time."""
         after = -1
         while True:
-            page = await self.finished_lines(batch_id, after=after)
+            page = await self.finished_lines(batch_id, after=after, states=states)
             for line in page:
                 yield line
             if len(page) < _PAGE:
@@ -268,3 +276,22 @@ class BatchStore:
                 )
             ).one()
         return int(row[0]), int(row[1]), int(row[2])
+
+    async def progress(self, batch_id: str) -> tuple[int, int]:
+        """Lines running now, and what the batch's ledger rows cost so far (pico-USD)."""
+        # The batch's rows are one range of the ledger's unique index on request ids.
+        prefix = line_request_id(batch_id.removeprefix("batch_"), 0)[:-1]
+        cost = (usage_records.c.input_cost_pico + usage_records.c.cached_input_cost_pico
+                + usage_records.c.output_cost_pico)
+        async with self._db.engine.connect() as conn:
+            running = (await conn.execute(
+                select(func.count()).where(batch_lines.c.batch_id == batch_id,
+                                           batch_lines.c.state == "running")
+            )).scalar_one()
+            pico = (await conn.execute(
+                select(func.coalesce(func.sum(cost), 0)).where(
+                    usage_records.c.request_id >= prefix,
+                    usage_records.c.request_id < prefix[:-1] + chr(ord("_") + 1),
+                )
+            )).scalar_one()
+        return int(running), int(pico)

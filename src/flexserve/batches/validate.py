@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 
 from flexserve.api.inference import Endpoint, check_features
+from flexserve.batches.store import line_request_id
 from flexserve.config import Settings
 from flexserve.errors import FlexServeError
 from flexserve.scheduler.scheduler import Scheduler
@@ -114,7 +115,7 @@ def _check_line(
         checked.error("stream_unsupported", "Streaming is not supported in a batch.", number,
                       "body.stream")
         return
-    request_id = f"req_{batch_hex}_{number}"
+    request_id = line_request_id(batch_hex, number)
     try:
         inference = endpoint.parse(body, request_id, settings)
         pool = scheduler.pool(inference.model)
