@@ -22,17 +22,20 @@ from openapi import validate
 
 # The vLLM server's settings (conftest.server_command), which tests reason with.
 MODEL_ID = "tiny-llama"
-# Long enough that a request generating until its context is full keeps
-# vLLM busy for many seconds: tests hold vLLM's batch with such requests.
-MAX_MODEL_LEN = 4096
+# Tests hold vLLM's batch with requests that generate until their context is
+# full: that must outlast any test's waits on the fastest machine. A full
+# batch of this model generates up to about 600 tokens/s on two cores, so a
+# 4,096-token context ran out in about 30 s (and a test waited in vain for a
+# batch that had already finished); 32,768 tokens last minutes.
+MAX_MODEL_LEN = 32768
 # Few sequences at once, so that a handful of requests already queue inside vLLM.
 MAX_NUM_SEQS = 4
-# vLLM's CPU backend holds KV in blocks of 128 tokens. 160 of them hold the
+# vLLM's CPU backend holds KV in blocks of 128 tokens. 1,280 of them hold the
 # whole batch at full context with a fifth to spare (so vLLM never preempts
-# on its own), and make KV use visible, where the default 1 GiB would hold a
+# on its own), and keep KV use visible, where the default 1 GiB would hold a
 # million tokens of this model.
 KV_BLOCK_SIZE = 128
-NUM_KV_BLOCKS = 160
+NUM_KV_BLOCKS = 1280
 
 # Greedy, so that the same request gives the same text directly and through
 # the gateway; vLLM's `ignore_eos`, so that every answer is exactly
