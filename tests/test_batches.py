@@ -370,7 +370,12 @@ def test_progress_and_output_so_far_while_in_progress(
         assert time.monotonic() < deadline
         time.sleep(0.05)
     with gateway.http() as http:
-        document = http.get(f"/v1/batches/{batch.id}").json()
+        # Lines finish and the next are claimed: now and then none is running.
+        while True:
+            document = http.get(f"/v1/batches/{batch.id}").json()
+            if document["flexserve"]["lines_in_flight"] > 0:
+                break
+            assert time.monotonic() < deadline
         validate(document, "Batch")
         completed = document["request_counts"]["completed"]
         so_far = http.get(f"/v1/batches/{batch.id}/output")
@@ -378,7 +383,7 @@ def test_progress_and_output_so_far_while_in_progress(
         partial = [orjson.loads(line) for line in so_far.content.splitlines()]
     assert document["status"] == "in_progress"
     extra = document["flexserve"]
-    assert 1 <= extra["lines_in_flight"] <= 2
+    assert extra["lines_in_flight"] <= 2
     assert extra["estimated_completion_at"] >= document["created_at"]
     assert len(partial) >= completed >= 4
     assert all(item["response"]["status_code"] == 200 for item in partial)

@@ -160,6 +160,18 @@ class Settings:
     batch_max_attempts: int = _opt(
         5, "Attempts at a batch line the engine answers with 429/5xx before it goes to the error file."
     )
+    batch_webhook_url: str = _opt(
+        "", "URL a signed event is POSTed to when a batch ends (batch.completed, …); empty: none."
+    )
+    batch_webhook_secret: str = _opt(
+        "", "Key batch webhooks are signed with: whsec_ and the base64 of 24+ random bytes."
+    )
+    batch_webhook_retry_first: float = _opt(
+        5.0, "Seconds before a failed batch webhook is sent again; doubled after each failure."
+    )
+    batch_webhook_retry_for: float = _opt(
+        86400.0, "Seconds a webhook is retried after its event, then marked failed and logged."
+    )
 
     # --- billing and governance ------------------------------------------------
     policy_refresh_interval: float = _opt(

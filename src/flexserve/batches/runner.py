@@ -33,6 +33,7 @@ from flexserve.batches.lanes import BatchLanes
 from flexserve.batches.lines import Retry, error_result, run_line
 from flexserve.batches.store import BatchStore, LineResult, PendingLine
 from flexserve.batches.validate import check_file
+from flexserve.batches.webhooks import announcing
 from flexserve.errors import FlexServeError
 from flexserve.store.schema import organizations, projects
 
@@ -212,10 +213,11 @@ class BatchRunner:
         await self._store.set_status(batch_id, "in_progress", _now(), only_from=("validating",))
 
     async def _fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
-        await self._store.set_status(
-            batch_id, "failed", _now(), only_from=("validating",),
-            errors=orjson.dumps(errors).decode(),
-        )
+        async with announcing(self._services, batch_id, "failed"):
+            await self._store.set_status(
+                batch_id, "failed", _now(), only_from=("validating",),
+                errors=orjson.dumps(errors).decode(),
+            )
 
     # --- execution -----------------------------------------------------------------
 
@@ -360,7 +362,8 @@ class BatchRunner:
         for path in (out_path, err_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        await self._store.set_status(batch_id, status, _now(), **files)
+        async with announcing(self._services, batch_id, status):
+            await self._store.set_status(batch_id, status, _now(), **files)
 
 
 def output_line(batch_id: str, line: Any) -> bytes:

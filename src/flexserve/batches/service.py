@@ -16,6 +16,7 @@ from flexserve.api.state import Services
 from flexserve.batches.runner import BatchRunner, output_line
 from flexserve.billing.cost import pico_to_usd
 from flexserve.batches.store import BatchStore
+from flexserve.batches.webhooks import WebhookSender
 from flexserve.errors import InvalidRequestError, NotFoundError
 
 # The windows a batch may be given, in seconds.
@@ -38,12 +39,15 @@ class Batches:
         self._endpoints = {e.path: e for e in endpoints}
         self.store = BatchStore(services.db)
         self.runner = BatchRunner(services, self._endpoints, self.store, files)
+        self.webhooks = WebhookSender(services.db, services.settings)
 
     async def start(self) -> None:
+        await self.webhooks.start()
         await self.runner.start()
 
     async def close(self) -> None:
         await self.runner.close()
+        await self.webhooks.close()
 
     async def create(self, principal: Principal, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict):

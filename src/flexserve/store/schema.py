@@ -301,3 +301,25 @@ batch_lines = Table(
     Column("cached_tokens", Integer, nullable=False, server_default="0"),
     Index("ix_batch_lines_batch_id_state", "batch_id", "state"),
 )
+
+# Batch webhooks (batches/webhooks.py): an outbox of the events announcing
+# that a batch ended, written before its final status and sent from here until
+# the endpoint answers 2xx, so a restarted gateway sends what a killed one had not.
+webhook_events = Table(
+    "webhook_events",
+    metadata,
+    Column("id", String(64), primary_key=True),  # "evt_…", the webhook-id of every attempt
+    # One event per batch: the status it ended with.
+    Column("batch_id", String(64), ForeignKey("batches.id"), nullable=False, unique=True),
+    Column("type", String(32), nullable=False),  # batch.completed, batch.failed, …
+    Column("body", Text, nullable=False),  # the JSON sent, the same bytes on every attempt
+    Column("created_at", BigInteger, nullable=False),
+    # pending, delivered, or failed (not delivered within batch_webhook_retry_for).
+    Column("state", String(16), nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    # When it is sent next, in unix milliseconds: retries may be under a second apart.
+    Column("next_attempt_ms", BigInteger, nullable=False),
+    Column("last_error", Text, nullable=True),  # what the last failed attempt got
+    Column("delivered_at", BigInteger, nullable=True),
+    Index("ix_webhook_events_state_next_attempt_ms", "state", "next_attempt_ms"),
+)
