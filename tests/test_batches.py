@@ -439,3 +439,93 @@ def test_expiry_mid_run_keeps_finished_lines_and_fails_the_rest(
     assert sorted(r["request_id"] for r in rows) == sorted(
         o["response"]["request_id"] for o in output
     )
+
+
+def test_a_batch_holds_its_expected_cost_and_gives_back_what_it_did_not_use(
+    start_gateway: Callable[..., Gateway], tmp_path: Any,
+) -> None:
+    """A batch's expected cost is held against its organization's budget at
+    create: a second batch that would not fit beside it fails with
+    `insufficient_quota` before anything runs; once the first is cancelled,
+    what it did not use is free again."""
+    db_url = f"sqlite:///{tmp_path / 'flexserve.db'}"
+    model = sim_engine().models()[0].id
+    cli(db_url, "prices", "set", model, "--input", "1", "--output", "4")
+    gateway = start_gateway(engines=[sim_engine(speed=1.0)], engine="sim", batch_window=1,
+                            db=db_url, policy_refresh_interval=0.1)
+    client = gateway.client()
+    content = jsonl([chat_line(f"b{i}", model, max_tokens=50) for i in range(20)])
+
+    def create() -> Any:
+        return client.batches.create(input_file_id=upload(client, content),
+                                     endpoint="/v1/chat/completions", completion_window="24h")
+
+    first = create()
+    deadline = time.monotonic() + 20
+    while client.batches.retrieve(first.id).status == "validating":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
+        (expected,) = conn.execute(
+            "SELECT SUM(expected_cost_pico) FROM batch_lines WHERE batch_id = ?", (first.id,)
+        ).fetchone()
+        (org_name,) = conn.execute(
+            "SELECT o.name FROM organizations o JOIN batches b ON b.org_id = o.id WHERE b.id = ?",
+            (first.id,),
+        ).fetchone()
+    assert expected > 0
+    # Room for one and a half such batches.
+    cli(db_url, "orgs", "set-budget", org_name, "--monthly-usd", str(expected * 1.5 / 1e12))
+    time.sleep(0.5)  # the gateway reloads budgets every 0.1 s
+    refused = wait_final(client, create().id)
+    assert refused.status == "failed"
+    assert refused.errors is not None and refused.errors.data is not None
+    assert [e.code for e in refused.errors.data] == ["insufficient_quota"]
+    client.batches.cancel(first.id)
+    cancelled = wait_final(client, first.id)
+    assert cancelled.status == "cancelled"
+    assert cancelled.request_counts is not None
+    assert cancelled.request_counts.completed < 10
+    # The cancelled batch spent a few lines; the rest of its hold is free.
+    again = create()
+    deadline = time.monotonic() + 20
+    while (status := client.batches.retrieve(again.id).status) == "validating":
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status == "in_progress"
+    client.batches.cancel(again.id)
+    wait_final(client, again.id)
+
+
+def test_lines_sharing_a_prompt_prefix_run_together(start_gateway: Callable[..., Gateway]) -> None:
+    """Lines alternate between two long system prompts: they run grouped by
+    prompt (each group in file order), and the output stays in file order."""
+    # Two lines at a time: the first four to finish are of the first group.
+    gateway = start_gateway(engines=[sim_engine(speed=200.0)], engine="sim", batch_window=2)
+    model = sim_model_id(gateway)
+    client = gateway.client()
+    systems = ["You label support tickets. " * 30, "You translate product names. " * 30]
+    lines = [
+        {**chat_line(f"g{i}", model, f"Item {i}"),
+         "body": {"model": model, "max_tokens": 3, "messages": [
+             {"role": "system", "content": systems[i % 2]},
+             {"role": "user", "content": f"Item {i}"}]}}
+        for i in range(12)
+    ]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    final = wait_final(client, batch.id)
+    assert final.status == "completed"
+    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
+        run_order = [line for (line,) in conn.execute(
+            "SELECT line FROM batch_lines WHERE batch_id = ? ORDER BY run_order", (batch.id,))]
+    assert run_order == [1, 3, 5, 7, 9, 11, 2, 4, 6, 8, 10, 12]
+    # Run in that order.
+    hex_id = batch.id.removeprefix("batch_")
+    rows = _wait_rows(gateway, f"req_{hex_id}_", 12)
+    ran = [int(r["request_id"].rsplit("_", 1)[1]) for r in sorted(rows, key=lambda r: r["id"])]
+    assert set(ran[:4]) <= {1, 3, 5, 7, 9, 11} and set(ran[-4:]) <= {2, 4, 6, 8, 10, 12}
+    output = read_jsonl(client, final.output_file_id)
+    assert [o["custom_id"] for o in output] == [f"g{i}" for i in range(12)]

@@ -155,7 +155,7 @@ class Settings:
     )
 
     # --- batches (batches/) ------------------------------------------------------
-    batch_window: int = _opt(32, "Lines of one batch in flight at once (the rest wait in the database).")
+    batch_window: int = _opt(32, "Lines of one organization's batches in flight at once, earliest deadline first.")
     batch_max_lines: int = _opt(50_000, "Most request lines in a batch's input file.")
     batch_max_attempts: int = _opt(
         5, "Attempts at a batch line the engine answers with 429/5xx before it goes to the error file."

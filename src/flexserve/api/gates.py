@@ -142,28 +142,59 @@ class Gate:
                 # Keep serving on the last good policy; say so loudly.
                 log.exception("reloading prices, gates, budgets and limits failed")
 
-    async def admit(self, principal: Principal, request: Inference, tier: ServiceTier) -> Admission:
-        """Check every gate and take the request's holds, or raise its 403/429."""
+    async def admit(
+        self, principal: Principal, request: Inference, tier: ServiceTier,
+        *, hold: Reservation | None = None,
+    ) -> Admission:
+        """Check every gate and take the request's holds, or raise its 403/429.
+        ``hold``: a batch's budget hold, which the request's reservation is
+        taken out of."""
         policy = self.policy
         _check_verification(policy, principal, request)
         approx_tokens = request.prompt_tokens + request.output_tokens_guess(_TPM_OUTPUT_GUESS)
         # Synchronous check-and-take: no await between the check and the hold.
         rate = self.limiter.take(principal.org_id, tier, approx_tokens)
-        price = policy.prices.price(request.model, tier)
-        most = (
-            0
-            if price is None
-            else max_cost(
-                request.prompt_token_bound, self._max_output(request) * request.num_choices, price
-            )
-        )
-        scopes = (org_scope(principal.org_id), project_scope(principal.project_id))
+        most = self.max_cost(request, tier)
         try:
-            reservation = await self.budgets.reserve(scopes, most)
+            if hold is not None:
+                reservation = self.budgets.carve(hold, most)
+            else:
+                reservation = await self.budgets.reserve(budget_scopes(principal), most)
         except BudgetExceeded as exc:
             self.limiter.give_back(rate)
             raise InsufficientQuotaError(_quota_message(principal, exc)) from None
         return Admission(policy.prices, reservation, rate, rate.headers)
+
+    def max_cost(self, request: Inference, tier: ServiceTier) -> int:
+        """The most ``request`` can cost on ``tier`` (pico-USD): what its budget hold is."""
+        price = self.policy.prices.price(request.model, tier)
+        if price is None:
+            return 0
+        return max_cost(
+            request.prompt_token_bound, self._max_output(request) * request.num_choices, price
+        )
+
+    def expected_cost(self, request: Inference, tier: ServiceTier) -> int:
+        """What ``request`` is expected to cost on ``tier`` (pico-USD): its
+        prompt, and its output limit (or a guess where it sets none)."""
+        price = self.policy.prices.price(request.model, tier)
+        if price is None:
+            return 0
+        return max_cost(request.prompt_tokens, request.output_tokens_guess(_TPM_OUTPUT_GUESS),
+                        price)
+
+    async def hold_budget(self, principal: Principal, amount: int) -> Reservation:
+        """Hold ``amount`` for many requests to come (a batch's lines) when
+        all of it fits in what the budgets have left, or raise the 429
+        ``insufficient_quota`` a request would get."""
+        try:
+            return await self.budgets.reserve(budget_scopes(principal), amount, whole=True)
+        except BudgetExceeded as exc:
+            raise InsufficientQuotaError(_quota_message(principal, exc)) from None
+
+    def release_budget(self, hold: Reservation) -> None:
+        """Give back what a hold still has."""
+        self.budgets.release(hold)
 
     def settle(self, admission: Admission | None, record: UsageRecord) -> None:
         """Cost a finished request onto its usage record and settle its holds."""
@@ -227,6 +258,11 @@ def _check_verification(policy: Policy, principal: Principal, request: Inference
         f"Your organization must be verified to {what}. {next_step}",
         param="stream" if gate == "streaming" else "model",
     )
+
+
+def budget_scopes(principal: Principal) -> tuple[str, ...]:
+    """The scopes whose budgets a principal's requests count against."""
+    return (org_scope(principal.org_id), project_scope(principal.project_id))
 
 
 def _quota_message(principal: Principal, exc: BudgetExceeded) -> str:

@@ -25,6 +25,7 @@ from flexserve.api.inference import Call, Endpoint, check_features
 from flexserve.api.pipeline import _OUTPUT_GUESS, _finish
 from flexserve.api.state import Services
 from flexserve.batches.store import LineResult, PendingLine
+from flexserve.billing.budget import Reservation
 from flexserve.engines.base import Delta, Usage
 from flexserve.errors import (
     FlexServeError,
@@ -54,11 +55,12 @@ def error_result(line: PendingLine, exc: FlexServeError) -> LineResult:
 
 async def run_line(
     services: Services, endpoint: Endpoint, principal: Principal, line: PendingLine,
-    record: Callable[[LineResult], None],
+    record: Callable[[LineResult], None], *, hold: Reservation | None = None,
 ) -> None:
     """Serve one line; ``record`` gets its result (before any later await, so a
     line billed is a line recorded even if the batch is cancelled just after).
-    Raises ``Retry`` when it should be tried again."""
+    Raises ``Retry`` when it should be tried again. ``hold``: the batch's
+    budget hold, which the line's own reservation is taken out of."""
     arrived_at = time.monotonic()
     try:
         inference = endpoint.parse(line.body, line.request_id, services.settings)
@@ -70,7 +72,7 @@ async def run_line(
         check_features(inference, pool.features, model)
         await endpoint.prepare(services, principal, inference)
         services.usage.check_room()
-        admission = await services.gate.admit(principal, inference, ServiceTier.BATCH)
+        admission = await services.gate.admit(principal, inference, ServiceTier.BATCH, hold=hold)
     except FlexServeError as exc:
         _raise_if_retryable(exc)
         record(error_result(line, exc))

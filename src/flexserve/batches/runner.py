@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -32,10 +33,12 @@ from flexserve.api.state import Services
 from flexserve.batches.lanes import BatchLanes
 from flexserve.batches.lines import Retry, error_result, run_line
 from flexserve.batches.store import BatchStore, LineResult, PendingLine
-from flexserve.batches.validate import check_file
+from flexserve.batches.validate import check_file, line_rows
 from flexserve.batches.webhooks import announcing
-from flexserve.errors import FlexServeError
+from flexserve.billing.budget import Reservation
+from flexserve.errors import FlexServeError, InsufficientQuotaError
 from flexserve.store.schema import organizations, projects
+from flexserve.tiers import ServiceTier
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ class _Job:
         # it did: the pace that estimates the rest.
         self.num_finished = 0
         self.started_at = time.monotonic()
+        # The batch's budget hold: its unfinished lines' expected cost, which
+        # each line's own reservation is taken out of as it runs.
+        self.hold: Reservation | None = None
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None or reason == "shutdown":
@@ -145,6 +151,8 @@ class BatchRunner:
                     return
         finally:
             self._jobs.pop(job.batch_id, None)
+            if job.hold is not None:
+                self._services.gate.release_budget(job.hold)
 
     async def _advance(self, job: _Job) -> None:
         store = self._store
@@ -152,7 +160,7 @@ class BatchRunner:
         if row is None:
             return
         if row["status"] == "validating":
-            await self._validate(row)
+            await self._validate(job, row)
             row = await store.get(None, job.batch_id)
             assert row is not None
         if row["status"] == "in_progress":
@@ -180,7 +188,7 @@ class BatchRunner:
 
     # --- validation ----------------------------------------------------------------
 
-    async def _validate(self, row: dict[str, Any]) -> None:
+    async def _validate(self, job: _Job, row: dict[str, Any]) -> None:
         services = self._services
         endpoint = self._endpoints[row["endpoint"]]
         batch_id = row["id"]
@@ -191,8 +199,10 @@ class BatchRunner:
             await self._fail(batch_id, [{"code": "invalid_file", "message": exc.message,
                                          "param": "input_file_id", "line": None}])
             return
+        cost_of = functools.partial(services.gate.expected_cost, tier=ServiceTier.BATCH)
         checked = await asyncio.to_thread(
-            check_file, path, endpoint, services.scheduler, services.settings, _hex(batch_id)
+            check_file, path, endpoint, services.scheduler, services.settings, _hex(batch_id),
+            cost_of,
         )
         if checked.num_errors:
             errors = checked.errors
@@ -204,13 +214,19 @@ class BatchRunner:
                 })
             await self._fail(batch_id, errors)
             return
-        rows = [
-            {"batch_id": batch_id, "line": c["line"], "custom_id": c["custom_id"],
-             "body": orjson.dumps(c["body"]).decode(), "request_id": c["request_id"]}
-            for c in checked.lines
-        ]
-        await self._store.add_lines(batch_id, rows, checked.model)
-        await self._store.set_status(batch_id, "in_progress", _now(), only_from=("validating",))
+        # The batch's budget: held whole now, taken line by line as they run.
+        try:
+            job.hold = await services.gate.hold_budget(await self._principal(row),
+                                                       checked.expected_cost)
+        except InsufficientQuotaError as exc:
+            await self._fail(batch_id, [{"code": exc.code, "message": exc.message, "param": None,
+                                         "line": None}])
+            return
+        await self._store.discard_lines(batch_id)
+        rows = line_rows(path, endpoint, services.settings, batch_id, checked, cost_of)
+        while chunk := await asyncio.to_thread(next, rows, None):
+            await self._store.add_lines(chunk)
+        await self._store.start(batch_id, checked.num_lines, checked.model, _now())
 
     async def _fail(self, batch_id: str, errors: list[dict[str, Any]]) -> None:
         async with announcing(self._services, batch_id, "failed"):
@@ -228,6 +244,12 @@ class BatchRunner:
         endpoint = self._endpoints[row["endpoint"]]
         principal = await self._principal(row)
         await store.reset_running(job.batch_id)
+        if job.hold is None:
+            # Taken up again after a restart: hold what is left, if the budget
+            # still has room for it (else each line reserves its own).
+            with contextlib.suppress(InsufficientQuotaError):
+                job.hold = await self._services.gate.hold_budget(
+                    principal, await store.unfinished_cost(job.batch_id))
         lanes, org_id, deadline = self.lanes, row["org_id"], float(row["expires_at"])
         in_flight: dict[asyncio.Task[None], PendingLine] = {}
         # Room asked of the organization's lane and not yet used.
@@ -290,7 +312,8 @@ class BatchRunner:
         failures = 0
         while True:
             try:
-                await run_line(self._services, endpoint, principal, line, job.results.append)
+                await run_line(self._services, endpoint, principal, line, job.results.append,
+                               hold=job.hold)
                 return
             except Retry as retry:
                 if retry.counts:

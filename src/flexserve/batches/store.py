@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 
 from flexserve.store.database import Database
 from flexserve.store.schema import batch_lines, batches, usage_records
@@ -123,14 +123,30 @@ class BatchStore:
             result = await conn.execute(statement)
         return bool(result.rowcount)
 
-    async def add_lines(self, batch_id: str, rows: list[dict[str, Any]], model: str | None) -> None:
-        """The validated lines, and the batch in progress, in one transaction."""
+    async def add_lines(self, rows: list[dict[str, Any]]) -> None:
+        """A chunk of a batch's validated lines."""
         async with self._db.engine.begin() as conn:
-            for start in range(0, len(rows), 1000):
-                await conn.execute(insert(batch_lines), rows[start:start + 1000])
-            await conn.execute(
-                update(batches).where(batches.c.id == batch_id).values(total=len(rows), model=model)
-            )
+            await conn.execute(insert(batch_lines), rows)
+
+    async def start(self, batch_id: str, num_lines: int, model: str | None, now: int) -> bool:
+        """The batch in progress, once all its lines are stored."""
+        return await self.set_status(batch_id, "in_progress", now, only_from=("validating",),
+                                     total=num_lines, model=model)
+
+    async def discard_lines(self, batch_id: str) -> None:
+        """Lines stored by a validation that did not finish (a killed gateway's)."""
+        async with self._db.engine.begin() as conn:
+            await conn.execute(delete(batch_lines).where(batch_lines.c.batch_id == batch_id))
+
+    async def unfinished_cost(self, batch_id: str) -> int:
+        """What the lines not yet finished are expected to cost (pico-USD)."""
+        async with self._db.engine.connect() as conn:
+            return int((await conn.execute(
+                select(func.coalesce(func.sum(batch_lines.c.expected_cost_pico), 0)).where(
+                    batch_lines.c.batch_id == batch_id,
+                    batch_lines.c.state.in_(("pending", "running")),
+                )
+            )).scalar_one())
 
     async def reset_running(self, batch_id: str) -> None:
         """Lines a killed process had in flight: run again (the ledger bills a
@@ -143,14 +159,14 @@ class BatchStore:
             )
 
     async def claim(self, batch_id: str, limit: int) -> list[PendingLine]:
-        """Up to ``limit`` pending lines, in file order, marked running."""
+        """Up to ``limit`` pending lines, in run order, marked running."""
         # One statement, a write from the start: a read turned into a write
         # inside a transaction would fail at once on SQLite when another
         # writer got in between.
         chosen = (
             select(batch_lines.c.line)
             .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "pending")
-            .order_by(batch_lines.c.line)
+            .order_by(batch_lines.c.run_order)
             .limit(limit)
             .scalar_subquery()
         )
@@ -162,11 +178,11 @@ class BatchStore:
                     .values(state="running", attempts=batch_lines.c.attempts + 1)
                     .returning(
                         batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.body,
-                        batch_lines.c.request_id, batch_lines.c.attempts,
+                        batch_lines.c.request_id, batch_lines.c.attempts, batch_lines.c.run_order,
                     )
                 )).all()
             )
-        rows.sort(key=lambda r: r.line)
+        rows.sort(key=lambda r: r.run_order)
         return [
             PendingLine(r.line, r.custom_id, orjson.loads(r.body), r.request_id, r.attempts)
             for r in rows

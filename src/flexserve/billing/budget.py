@@ -94,7 +94,11 @@ class Budgets(abc.ABC):
         (an implementation whose store already holds it may ignore this)."""
 
     @abc.abstractmethod
-    async def reserve(self, scopes: Sequence[str], amount: int) -> Reservation: ...
+    async def reserve(
+        self, scopes: Sequence[str], amount: int, *, whole: bool = False
+    ) -> Reservation:
+        """``whole``: admit only when all of ``amount`` fits under each budget
+        (a hold for many requests), not only while something is left."""
 
     @abc.abstractmethod
     def settle(self, reservation: Reservation, actual: int) -> None: ...
@@ -102,6 +106,14 @@ class Budgets(abc.ABC):
     def release(self, reservation: Reservation) -> None:
         """Give a reservation back unused: the request was never served."""
         self.settle(reservation, 0)
+
+    @abc.abstractmethod
+    def carve(self, hold: Reservation, amount: int) -> Reservation:
+        """A reservation of ``amount`` for one request, taken out of a larger
+        ``hold`` made earlier for many (a batch's): what the hold still has is
+        moved over without a new check; only the part it lacks is reserved
+        afresh, as ``reserve`` would (and may raise ``BudgetExceeded``, holding
+        nothing new). Never blocks."""
 
     @abc.abstractmethod
     def set_limits(self, limits: Mapping[str, int]) -> None: ...
@@ -136,12 +148,14 @@ class LocalBudgets(Budgets):
         if month == self._current_month():
             self._spent = dict(spent)
 
-    async def reserve(self, scopes: Sequence[str], amount: int) -> Reservation:
+    async def reserve(
+        self, scopes: Sequence[str], amount: int, *, whole: bool = False
+    ) -> Reservation:
         # No await in here: the check and the hold are one step of the loop,
         # so requests arriving together cannot all pass the same check.
-        return self.reserve_now(scopes, amount)
+        return self.reserve_now(scopes, amount, whole=whole)
 
-    def reserve_now(self, scopes: Sequence[str], amount: int) -> Reservation:
+    def reserve_now(self, scopes: Sequence[str], amount: int, *, whole: bool = False) -> Reservation:
         if amount < 0:
             raise ValueError(f"cannot reserve a negative amount: {amount}")
         month = self._current_month()
@@ -150,11 +164,21 @@ class LocalBudgets(Budgets):
             if limit is None:
                 continue
             committed = self._spent.get(scope, 0) + self._reserved.get(scope, 0)
-            if committed >= limit:
+            if committed >= limit or (whole and committed + amount > limit):
                 raise BudgetExceeded(scope, limit, committed)
         for scope in scopes:
             self._reserved[scope] = self._reserved.get(scope, 0) + amount
         return Reservation(tuple(scopes), amount, month)
+
+    def carve(self, hold: Reservation, amount: int) -> Reservation:
+        if amount < 0:
+            raise ValueError(f"cannot reserve a negative amount: {amount}")
+        taken = 0 if hold.settled else min(amount, hold.amount)
+        lacking = amount - taken
+        if lacking:
+            self.reserve_now(hold.scopes, lacking)
+        hold.amount -= taken
+        return Reservation(hold.scopes, amount, hold.month)
 
     def settle(self, reservation: Reservation, actual: int) -> None:
         if reservation.settled:

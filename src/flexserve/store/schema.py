@@ -299,7 +299,13 @@ batch_lines = Table(
     Column("prompt_tokens", Integer, nullable=False, server_default="0"),
     Column("completion_tokens", Integer, nullable=False, server_default="0"),
     Column("cached_tokens", Integer, nullable=False, server_default="0"),
-    Index("ix_batch_lines_batch_id_state", "batch_id", "state"),
+    # What the line is expected to cost at the batch's price (pico-USD): its
+    # share of the batch's budget hold.
+    Column("expected_cost_pico", BigInteger, nullable=False, server_default="0"),
+    # The order lines are run in: lines whose prompts share a prefix run
+    # together, so an engine with a prefix cache computes it once.
+    Column("run_order", Integer, nullable=False, server_default="0"),
+    Index("ix_batch_lines_batch_id_state_run_order", "batch_id", "state", "run_order"),
 )
 
 # Batch webhooks (batches/webhooks.py): an outbox of the events announcing
