@@ -529,3 +529,34 @@ def test_lines_sharing_a_prompt_prefix_run_together(start_gateway: Callable[...,
     assert set(ran[:4]) <= {1, 3, 5, 7, 9, 11} and set(ran[-4:]) <= {2, 4, 6, 8, 10, 12}
     output = read_jsonl(client, final.output_file_id)
     assert [o["custom_id"] for o in output] == [f"g{i}" for i in range(12)]
+
+
+def test_a_shorter_window_is_billed_at_its_own_price(
+    start_gateway: Callable[..., Gateway], tmp_path: Any,
+) -> None:
+    db_url = f"sqlite:///{tmp_path / 'flexserve.db'}"
+    model = sim_engine().models()[0].id
+    cli(db_url, "prices", "set", model, "--input", "1", "--output", "4")
+    gateway = start_gateway(engines=[sim_engine(speed=200.0)], engine="sim", db=db_url)
+    client = gateway.client()
+    ids = {}
+    for window in ("1h", "24h"):
+        batch = client.batches.create(
+            input_file_id=upload(client, jsonl([chat_line(f"{window}-{i}", model)
+                                                for i in range(3)])),
+            endpoint="/v1/chat/completions", completion_window=window,  # type: ignore[arg-type]
+        )
+        final = wait_final(client, batch.id)
+        assert final.status == "completed" and final.completion_window == window
+        assert final.expires_at == final.created_at + {"1h": 3600, "24h": 86400}[window]
+        ids[window] = final.id
+    # Batch is half the list price; 1h costs 1.5 times that: $0.75 and $3 per 1M tokens.
+    for window, (input_micro, output_micro) in {"1h": (750_000, 3_000_000),
+                                                "24h": (500_000, 2_000_000)}.items():
+        rows = _wait_rows(gateway, "req_" + ids[window].removeprefix("batch_"), 3)
+        assert len(rows) == 3
+        for row in rows:
+            assert row["served_tier"] == "batch"
+            assert (row["input_price_micro"], row["output_price_micro"]) == (input_micro,
+                                                                            output_micro)
+            assert row["output_cost_pico"] == row["completion_tokens"] * output_micro

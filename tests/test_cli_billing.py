@@ -76,6 +76,18 @@ def test_prices_set_list_load_and_multipliers(tmp_db_url: str) -> None:
     assert not catalog.is_explicit("o3", ServiceTier.PRIORITY)
 
 
+def test_prices_set_window(tmp_db_url: str) -> None:
+    cli(tmp_db_url, "prices", "set", "o3", "--input", "10", "--output", "40")
+    listed = cli(tmp_db_url, "prices", "list")
+    assert "o3     batch 1h  7.50   7.50          30.00   batch x 1.5" in listed
+    out = cli(tmp_db_url, "prices", "set-window", "7d", "0.6")
+    assert "o3     batch 7d  3.00   3.00          12.00   batch x 0.6" in out
+    refused = CliRunner().invoke(main, ["prices", "set-window", "24h", "0.9", "--db", tmp_db_url])
+    assert refused.exit_code != 0 and "'24h' is not one of '1h', '7d'" in refused.output
+    catalog, _, _ = run_async(_read(tmp_db_url))
+    assert catalog.windows == {"7d": 6_000}
+
+
 def test_prices_list_when_empty(tmp_db_url: str) -> None:
     result = CliRunner().invoke(main, ["prices", "list", "--db", tmp_db_url])
     assert result.exit_code == 0 and "No prices yet" in result.stderr

@@ -213,8 +213,45 @@ def test_price_file_errors_name_the_table(tmp_path: Path) -> None:
     with pytest.raises(PriceError, match="turbo"):
         read_price_file(bad)
     bad.write_text('[flexserve]\nport = 1\n[flexserve.prices."m"]\ninput = 1\noutput = 2\n')
-    prices, multipliers = read_price_file(bad)
+    prices, multipliers, windows = read_price_file(bad)
+    assert windows == {}
     assert prices == [
         PriceEntry("m", ServiceTier.DEFAULT, ModelPrice(1_000_000, 1_000_000, 2_000_000))
     ]
     assert multipliers == []
+
+
+def test_completion_windows_price_the_batch_tier() -> None:
+    o3 = PriceEntry("o3", ServiceTier.DEFAULT, ModelPrice(10_000_000, 2_500_000, 40_000_000))
+    catalog = PriceCatalog([o3])
+    batch = catalog.price("o3", ServiceTier.BATCH)
+    assert batch == ModelPrice(5_000_000, 1_250_000, 20_000_000)
+    assert catalog.batch_price("o3", "24h") == batch
+    assert catalog.batch_price("o3", "1h") == ModelPrice(7_500_000, 1_875_000, 30_000_000)
+    assert catalog.batch_price("o3", "7d") == ModelPrice(4_000_000, 1_000_000, 16_000_000)
+    assert catalog.batch_price("o3", "2h") is None
+    assert catalog.batch_price("gpt-x", "1h") is None
+    # The operator's own, kept when other entries change.
+    cheaper = catalog.merged(windows={"7d": 5_000}).merged([o3])
+    assert cheaper.batch_price("o3", "7d") == ModelPrice(2_500_000, 625_000, 10_000_000)
+    assert cheaper.windows == {"7d": 5_000}
+    with pytest.raises(PriceError, match="batch multiplier"):
+        PriceCatalog([o3], windows={"24h": 5_000})
+    with pytest.raises(PriceError, match="not a completion window"):
+        PriceCatalog([o3], windows={"2h": 5_000})
+    # A window price is rounded up to a whole micro-dollar: batch 1, × 1.5 → 2.
+    odd = PriceCatalog([PriceEntry("odd", ServiceTier.DEFAULT, ModelPrice(2, 2, 2))])
+    assert odd.batch_price("odd", "1h") == ModelPrice(2, 2, 2)
+    assert odd.batch_price("odd", "7d") == ModelPrice(1, 1, 1)
+
+
+def test_price_file_window_multipliers(tmp_path: Path) -> None:
+    file = tmp_path / "prices.toml"
+    file.write_text('[prices."o3"]\ninput = "10"\noutput = "40"\n[batch_windows]\n"1h" = "1.25"\n')
+    prices, multipliers, windows = read_price_file(file)
+    assert windows == {"1h": 12_500}
+    catalog = PriceCatalog(prices, multipliers, windows)
+    assert catalog.batch_price("o3", "1h") == ModelPrice(6_250_000, 6_250_000, 25_000_000)
+    file.write_text('[batch_windows]\n"1h" = "lots"\n')
+    with pytest.raises(PriceError, match="1h"):
+        read_price_file(file)

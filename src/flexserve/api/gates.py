@@ -48,7 +48,13 @@ from flexserve.billing.budget import (
 from flexserve.billing.controls import Controls
 from flexserve.billing.cost import NO_COST, TokenCounts, billed_costs, line_costs, max_cost
 from flexserve.billing.price_book import PriceBook
-from flexserve.billing.pricing import MICRO_PER_USD, PICO_PER_USD, PriceCatalog, format_micro_usd
+from flexserve.billing.pricing import (
+    MICRO_PER_USD,
+    PICO_PER_USD,
+    ModelPrice,
+    PriceCatalog,
+    format_micro_usd,
+)
 from flexserve.billing.ratelimit import RateLimiter, RateTake
 from flexserve.billing.usage import UsageRecord
 from flexserve.errors import InsufficientQuotaError, VerificationRequiredError
@@ -80,6 +86,8 @@ class Admission:
     # x-ratelimit-* headers for the response (empty when no limit applies).
     headers: dict[str, str]
     done: bool = False
+    # A batch line's completion window: it is priced as the window's batch price.
+    window: str | None = None
 
 
 class Gate:
@@ -144,17 +152,17 @@ class Gate:
 
     async def admit(
         self, principal: Principal, request: Inference, tier: ServiceTier,
-        *, hold: Reservation | None = None,
+        *, hold: Reservation | None = None, window: str | None = None,
     ) -> Admission:
         """Check every gate and take the request's holds, or raise its 403/429.
-        ``hold``: a batch's budget hold, which the request's reservation is
-        taken out of."""
+        A batch line's: ``hold``, the batch's budget hold, which the request's
+        reservation is taken out of; ``window``, its completion window."""
         policy = self.policy
         _check_verification(policy, principal, request)
         approx_tokens = request.prompt_tokens + request.output_tokens_guess(_TPM_OUTPUT_GUESS)
         # Synchronous check-and-take: no await between the check and the hold.
         rate = self.limiter.take(principal.org_id, tier, approx_tokens)
-        most = self.max_cost(request, tier)
+        most = self.max_cost(request, tier, window)
         try:
             if hold is not None:
                 reservation = self.budgets.carve(hold, most)
@@ -163,21 +171,23 @@ class Gate:
         except BudgetExceeded as exc:
             self.limiter.give_back(rate)
             raise InsufficientQuotaError(_quota_message(principal, exc)) from None
-        return Admission(policy.prices, reservation, rate, rate.headers)
+        return Admission(policy.prices, reservation, rate, rate.headers, window=window)
 
-    def max_cost(self, request: Inference, tier: ServiceTier) -> int:
+    def max_cost(self, request: Inference, tier: ServiceTier, window: str | None = None) -> int:
         """The most ``request`` can cost on ``tier`` (pico-USD): what its budget hold is."""
-        price = self.policy.prices.price(request.model, tier)
+        price = _price(self.policy.prices, request.model, tier, window)
         if price is None:
             return 0
         return max_cost(
             request.prompt_token_bound, self._max_output(request) * request.num_choices, price
         )
 
-    def expected_cost(self, request: Inference, tier: ServiceTier) -> int:
+    def expected_cost(
+        self, request: Inference, tier: ServiceTier, window: str | None = None
+    ) -> int:
         """What ``request`` is expected to cost on ``tier`` (pico-USD): its
         prompt, and its output limit (or a guess where it sets none)."""
-        price = self.policy.prices.price(request.model, tier)
+        price = _price(self.policy.prices, request.model, tier, window)
         if price is None:
             return 0
         return max_cost(request.prompt_tokens, request.output_tokens_guess(_TPM_OUTPUT_GUESS),
@@ -200,7 +210,8 @@ class Gate:
         """Cost a finished request onto its usage record and settle its holds."""
         tokens = TokenCounts(record.prompt_tokens, record.cached_tokens, record.completion_tokens)
         prices = admission.prices if admission is not None else self.policy.prices
-        price = prices.price(record.model, ServiceTier(record.served_tier))
+        window = None if admission is None else admission.window
+        price = _price(prices, record.model, ServiceTier(record.served_tier), window)
         record.price = price
         record.costs = billed_costs(record.status, tokens, price)
         list_price = prices.list_price(record.model)
@@ -258,6 +269,15 @@ def _check_verification(policy: Policy, principal: Principal, request: Inference
         f"Your organization must be verified to {what}. {next_step}",
         param="stream" if gate == "streaming" else "model",
     )
+
+
+def _price(
+    prices: PriceCatalog, model: str, tier: ServiceTier, window: str | None
+) -> ModelPrice | None:
+    """A tier's price, or a batch line's in its completion window."""
+    if window is not None and tier is ServiceTier.BATCH:
+        return prices.batch_price(model, window)
+    return prices.price(model, tier)
 
 
 def budget_scopes(principal: Principal) -> tuple[str, ...]:

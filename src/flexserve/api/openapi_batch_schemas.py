@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from flexserve.billing.pricing import BATCH_WINDOWS
 from flexserve.api.openapi_schemas import BOOLEAN, INTEGER, STRING, Schema, nullable, object_of, ref
 
 _STATUSES = [
@@ -98,7 +99,14 @@ _CREATE_BATCH = object_of(
         "type": "string",
         "enum": ["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/embeddings"],
     },
-    completion_window={"type": "string", "enum": ["24h"]},
+    completion_window={
+        "type": "string",
+        "enum": list(BATCH_WINDOWS),
+        "description": (
+            "OpenAI's `24h` at the batch price, or FlexServe's own `1h` and `7d`, each "
+            "priced in the price book (`flexserve prices list`)."
+        ),
+    },
     metadata=_METADATA,
 )
 

@@ -56,11 +56,13 @@ def error_result(line: PendingLine, exc: FlexServeError) -> LineResult:
 async def run_line(
     services: Services, endpoint: Endpoint, principal: Principal, line: PendingLine,
     record: Callable[[LineResult], None], *, hold: Reservation | None = None,
+    window: str | None = None,
 ) -> None:
     """Serve one line; ``record`` gets its result (before any later await, so a
     line billed is a line recorded even if the batch is cancelled just after).
     Raises ``Retry`` when it should be tried again. ``hold``: the batch's
-    budget hold, which the line's own reservation is taken out of."""
+    budget hold, which the line's own reservation is taken out of;
+    ``window``: its completion window, which prices it."""
     arrived_at = time.monotonic()
     try:
         inference = endpoint.parse(line.body, line.request_id, services.settings)
@@ -72,7 +74,8 @@ async def run_line(
         check_features(inference, pool.features, model)
         await endpoint.prepare(services, principal, inference)
         services.usage.check_room()
-        admission = await services.gate.admit(principal, inference, ServiceTier.BATCH, hold=hold)
+        admission = await services.gate.admit(principal, inference, ServiceTier.BATCH, hold=hold,
+                                              window=window)
     except FlexServeError as exc:
         _raise_if_retryable(exc)
         record(error_result(line, exc))

@@ -72,6 +72,8 @@ class _Job:
         # The batch's budget hold: its unfinished lines' expected cost, which
         # each line's own reservation is taken out of as it runs.
         self.hold: Reservation | None = None
+        # Its completion window, which prices its lines.
+        self.window: str | None = None
 
     def stop(self, reason: str) -> None:
         if self.stop_reason is None or reason == "shutdown":
@@ -163,6 +165,7 @@ class BatchRunner:
             await self._validate(job, row)
             row = await store.get(None, job.batch_id)
             assert row is not None
+        job.window = row["completion_window"]
         if row["status"] == "in_progress":
             outcome = await self._execute(job, row)
             if outcome == "shutdown":
@@ -199,7 +202,8 @@ class BatchRunner:
             await self._fail(batch_id, [{"code": "invalid_file", "message": exc.message,
                                          "param": "input_file_id", "line": None}])
             return
-        cost_of = functools.partial(services.gate.expected_cost, tier=ServiceTier.BATCH)
+        cost_of = functools.partial(services.gate.expected_cost, tier=ServiceTier.BATCH,
+                                    window=row["completion_window"])
         checked = await asyncio.to_thread(
             check_file, path, endpoint, services.scheduler, services.settings, _hex(batch_id),
             cost_of,
@@ -313,7 +317,7 @@ class BatchRunner:
         while True:
             try:
                 await run_line(self._services, endpoint, principal, line, job.results.append,
-                               hold=job.hold)
+                               hold=job.hold, window=job.window)
                 return
             except Retry as retry:
                 if retry.counts:

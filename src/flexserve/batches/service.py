@@ -15,12 +15,11 @@ from flexserve.api.inference import Endpoint
 from flexserve.api.state import Services
 from flexserve.batches.runner import BatchRunner, output_line
 from flexserve.billing.cost import pico_to_usd
+from flexserve.billing.pricing import BATCH_WINDOWS
 from flexserve.batches.store import BatchStore
 from flexserve.batches.webhooks import WebhookSender
 from flexserve.errors import InvalidRequestError, NotFoundError
 
-# The windows a batch may be given, in seconds.
-COMPLETION_WINDOWS = {"24h": 24 * 3600}
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 _TIMESTAMPS = (
     "in_progress_at", "expires_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
@@ -61,10 +60,10 @@ class Batches:
                 param="endpoint", code="invalid_value",
             )
         window = _required_str(body, "completion_window")
-        if window not in COMPLETION_WINDOWS:
+        if window not in BATCH_WINDOWS:
             raise InvalidRequestError(
                 f"Invalid value for 'completion_window': {window!r}. Supported values are: "
-                + ", ".join(repr(w) for w in COMPLETION_WINDOWS) + ".",
+                + ", ".join(repr(w) for w in BATCH_WINDOWS) + ".",
                 param="completion_window", code="invalid_value",
             )
         metadata = _metadata(body.get("metadata"))
@@ -82,7 +81,7 @@ class Batches:
             "api_key_id": principal.key_id, "endpoint": endpoint, "input_file_id": input_file_id,
             "completion_window": window, "status": "validating",
             "metadata": None if metadata is None else orjson.dumps(metadata).decode(),
-            "created_at": now, "expires_at": now + COMPLETION_WINDOWS[window],
+            "created_at": now, "expires_at": now + BATCH_WINDOWS[window],
         })
         self.runner.submit(batch_id)
         return await self.retrieve(principal.org_id, batch_id)

@@ -23,6 +23,9 @@ load``) holds prices in USD per 1M tokens::
     [tier_multipliers]         # optional: every model's tier multipliers
     flex = "0.5"
 
+    [batch_windows]            # optional: a completion window's multiplier on
+    "1h" = "1.5"               # the batch price (24h is the batch price itself)
+
 Numbers may be TOML strings or numbers; strings are exact.
 """
 
@@ -53,6 +56,8 @@ from flexserve.store.schema import model_prices, tier_multipliers
 from flexserve.tiers import ServiceTier
 
 ALL_MODELS = "*"  # tier_multipliers.model for the global multipliers
+# tier_multipliers.tier of a completion window's multiplier: "window:1h".
+_WINDOW = "window:"
 _TIER_NAMES = tuple(t.value for t in ServiceTier)
 
 
@@ -74,18 +79,24 @@ class PriceBook:
         """Set a tier multiplier, for one model or (``model=None``) for all."""
         return await self.replace([], [entry], actor=actor, merge=True)
 
+    async def set_window(self, window: str, multiplier_bp: int, *, actor: str) -> PriceCatalog:
+        """Set a completion window's multiplier on the batch price."""
+        return await self.replace([], [], {window: multiplier_bp}, actor=actor, merge=True)
+
     async def replace(
         self,
         prices: list[PriceEntry],
         multipliers: list[MultiplierEntry],
+        windows: dict[str, int] | None = None,
         *,
         actor: str,
         merge: bool = True,
     ) -> PriceCatalog:
-        """Store ``prices`` and ``multipliers`` over what is there (``merge``)
-        or instead of it. Nothing is written unless the result builds."""
+        """Store ``prices``, ``multipliers`` and window multipliers over what is
+        there (``merge``) or instead of it. Nothing is written unless the
+        result builds."""
         current = await self.load() if merge else PriceCatalog()
-        catalog = current.merged(prices, multipliers)
+        catalog = current.merged(prices, multipliers, windows)
         # Read, then a write-only transaction: on SQLite a transaction that
         # reads before it writes can fail at once when another connection
         # wrote in between. (Two operators editing prices in the same instant
@@ -100,6 +111,7 @@ class PriceBook:
                 detail={
                     "prices": [_describe_price(e) for e in prices],
                     "multipliers": [_describe_multiplier(m) for m in multipliers],
+                    "batch_windows": {w: format_multiplier(bp) for w, bp in (windows or {}).items()},
                     "merge": merge,
                 },
             )
@@ -115,13 +127,17 @@ async def _load(conn: AsyncConnection) -> PriceCatalog:
         )
         for row in await conn.execute(select(model_prices))
     ]
-    multipliers = [
-        MultiplierEntry(
-            None if row.model == ALL_MODELS else row.model, ServiceTier(row.tier), row.multiplier_bp
-        )
-        for row in await conn.execute(select(tier_multipliers))
-    ]
-    return PriceCatalog(prices, multipliers)
+    multipliers = []
+    windows = {}
+    for row in await conn.execute(select(tier_multipliers)):
+        if row.tier.startswith(_WINDOW):
+            windows[row.tier.removeprefix(_WINDOW)] = row.multiplier_bp
+        else:
+            multipliers.append(MultiplierEntry(
+                None if row.model == ALL_MODELS else row.model, ServiceTier(row.tier),
+                row.multiplier_bp,
+            ))
+    return PriceCatalog(prices, multipliers, windows)
 
 
 async def _store(conn: AsyncConnection, catalog: PriceCatalog) -> None:
@@ -145,19 +161,17 @@ async def _store(conn: AsyncConnection, catalog: PriceCatalog) -> None:
                 for e in catalog.entries
             ],
         )
-    if catalog.multipliers:
-        await conn.execute(
-            insert(tier_multipliers),
-            [
-                {
-                    "model": m.model or ALL_MODELS,
-                    "tier": m.tier.value,
-                    "multiplier_bp": m.multiplier_bp,
-                    "updated_at": now,
-                }
-                for m in catalog.multipliers
-            ],
-        )
+    rows = [
+        {"model": m.model or ALL_MODELS, "tier": m.tier.value, "multiplier_bp": m.multiplier_bp,
+         "updated_at": now}
+        for m in catalog.multipliers
+    ]
+    rows += [
+        {"model": ALL_MODELS, "tier": _WINDOW + window, "multiplier_bp": bp, "updated_at": now}
+        for window, bp in sorted(catalog.windows.items())
+    ]
+    if rows:
+        await conn.execute(insert(tier_multipliers), rows)
 
 
 def _describe_price(entry: PriceEntry) -> dict[str, str]:
@@ -192,10 +206,14 @@ def make_price(input: Any, output: Any, cached_input: Any = None, *, where: str 
     return ModelPrice(input_micro, cached_micro, output_micro)
 
 
-def read_price_file(path: str | Path) -> tuple[list[PriceEntry], list[MultiplierEntry]]:
-    """The prices and multipliers in a TOML file; PriceError names what is wrong.
+def read_price_file(
+    path: str | Path,
+) -> tuple[list[PriceEntry], list[MultiplierEntry], dict[str, int]]:
+    """The prices, tier multipliers and window multipliers in a TOML file;
+    PriceError names what is wrong.
 
-    A file without ``[prices]`` or ``[tier_multipliers]`` gives two empty lists.
+    A file without ``[prices]``, ``[tier_multipliers]`` or ``[batch_windows]``
+    gives empty ones.
     """
     file = Path(path)
     try:
@@ -204,7 +222,9 @@ def read_price_file(path: str | Path) -> tuple[list[PriceEntry], list[Multiplier
         raise PriceError(f"price file {file}: {exc}") from exc
     # Like the settings, the tables may sit at the top or inside [flexserve].
     nested = data.get("flexserve")
-    if isinstance(nested, dict) and ("prices" in nested or "tier_multipliers" in nested):
+    if isinstance(nested, dict) and any(
+        name in nested for name in ("prices", "tier_multipliers", "batch_windows")
+    ):
         data = nested
     prices: list[PriceEntry] = []
     multipliers: list[MultiplierEntry] = []
@@ -229,7 +249,13 @@ def read_price_file(path: str | Path) -> tuple[list[PriceEntry], list[Multiplier
     multipliers += _multipliers(
         _table(data, "tier_multipliers", str(file)), None, "[tier_multipliers]"
     )
-    return prices, multipliers
+    windows = {}
+    for window, raw in _table(data, "batch_windows", str(file)).items():
+        try:
+            windows[window] = parse_multiplier(raw)
+        except PriceError as exc:
+            raise PriceError(f"{file}: [batch_windows] {window!r}: {exc}") from None
+    return prices, multipliers, windows
 
 
 def _table(data: dict[str, Any], name: str, where: str) -> dict[str, Any]:

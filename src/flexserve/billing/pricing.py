@@ -38,6 +38,16 @@ DEFAULT_MULTIPLIERS: Mapping[ServiceTier, int] = {
     ServiceTier.PRIORITY: 20_000,
 }
 
+# The completion windows a batch may ask for, in seconds: OpenAI's 24h, and
+# FlexServe's own shorter and longer ones.
+BATCH_WINDOWS: Mapping[str, int] = {"1h": 3_600, "24h": 86_400, "7d": 604_800}
+# OpenAI's window, whose price is the batch tier's own.
+STANDARD_WINDOW = "24h"
+# A window's price is the batch tier's times its multiplier (rounded up to a
+# whole micro-dollar per 1M tokens): the sooner the results are due, the more
+# the batch costs. The operator may set others.
+DEFAULT_WINDOW_MULTIPLIERS: Mapping[str, int] = {"1h": 15_000, "24h": BASIS_POINTS, "7d": 8_000}
+
 # Generous bounds that still keep every product far inside 64 bits per row.
 _MAX_PRICE_USD = Decimal(1_000_000)  # per 1M tokens
 _MAX_MULTIPLIER = Decimal(100)
@@ -65,6 +75,13 @@ class ModelPrice:
                 return None
             parts.append(whole)
         return ModelPrice(*parts)
+
+    def scaled_up(self, multiplier_bp: int) -> ModelPrice:
+        """This price times ``multiplier_bp`` basis points, each part rounded up
+        to a whole micro-dollar (a price, not a cost: costs stay exact
+        products of the price stored beside them)."""
+        return ModelPrice(*(-(-value * multiplier_bp // BASIS_POINTS)
+                            for value in (self.input, self.cached_input, self.output)))
 
 
 def parse_usd(text: str | float | Decimal, what: str = "price") -> int:
@@ -138,10 +155,12 @@ class MultiplierEntry:
 
 
 class PriceCatalog:
-    """Every model's price on every tier, derived once and looked up by key."""
+    """Every model's price on every tier, and on the batch tier in every
+    completion window, derived once and looked up by key."""
 
     def __init__(
-        self, prices: Iterable[PriceEntry] = (), multipliers: Iterable[MultiplierEntry] = ()
+        self, prices: Iterable[PriceEntry] = (), multipliers: Iterable[MultiplierEntry] = (),
+        windows: Mapping[str, int] | None = None,
     ) -> None:
         self._entries = {(e.model, e.tier): e.price for e in prices}
         self._multipliers = {(m.model, m.tier): m.multiplier_bp for m in multipliers}
@@ -160,6 +179,21 @@ class PriceCatalog:
         for model in self.models():
             for tier in ServiceTier:
                 self._prices[(model, tier)] = self._derive(model, tier)
+        # The operator's window multipliers (the rest are the defaults).
+        self._windows = dict(windows or {})
+        for window in self._windows:
+            if window not in BATCH_WINDOWS:
+                raise PriceError(f"{window!r} is not a completion window: "
+                                 + ", ".join(BATCH_WINDOWS))
+            if window == STANDARD_WINDOW:
+                raise PriceError(f"the {STANDARD_WINDOW} window costs the batch tier's price: "
+                                 "set the batch multiplier instead")
+        self._window_prices: dict[tuple[str, str], ModelPrice] = {}
+        for model in self.models():
+            batch = self._prices[(model, ServiceTier.BATCH)]
+            for window in BATCH_WINDOWS:
+                self._window_prices[(model, window)] = batch.scaled_up(
+                    self.window_multiplier_bp(window))
 
     def models(self) -> list[str]:
         return sorted({model for model, tier in self._entries if tier is ServiceTier.DEFAULT})
@@ -167,6 +201,18 @@ class PriceCatalog:
     def price(self, model: str, tier: ServiceTier) -> ModelPrice | None:
         """The price of ``model`` on ``tier``; None for a model without a price."""
         return self._prices.get((model, tier))
+
+    def batch_price(self, model: str, window: str) -> ModelPrice | None:
+        """The price of a batch line of ``model`` due within ``window``."""
+        return self._window_prices.get((model, window))
+
+    def window_multiplier_bp(self, window: str) -> int:
+        return self._windows.get(window, DEFAULT_WINDOW_MULTIPLIERS[window])
+
+    @property
+    def windows(self) -> dict[str, int]:
+        """The window multipliers the operator set."""
+        return dict(self._windows)
 
     def list_price(self, model: str) -> ModelPrice | None:
         return self._prices.get((model, ServiceTier.DEFAULT))
@@ -206,7 +252,8 @@ class PriceCatalog:
         return derived
 
     def merged(
-        self, prices: Iterable[PriceEntry] = (), multipliers: Iterable[MultiplierEntry] = ()
+        self, prices: Iterable[PriceEntry] = (), multipliers: Iterable[MultiplierEntry] = (),
+        windows: Mapping[str, int] | None = None,
     ) -> PriceCatalog:
         """A new catalog with these entries set over this one's; raises
         PriceError when the result does not build."""
@@ -214,4 +261,5 @@ class PriceCatalog:
         price_map |= {(e.model, e.tier): e for e in prices}
         multiplier_map = {(m.model, m.tier): m for m in self.multipliers}
         multiplier_map |= {(m.model, m.tier): m for m in multipliers}
-        return PriceCatalog(price_map.values(), multiplier_map.values())
+        return PriceCatalog(price_map.values(), multiplier_map.values(),
+                            self._windows | dict(windows or {}))

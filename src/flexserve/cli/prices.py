@@ -15,6 +15,9 @@ import click
 from flexserve.accounts.gates import GATE_LEVELS, ModelGates
 from flexserve.billing.price_book import PriceBook, make_price, read_price_file
 from flexserve.billing.pricing import (
+    BATCH_WINDOWS,
+    STANDARD_WINDOW,
+    ModelPrice,
     MultiplierEntry,
     PriceCatalog,
     PriceEntry,
@@ -92,22 +95,41 @@ def set_multiplier(
     _echo_catalog(catalog, only=model)
 
 
+@prices.command("set-window")
+@click.argument(
+    "window", type=click.Choice([w for w in BATCH_WINDOWS if w != STANDARD_WINDOW]),
+    metavar="WINDOW",
+)
+@click.argument("multiplier")
+@database_options
+def set_window(window: str, multiplier: str, db: str | None, home: str | None) -> None:
+    """Price batches due within WINDOW at MULTIPLIER times the batch price
+    (1h 1.5 and 7d 0.8 unless set; 24h is the batch price itself)."""
+    bp = _checked(lambda: parse_multiplier(multiplier))
+    catalog = run_db(
+        settings_for(db, home),
+        lambda database: PriceBook(database).set_window(window, bp, actor=cli_actor()),
+    )
+    _echo_catalog(catalog)
+
+
 @prices.command("load")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--replace", is_flag=True, help="Drop every price not in FILE (default: merge).")
 @database_options
 def load_prices(file: str, replace: bool, db: str | None, home: str | None) -> None:
-    """Load the [prices] and [tier_multipliers] tables of a TOML FILE (such as
+    """Load the [prices], [tier_multipliers] and [batch_windows] tables of a TOML FILE (such as
     the --config file, or src/flexserve/examples/prices.toml)."""
-    entries, multipliers = _checked(lambda: read_price_file(file))
+    entries, multipliers, windows = _checked(lambda: read_price_file(file))
     catalog = run_db(
         settings_for(db, home),
         lambda database: PriceBook(database).replace(
-            entries, multipliers, actor=cli_actor(), merge=not replace
+            entries, multipliers, windows, actor=cli_actor(), merge=not replace
         ),
     )
     click.echo(
-        f"Loaded {len(entries)} prices and {len(multipliers)} multipliers from {file}.", err=True
+        f"Loaded {len(entries)} prices, {len(multipliers)} multipliers and {len(windows)} "
+        f"window multipliers from {file}.", err=True,
     )
     _echo_catalog(catalog)
 
@@ -140,17 +162,20 @@ def _echo_catalog(catalog: PriceCatalog, only: str | None = None) -> None:
                 source = "set"
             else:
                 source = f"list x {format_multiplier(catalog.multiplier_bp(model, tier))}"
-            rows.append(
-                (
-                    model,
-                    tier.value,
-                    format_micro_usd(price.input),
-                    format_micro_usd(price.cached_input),
-                    format_micro_usd(price.output),
-                    source,
-                )
-            )
+            rows.append(_row(model, tier.value, price, source))
+        for window in BATCH_WINDOWS:
+            if window == STANDARD_WINDOW:
+                continue
+            price = catalog.batch_price(model, window)
+            assert price is not None
+            source = f"batch x {format_multiplier(catalog.window_multiplier_bp(window))}"
+            rows.append(_row(model, f"batch {window}", price, source))
     echo_table(("MODEL", "TIER", "INPUT", "CACHED INPUT", "OUTPUT", "FROM"), rows)
+
+
+def _row(model: str, tier: str, price: ModelPrice, source: str) -> tuple[str, ...]:
+    return (model, tier, format_micro_usd(price.input), format_micro_usd(price.cached_input),
+            format_micro_usd(price.output), source)
 
 
 def _checked(parse: Callable[[], _T]) -> _T:
@@ -204,16 +229,16 @@ def list_gates(db: str | None, home: str | None) -> None:
 def load_config_prices(settings: Settings, config_file: str) -> None:
     """At `flexserve serve --config FILE`: merge FILE's price tables, if it has
     any, into the catalog (the file wins over earlier CLI changes)."""
-    entries, multipliers = _checked(lambda: read_price_file(config_file))
-    if not entries and not multipliers:
+    entries, multipliers, windows = _checked(lambda: read_price_file(config_file))
+    if not entries and not multipliers and not windows:
         return
     run_db(
         settings,
         lambda database: PriceBook(database).replace(
-            entries, multipliers, actor=f"config:{config_file}", merge=True
+            entries, multipliers, windows, actor=f"config:{config_file}", merge=True
         ),
     )
     click.echo(
-        f"Prices: {len(entries)} prices and {len(multipliers)} multipliers from {config_file}.",
-        err=True,
+        f"Prices: {len(entries)} prices, {len(multipliers)} multipliers and {len(windows)} "
+        f"window multipliers from {config_file}.", err=True,
     )
