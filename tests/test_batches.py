@@ -560,3 +560,38 @@ def test_a_shorter_window_is_billed_at_its_own_price(
             assert (row["input_price_micro"], row["output_price_micro"]) == (input_micro,
                                                                             output_micro)
             assert row["output_cost_pico"] == row["completion_tokens"] * output_micro
+
+
+def test_output_expires_after_sets_the_output_files_expiry(gateway: Gateway, model: str) -> None:
+    client = gateway.client()
+    file_id = upload(client, jsonl([chat_line("ok", model), chat_line("bad", model, n="two")]))
+    batch = client.batches.create(
+        input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+        output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    final = wait_final(client, batch.id)
+    assert final.status == "failed"  # line 2 does not validate: no output file at all
+    lines = [chat_line(f"e{i}", model) for i in range(3)]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h", output_expires_after={"anchor": "created_at", "seconds": 7200},
+    )
+    final = wait_final(client, batch.id)
+    assert final.status == "completed" and final.output_file_id
+    output = client.files.retrieve(final.output_file_id)
+    assert output.expires_at is not None
+    assert 7200 <= output.expires_at - output.created_at <= 7201
+    # Without it, output files are kept until deleted.
+    plain = wait_final(client, client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h").id)
+    assert client.files.retrieve(plain.output_file_id).expires_at is None  # type: ignore[arg-type]
+    for bad, param in [({"anchor": "last_active_at", "seconds": 7200}, "output_expires_after.anchor"),
+                       ({"anchor": "created_at", "seconds": 60}, "output_expires_after.seconds"),
+                       ("soon", "output_expires_after")]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h",
+                output_expires_after=bad,  # type: ignore[arg-type]
+            )
+        assert refused.value.param == param

@@ -108,6 +108,14 @@ _CREATE_BATCH = object_of(
         ),
     },
     metadata=_METADATA,
+    output_expires_after={
+        **object_of(
+            ("anchor", "seconds"),
+            anchor={"type": "string", "enum": ["created_at"]},
+            seconds={"type": "integer", "minimum": 3600, "maximum": 2592000},
+        ),
+        "description": "The output and error files expire this long after they are made.",
+    },
 )
 
 

@@ -19,6 +19,7 @@ from flexserve.billing.pricing import BATCH_WINDOWS
 from flexserve.batches.store import BatchStore
 from flexserve.batches.webhooks import WebhookSender
 from flexserve.errors import InvalidRequestError, NotFoundError
+from flexserve.files.service import MAX_TTL, MIN_TTL
 
 MAX_METADATA_PAIRS, MAX_METADATA_KEY, MAX_METADATA_VALUE = 16, 64, 512
 _TIMESTAMPS = (
@@ -67,6 +68,7 @@ class Batches:
                 param="completion_window", code="invalid_value",
             )
         metadata = _metadata(body.get("metadata"))
+        output_ttl = _output_ttl(body.get("output_expires_after"))
         record = await self._files.get(principal.org_id, input_file_id)
         if record.purpose != "batch":
             raise InvalidRequestError(
@@ -82,6 +84,7 @@ class Batches:
             "completion_window": window, "status": "validating",
             "metadata": None if metadata is None else orjson.dumps(metadata).decode(),
             "created_at": now, "expires_at": now + BATCH_WINDOWS[window],
+            "output_ttl": output_ttl,
         })
         self.runner.submit(batch_id)
         return await self.retrieve(principal.org_id, batch_id)
@@ -196,6 +199,29 @@ def _required_str(body: dict[str, Any], name: str) -> str:
         raise InvalidRequestError(f"Invalid type for '{name}': expected a string.", param=name,
                                   code="invalid_type")
     return value
+
+
+def _output_ttl(value: Any) -> int | None:
+    """``output_expires_after``: ``{"anchor": "created_at", "seconds": N}``, N
+    from an hour to 30 days, as for an upload's ``expires_after``."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidRequestError("Invalid type for 'output_expires_after': expected an object.",
+                                  param="output_expires_after", code="invalid_type")
+    if value.get("anchor") != "created_at":
+        raise InvalidRequestError(
+            "Invalid 'output_expires_after.anchor': the only anchor is 'created_at'.",
+            param="output_expires_after.anchor", code="invalid_value",
+        )
+    seconds = value.get("seconds")
+    if isinstance(seconds, bool) or not isinstance(seconds, int) or not MIN_TTL <= seconds <= MAX_TTL:
+        raise InvalidRequestError(
+            f"Invalid 'output_expires_after.seconds': expected an integer between {MIN_TTL} "
+            f"and {MAX_TTL}.",
+            param="output_expires_after.seconds", code="invalid_value",
+        )
+    return seconds
 
 
 def _metadata(value: Any) -> dict[str, str] | None:

@@ -264,6 +264,9 @@ batches = Table(
     # `errors.data` of a batch that failed validation (JSON list); NULL: none.
     Column("errors", Text, nullable=True),
     Column("metadata", Text, nullable=True),  # JSON object
+    # `output_expires_after.seconds`: the output and error files expire that
+    # long after they are made; NULL: kept until deleted.
+    Column("output_ttl", Integer, nullable=True),
     Column("total", Integer, nullable=False, server_default="0"),
     Column("completed", Integer, nullable=False, server_default="0"),
     Column("failed", Integer, nullable=False, server_default="0"),
