@@ -42,8 +42,8 @@ def test_bench_tiers_quick_writes_a_complete_report(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
 
     scenarios = report["scenarios"]
-    assert set(scenarios) == {"A", "B", "C", "D", "E"}
-    for name in ("A", "B", "C", "E"):
+    assert set(scenarios) == {"A", "B", "C", "D", "E", "F"}
+    for name in ("A", "B", "C", "E", "F"):
         assert scenarios[name]["default_sent"] > 0
         assert scenarios[name]["default_completed"] > 0
         assert scenarios[name]["default_ttft_p99_ms"] is not None
@@ -51,6 +51,9 @@ def test_bench_tiers_quick_writes_a_complete_report(tmp_path: Path) -> None:
     for name in ("B", "C", "D", "E"):
         assert scenarios[name]["flex_completed"] > 0
     assert scenarios["A"]["flex_completed"] == 0
+    # F's backlog is a batch: its lines ran, none of them as flex requests.
+    assert scenarios["F"]["flex_completed"] == 0
+    assert 0 < scenarios["F"]["batch_completed"] < scenarios["F"]["batch_lines"]
     for scenario in scenarios.values():
         assert scenario["engine_output_tokens"] > 0
         assert scenario["engine_preemptions"] is not None
@@ -61,7 +64,8 @@ def test_bench_tiers_quick_writes_a_complete_report(tmp_path: Path) -> None:
     assert setup["engine"] == "sim" and setup["max_num_seqs"] == 16
     assert setup["default_rate_per_engine_second"] > 0
     goals = {row["ratio"]: row for row in report["ratios"]}
-    for label in ("B/A default TTFT p99", "B/A default TPOT p99", "B/D engine output tokens/s"):
+    for label in ("B/A default TTFT p99", "B/A default TPOT p99", "B/D engine output tokens/s",
+                  "F/A default TTFT p99 (batch backlog)"):
         assert goals[label]["value"] is not None and "goal" in goals[label]
     assert "B/A default TTFT p99" in done.stdout
 
@@ -71,7 +75,7 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     out = tmp_path / "sweep.json"
     done = subprocess.run(
         [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "16", "--skip", "C",
-         "--skip", "E", "--variant", "flex_headroom=0.9", "--out", str(out)],
+         "--skip", "E", "--skip", "F", "--variant", "flex_headroom=0.9", "--out", str(out)],
         capture_output=True, text=True, timeout=110, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]

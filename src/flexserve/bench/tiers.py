@@ -9,6 +9,8 @@ Scenarios on the same seeded traffic (``bench/traffic.py``):
 - B: A's requests plus the flex backlog, through the same gateway;
 - C: B through the same gateway with ``tiers_enabled=false`` (every tier FCFS,
   no flex headroom, no preemption): the damage that tiers prevent;
+- F (sim only): A's requests plus a batch of the flex backlog's jobs, sent
+  through the tiered gateway's Batch API: batch lines yield as flex does;
 - E (sim only, an extra): B's traffic straight to the engine with vLLM's
   ``priority`` field, default before flex, no gateway: what the engine's own
   priority queue does alone, and the maximum for B's mix of lengths (D's
@@ -29,6 +31,7 @@ import asyncio
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -53,6 +56,7 @@ from flexserve.bench.processes import (
     raise_nofile_limit,
     start_server,
 )
+from flexserve.bench.tiers_batch import start_backlog, stop_backlog
 from flexserve.bench.tiers_load import (
     FlexLoop,
     Outcome,
@@ -159,6 +163,8 @@ class _Scenario:
     engine_metrics: str | None
     gateway_metrics: str | None
     token_counter: str
+    # Lines of a batch backlog sent through the gateway's Batch API (scenario F).
+    batch_jobs: Sequence[Job] = ()
 
 
 def tiers_enabled_available() -> bool:
@@ -187,8 +193,9 @@ async def _run_scenario(sc: _Scenario, opts: TiersOptions,
                                             flex_jobs(opts.seed, i, flex_lengths), loop))
             for i in range(sc.num_flex)
         ]
+        backlog = await start_backlog(session, sc.target, sc.batch_jobs) if sc.batch_jobs else None
         try:
-            if flex_tasks:
+            if flex_tasks or backlog is not None:
                 await asyncio.sleep(opts.warmup_seconds)
             window, defaults = await _measure(session, sc, opts)
         finally:
@@ -196,6 +203,8 @@ async def _run_scenario(sc: _Scenario, opts: TiersOptions,
             for task in flex_tasks:
                 task.cancel()
             await asyncio.gather(*flex_tasks, return_exceptions=True)
+            if backlog is not None:
+                await stop_backlog(session, sc.target, backlog)
         drained_at = time.monotonic()
         busy_url = sc.engine_metrics or sc.gateway_metrics
         if busy_url is not None:
@@ -204,6 +213,9 @@ async def _run_scenario(sc: _Scenario, opts: TiersOptions,
                 print(f"warning: scenario {sc.name}: the servers did not drain in 60 s",
                       file=sys.stderr)
     result = summarize(sc.name, sc.description, window, defaults, len(sc.defaults), loop.outcomes)
+    if backlog is not None:
+        result["batch_lines"] = backlog.num_lines
+        result["batch_completed"] = backlog.completed_at_end
     result["host_load_1m"] = {"start": load_start, "end": round(os.getloadavg()[0], 2)}
     result["disturbed"] = disturbances(result)
     result["seconds"] = {"total": round(time.monotonic() - began, 1),
@@ -314,6 +326,8 @@ def _start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptio
         "FLEXSERVE_LOG_LEVEL": "warning",
         "FLEXSERVE_TIERS_ENABLED": "true" if tiers else "false",
     }
+    # Batch lines in flight (scenario F): as many as B's closed-loop flex clients.
+    env["FLEXSERVE_BATCH_WINDOW"] = str(opts.num_flex_clients)
     if upstream is not None:
         env["FLEXSERVE_UPSTREAM_CAPACITY"] = str(opts.max_num_seqs)
         env["FLEXSERVE_UPSTREAM_PRIORITY_HINT"] = "true"
@@ -370,7 +384,15 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
             scenarios["E"] = _run(e, opts, flex_mix, [engine])
         gateways: list[tuple[bool, tuple[tuple[str, str, int], ...]]] = [
             (True, (("A", "default alone, tiered gateway", 0),
-                    ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients)))]
+                    ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients),
+                    *((("F", "default + a batch of the flex backlog's jobs, tiered gateway",
+                        0),) if "F" not in opts.skip else ())))]
+        # Enough lines for F to keep a backlog to the window's end, at D's pace.
+        lines_per_second = ((scenarios["D"]["engine_output_tps_wall"] or 0.0)
+                            / flex_mix.expected_output(opts.seed))
+        num_batch = opts.num_flex_clients + int(
+            2 * lines_per_second * (opts.warmup_seconds + opts.duration))
+        batch_jobs = list(itertools.islice(flex_jobs(opts.seed, 0, flex_mix), num_batch))
         if "C" not in opts.skip:
             gateways.append((False, (("C", "default + flex backlog, tier-blind FCFS gateway",
                                       opts.num_flex_clients),)))
@@ -382,7 +404,8 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
                 for name, description, num_flex in plan:
                     sc = _Scenario(name, description, target, jobs, num_flex, False,
                                    engine_metrics, f"{gateway.url}/metrics",
-                                   "vllm:generation_tokens_total")
+                                   "vllm:generation_tokens_total",
+                                   batch_jobs=batch_jobs if name == "F" else ())
                     scenarios[name] = _run(sc, opts, flex_mix, [engine, gateway])
         for number, variant in enumerate(opts.variants, start=1):
             name = f"B{number}"

@@ -234,8 +234,8 @@ def ledger_kill(out: Path, **options: Any) -> None:
 @click.option("--variant", "variants", multiple=True, metavar="NAME=VALUE[,NAME=VALUE...]",
               help="Sim only: one more B scenario (B1, B2, ...) with these gateway settings "
               "on top of --set, e.g. --variant tpot_slo=0.0075; repeatable: a sweep in one run.")
-@click.option("--skip", type=click.Choice(["C", "E"]), multiple=True,
-              help="Leave out a contrast scenario (sim: C, E) to shorten a sweep; repeatable.")
+@click.option("--skip", type=click.Choice(["C", "E", "F"]), multiple=True,
+              help="Leave out a scenario (sim: C, E, F) to shorten a sweep; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="JSON report path [reports/bench-tiers.json, -embedded.json].")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
