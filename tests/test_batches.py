@@ -595,3 +595,25 @@ def test_output_expires_after_sets_the_output_files_expiry(gateway: Gateway, mod
                 output_expires_after=bad,  # type: ignore[arg-type]
             )
         assert refused.value.param == param
+
+
+def test_every_line_of_a_batch_many_windows_long_is_recorded(gateway: Gateway, model: str) -> None:
+    """200 lines, 8 in flight at a time, finishing in any order: each result
+    is recorded, whichever flush it falls in."""
+    client = gateway.client()
+    lines = [chat_line(f"w{i}", model, f"Question {i}", max_tokens=1 + i % 7) for i in range(200)]
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
+        completion_window="24h",
+    )
+    final = wait_final(client, batch.id, timeout=60)
+    assert final.status == "completed"
+    assert final.request_counts is not None
+    assert (final.request_counts.completed, final.request_counts.failed) == (200, 0)
+    output = read_jsonl(client, final.output_file_id)
+    assert sorted(o["custom_id"] for o in output) == sorted(f"w{i}" for i in range(200))
+    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
+        states = dict(conn.execute(
+            "SELECT state, COUNT(*) FROM batch_lines WHERE batch_id = ? GROUP BY state",
+            (final.id,)).fetchall())
+    assert states == {"done": 200}

@@ -75,6 +75,11 @@ class _Job:
         # Its completion window, which prices its lines.
         self.window: str | None = None
 
+    def record(self, result: LineResult) -> None:
+        """Keep a line's result until the next flush writes it. (Always into
+        the list of the moment: a flush swaps it for a new one.)"""
+        self.results.append(result)
+
     def stop(self, reason: str) -> None:
         if self.stop_reason is None or reason == "shutdown":
             self.stop_reason = reason
@@ -316,7 +321,7 @@ class BatchRunner:
         failures = 0
         while True:
             try:
-                await run_line(self._services, endpoint, principal, line, job.results.append,
+                await run_line(self._services, endpoint, principal, line, job.record,
                                hold=job.hold, window=job.window)
                 return
             except Retry as retry:
@@ -324,7 +329,7 @@ class BatchRunner:
                     attempts += 1
                     failures += 1
                     if attempts > settings.batch_max_attempts:
-                        job.results.append(error_result(line, retry.error))
+                        job.record(error_result(line, retry.error))
                         return
                     pause = min(_RETRY_LONGEST, _RETRY_FIRST * 2 ** (failures - 1))
                 else:
@@ -332,7 +337,7 @@ class BatchRunner:
                 await asyncio.sleep(pause * (0.5 + random.random()))
             except Exception as exc:
                 log.exception("batch %s line %d failed", job.batch_id, line.line)
-                job.results.append(LineResult(line.line, "failed", error_code="batch_failed",
+                job.record(LineResult(line.line, "failed", error_code="batch_failed",
                                               error_message=f"The request failed: {exc}"))
                 return
 
