@@ -180,6 +180,10 @@ class BatchRunner:
                                             "The batch expired before this request was run.")
                 await self._finalize(row, "expired")
                 return
+            if outcome == "done" and await store.unfinished_cost(job.batch_id, count=True):
+                # Every line ran, yet some are not recorded as finished: never
+                # end a batch so; taken up again, they run again.
+                raise RuntimeError("lines ran but are not recorded as finished")
             if not await store.set_status(job.batch_id, "finalizing", _now(),
                                           only_from=("in_progress",)):
                 row = await store.get(None, job.batch_id)
