@@ -128,3 +128,29 @@ def test_waits_quick_report(tmp_path: Path) -> None:
         assert set(scenario["goals"]) >= {"status_within", "false_refusals", "completion_longest"}
         assert name in done.stdout
     assert "Retry-After" in done.stdout
+
+
+def test_batches_quick_report(tmp_path: Path) -> None:
+    out = tmp_path / "batches.json"
+    done = _run("bench", "batches", "--quick", "--out", str(out))
+    report: dict[str, Any] = json.loads(out.read_text())
+    direct, batch = report["throughput"]["direct"], report["throughput"]["batch"]
+    assert direct["ok"] == direct["requests"] and direct["errors"] == {}
+    assert direct["lines_per_s"] > 0 and batch["lines_per_s"] > 0
+    assert batch["engine_requests_started"] == batch["lines"]
+    rss = report["memory"]["rss_mib"]
+    assert 0 < rss["before"] <= rss["peak"] <= rss["high_water_mark"] and rss["after"] > 0
+    kill = report["restart"]
+    assert kill["killed_after_completed"] <= kill["completed_at_kill"] < kill["lines"]
+    for name in ("restart_to_first_answer_s", "restart_to_healthz_s", "restart_to_resumed_s",
+                 "kill_to_resumed_s"):
+        assert kill[name] is not None and kill[name] > 0, name
+    # Only lines in flight at the kill reach the engine again; none finished before it.
+    assert kill["lines_done_before_kill_run_again"] == 0
+    assert 0 <= kill["engine_requests_beyond_lines"] <= kill["in_flight_at_kill"]
+    for section in (batch, report["memory"], kill):
+        assert section["check"]["passed"], section["check"]
+    markdown = out.with_suffix(".md").read_text()
+    for heading in ("### Throughput", "### Memory", "### Restart after kill -9"):
+        assert heading in markdown and heading in done.stdout
+    assert "check passed" in markdown and "FAILED" not in markdown

@@ -350,3 +350,59 @@ def waits(quick: bool, deadlines: str | None, settings: tuple[str, ...], out: Pa
     write_json(out, report)
     click.echo(format_report(report))
     click.echo(f"report: {out}", err=True)
+
+
+@bench.command("batches")
+@click.option("--lines", type=int, help="Lines of the batch whose gateway memory is sampled [50000].")
+@click.option("--throughput-lines", type=int,
+              help="Lines of the throughput batch, and requests of the direct run [10000].")
+@click.option("--kill-lines", type=int, help="Lines of the batch whose gateway is killed [10000].")
+@click.option("--kill-after", type=float,
+              help="Share of the kill batch completed before SIGKILL [0.25].")
+@click.option("--max-tokens", type=int, help="max_tokens of every line [16].")
+@click.option("--profile", help="Sim engine profile [h100-llama3-8b].")
+@click.option("--speed", type=float, help="Sim engine speed-up of the throughput figure [1].")
+@click.option("--fast-speed", type=float,
+              help="Sim engine speed-up of the memory and restart figures [10].")
+@click.option("--max-num-seqs", type=int, help="Sim engine batch, the gateway's upstream "
+              "capacity and the direct run's concurrency [32].")
+@click.option("--quick", is_flag=True, help="A smoke run: batches of a few dozen to a few "
+              "hundred lines.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the servers' logs, homes and input files here (default: a temporary "
+              "folder).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/batches.json"), show_default=True,
+              help="JSON report path; the Markdown report is written beside it (.md).")
+def batches(quick: bool, out: Path, **options: Any) -> None:
+    """Batch API throughput against direct calls, gateway memory, and restart after kill -9.
+
+    A sim engine and a gateway in front of it (each its own process). One
+    batch of --throughput-lines chat completions from create to completed,
+    against the same bodies sent straight to the engine at its batch size;
+    the gateway's RSS before, at the peak of and after a batch of --lines
+    lines, upload to output file; a batch whose gateway is killed with
+    SIGKILL mid-run and restarted on the same home: time to the first answer
+    and to the first line completed after the kill, then every custom_id
+    once in the output and one batch-tier ledger row per output line.
+    """
+    import shlex
+    import sys
+
+    from flexserve.bench.batches import QUICK, BatchesConfig, run_batches
+    from flexserve.bench.batches_report import format_report
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+
+    command = "flexserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    config = dataclasses.replace(QUICK if quick else BatchesConfig(), command=command,
+                                 **{k: v for k, v in options.items() if v is not None})
+    try:
+        report = run_batches(config)
+    except BenchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    markdown = format_report(report)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    click.echo(markdown)
+    click.echo(f"report: {out}", err=True)
