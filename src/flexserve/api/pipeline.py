@@ -423,8 +423,9 @@ def _estimated_usage(call: Call) -> Usage:
     return call.partial_usage or Usage(0, call.num_deltas)
 
 
-def _finish(services: Services, call: Call, usage: Usage | None, status: str) -> None:
-    """Metrics and the usage record for a request that reached an engine."""
+def _finish(services: Services, call: Call, usage: Usage | None, status: str) -> UsageRecord:
+    """Metrics and the usage record for a request that reached an engine; the
+    record, costed."""
     now = time.monotonic()
     if usage is None:
         # Ended early (client gone, engine failed): what the engine last said it
@@ -468,3 +469,4 @@ def _finish(services: Services, call: Call, usage: Usage | None, status: str) ->
     # Costed at the served tier's price; the budget hold swapped for the cost.
     services.gate.settle(call.admission, record)
     services.usage.submit(record)
+    return record

@@ -119,7 +119,7 @@ async def run_line(
             # it is run again or gets its error line.
             services.gate.release(admission)
     usage = (last.usage if last is not None else None) or call.partial_usage or Usage(0, call.num_deltas)
-    _finish(services, call, usage, "completed")
+    billed = _finish(services, call, usage, "completed")
     document: dict[str, Any] = output.document(usage)
     # OpenAI's response schemas have no `batch` service tier, and its own batch
     # output bodies carry none: the tier is the batch's, and billed as such.
@@ -128,6 +128,7 @@ async def run_line(
         line.line, "done", status_code=200, response=document,
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens,
         cached_tokens=min(usage.cached_tokens, usage.prompt_tokens),
+        cost_pico=billed.costs.total,
     ))
     if endpoint.has_finish_step:
         await endpoint.finished(services, call, output)

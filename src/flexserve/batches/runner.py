@@ -51,6 +51,11 @@ _WAIT_LONGEST = 5.0
 _FLUSH_INTERVAL = 0.05
 # Seconds between looks at the batch's status in the database while it runs.
 _STATUS_INTERVAL = 1.0
+# More lines are claimed once this share of the lane is free: a few at a
+# time (one claim is a transaction), soon enough that the engine stays fed.
+_REFILL_SHARE = 0.25
+
+
 # Pause before taking up a batch again after an unexpected error.
 _ERROR_PAUSE = 1.0
 
@@ -69,6 +74,8 @@ class _Job:
         # it did: the pace that estimates the rest.
         self.num_finished = 0
         self.started_at = time.monotonic()
+        # Lines claimed and not yet finished.
+        self.num_in_flight = 0
         # The batch's budget hold: its unfinished lines' expected cost, which
         # each line's own reservation is taken out of as it runs.
         self.hold: Reservation | None = None
@@ -120,6 +127,11 @@ class BatchRunner:
 
     def in_flight(self, batch_id: str) -> bool:
         return batch_id in self._jobs
+
+    def lines_in_flight(self, batch_id: str) -> int | None:
+        """Lines of the batch being run here now; None: it is not run here."""
+        job = self._jobs.get(batch_id)
+        return None if job is None else job.num_in_flight
 
     def estimated_completion(self, batch_id: str, num_left: int) -> int | None:
         """When the batch's ``num_left`` lines should be done, at the pace its
@@ -283,7 +295,8 @@ class BatchRunner:
                         break
                     if current is not None:
                         row = current
-                if not exhausted and room is None and len(in_flight) <= lanes.size // 2:
+                refill_at = lanes.size - max(1, int(lanes.size * _REFILL_SHARE))
+                if not exhausted and room is None and len(in_flight) <= refill_at:
                     room = lanes.request(org_id, deadline, lanes.size - len(in_flight))
                 if room is not None and room.done():
                     granted, room = room.result(), None
@@ -294,6 +307,7 @@ class BatchRunner:
                         task = asyncio.create_task(self._line(job, endpoint, principal, line))
                         task.add_done_callback(lambda _: lanes.give_back(org_id, 1))
                         in_flight[task] = line
+                    job.num_in_flight = len(in_flight)
                 if not in_flight and room is None:
                     break
                 stop_wait: asyncio.Future[Any] = asyncio.ensure_future(job.stopped.wait())
@@ -308,6 +322,7 @@ class BatchRunner:
                 for finished in done:
                     if finished is not stop_wait and finished is not room:
                         in_flight.pop(finished)  # type: ignore[call-overload]
+                job.num_in_flight = len(in_flight)
                 await self._flush(job)
         finally:
             if room is not None:
@@ -316,6 +331,7 @@ class BatchRunner:
                 task.cancel()
             if in_flight:
                 await asyncio.wait(in_flight)
+            job.num_in_flight = 0
             await self._flush(job)
         return job.stop_reason or "done"
 

@@ -122,7 +122,8 @@ class Batches:
             yield output_line(batch_id, line)
 
     async def to_openai(self, row: dict[str, Any]) -> dict[str, Any]:
-        document = await batch_object(self.store, row)
+        document = await batch_object(self.store, row,
+                                      in_flight=self.runner.lines_in_flight(row["id"]))
         if row["status"] == "in_progress":
             counts = document["request_counts"]
             left = counts["total"] - counts["completed"] - counts["failed"]
@@ -147,9 +148,12 @@ async def mark_cancelling(store: BatchStore, org_id: str | None, batch_id: str) 
     )
 
 
-async def batch_object(store: BatchStore, row: dict[str, Any]) -> dict[str, Any]:
+async def batch_object(
+    store: BatchStore, row: dict[str, Any], *, in_flight: int | None = None
+) -> dict[str, Any]:
     """OpenAI's ``Batch``: fields without a value are left out (the spec does
-    not type them as nullable)."""
+    not type them as nullable). ``in_flight``: its lines running now, when
+    this process runs it (else read from its lines)."""
     document: dict[str, Any] = {
         "id": row["id"],
         "object": "batch",
@@ -170,16 +174,17 @@ async def batch_object(store: BatchStore, row: dict[str, Any]) -> dict[str, Any]
         if row[name] is not None:
             document[name] = row[name]
     document["metadata"] = None if row["metadata"] is None else orjson.loads(row["metadata"])
-    running, cost_pico = await store.progress(row["id"])
+    if in_flight is None:
+        in_flight = await store.num_running(row["id"]) if row["status"] == "in_progress" else 0
     # FlexServe's own fields, beside OpenAI's: lines being run now, what the
     # batch cost so far, and (while in progress) when it should be done.
     document["flexserve"] = {
-        "lines_in_flight": running,
-        "cost": {"value": float(pico_to_usd(cost_pico)), "currency": "usd"},
+        "lines_in_flight": in_flight,
+        "cost": {"value": float(pico_to_usd(row["cost_pico"])), "currency": "usd"},
         "estimated_completion_at": None,
     }
     if row["total"]:
-        prompt, completion, cached = await store.usage(row["id"])
+        prompt, completion, cached = row["prompt_tokens"], row["completion_tokens"], row["cached_tokens"]
         document["usage"] = {
             "input_tokens": prompt,
             "input_tokens_details": {"cached_tokens": cached},

@@ -17,7 +17,7 @@ import orjson
 from sqlalchemy import and_, delete, func, insert, or_, select, update
 
 from flexserve.store.database import Database
-from flexserve.store.schema import batch_lines, batches, usage_records
+from flexserve.store.schema import batch_lines, batches
 
 # Statuses in which the runner still has work to do on a batch.
 ACTIVE_STATUSES = ("validating", "in_progress", "finalizing", "cancelling")
@@ -48,6 +48,7 @@ class LineResult:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    cost_pico: int = 0  # what its ledger row costs
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +198,7 @@ class BatchStore:
         if not results:
             return
         done = failed = 0
+        totals = dict.fromkeys(("prompt_tokens", "completion_tokens", "cached_tokens", "cost_pico"), 0)
         async with self._db.engine.begin() as conn:
             for result in results:
                 changed = await conn.execute(
@@ -221,12 +223,15 @@ class BatchStore:
                 if changed.rowcount:
                     if result.state == "done":
                         done += 1
+                        for name in totals:
+                            totals[name] += getattr(result, name)
                     else:
                         failed += 1
             await conn.execute(
                 update(batches)
                 .where(batches.c.id == batch_id)
-                .values(completed=batches.c.completed + done, failed=batches.c.failed + failed)
+                .values(completed=batches.c.completed + done, failed=batches.c.failed + failed,
+                        **{name: batches.c[name] + value for name, value in totals.items()})
             )
 
     async def fail_unfinished(self, batch_id: str, code: str, message: str) -> None:
@@ -282,35 +287,10 @@ class BatchStore:
                 return
             after = page[-1]["line"]
 
-    async def usage(self, batch_id: str) -> tuple[int, int, int]:
-        """Prompt, completion and cached tokens of the batch's output lines."""
+    async def num_running(self, batch_id: str) -> int:
+        """Lines being run now."""
         async with self._db.engine.connect() as conn:
-            row = (
-                await conn.execute(
-                    select(
-                        func.coalesce(func.sum(batch_lines.c.prompt_tokens), 0),
-                        func.coalesce(func.sum(batch_lines.c.completion_tokens), 0),
-                        func.coalesce(func.sum(batch_lines.c.cached_tokens), 0),
-                    ).where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "done")
-                )
-            ).one()
-        return int(row[0]), int(row[1]), int(row[2])
-
-    async def progress(self, batch_id: str) -> tuple[int, int]:
-        """Lines running now, and what the batch's ledger rows cost so far (pico-USD)."""
-        # The batch's rows are one range of the ledger's unique index on request ids.
-        prefix = line_request_id(batch_id.removeprefix("batch_"), 0)[:-1]
-        cost = (usage_records.c.input_cost_pico + usage_records.c.cached_input_cost_pico
-                + usage_records.c.output_cost_pico)
-        async with self._db.engine.connect() as conn:
-            running = (await conn.execute(
+            return int((await conn.execute(
                 select(func.count()).where(batch_lines.c.batch_id == batch_id,
                                            batch_lines.c.state == "running")
-            )).scalar_one()
-            pico = (await conn.execute(
-                select(func.coalesce(func.sum(cost), 0)).where(
-                    usage_records.c.request_id >= prefix,
-                    usage_records.c.request_id < prefix[:-1] + chr(ord("_") + 1),
-                )
-            )).scalar_one()
-        return int(running), int(pico)
+            )).scalar_one())
