@@ -202,3 +202,41 @@ def test_tools_are_refused_naming_the_field(embedded_gateway: Gateway) -> None:
         )
     error = raised.value.body
     assert isinstance(error, dict) and error.get("param") == "tools"
+
+
+def test_batch_workflow_on_the_real_model(embedded_gateway: Gateway) -> None:
+    """The SDK's Batch workflow on SmolLM2: files.create → batches.create →
+    poll → files.content, every line answered by the model, matched by
+    custom_id and billed once on the batch tier."""
+    import io
+    import time
+
+    client = embedded_gateway.client()
+    questions = ["What is the capital of France?", "Name a color.", "Count to three."]
+    lines = [
+        {"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+         "body": {"model": MODEL, "max_tokens": 8, "temperature": 0.0,
+                  "messages": [{"role": "user", "content": question}]}}
+        for i, question in enumerate(questions)
+    ]
+    content = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    uploaded = client.files.create(file=("eval.jsonl", io.BytesIO(content)), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    deadline = time.monotonic() + 120
+    while batch.status not in ("completed", "failed", "expired", "cancelled"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+        batch = client.batches.retrieve(batch.id)
+    assert batch.status == "completed", batch
+    assert batch.output_file_id is not None and batch.error_file_id is None
+    output = [json.loads(line) for line in client.files.content(batch.output_file_id).text.splitlines()]
+    assert sorted(o["custom_id"] for o in output) == ["q0", "q1", "q2"]
+    for item in output:
+        body = item["response"]["body"]
+        validate(body, "CreateChatCompletionResponse")
+        assert (body["choices"][0]["message"]["content"] or "").strip()  # the model's own words
+        assert 0 < body["usage"]["completion_tokens"] <= 8
+        rows = usage_rows(embedded_gateway, item["response"]["request_id"])
+        assert [(r["served_tier"], r["completion_tokens"]) for r in rows] == [
+            ("batch", body["usage"]["completion_tokens"])]
