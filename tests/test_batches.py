@@ -210,41 +210,55 @@ def test_other_organizations_batch_is_404(gateway: Gateway, model: str) -> None:
     wait_final(client, batch.id)
 
 
-def test_cancel_mid_run_keeps_finished_lines_and_counts_add_up(
-    start_gateway: Callable[..., Gateway],
-) -> None:
-    # A slow engine, two lines at a time: the cancel lands mid-run.
-    gateway = start_gateway(engines=[sim_engine(speed=2.0)], engine="sim", batch_window=2)
+def _slow_batch_underway(
+    start_gateway: Callable[..., Gateway], prefix: str
+) -> tuple[Gateway, openai.OpenAI, Any]:
+    """30 lines on a slow engine, one at a time, once two are done: what a
+    cancel or an expiry then cuts short."""
+    gateway = start_gateway(engines=[sim_engine(speed=1.0)], engine="sim", batch_window=1)
     model = sim_model_id(gateway)
     client = gateway.client()
-    lines = [chat_line(f"t{i}", model, max_tokens=20) for i in range(30)]
+    lines = [chat_line(f"{prefix}{i}", model, max_tokens=50) for i in range(30)]
     batch = client.batches.create(
         input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
         completion_window="24h",
     )
     deadline = time.monotonic() + 20
-    while client.batches.retrieve(batch.id).request_counts.completed < 2:  # type: ignore[union-attr]
+    while _counts(client, batch.id).completed < 2:
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    cancelling = client.batches.cancel(batch.id)
-    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
-    batch = wait_final(client, batch.id)
-    assert batch.status == "cancelled" and batch.cancelled_at
-    counts = batch.request_counts
+    return gateway, client, batch
+
+
+def _assert_cut_short(gateway: Gateway, client: openai.OpenAI, final: Any, prefix: str,
+                      code: str) -> None:
+    """Finished lines kept in the output and billed once each; the rest in the
+    error file with ``code``, not billed; the counts add up."""
+    counts = final.request_counts
     assert counts is not None and counts.total == 30
-    output = read_jsonl(client, batch.output_file_id)
-    errors = read_jsonl(client, batch.error_file_id)
+    output = read_jsonl(client, final.output_file_id)
+    errors = read_jsonl(client, final.error_file_id)
     assert counts.completed == len(output) >= 2 and counts.failed == len(errors) > 0
     assert len(output) + len(errors) == 30
-    assert sorted(o["custom_id"] for o in output + errors) == sorted(f"t{i}" for i in range(30))
-    assert {e["error"]["code"] for e in errors} == {"batch_cancelled"}
-    # Finished lines are billed, once each; the rest are not.
-    rows = _wait_rows(gateway, "req_" + batch.id.removeprefix("batch_"), len(output))
+    assert sorted(o["custom_id"] for o in output + errors) == sorted(f"{prefix}{i}" for i in range(30))
+    assert {e["error"]["code"] for e in errors} == {code}
+    _wait_rows(gateway, "req_" + final.id.removeprefix("batch_"), len(output))
     time.sleep(0.2)
-    rows = ledger_rows(gateway, "req_" + batch.id.removeprefix("batch_"))
+    rows = ledger_rows(gateway, "req_" + final.id.removeprefix("batch_"))
     assert sorted(r["request_id"] for r in rows) == sorted(
         o["response"]["request_id"] for o in output
     )
+
+
+def test_cancel_mid_run_keeps_finished_lines_and_counts_add_up(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    gateway, client, batch = _slow_batch_underway(start_gateway, "t")
+    cancelling = client.batches.cancel(batch.id)
+    assert cancelling.status in ("cancelling", "cancelled") and cancelling.cancelling_at
+    final = wait_final(client, batch.id)
+    assert final.status == "cancelled" and final.cancelled_at
+    _assert_cut_short(gateway, client, final, "t", "batch_cancelled")
 
 
 def test_kill_9_mid_batch_resumes_without_doubling(
@@ -410,35 +424,13 @@ def test_progress_and_output_so_far_while_in_progress(
 def test_expiry_mid_run_keeps_finished_lines_and_fails_the_rest(
     start_gateway: Callable[..., Gateway],
 ) -> None:
-    gateway = start_gateway(engines=[sim_engine(speed=1.0)], engine="sim", batch_window=1)
-    model = sim_model_id(gateway)
-    client = gateway.client()
-    lines = [chat_line(f"x{i}", model, max_tokens=50) for i in range(30)]
-    batch = client.batches.create(
-        input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
-        completion_window="24h",
-    )
-    deadline = time.monotonic() + 20
-    while _counts(client, batch.id).completed < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    gateway, client, batch = _slow_batch_underway(start_gateway, "x")
     # The window closes now (as a day passing would).
     with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
         conn.execute("UPDATE batches SET expires_at = ? WHERE id = ?", (int(time.time()), batch.id))
     final = wait_final(client, batch.id)
     assert final.status == "expired" and final.expired_at
-    output = read_jsonl(client, final.output_file_id)
-    errors = read_jsonl(client, final.error_file_id)
-    assert final.request_counts is not None
-    assert (final.request_counts.completed, final.request_counts.failed) == (len(output), len(errors))
-    assert len(output) >= 2 and len(output) + len(errors) == 30
-    assert {e["error"]["code"] for e in errors} == {"batch_expired"}
-    rows = _wait_rows(gateway, "req_" + final.id.removeprefix("batch_"), len(output))
-    time.sleep(0.2)
-    rows = ledger_rows(gateway, "req_" + final.id.removeprefix("batch_"))
-    assert sorted(r["request_id"] for r in rows) == sorted(
-        o["response"]["request_id"] for o in output
-    )
+    _assert_cut_short(gateway, client, final, "x", "batch_expired")
 
 
 def test_a_batch_holds_its_expected_cost_and_gives_back_what_it_did_not_use(
