@@ -28,6 +28,7 @@ from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.estimates import (
     PRIOR_SIGMA_GUESS,
+    FlexHistory,
     Z90,
     DrainTimeline,
     ServiceCalibration,
@@ -161,6 +162,47 @@ async def test_an_organization_with_little_queued_goes_almost_first() -> None:
     (other,) = scheduler.flex_status(org_id="org-b")
     assert own["estimated_wait_seconds"] == pytest.approx(big.p50, rel=0.05, abs=1e-3)
     assert other["estimated_wait_seconds"] == pytest.approx(small.p50, rel=0.05, abs=1e-3)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await scheduler.close()
+
+
+def test_the_output_flex_got_while_it_waited_is_learned_only_from_a_backlog() -> None:
+    history = FlexHistory()
+    assert history.output_rate_cap() is None
+    history.observe_backlog(0.0, False, 0)
+    for second in range(1, 31):  # half a minute without a backlog: says nothing of capacity
+        history.output_done += 40
+        history.observe_output(40, 80)
+        history.observe_backlog(float(second), False, 0)
+    assert history.output_rate_cap() is None
+    for second in range(31, 51):  # then twenty seconds of backlog, 100 tokens a second
+        history.output_done += 100
+        history.observe_output(100, 200)
+        history.observe_backlog(float(second), True, 0)
+    assert history.output_rate_cap() == pytest.approx(100.0)
+    assert history.output_share == pytest.approx(0.5, rel=0.2)  # runs stop halfway
+
+
+async def test_the_drain_is_no_faster_than_flex_was_seen_to_get() -> None:
+    """The step-time model says 10 ms runs on 10 slots; flex was seen to get
+    only 500 output tokens a second while it waited (100 runs of 5 tokens):
+    the timeline drains at that pace, not the model's."""
+    engine = ScriptedEngine(capacity=10, token_time=10.0, step_model=STEP)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    tasks = [asyncio.create_task(run(scheduler, f"f{i}", ServiceTier.FLEX, cost=5, max_wait=600))
+             for i in range(30)]
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 20)
+    now = time.monotonic()
+    model_only = build_timeline(pool, scheduler.config, now)
+    history = pool.flex_history
+    history.saturated_tps, history.saturated_seconds = 500.0, 60.0
+    capped = build_timeline(pool, scheduler.config, now)
+    # Ten slots, each restarting every 10 × 5 / 500 s = 0.1 s.
+    assert capped.period == pytest.approx(0.1, rel=0.05)
+    assert capped.period > 5 * model_only.period
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

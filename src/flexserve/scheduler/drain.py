@@ -153,8 +153,14 @@ def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> Drai
     min_interval = 1.0 / start_rate_cap if paced and start_rate_cap > 0 else 0.0
     num_replicas = sum(1 for r in pool.replicas if r.healthy)
     stall = history.stall_share(config.preempt_cooldown, num_replicas) if config.tiers_enabled else 0.0
+    period = weighted_period / num_slots_total / (1.0 - stall)
+    # No faster than flex has been seen to drain while it waited: the output
+    # it got then, over what the queued work will generate, bounds its starts.
+    cap = history.output_rate_cap()
+    if cap is not None:
+        period = max(period, num_slots_total * output * history.output_share / cap)
     return DrainTimeline(
-        free_at, weighted_period / num_slots_total / (1.0 - stall), min_interval=min_interval,
+        free_at, period, min_interval=min_interval,
         sigma_scale=calibration.sigma_scale(guessed), sigma_run=calibration.sigma_run(guessed),
         sigma_slots=math.sqrt(urgent_total) / num_slots_total,
         stall_rate=history.preemption_rate / max(1, num_replicas), stall_seconds=config.preempt_cooldown,

@@ -42,6 +42,15 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
   lengthens ``T`` by ``1 / (1 − share)``; their number over a wait is
   Poisson, which widens the spread. Before any backlog has been seen (a
   cold burst) nothing is known of them, and none are counted on.
+* **What flex was seen to get.** While flex waits, the output tokens its
+  runs generate per second (counted as they come, averaged over
+  ``THROUGHPUT_WINDOW`` seconds of backlog) are what the engines give it
+  beside default. Once measured, the drain is no faster than that: ``S``
+  slots each restart at most every ``S·o'/R`` seconds, ``R`` that rate and
+  ``o'`` the queued work's output limit times the share of it runs were
+  seen to generate. The step-time model alone misses what a full flex
+  backlog costs (every start's prompt shares the steps of every run) and
+  a calibration learned under light flex carries over to a heavy burst.
 * **Position** ``j``. Under deficit round robin (``scheduler/fairness.py``) a
   request from an organization with ``q`` tokens queued needs
   ``r = ⌈(q + c) / quantum⌉`` turns, in which every other organization
@@ -105,6 +114,9 @@ SLOT_SMOOTHING = 2.0
 RULE_SMOOTHING = 6.0
 # Seconds of flex backlog over which the rate of preemptions is averaged.
 PREEMPTION_WINDOW = 60.0
+# Seconds of flex backlog over which the output flex gets is averaged; a
+# backlog this long is needed before that rate bounds the drain.
+THROUGHPUT_WINDOW = 15.0
 # Most of a replica's time preemption cooldowns are taken to keep flex out.
 _MAX_STALL = 0.5
 
@@ -240,8 +252,10 @@ class FlexHistory:
     """What a model's wait estimates learn over time."""
 
     __slots__ = (
-        "_backlog_seen_at", "_num_preemptions_seen", "_returns", "backlog_seconds", "calibration",
-        "num_arrivals", "preemption_rate", "prompt_share", "typical_cost",
+        "_backlog_seen_at", "_num_preemptions_seen", "_output_seen", "_returns", "backlog_seconds",
+        "calibration", "num_arrivals", "num_outputs", "output_done", "output_share",
+        "preemption_rate", "prompt_share",
+        "saturated_seconds", "saturated_tps", "typical_cost",
     )
 
     def __init__(self) -> None:
@@ -260,6 +274,16 @@ class FlexHistory:
         self.backlog_seconds = 0.0
         self._backlog_seen_at: float | None = None
         self._num_preemptions_seen = 0
+        # Output tokens of flex (and batch) runs, in all, counted as they are
+        # generated; their rate while flex waits (what the engines give flex
+        # when it wants more than they have), and the seconds it was measured over.
+        self.output_done = 0
+        self._output_seen = 0
+        # What finished runs generated of their output limit (EWMA).
+        self.output_share = 1.0
+        self.num_outputs = 0
+        self.saturated_tps = 0.0
+        self.saturated_seconds = 0.0
 
     def observe_backlog(self, now: float, backlog: bool, num_preemptions: int) -> None:
         """Count preemptions that paused flex on a replica (``num_preemptions``
@@ -271,8 +295,32 @@ class FlexHistory:
             rate = (num_preemptions - self._num_preemptions_seen) / elapsed
             self.preemption_rate += weight * (rate - self.preemption_rate)
             self.backlog_seconds = min(10 * PREEMPTION_WINDOW, self.backlog_seconds + elapsed)
+            tps = (self.output_done - self._output_seen) / elapsed
+            if self.saturated_seconds == 0:
+                self.saturated_tps = tps
+            else:
+                weight = 1.0 - math.exp(-elapsed / THROUGHPUT_WINDOW)
+                self.saturated_tps += weight * (tps - self.saturated_tps)
+            self.saturated_seconds += elapsed
         self._backlog_seen_at = now
         self._num_preemptions_seen = num_preemptions
+        self._output_seen = self.output_done
+
+    def observe_output(self, num_tokens: int, expected: int) -> None:
+        """A flex (or batch) run finished with ``num_tokens`` output tokens,
+        of the ``expected`` (its limit) its cost was counted with. (Its
+        tokens were counted in ``output_done`` as they came.)"""
+        if expected > 0:
+            self.num_outputs += 1
+            weight = max(1.0 / self.num_outputs, _MIN_WEIGHT)
+            self.output_share += weight * (min(1.0, num_tokens / expected) - self.output_share)
+
+    def output_rate_cap(self) -> float | None:
+        """Output tokens per second flex has been seen to get while it waited
+        (None until a backlog has lasted ``THROUGHPUT_WINDOW`` seconds)."""
+        if self.saturated_seconds < THROUGHPUT_WINDOW or self.saturated_tps <= 0:
+            return None
+        return self.saturated_tps
 
     def pause_rate(self) -> float:
         """Preemption pauses per second while flex waits. The EWMA starts at

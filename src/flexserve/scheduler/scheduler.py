@@ -242,7 +242,10 @@ class Scheduler:
             num_tokens = 0
             first_at = last_at = 0.0
             finished = False
-            abortable = self.config.tiers_enabled and run.tier.is_preemptible
+            preemptible = run.tier.is_preemptible
+            # Flex (and batch) output is counted as it comes: what flex gets.
+            history = pool.flex_history
+            abortable = self.config.tiers_enabled and preemptible
             # A non-streamed abortable run is held back until it ends, so that an
             # abort can restart it without the client ever seeing a first attempt.
             held: list[Delta] | None = [] if abortable and not ticket.stream else None
@@ -260,6 +263,8 @@ class Scheduler:
                     last = delta
                     if delta.has_output:
                         num_tokens += 1
+                        if preemptible:
+                            history.output_done += 1
                         last_at = replica.last_output_at = time.monotonic()
                         if num_tokens == 1:
                             first_at = last_at
@@ -310,6 +315,8 @@ class Scheduler:
                     pool.flex_history.calibration.observe(
                         time.monotonic() - run.granted_at, run.expected_seconds
                     )
+                if finished and preemptible:
+                    history.observe_output(num_tokens, run.cost_tokens - run.prompt_tokens)
 
     async def _pumped(self, run: Running, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         """Iterate ``deltas`` so that the scheduler can abort the run.
