@@ -4,9 +4,9 @@ Each batch moves validating → in_progress → finalizing → completed (or
 failed, expired, cancelling → cancelled). While in progress, an organization
 has at most ``batch_window`` lines in flight across its batches, given first
 to the batch whose window closes first (``batches/lanes.py``); the rest wait
-in the database, not in the scheduler's queue. Lines are claimed (marked running) a window at
-a time and their results recorded in batches of a few, with the batch's
-counts, in one transaction each.
+in the database, not in the scheduler's queue. Lines are claimed (marked
+running) a few at a time and their results recorded in batches of a few,
+with the batch's counts and totals, in one transaction each.
 
 On start, every batch not in a final state is taken up again: lines left
 running by a killed process are pending again, finished ones are never run
@@ -54,8 +54,6 @@ _STATUS_INTERVAL = 1.0
 # More lines are claimed once this share of the lane is free: a few at a
 # time (one claim is a transaction), soon enough that the engine stays fed.
 _REFILL_SHARE = 0.25
-
-
 # Pause before taking up a batch again after an unexpected error.
 _ERROR_PAUSE = 1.0
 
@@ -358,7 +356,7 @@ class BatchRunner:
             except Exception as exc:
                 log.exception("batch %s line %d failed", job.batch_id, line.line)
                 job.record(LineResult(line.line, "failed", error_code="batch_failed",
-                                              error_message=f"The request failed: {exc}"))
+                                      error_message=f"The request failed: {exc}"))
                 return
 
     async def _flush(self, job: _Job) -> None:
