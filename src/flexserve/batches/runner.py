@@ -190,7 +190,7 @@ class BatchRunner:
                                             "The batch expired before this request was run.")
                 await self._finalize(row, "expired")
                 return
-            if outcome == "done" and await store.unfinished_cost(job.batch_id, count=True):
+            if outcome == "done" and await store.num_unfinished(job.batch_id):
                 # Every line ran, yet some are not recorded as finished: never
                 # end a batch so; taken up again, they run again.
                 raise RuntimeError("lines ran but are not recorded as finished")

@@ -139,11 +139,16 @@ class BatchStore:
         async with self._db.engine.begin() as conn:
             await conn.execute(delete(batch_lines).where(batch_lines.c.batch_id == batch_id))
 
-    async def unfinished_cost(self, batch_id: str, *, count: bool = False) -> int:
-        """What the lines not yet finished are expected to cost (pico-USD), or
-        (``count``) how many they are."""
-        total = func.count() if count else func.coalesce(
-            func.sum(batch_lines.c.expected_cost_pico), 0)
+    async def unfinished_cost(self, batch_id: str) -> int:
+        """What the lines not yet finished are expected to cost (pico-USD)."""
+        return await self._over_unfinished(
+            batch_id, func.coalesce(func.sum(batch_lines.c.expected_cost_pico), 0))
+
+    async def num_unfinished(self, batch_id: str) -> int:
+        """Lines not yet finished (pending, or running)."""
+        return await self._over_unfinished(batch_id, func.count())
+
+    async def _over_unfinished(self, batch_id: str, total: Any) -> int:
         async with self._db.engine.connect() as conn:
             return int((await conn.execute(
                 select(total).where(
