@@ -116,8 +116,11 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
     until the block is left, when their connections close and vLLM aborts them.
 
     Each would generate until its context is full: far longer than a test
-    takes to look at vLLM while they run. Their output is never read (vLLM
-    generates regardless), which keeps this process's CPU for the gateway.
+    takes to look at vLLM while they run. Their output is read and dropped:
+    left unread, vLLM's server keeps merging it into one growing pending
+    output per stream (a copy per token), which over a 32,768-token context
+    starved its event loop until `/metrics` and other streams stalled for
+    tens of seconds.
     """
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -129,7 +132,9 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
             with httpx.stream("POST", f"{vllm.url}/v1/completions", json=body,
                               timeout=300) as response:
                 assert response.status_code == 200, response.read()
-                stop.wait()
+                for _ in response.iter_raw():
+                    if stop.is_set():
+                        break
         except BaseException as exc:  # re-raised below, in the test's thread
             errors.append(exc)
 
