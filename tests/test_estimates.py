@@ -209,6 +209,39 @@ async def test_the_drain_is_no_faster_than_flex_was_seen_to_get() -> None:
     await scheduler.close()
 
 
+async def test_clients_reading_the_status_together_are_told_their_places() -> None:
+    """Clients of one organization that read `/v1/flex/status` at the same
+    moment, before any of them sends, are each told the wait of the place
+    its request will take; a request that arrives uses up one announcement,
+    and announcements lapse after a few seconds."""
+    engine = ScriptedEngine(capacity=2, token_time=10.0, step_model=STEP)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    busy = [asyncio.create_task(run(scheduler, f"b{i}", ServiceTier.FLEX, org="org-b", cost=100,
+                                    max_wait=600)) for i in range(2)]
+    await until(lambda: pool.num_in_flight_of(ServiceTier.FLEX) == 2)
+    reads = [scheduler.flex_status(model=MODEL, org_id="org-a")[0]["estimated_wait_seconds"]
+             for _ in range(5)]
+    timeline = build_timeline(pool, scheduler.config, time.monotonic())
+    expected = [timeline.wait(j).p50 for j in range(5)]  # type: ignore[union-attr]
+    assert reads == pytest.approx(expected, rel=0.05, abs=1e-3)
+    assert reads[4] > reads[2] > reads[0]
+    # One of them sends: the next reader is fifth in line, not sixth.
+    sent = asyncio.create_task(run(scheduler, "a0", ServiceTier.FLEX, org="org-a", cost=100,
+                                   max_wait=600))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
+    history = pool.flex_history
+    assert history.announce("org-a", time.monotonic()) == 4
+    # Another organization's reads are its own.
+    assert history.announce("org-c", time.monotonic()) == 0
+    # Later than the announcements last, nobody is ahead of a reader any more.
+    assert history.announce("org-a", time.monotonic() + 60) == 0
+    for task in [*busy, sent]:
+        task.cancel()
+    await asyncio.gather(*busy, sent, return_exceptions=True)
+    await scheduler.close()
+
+
 async def test_step_change_in_default_load_halves_the_drain_once_smoothed() -> None:
     engine = ScriptedEngine(capacity=10, token_time=10.0, step_model=STEP)
     scheduler = await make_scheduler(engine, flex_headroom=0.0)

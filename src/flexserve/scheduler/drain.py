@@ -207,8 +207,9 @@ def requests_ahead(pool: ModelPool, org_id: str, cost_tokens: int, *, front: boo
 
 def estimate_for(
     pool: ModelPool, config: SchedulerConfig, now: float, org_id: str, cost_tokens: int,
-    *, front: bool = False,
+    *, front: bool = False, announced: int = 0,
 ) -> WaitEstimate | None:
-    """The wait of a flex request from ``org_id`` joining ``pool``'s queue now."""
+    """The wait of a flex request from ``org_id`` joining ``pool``'s queue now,
+    behind ``announced`` more of its organization about to arrive."""
     timeline = build_timeline(pool, config, now)
-    return timeline.wait(requests_ahead(pool, org_id, cost_tokens, front=front))
+    return timeline.wait(requests_ahead(pool, org_id, cost_tokens, front=front) + announced)

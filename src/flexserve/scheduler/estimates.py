@@ -117,6 +117,9 @@ PREEMPTION_WINDOW = 60.0
 # Seconds of flex backlog over which the output flex gets is averaged; a
 # backlog this long is needed before that rate bounds the drain.
 THROUGHPUT_WINDOW = 15.0
+# Seconds a read of the status counts as a request about to arrive from its
+# organization (clients read it just before they send).
+ANNOUNCED_SECONDS = 2.0
 # Most of a replica's time preemption cooldowns are taken to keep flex out.
 _MAX_STALL = 0.5
 
@@ -252,7 +255,8 @@ class FlexHistory:
     """What a model's wait estimates learn over time."""
 
     __slots__ = (
-        "_backlog_seen_at", "_num_preemptions_seen", "_output_seen", "_returns", "backlog_seconds",
+        "_announced", "_backlog_seen_at", "_num_preemptions_seen", "_output_seen", "_returns",
+        "backlog_seconds",
         "calibration", "num_arrivals", "num_outputs", "output_done", "output_share",
         "preemption_rate", "prompt_share",
         "saturated_seconds", "saturated_tps", "typical_cost",
@@ -268,6 +272,9 @@ class FlexHistory:
         self.num_arrivals = 0
         # time.monotonic() at which clients refused lately were told to return.
         self._returns: deque[float] = deque()
+        # Per organization, when its clients read the status lately and have
+        # not sent since: requests about to arrive.
+        self._announced: dict[str, deque[float]] = {}
         # Preemption pauses per second while flex waits, the seconds of
         # backlog they were counted over, and what was seen last look.
         self.preemption_rate = 0.0
@@ -341,6 +348,25 @@ class FlexHistory:
             weight = max(1.0 / self.num_arrivals, _MIN_WEIGHT)
             self.typical_cost += weight * (cost_tokens - self.typical_cost)
             self.prompt_share += weight * (min(1.0, prompt_tokens / cost_tokens) - self.prompt_share)
+
+    def announce(self, org_id: str, now: float) -> int:
+        """A client of ``org_id`` read the status: how many others of its
+        organization did so in the last ``ANNOUNCED_SECONDS`` and have not
+        sent since (they go before it), counting it from now on."""
+        announced = self._announced.setdefault(org_id, deque())
+        while announced and announced[0] <= now - ANNOUNCED_SECONDS:
+            announced.popleft()
+        ahead = len(announced)
+        announced.append(now)
+        return ahead
+
+    def arrived(self, org_id: str) -> None:
+        """A flex request of ``org_id`` arrived: the oldest announcement is kept."""
+        announced = self._announced.get(org_id)
+        if announced:
+            announced.popleft()
+            if not announced:
+                del self._announced[org_id]
 
     def num_returning(self, now: float) -> int:
         """Clients refused lately who have not yet been told to come back."""

@@ -363,6 +363,7 @@ class Scheduler:
         now = time.monotonic()
         if tier is ServiceTier.FLEX and not front:
             pool.flex_history.observe_arrival(ticket.cost_tokens, ticket.prompt_tokens)
+            pool.flex_history.arrived(ticket.org_id)
         head = pool.queue.peek()
         if head is None or (front and tier.rank <= head.tier.rank):
             replica = self._pick(pool, tier, now)
@@ -706,8 +707,10 @@ class Scheduler:
     ) -> list[dict[str, Any]]:
         """Per model (or the one named): spare capacity, flex queue depth, and
         the wait of a flex request sent now by ``org_id`` (behind what that
-        organization already has queued; "": one with nothing queued), judged
-        against ``max_wait`` (the client's deadline) or ``flex_max_wait``.
+        organization already has queued, and, asked about one model, behind
+        the requests its other clients announced by reading this in the last
+        ``ANNOUNCED_SECONDS``; "": one with nothing queued), judged against
+        ``max_wait`` (the client's deadline) or ``flex_max_wait``.
         ``accepting`` means such a request would be queued rather than
         refused at once, by the same rule as admission."""
         now = time.monotonic()
@@ -721,10 +724,13 @@ class Scheduler:
             spare = spare_capacity(self.config, pool.replicas, now) if self.config.tiers_enabled else 0.0
             healthy = any(r.healthy for r in pool.replicas)
             estimate = None
+            # Asked about one model by an organization, the read announces a
+            # request: others of its clients that read it just before go first.
+            announced = pool.flex_history.announce(org_id, now) if org_id and model else 0
             if healthy:
                 cost = round(pool.flex_history.typical_cost)
-                estimate = NO_WAIT if spare > 0 and depth == 0 else estimate_for(
-                    pool, self.config, now, org_id, cost
+                estimate = NO_WAIT if spare > 0 and depth == 0 and not announced else estimate_for(
+                    pool, self.config, now, org_id, cost, announced=announced
                 )
             if estimate is None:
                 fits = wait_limit > 0
