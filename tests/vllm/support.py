@@ -23,10 +23,10 @@ from openapi import validate
 # The vLLM server's settings (conftest.server_command), which tests reason with.
 MODEL_ID = "tiny-llama"
 # Tests hold vLLM's batch with requests that generate until their context is
-# full: that must outlast any test's waits on the fastest machine. A full
-# batch of this model generates up to about 600 tokens/s on two cores, so a
-# 4,096-token context ran out in about 30 s (and a test waited in vain for a
-# batch that had already finished); 32,768 tokens last minutes.
+# full: that must outlast any test's waits on the fastest machine. This tiny
+# model generates hundreds of tokens a second even on two cores: a short
+# context ran out within a test's waits (which then waited in vain for a
+# batch already gone); this one lasts minutes.
 MAX_MODEL_LEN = 32768
 # Few sequences at once, so that a handful of requests already queue inside vLLM.
 MAX_NUM_SEQS = 4
