@@ -33,7 +33,7 @@ import httpx
 import pytest
 from conftest import Gateway, free_port
 
-from .support import MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL_ID, NUM_KV_BLOCKS, VllmServer, wait_until
+from .support import GATEWAY, MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL_ID, NUM_KV_BLOCKS, VllmServer, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = Path(__file__).resolve().parent / "build_tiny_model.py"
@@ -205,7 +205,7 @@ def vllm_falls_idle(vllm: VllmServer) -> Iterator[None]:
 @pytest.fixture(scope="session")
 def gateway(start_gateway: Callable[..., Gateway], vllm: VllmServer) -> Gateway:
     """A FlexServe gateway in front of the vLLM server, with default settings."""
-    return start_gateway(engine="upstream", upstreams=[vllm.url])
+    return start_gateway(**GATEWAY, upstreams=[vllm.url])
 
 
 @pytest.hookimpl(wrapper=True)

@@ -37,6 +37,10 @@ MAX_NUM_SEQS = 4
 KV_BLOCK_SIZE = 128
 NUM_KV_BLOCKS = 1280
 
+# The gateways in front of vLLM: its /metrics can take seconds to answer
+# while it generates on two busy cores, which must not read as a hung replica.
+GATEWAY: dict[str, Any] = {"engine": "upstream", "replica_silent_after": 60.0}
+
 # Greedy, so that the same request gives the same text directly and through
 # the gateway; vLLM's `ignore_eos`, so that every answer is exactly
 # max_tokens long (random weights may draw the end-of-text token).

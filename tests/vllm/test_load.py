@@ -18,6 +18,7 @@ from flexserve.engines.base import EngineLoad
 from flexserve.engines.metrics import parse_vllm_load
 
 from .support import (
+    GATEWAY,
     EXACT,
     MAX_NUM_SEQS,
     NUM_KV_BLOCKS,
@@ -137,7 +138,7 @@ def test_flex_is_held_while_vllms_kv_cache_is_above_the_threshold(
 ) -> None:
     """Nothing waits in vLLM here: KV-cache use alone holds flex back."""
     threshold = 0.02
-    gateway = start_gateway(engine="upstream", upstreams=[vllm.url], flex_kv_threshold=threshold,
+    gateway = start_gateway(**GATEWAY, upstreams=[vllm.url], flex_kv_threshold=threshold,
                             flex_max_engine_waiting=100)
     # A full batch of long prompts (ten of vLLM's 1,280 KV blocks each, more
     # as they generate): all run, nothing waits.

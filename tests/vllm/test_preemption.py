@@ -22,6 +22,7 @@ from typing import Any
 from conftest import Gateway
 
 from .support import (
+    GATEWAY,
     EXACT,
     MAX_NUM_SEQS,
     VllmServer,
@@ -46,7 +47,7 @@ def test_preempted_flex_is_freed_in_vllm_requeued_and_billed_once(
 ) -> None:
     # Two slots, and flex may take only one of them: a second default needs
     # the slot flex holds.
-    gateway = start_gateway(engine="upstream", upstreams=[vllm.url], upstream_capacity=2,
+    gateway = start_gateway(**GATEWAY, upstreams=[vllm.url], upstream_capacity=2,
                             flex_headroom=0.5)
     flex_tokens, default_tokens = 3000, 1000
     finished_before = ran_to_length(vllm)
@@ -138,7 +139,7 @@ def test_priority_hint_schedules_default_before_flex_inside_vllm(
     """Both tiers released into vLLM's own queue (room at the gateway, flex
     rules relaxed): vLLM's priority policy, fed the gateway's hint, runs the
     default requests first although the flex ones queued before them."""
-    gateway = start_gateway(engine="upstream", upstreams=[vllm.url], upstream_priority_hint=True,
+    gateway = start_gateway(**GATEWAY, upstreams=[vllm.url], upstream_priority_hint=True,
                             upstream_capacity=4 * MAX_NUM_SEQS, flex_headroom=0.0,
                             flex_max_engine_waiting=100, flex_kv_threshold=1.0)
     first_token: dict[str, list[float]] = {"default": [], "flex": []}
