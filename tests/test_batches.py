@@ -223,10 +223,7 @@ def _slow_batch_underway(
         input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
         completion_window="24h",
     )
-    deadline = time.monotonic() + 20
-    while _counts(client, batch.id).completed < 2:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_completed(client, batch.id, 2, timeout=20)
     return gateway, client, batch
 
 
@@ -289,10 +286,7 @@ def test_kill_9_mid_batch_resumes_without_doubling(
             input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
             completion_window="24h",
         )
-        deadline = time.monotonic() + 30
-        while client.batches.retrieve(batch.id).request_counts.completed < 6:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        _wait_completed(client, batch.id, 6, timeout=30)
         os.killpg(server.pid, signal.SIGKILL)
         server.process.wait(timeout=10)
     with sqlite3.connect(db_path) as conn:
@@ -357,6 +351,14 @@ def test_cli_lists_shows_and_cancels_across_organizations(
     assert missing.exit_code != 0
 
 
+def _wait_completed(client: openai.OpenAI, batch_id: str, num_lines: int, timeout: float) -> None:
+    """Until at least ``num_lines`` of the batch are completed."""
+    deadline = time.monotonic() + timeout
+    while _counts(client, batch_id).completed < num_lines:
+        assert time.monotonic() < deadline, f"fewer than {num_lines} lines completed"
+        time.sleep(0.05)
+
+
 def _counts(client: openai.OpenAI, batch_id: str) -> Any:
     counts = client.batches.retrieve(batch_id).request_counts
     assert counts is not None
@@ -380,9 +382,7 @@ def test_progress_and_output_so_far_while_in_progress(
         completion_window="24h",
     )
     deadline = time.monotonic() + 30
-    while _counts(client, batch.id).completed < 4:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    _wait_completed(client, batch.id, 4, timeout=30)
     with gateway.http() as http:
         # Lines finish and the next are claimed: now and then none is running.
         while True:
