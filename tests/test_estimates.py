@@ -14,6 +14,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -22,19 +23,20 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import Gateway, sim_engine, sim_model_id, wait_for
 from flexserve.api.metrics import GatewayMetrics
 from flexserve.api.pipeline import format_seconds
-from flexserve.engines.base import StepTimeModel
+from flexserve.engines.base import EngineRequest, StepTimeModel
 from flexserve.errors import ResourceUnavailableError
 from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.estimates import (
     PRIOR_SIGMA_GUESS,
     FlexHistory,
-    Z90,
     DrainTimeline,
     ServiceCalibration,
+    Z90,
     retry_after,
 )
-from flexserve.scheduler.scheduler import Scheduler
+from flexserve.scheduler.flex_waits import place_key
+from flexserve.scheduler.scheduler import Scheduler, Ticket
 from flexserve.tiers import ServiceTier
 from test_scheduler import MODEL, ScriptedEngine, make_scheduler, run, until
 
@@ -74,15 +76,24 @@ def test_calibration_replaces_the_prior_with_the_first_runs_then_follows_drift()
     assert calibration.scale == pytest.approx(0.4, rel=0.01)
 
 
-def test_retry_after_is_the_drains_p90_less_what_the_deadline_covers() -> None:
+def test_retry_after_is_the_places_p90_less_the_deadline() -> None:
     timeline = DrainTimeline([5.0], period=5.0, sigma_scale=0.2, sigma_run=0.2)
     estimate = timeline.wait(9)
     assert estimate is not None and estimate.p50 == pytest.approx(50.0)
-    spread = math.exp(Z90 * estimate.sigma)
-    assert retry_after(estimate, 10.0) == pytest.approx(estimate.p90 - 10.0 * spread)
-    # Accepted then means its p10 fits the deadline with the drain at its p90.
-    assert (estimate.p90 - retry_after(estimate, 10.0)) / spread == pytest.approx(10.0)
+    # Back then, its held place is within its deadline of the front unless
+    # the drain runs slower than its p90.
+    assert retry_after(estimate, 10.0) == pytest.approx(estimate.p90 - 10.0)
     assert retry_after(estimate, 1e6) == 1.0  # never less than a second
+
+
+def test_places_freeing_together_are_told_one_start_apart() -> None:
+    # Four slots free at 2 s, runs of 8 s: a start every 2 s once drained evenly.
+    timeline = DrainTimeline([2.0] * 4, period=8.0, sigma_scale=0.1)
+    waits = [timeline.wait(j) for j in range(4, 8)]
+    places = [timeline.place(j) for j in range(4, 8)]
+    assert {w.p50 for w in waits if w is not None} == {10.0}  # the same moment for all four
+    assert [p.p50 for p in places if p is not None] == pytest.approx([10.0, 12.0, 14.0, 16.0])
+    assert timeline.place(0) == timeline.wait(0)
 
 
 def test_accuracy_metrics_count_waits_within_a_quarter_of_their_estimate() -> None:
@@ -168,6 +179,26 @@ async def test_an_organization_with_little_queued_goes_almost_first() -> None:
     await scheduler.close()
 
 
+async def test_before_any_flex_run_the_service_time_is_corrected_by_defaults() -> None:
+    # The model says 0.1 s a token; the engine takes 0.002 s: default runs show the
+    # model's bias on this engine before any flex has run (a cold start's prior).
+    engine = ScriptedEngine(capacity=4, token_time=0.002, step_model=StepTimeModel(0.1, 0.0, 0.0))
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    model_only = build_timeline(pool, scheduler.config, time.monotonic())
+    await asyncio.gather(*(run(scheduler, f"d{i}", ServiceTier.DEFAULT, tokens=20, cost=120)
+                           for i in range(4)))
+    history = pool.flex_history
+    assert history.prior_calibration.num_observed == 4 and history.calibration.num_observed == 0
+    corrected = build_timeline(pool, scheduler.config, time.monotonic())
+    assert corrected.period < 0.2 * model_only.period
+    # Once flex has run, its own runs decide, and defaults are no longer timed.
+    await run(scheduler, "f", ServiceTier.FLEX, tokens=20, cost=120)
+    await run(scheduler, "d-after", ServiceTier.DEFAULT, tokens=20, cost=120)
+    assert history.calibration.num_observed == 1 and history.prior_calibration.num_observed == 4
+    await scheduler.close()
+
+
 def test_the_output_flex_got_while_it_waited_is_learned_only_from_a_backlog() -> None:
     history = FlexHistory()
     assert history.output_rate_cap() is None
@@ -209,37 +240,49 @@ async def test_the_drain_is_no_faster_than_flex_was_seen_to_get() -> None:
     await scheduler.close()
 
 
-async def test_clients_reading_the_status_together_are_told_their_places() -> None:
+async def test_clients_reading_the_status_together_are_told_their_places_and_get_them() -> None:
     """Clients of one organization that read `/v1/flex/status` at the same
-    moment, before any of them sends, are each told the wait of the place
-    its request will take; a request that arrives uses up one announcement,
-    and announcements lapse after a few seconds."""
+    moment are each told the wait of their own place, held for them: sent in
+    the opposite order, naming their places, each is queued where it read; a
+    request naming no place lets go of the oldest read's place."""
     engine = ScriptedEngine(capacity=2, token_time=10.0, step_model=STEP)
     scheduler = await make_scheduler(engine, flex_headroom=0.0)
     pool = scheduler.pools[MODEL]
     busy = [asyncio.create_task(run(scheduler, f"b{i}", ServiceTier.FLEX, org="org-b", cost=100,
                                     max_wait=600)) for i in range(2)]
     await until(lambda: pool.num_in_flight_of(ServiceTier.FLEX) == 2)
-    reads = [scheduler.flex_status(model=MODEL, org_id="org-a")[0]["estimated_wait_seconds"]
-             for _ in range(5)]
+    reads = [scheduler.flex_status(model=MODEL, org_id="org-a")[0] for _ in range(5)]
     timeline = build_timeline(pool, scheduler.config, time.monotonic())
     expected = [timeline.wait(j).p50 for j in range(5)]  # type: ignore[union-attr]
-    assert reads == pytest.approx(expected, rel=0.05, abs=1e-3)
-    assert reads[4] > reads[2] > reads[0]
-    # One of them sends: the next reader is fifth in line, not sixth.
-    sent = asyncio.create_task(run(scheduler, "a0", ServiceTier.FLEX, org="org-a", cost=100,
-                                   max_wait=600))
-    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
-    history = pool.flex_history
-    assert history.announce("org-a", time.monotonic()) == 4
-    # Another organization's reads are its own.
-    assert history.announce("org-c", time.monotonic()) == 0
-    # Later than the announcements last, nobody is ahead of a reader any more.
-    assert history.announce("org-a", time.monotonic() + 60) == 0
-    for task in [*busy, sent]:
+    assert [r["estimated_wait_seconds"] for r in reads] == pytest.approx(expected, rel=0.05, abs=1e-3)
+    assert len({r["place"] for r in reads}) == 5 and len(pool.holds) == 5
+    assert scheduler.flex_status()[0]["place"] is None  # a read of every model holds nothing
+    tickets = [Ticket(f"a{j}", MODEL, ServiceTier.FLEX, "org-a", cost_tokens=100, max_wait=600,
+                      place=place_key(reads[j]["place"])) for j in range(5)]
+    sent = []
+    for ticket in reversed(tickets):  # the last reader sends first
+        sent.append(asyncio.create_task(_drain(scheduler.stream(ticket, EngineRequest.chat(
+            ticket.request_id, MODEL, [], max_tokens=2)))))
+        await until(lambda: ticket.estimated_wait is not None)
+    for ticket, read in zip(tickets, reads, strict=True):
+        assert ticket.estimated_wait is not None
+        # (the queue moved on a little between the reads and the sends)
+        assert ticket.estimated_wait.p50 == pytest.approx(read["estimated_wait_seconds"], rel=0.05, abs=0.03)
+    assert len(pool.holds) == 0
+    # A read, then a request of the organization naming no place: the read's place goes.
+    scheduler.flex_status(model=MODEL, org_id="org-a")
+    sent.append(asyncio.create_task(run(scheduler, "plain", ServiceTier.FLEX, org="org-a", max_wait=600)))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 6)
+    assert len(pool.holds) == 0
+    for task in [*busy, *sent]:
         task.cancel()
-    await asyncio.gather(*busy, sent, return_exceptions=True)
+    await asyncio.gather(*busy, *sent, return_exceptions=True)
     await scheduler.close()
+
+
+async def _drain(deltas: Any) -> None:
+    async for _ in deltas:
+        pass
 
 
 async def test_step_change_in_default_load_halves_the_drain_once_smoothed() -> None:

@@ -98,8 +98,9 @@ async def make_scheduler(engine: ScriptedEngine, **config: Any) -> Scheduler:
 
 async def run(scheduler: Scheduler, request_id: str, tier: ServiceTier, tokens: int = 2,
               org: str = "org-a", stream: bool = False, max_wait: float | None = None,
-              cost: int = 100) -> tuple[Ticket, str]:
-    ticket = Ticket(request_id, MODEL, tier, org, cost_tokens=cost, stream=stream, max_wait=max_wait)
+              cost: int = 100, fingerprint: bytes | None = None) -> tuple[Ticket, str]:
+    ticket = Ticket(request_id, MODEL, tier, org, cost_tokens=cost, stream=stream, max_wait=max_wait,
+                    fingerprint=fingerprint)
     text = ""
     async for delta in scheduler.stream(ticket, EngineRequest.chat(request_id, MODEL, [], max_tokens=tokens)):
         text += delta.text
@@ -494,7 +495,7 @@ async def test_shedding_walks_from_the_newest_flex_and_stops_at_one_that_can_wai
         waiter.deadline = now + (fits.p10 + misses.p10) / 2
     waiters = list(pool.queue.flex_newest_first())
     waiters[7].deadline = now + 0.001  # f2: in line f0 f1 f2 f3 f4 f5 f6 f7 f9 f11
-    scheduler._shed_hopeless_flex(pool)
+    scheduler.waits.shed_hopeless(pool)
     await asyncio.sleep(0)
     refused = {
         rid for rid, task in tasks.items()

@@ -144,8 +144,8 @@ class ResourceUnavailableError(FlexServeError):
     error_type = "resource_unavailable"
     code = "resource_unavailable"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
-        super().__init__(message, headers=_retry_after(retry_after))
+    def __init__(self, message: str, *, retry_after: float, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message, headers={**_retry_after(retry_after), **(headers or {})})
         self.retry_after = retry_after
 
 

@@ -29,9 +29,10 @@ async def read_json(request: Request, max_bytes: int) -> Any:
     return _decode(b"".join(chunks))
 
 
-async def receive_json(receive: Receive, content_length: bytes | None, max_bytes: int) -> Any:
+async def receive_json(receive: Receive, content_length: bytes | None, max_bytes: int) -> tuple[Any, bytes]:
     """``read_json`` from ASGI ``receive``, given the Content-Length header's
-    value; raises ``ClientDisconnect`` when the client leaves while sending."""
+    value: the decoded body and its bytes. Raises ``ClientDisconnect`` when
+    the client leaves while sending."""
     _check_declared_length(content_length, max_bytes)
     chunks: list[bytes] = []
     total = 0
@@ -46,7 +47,8 @@ async def receive_json(receive: Receive, content_length: bytes | None, max_bytes
         chunks.append(chunk)
         if not message.get("more_body", False):
             break
-    return _decode(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    raw = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    return _decode(raw), raw
 
 
 def _check_declared_length(declared: str | bytes | None, max_bytes: int) -> None:

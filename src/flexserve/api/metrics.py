@@ -7,6 +7,7 @@ path pays nothing for them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
@@ -81,8 +82,15 @@ class _SchedulerCollector(Collector):
         spare = GaugeMetricFamily(
             "flexserve_flex_spare_capacity", "Fraction of slots flex could take now.", labels=["model"]
         )
+        held = GaugeMetricFamily(
+            "flexserve_flex_places_held",
+            "Places in the flex queue kept for refused requests until they come back.", labels=["model"]
+        )
+        now = time.monotonic()
         for model, pool in self._scheduler.pools.items():
             capacity.add_metric([model], pool.capacity)
+            pool.holds.expire(now)
+            held.add_metric([model], len(pool.holds))
             for tier in ServiceTier:
                 depth.add_metric([model, tier.value], pool.queue.num_waiting(tier))
                 in_flight.add_metric([model, tier.value], pool.num_in_flight_of(tier))
@@ -112,6 +120,7 @@ class _SchedulerCollector(Collector):
         yield in_flight
         yield capacity
         yield spare
+        yield held
         yield from events.values()
         yield from load.values()
 

@@ -220,10 +220,22 @@ _FLEX_MAX_WAIT = {
 }
 
 
+_FLEX_PLACE = {
+    "name": "X-Flex-Place",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "maxLength": 64},
+    "description": (
+        "The `place` a read of `/v1/flex/status` reported, held for a few seconds: the flex "
+        "request joins the queue there, so its wait is the one that read reported."
+    ),
+}
+
+
 def _inference(summary: str, body: str, answer: str) -> Schema:
     return {
         "summary": summary,
-        "parameters": [_FLEX_MAX_WAIT],
+        "parameters": [_FLEX_MAX_WAIT, _FLEX_PLACE],
         "requestBody": {"required": True, "content": {"application/json": {"schema": ref(body)}}},
         "responses": {
             "200": _flex_ok(_ok(ref(answer), stream=answer != "EmbeddingList")),
@@ -291,9 +303,10 @@ def _operations() -> dict[tuple[str, str], Schema]:
         ("get", "/v1/flex/status"): {
             "summary": "Spare flex capacity, queue depth and expected wait per model",
             "description": (
-                "The wait is that of a flex request sent now by an organization with nothing "
-                "queued; `accepting` says whether it would be queued rather than refused at "
-                "once with the given deadline."
+                "The wait is that of a flex request sent now by the caller's organization, "
+                "behind what it already has queued; `accepting` says whether it would be "
+                "queued rather than refused at once with the given deadline. Asked about one "
+                "model, the read holds the place it reports for a few seconds (`place`)."
             ),
             "parameters": [
                 _query("model", STRING, "Only this model (404 if it is not served)."),
@@ -304,6 +317,12 @@ def _operations() -> dict[tuple[str, str], Schema]:
                 ),
                 {**_FLEX_MAX_WAIT, "description": "The same deadline as a header, as inference "
                  "requests send it (the `max_wait` query parameter wins)."},
+                _query(
+                    "place", {"type": "string", "minLength": 1, "maxLength": 64},
+                    "A place held for the caller's organization (a `place` an earlier read or a "
+                    "429's `x-flex-place` header named): the wait reported is that place's, and "
+                    "the place is held 5 s more. A lapsed one is ignored.",
+                ),
             ],
             "responses": {"200": _ok(ref("FlexStatusList")), **_errors("400", "401", "404")},
         },

@@ -375,7 +375,7 @@ def _list_of(item: Schema) -> Schema:
 _FLEX_STATUS = object_of(
     (
         "model", "spare_capacity", "queue_depth", "estimated_wait_seconds",
-        "estimated_wait_p90_seconds", "accepting",
+        "estimated_wait_p90_seconds", "accepting", "place",
     ),
     model=STRING,
     spare_capacity={"type": "number", "description": "Share of capacity flex may use now (0–1)."},
@@ -383,8 +383,9 @@ _FLEX_STATUS = object_of(
     estimated_wait_seconds={
         **nullable(NUMBER),
         "description": (
-            "Median wait (seconds until it starts) of a flex request sent now by an "
-            "organization with nothing queued; 0 when flex could start at once; null only "
+            "Median wait (seconds until it starts) of a flex request sent now by the caller's "
+            "organization, behind what it already has queued; 0 when flex could start at "
+            "once; null only "
             "when nothing can be said (no healthy replica, or default and priority hold every "
             "slot flex could use)."
         ),
@@ -398,6 +399,14 @@ _FLEX_STATUS = object_of(
         "description": (
             "A flex request sent now with the given deadline (`max_wait`, else the server's "
             "`flex_max_wait`) would be queued rather than refused at once."
+        ),
+    },
+    place={
+        **nullable(STRING),
+        "description": (
+            "Asked about one model: the place in the flex queue this read reported, held for "
+            "5 s; a flex request sent with `X-Flex-Place: <place>` joins the queue there. "
+            "Null when the read named no model, or no wait could be estimated."
         ),
     },
 )

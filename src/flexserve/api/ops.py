@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from flexserve.api.auth import authenticate
+from flexserve.api.pipeline import check_place
 from flexserve.api.state import Services
 from flexserve.errors import InvalidRequestError, ModelNotFoundError
 
@@ -41,9 +42,10 @@ async def retrieve_model(request: Request) -> Response:
 
 async def flex_status(request: Request) -> Response:
     """Spare flex capacity, queue depth and expected wait per model (or the
-    one asked for), for a request of the caller's organization sent now and
-    the client's deadline: the ``max_wait`` query
-    parameter, else the ``X-Flex-Max-Wait`` header, else the server's."""
+    one asked for), for a request of the caller's organization sent now (or
+    at the ``place`` named, if it is still held) and the client's deadline:
+    the ``max_wait`` query parameter, else the ``X-Flex-Max-Wait`` header,
+    else the server's."""
     services: Services = request.app.state.services
     principal = await authenticate(request, services.keys)
     model = request.query_params.get("model")
@@ -52,8 +54,12 @@ async def flex_status(request: Request) -> Response:
     # Both are checked (a malformed one is a 400 either way); the query wins.
     from_header = None if header is None else _max_wait(header, None)
     max_wait = from_header if query is None else _max_wait(query, "max_wait")
+    raw_place = request.query_params.get("place")
+    place = None if raw_place is None else check_place(raw_place, "place")
     # For the caller's organization: behind what it already has queued.
-    data = services.scheduler.flex_status(model=model, max_wait=max_wait, org_id=principal.org_id)
+    data = services.scheduler.flex_status(
+        model=model, max_wait=max_wait, org_id=principal.org_id, place=place
+    )
     return _json({"object": "list", "data": data})
 
 

@@ -27,6 +27,7 @@ did: nothing billed), exactly once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import time
 from collections.abc import AsyncGenerator
@@ -54,11 +55,15 @@ from flexserve.api.state import Services
 from flexserve.billing.usage import UsageRecord
 from flexserve.engines.base import Delta, Usage
 from flexserve.errors import FlexServeError, InvalidRequestError
+from flexserve.scheduler.flex_waits import place_key
 from flexserve.scheduler.queue import on_wait
 from flexserve.scheduler.scheduler import Ticket
 from flexserve.tiers import ServiceTier, resolve_tier
 
 FLEX_MAX_WAIT_HEADER = b"x-flex-max-wait"
+# On a flex request: the place a status read reported (``scheduler/holds.py``).
+FLEX_PLACE_HEADER = b"x-flex-place"
+_MAX_PLACE_LENGTH = 64
 # On a flex response or refusal: the wait (p50, seconds) estimated for it on arrival.
 FLEX_ESTIMATED_WAIT_HEADER = b"x-flex-estimated-wait"
 # The official SDKs say how long they will wait for an answer (their read
@@ -150,7 +155,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         return
     try:
         principal = await principal_of(_header(headers, b"authorization"), services.keys)
-        body = await receive_json(receive, headers.get(b"content-length"), settings.max_body_bytes)
+        body, raw = await receive_json(receive, headers.get(b"content-length"), settings.max_body_bytes)
         inference = endpoint.parse(body, request_id, settings)
         model = inference.model
         max_wait = _flex_max_wait(_header(headers, FLEX_MAX_WAIT_HEADER), _client_timeout(headers))
@@ -174,6 +179,9 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
             stream=inference.stream,
             max_wait=max_wait,
             enqueued_at=arrived_at,
+            # A refused flex request's place is held under it for its retry.
+            fingerprint=hashlib.blake2b(raw, digest_size=16).digest() if tier.is_preemptible else None,
+            place=_flex_place(_header(headers, FLEX_PLACE_HEADER)) if tier.is_preemptible else None,
         )
         # Flex stays streamed: the scheduler may abort it and relies on deltas.
         inference.engine.stream = inference.stream or tier.is_preemptible
@@ -273,6 +281,27 @@ def _seconds(raw: str) -> float:
     except ValueError:
         return math.nan
     return value if math.isfinite(value) and value >= 0 else math.nan
+
+
+def _flex_place(raw: str | None) -> bytes | None:
+    """The place named in ``X-Flex-Place``, as the scheduler keys it; one
+    that was never held, or has lapsed, is simply not found."""
+    return None if raw is None else place_key(check_place(raw, None))
+
+
+def check_place(raw: str, param: str | None) -> str:
+    """A place's name as ``/v1/flex/status`` or a 429 gave it (in the
+    ``param`` query parameter, or the ``X-Flex-Place`` header): 400 if it
+    cannot be one."""
+    if not raw or len(raw) > _MAX_PLACE_LENGTH or not raw.isascii() or not raw.isprintable():
+        where = f"`{param}`" if param else "X-Flex-Place header"
+        raise InvalidRequestError(
+            f"Invalid {where}: expected the `place` a read of /v1/flex/status or a 429 "
+            f"reported (at most {_MAX_PLACE_LENGTH} printable characters).",
+            param=param,
+            code="invalid_value" if param else "invalid_header",
+        )
+    return raw
 
 
 def _flex_max_wait(raw: str | None, client_timeout: str | None) -> float | None:

@@ -89,6 +89,8 @@ async def run_line(
         cost_tokens=inference.prompt_tokens + inference.output_tokens_guess(_OUTPUT_GUESS),
         stream=False,
         enqueued_at=arrived_at,
+        # Refused, the line keeps its place in the queue for its retry.
+        fingerprint=line.request_id.encode(),
     )
     # Preemptible work stays streamed from the engine: the scheduler may abort it.
     inference.engine.stream = True

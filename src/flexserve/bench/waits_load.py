@@ -2,8 +2,11 @@
 
 Each flex request is one client's: it reads ``GET /v1/flex/status`` for its
 model and deadline just before sending (the estimate it was *told*), then
-sends the request streamed with ``X-Flex-Max-Wait`` and keeps the gateway's
-``x-flex-estimated-wait`` header (the estimate the gateway *recorded*).
+sends the request streamed with ``X-Flex-Max-Wait`` and the ``place`` that
+read held (``X-Flex-Place``), and keeps the gateway's
+``x-flex-estimated-wait`` header (the estimate the gateway *recorded*). A
+follow-up of a refusal names, in its read, the place the 429 said was held
+for it (``x-flex-place``).
 
 A refused request (429 ``resource_unavailable`` on arrival) is followed up in
 one of two ways, alternately by request number, so that neither follow-up
@@ -85,6 +88,10 @@ class Attempt:
     status_accepting: bool | None = None
     # The status answer had a p90 field at all (the estimator reports intervals).
     status_has_p90: bool = False
+    # The place that read held, sent back in X-Flex-Place (None: none reported).
+    status_place: str | None = None
+    # On a 429: the place held for the request (x-flex-place), named in its follow-up's read.
+    refusal_place: str | None = None
     status: int = 0
     code: str | None = None
     request_id: str | None = None
@@ -142,14 +149,14 @@ async def run_request(session: aiohttp.ClientSession, target: Target, request: F
     if not attempt.refused_on_arrival:
         return attempts
     if request.follow_up == "probe":
-        attempts.append(await _attempt(session, target, request, "probe", None))
+        attempts.append(await _attempt(session, target, request, "probe", None, attempt.refusal_place))
         return attempts
     for _ in range(max_retries):
         if attempt.retry_after is None or attempt.retry_after > retry_cap:
             attempt.retry_skipped = True
             break
         await asyncio.sleep(attempt.retry_after)
-        attempt = await _attempt(session, target, request, "retry", request.deadline)
+        attempt = await _attempt(session, target, request, "retry", request.deadline, attempt.refusal_place)
         attempts.append(attempt)
         if not attempt.refused_on_arrival:
             break
@@ -157,12 +164,15 @@ async def run_request(session: aiohttp.ClientSession, target: Target, request: F
 
 
 async def _attempt(session: aiohttp.ClientSession, target: Target, request: FlexRequest,
-                   kind: str, deadline: float | None) -> Attempt:
+                   kind: str, deadline: float | None, place: str | None = None) -> Attempt:
+    """One send, after reading the status (for the ``place`` a refusal held, if any)."""
     attempt = Attempt(request.index, kind, deadline)
-    await _read_status(session, target, deadline, attempt)
+    await _read_status(session, target, deadline, attempt, place)
     headers = target.headers()
     if deadline is not None:
         headers["X-Flex-Max-Wait"] = f"{deadline:g}"
+    if attempt.status_place is not None:
+        headers["X-Flex-Place"] = attempt.status_place
     body = orjson.dumps({
         "model": target.model,
         "messages": messages_for(request.job, real_text=target.real_text),
@@ -180,6 +190,7 @@ async def _attempt(session: aiohttp.ClientSession, target: Target, request: Flex
             attempt.request_id = response.headers.get("x-request-id")
             attempt.header_estimate = _seconds(response.headers.get(ESTIMATE_HEADER))
             attempt.retry_after = _seconds(response.headers.get("Retry-After"))
+            attempt.refusal_place = response.headers.get("x-flex-place")
             if response.status == 200:
                 tail = b""
                 async for data in response.content.iter_any():
@@ -199,11 +210,13 @@ async def _attempt(session: aiohttp.ClientSession, target: Target, request: Flex
 
 
 async def _read_status(session: aiohttp.ClientSession, target: Target, deadline: float | None,
-                       attempt: Attempt) -> None:
-    """What ``/v1/flex/status`` tells this client for its model and deadline."""
+                       attempt: Attempt, place: str | None) -> None:
+    """What ``/v1/flex/status`` tells this client for its model, deadline and held place."""
     params = {"model": target.model}
     if deadline is not None:
         params["max_wait"] = f"{deadline:g}"
+    if place is not None:
+        params["place"] = place
     try:
         async with session.get(f"{target.url}/v1/flex/status", params=params,
                                headers=target.headers()) as response:
@@ -215,6 +228,8 @@ async def _read_status(session: aiohttp.ClientSession, target: Target, deadline:
             attempt.status_estimate = _number(entry.get("estimated_wait_seconds"))
             attempt.status_has_p90 = "estimated_wait_p90_seconds" in entry
             attempt.status_p90 = _number(entry.get("estimated_wait_p90_seconds"))
+            place = entry.get("place")
+            attempt.status_place = place if isinstance(place, str) else None
             accepting = entry.get("accepting")
             attempt.status_accepting = accepting if isinstance(accepting, bool) else None
 

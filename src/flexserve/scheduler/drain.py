@@ -109,7 +109,8 @@ def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> Drai
     cost = fair_tokens / num_queued if num_queued else history.typical_cost
     prompt = cost * history.prompt_share
     output = max(1.0, cost - prompt)
-    scale = history.calibration.scale
+    calibration = history.calibration
+    scale = calibration.scale if calibration.num_observed else history.prior_calibration.scale
     free_at: list[float] = []
     weighted_period = 0.0
     num_slots_total = 0
@@ -149,16 +150,15 @@ def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> Drai
     if num_slots_total == 0:
         return DrainTimeline([], 0.0)
     guessed = _guessed(pool)
-    calibration = history.calibration
     min_interval = 1.0 / start_rate_cap if paced and start_rate_cap > 0 else 0.0
     num_replicas = sum(1 for r in pool.replicas if r.healthy)
     stall = history.stall_share(config.preempt_cooldown, num_replicas) if config.tiers_enabled else 0.0
     period = weighted_period / num_slots_total / (1.0 - stall)
-    # No faster than flex has been seen to drain while it waited: the output
-    # it got then, over what the queued work will generate, bounds its starts.
+    # Once measured, the drain is what flex has been seen to get while it
+    # waited: the output it got then, over what the queued work will generate.
     cap = history.output_rate_cap()
     if cap is not None:
-        period = max(period, num_slots_total * output * history.output_share / cap)
+        period = num_slots_total * output * history.output_share / cap
     return DrainTimeline(
         free_at, period, min_interval=min_interval,
         sigma_scale=calibration.sigma_scale(guessed), sigma_run=calibration.sigma_run(guessed),
@@ -195,11 +195,18 @@ def observe(pool: ModelPool, config: SchedulerConfig, now: float) -> None:
             flex_slots(replica, limit, backlog=backlog, cooldown=config.preempt_cooldown, now=now)
 
 
-def requests_ahead(pool: ModelPool, org_id: str, cost_tokens: int, *, front: bool = False) -> int:
-    """Requests released before a flex request from ``org_id`` joining now:
-    default and priority waiting, and the flex the fair queue releases first."""
+def requests_ahead(
+    pool: ModelPool, org_id: str, cost_tokens: int, now: float, *, front: bool = False,
+    before: float | None = None, due_only: bool = False,
+) -> int:
+    """Requests released before a flex request from ``org_id`` joining now
+    (at the back of its flow, at its ``front``, or at its place by arrival
+    ``before``): default and priority waiting, and the flex the fair queue
+    releases first — its organization's places held for refused requests
+    included (``holds.py``; ``due_only``: those whose clients are due back)."""
     queue = pool.queue
-    flex = queue.flex_requests_ahead(org_id, cost_tokens, front=front)
+    held = 0 if front else pool.holds.tokens_ahead(org_id, now, before, due_only=due_only)
+    flex = queue.flex_requests_ahead(org_id, cost_tokens, front=front, before=before, held_tokens=held)
     if not queue.tiers_enabled:
         return flex  # one line by arrival: everything waiting is counted there
     return queue.num_waiting(ServiceTier.PRIORITY) + queue.num_waiting(ServiceTier.DEFAULT) + flex
@@ -207,9 +214,8 @@ def requests_ahead(pool: ModelPool, org_id: str, cost_tokens: int, *, front: boo
 
 def estimate_for(
     pool: ModelPool, config: SchedulerConfig, now: float, org_id: str, cost_tokens: int,
-    *, front: bool = False, announced: int = 0,
+    *, front: bool = False,
 ) -> WaitEstimate | None:
-    """The wait of a flex request from ``org_id`` joining ``pool``'s queue now,
-    behind ``announced`` more of its organization about to arrive."""
+    """The wait of a flex request from ``org_id`` joining ``pool``'s queue now."""
     timeline = build_timeline(pool, config, now)
-    return timeline.wait(requests_ahead(pool, org_id, cost_tokens, front=front) + announced)
+    return timeline.wait(requests_ahead(pool, org_id, cost_tokens, now, front=front))

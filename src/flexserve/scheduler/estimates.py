@@ -31,6 +31,9 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
   (``ServiceCalibration``: the mean of log(observed / predicted), which the
   first completions set at once and later ones move with a weight of at
   least 5 %), and which also absorbs outputs that stop before their limit.
+  Until a flex run has finished, the same correction learned from default
+  runs stands in for it: the model's bias on these engines, known before a
+  cold burst (its spread stays the prior's).
 * **Timeline.** Each flex slot frees when its current run ends (its predicted
   service time minus the time it has run) or now if it is empty, and after
   that every ``T`` seconds. The request with ``j`` requests ahead of it starts
@@ -73,24 +76,23 @@ Decisions made from it:
 * **Refusal on arrival** only when even the optimistic p10 is past the
   request's deadline: a burst is judged on how fast it will drain, and no
   request that would likely have started in time is turned away.
-* **Retry-After** for a request refused with deadline ``D``: at the retry
-  it is accepted when the p10 then is within ``D``, which holds with 90 %
-  probability once ``τ = p90 − D·e^{1.28σ}`` seconds have passed (the p90 of
-  the drain, less what the deadline covers). The margin: Retry-After is
-  later than the moment the request would have been accepted by about
-  ``p90 − p50`` of the wait (plus the rounding up to whole seconds), and
-  never earlier than 1 s.
-  Clients refused together are spread by refusal order: the ``m``-th to be
-  refused while ``m`` others are still to return is placed ``m`` starts of
-  the drain (``m·T/S`` seconds) behind its own place, so they come back at
-  the pace room appears rather than all at once — even when the timeline
-  has many slots freeing at one moment, as after a burst started together.
+* **Retry-After** for a request refused with deadline ``D``: its place in
+  the queue is held until it comes back (``holds.py``), so the queue it
+  finds is the part of the drain ahead of that place, not a new backlog.
+  It starts within ``D`` with 90 % probability once ``τ = p90 − D`` seconds
+  have passed, p90 being the estimated wait of its place. The margin:
+  Retry-After is later than needed by at most ``p90`` less the real wait,
+  about ``p90 − p50`` (plus the rounding up to whole seconds), and never
+  earlier than 1 s. Clients refused together hold successive places, each
+  at least one start of the drain (``T/S`` seconds) behind the one before,
+  so they come back at the pace room appears rather than all at once —
+  even when the timeline has many slots freeing at one moment, as after a
+  burst started together.
 """
 
 from __future__ import annotations
 
 import math
-from collections import deque
 from dataclasses import dataclass
 
 # z of the 90th percentile of a normal distribution.
@@ -117,9 +119,6 @@ PREEMPTION_WINDOW = 60.0
 # Seconds of flex backlog over which the output flex gets is averaged; a
 # backlog this long is needed before that rate bounds the drain.
 THROUGHPUT_WINDOW = 15.0
-# Seconds a read of the status counts as a request about to arrive from its
-# organization (clients read it just before they send).
-ANNOUNCED_SECONDS = 2.0
 # Most of a replica's time preemption cooldowns are taken to keep flex out.
 _MAX_STALL = 0.5
 
@@ -226,55 +225,52 @@ class DrainTimeline:
         spread = math.exp(Z90 * sigma)
         return WaitEstimate(p50 / spread, p50, p50 * spread, sigma)
 
-
-    def wait_behind(self, num_ahead: int, num_returning: int) -> WaitEstimate | None:
-        """The wait of a request with ``num_ahead`` ahead of it that returns
-        behind ``num_returning`` clients refused before it: its own place,
-        then one start's worth of the drain (``period / S``) per client —
-        spread evenly, as room appears, even where the timeline has several
-        slots freeing at one moment."""
+    def place(self, num_ahead: int) -> WaitEstimate | None:
+        """``wait``, drained evenly: no sooner than one start's worth of the
+        drain (``period / S``) per request ahead after the first slot frees,
+        even where the timeline has several slots freeing at one moment —
+        for telling clients refused together when to come back, one by one
+        as room appears rather than a slot's worth at a time."""
         own = self.wait(num_ahead)
-        if own is None or num_returning <= 0:
+        if own is None or num_ahead <= 0:
             return own
-        behind = self.wait(num_ahead + num_returning)
-        assert behind is not None
-        p50 = max(own.p50, self._free_at[0]) + num_returning * self.period / len(self._free_at)
-        spread = math.exp(Z90 * behind.sigma)
-        return WaitEstimate(p50 / spread, p50, p50 * spread, behind.sigma)
+        even = self._free_at[0] + num_ahead * self.period / len(self._free_at)
+        if even <= own.p50:
+            return own
+        spread = math.exp(Z90 * own.sigma)
+        return WaitEstimate(even / spread, even, even * spread, own.sigma)
 
 
-def retry_after(estimate: WaitEstimate, wait_limit: float) -> float:
-    """Seconds after which a request refused with this estimate (its place
-    counting the clients refused before it) is accepted with its deadline
-    ``wait_limit`` with 90 % probability: the drain's p90 less what the
-    deadline covers at the p10 the admission rule uses."""
-    return max(1.0, estimate.p90 - max(0.0, wait_limit) * math.exp(Z90 * estimate.sigma))
+def retry_after(place: WaitEstimate, wait_limit: float) -> float:
+    """Seconds after which a refused request whose held place has this
+    estimate starts within its deadline ``wait_limit`` with 90 % probability:
+    the place's p90 less the deadline. Never earlier than 1 s."""
+    return max(1.0, place.p90 - max(0.0, wait_limit))
 
 
 class FlexHistory:
     """What a model's wait estimates learn over time."""
 
     __slots__ = (
-        "_announced", "_backlog_seen_at", "_num_preemptions_seen", "_output_seen", "_returns",
+        "_backlog_seen_at", "_num_preemptions_seen", "_output_seen",
         "backlog_seconds",
-        "calibration", "num_arrivals", "num_outputs", "output_done", "output_share",
+        "calibration", "num_arrivals", "prior_calibration", "num_outputs", "output_done", "output_share",
         "preemption_rate", "prompt_share",
         "saturated_seconds", "saturated_tps", "typical_cost",
     )
 
     def __init__(self) -> None:
         self.calibration = ServiceCalibration()
+        # The same correction learned from runs of other tiers, until flex
+        # runs have been seen: the service-time model's bias on these
+        # engines, for a cold start (its spread stays the prior's).
+        self.prior_calibration = ServiceCalibration()
         # Of flex requests' expected tokens, the share that is prompt, and a
         # typical request's expected tokens (for an empty queue): means over
         # the first arrivals, then EWMAs; priors until the first one.
         self.prompt_share = 0.2
         self.typical_cost = 320.0
         self.num_arrivals = 0
-        # time.monotonic() at which clients refused lately were told to return.
-        self._returns: deque[float] = deque()
-        # Per organization, when its clients read the status lately and have
-        # not sent since: requests about to arrive.
-        self._announced: dict[str, deque[float]] = {}
         # Preemption pauses per second while flex waits, the seconds of
         # backlog they were counted over, and what was seen last look.
         self.preemption_rate = 0.0
@@ -331,10 +327,13 @@ class FlexHistory:
 
     def pause_rate(self) -> float:
         """Preemption pauses per second while flex waits. The EWMA starts at
-        zero: over the weight it has gathered, it is the mean rate so far."""
+        zero: over the weight it has gathered, it is the mean rate so far —
+        counted over no less than a whole window, so that the first pause of
+        a backlog a few milliseconds old is not read as hundreds a second."""
         if self.backlog_seconds <= 0:
             return 0.0
-        return self.preemption_rate / (1.0 - math.exp(-self.backlog_seconds / PREEMPTION_WINDOW))
+        seen = max(self.backlog_seconds, PREEMPTION_WINDOW)
+        return self.preemption_rate / (1.0 - math.exp(-seen / PREEMPTION_WINDOW))
 
     def stall_share(self, cooldown: float, num_replicas: int) -> float:
         """Share of each replica's time preemption cooldowns keep flex off it."""
@@ -348,35 +347,3 @@ class FlexHistory:
             weight = max(1.0 / self.num_arrivals, _MIN_WEIGHT)
             self.typical_cost += weight * (cost_tokens - self.typical_cost)
             self.prompt_share += weight * (min(1.0, prompt_tokens / cost_tokens) - self.prompt_share)
-
-    def announce(self, org_id: str, now: float) -> int:
-        """A client of ``org_id`` read the status: how many others of its
-        organization did so in the last ``ANNOUNCED_SECONDS`` and have not
-        sent since (they go before it), counting it from now on."""
-        announced = self._announced.setdefault(org_id, deque())
-        while announced and announced[0] <= now - ANNOUNCED_SECONDS:
-            announced.popleft()
-        ahead = len(announced)
-        announced.append(now)
-        return ahead
-
-    def arrived(self, org_id: str) -> None:
-        """A flex request of ``org_id`` arrived: the oldest announcement is kept."""
-        announced = self._announced.get(org_id)
-        if announced:
-            announced.popleft()
-            if not announced:
-                del self._announced[org_id]
-
-    def num_returning(self, now: float) -> int:
-        """Clients refused lately who have not yet been told to come back."""
-        returns = self._returns
-        while returns and returns[0] <= now:
-            returns.popleft()
-        return len(returns)
-
-    def expect_return(self, at: float) -> None:
-        # Kept in order: each refusal is told no earlier than those before it.
-        if self._returns and at < self._returns[-1]:
-            at = self._returns[-1]
-        self._returns.append(at)

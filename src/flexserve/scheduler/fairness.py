@@ -54,9 +54,10 @@ class FairQueue:
     def __len__(self) -> int:
         return self._num_waiting
 
-    def push(self, waiter: FairWaiter, *, front: bool = False) -> None:
+    def push(self, waiter: FairWaiter, *, front: bool = False, in_place: bool = False) -> None:
         """Queue a waiter at the back of its organization's flow (or the front,
-        for work that was preempted and goes back to where it stood)."""
+        for work that was preempted and goes back to where it stood; or, ``in_place``,
+        behind the waiters that arrived before it, for a place that was held)."""
         flow = self._flows.get(waiter.org_id)
         if flow is None:
             flow = self._flows[waiter.org_id] = deque()
@@ -65,6 +66,9 @@ class FairQueue:
         if front:
             flow.appendleft(waiter)
             self._order.appendleft(waiter)
+        elif in_place:
+            _insert_by_arrival(flow, waiter)
+            _insert_by_arrival(self._order, waiter)
         else:
             flow.append(waiter)
             self._order.append(waiter)
@@ -131,12 +135,22 @@ class FairQueue:
         if self._turn_of == org:
             self._turn_of = None
 
-    def tokens_ahead(self, org_id: str, cost_tokens: int, *, front: bool = False) -> int:
+    def tokens_ahead(
+        self, org_id: str, cost_tokens: int, *, front: bool = False, before: float | None = None,
+        extra: int = 0,
+    ) -> int:
         """Tokens released before a waiter of ``cost_tokens`` that ``org_id``
-        queues now: its own flow ahead of it (none at the ``front``), and what
-        every other organization releases in the turns it needs, at most
-        ``quantum`` tokens a turn."""
-        own = 0 if front else self._tokens.get(org_id, 0)
+        queues now: its own flow ahead of it (none at the ``front``; the
+        waiters that arrived ``before``, for one put in place), ``extra``
+        more of its own, and what every other organization releases in the
+        turns it needs, at most ``quantum`` tokens a turn."""
+        if front:
+            own = extra
+        elif before is None or _arrived_before(self._flows.get(org_id), before):
+            own = self._tokens.get(org_id, 0) + extra
+        else:
+            flow = self._flows[org_id]
+            own = extra + sum(w.cost_tokens for w in flow if w.queued and w.arrival < before)
         turns = max(1, -(-(own + cost_tokens) // self.quantum))
         budget = turns * self.quantum
         return own + sum(min(tokens, budget) for org, tokens in self._tokens.items() if org != org_id)
@@ -145,3 +159,18 @@ class FairQueue:
         """Every waiting waiter, the last to join first. Stop iterating before
         removing any: the order changes as waiters leave."""
         return (waiter for waiter in reversed(self._order) if waiter.queued)
+
+
+def _arrived_before(flow: deque[FairWaiter] | None, moment: float) -> bool:
+    """Whether the whole flow (kept in arrival order) arrived before ``moment``."""
+    return not flow or flow[-1].arrival < moment
+
+
+def _insert_by_arrival(line: deque[FairWaiter], waiter: FairWaiter) -> None:
+    """Put ``waiter`` behind every waiter of ``line`` that arrived before it
+    (held places come back near the front: searched from there)."""
+    for index, other in enumerate(line):
+        if other.arrival > waiter.arrival:
+            line.insert(index, waiter)
+            return
+    line.append(waiter)

@@ -55,6 +55,10 @@ class Waiter:
     timer: asyncio.TimerHandle | None = None
     # What the scheduler puts on the granted replica (a replicas.Running).
     run: Any = None
+    # Flex: seconds it may wait, and its request's fingerprint (its place is
+    # held under it if it is refused: ``holds.py``).
+    wait_limit: float = 0.0
+    key: bytes | None = None
 
     def leave(self) -> None:
         if self.timer is not None:
@@ -81,8 +85,9 @@ class TierQueue:
     def num_waiting(self, tier: ServiceTier | None = None) -> int:
         return len(self) if tier is None else self._num_by_tier[tier]
 
-    def push(self, waiter: Waiter, *, front: bool = False) -> None:
-        """Queue a waiter; ``front`` puts preempted work back at the head of its flow."""
+    def push(self, waiter: Waiter, *, front: bool = False, in_place: bool = False) -> None:
+        """Queue a waiter; ``front`` puts preempted work back at the head of its
+        flow, ``in_place`` a flex waiter at its place by arrival (a held place)."""
         hook = on_wait.get()
         if hook is not None:
             hook()
@@ -91,7 +96,7 @@ class TierQueue:
         self._num_by_tier[waiter.tier] += 1
         fair = self._fair.get(waiter.tier) if self.tiers_enabled else None
         if fair is not None:
-            fair.push(waiter, front=front)
+            fair.push(waiter, front=front, in_place=in_place)
             return
         rank = waiter.tier.rank if self.tiers_enabled else 0
         arrival = float("-inf") if front else waiter.arrival
@@ -141,17 +146,22 @@ class TierQueue:
         fair = self._fair[ServiceTier.FLEX]
         return fair.num_tokens, len(fair)
 
-    def flex_requests_ahead(self, org_id: str, cost_tokens: int, *, front: bool = False) -> int:
-        """Flex waiters released before one that ``org_id`` queues now, by
-        deficit round robin: the tokens ahead of it over a waiter's mean cost.
-        With tiers off, everything waiting is ahead."""
+    def flex_requests_ahead(
+        self, org_id: str, cost_tokens: int, *, front: bool = False, before: float | None = None,
+        held_tokens: int = 0,
+    ) -> int:
+        """Flex waiters released before one that ``org_id`` queues now (at its
+        place by arrival ``before``, if given), by deficit round robin: the
+        tokens ahead of it, with ``held_tokens`` of places held ahead of it,
+        over a waiter's mean cost. With tiers off, everything waiting is ahead."""
         if not self.tiers_enabled:
             return 0 if front else len(self)
         fair = self._fair[ServiceTier.FLEX]
-        if len(fair) == 0:
+        if len(fair) == 0 and held_tokens == 0:
             return 0
-        mean_cost = max(1.0, fair.num_tokens / len(fair))
-        return round(fair.tokens_ahead(org_id, cost_tokens, front=front) / mean_cost)
+        mean_cost = max(1.0, fair.num_tokens / len(fair) if len(fair) else cost_tokens)
+        ahead = fair.tokens_ahead(org_id, cost_tokens, front=front, before=before, extra=held_tokens)
+        return round(ahead / mean_cost)
 
     def flex_newest_first(self) -> Iterator[Waiter]:
         """Flex waiters from the last to join (for shedding those that cannot

@@ -9,6 +9,7 @@ from typing import Any
 
 from flexserve.engines.base import Engine, EngineLoad, Feature, SequenceControl
 from flexserve.scheduler.estimates import FlexHistory
+from flexserve.scheduler.holds import HeldPlaces
 from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.queue import TierQueue
 from flexserve.tiers import ServiceTier
@@ -140,8 +141,10 @@ class ModelPool:
     model: str
     replicas: list[Replica]
     queue: TierQueue = field(default_factory=TierQueue)
-    # What flex wait estimates have learned (service times, refusals to return).
+    # What flex wait estimates have learned (service times, output rates).
     flex_history: FlexHistory = field(default_factory=FlexHistory)
+    # Places in the flex queue held for refused requests until they come back.
+    holds: HeldPlaces = field(default_factory=HeldPlaces)
     # Aborts of flex ordered by the scheduler and not yet carried out.
     num_preempting: int = 0
     num_preemptions: int = 0

@@ -51,17 +51,14 @@ from flexserve.errors import (
     EngineUnavailableError,
     FlexServeError,
     ModelNotFoundError,
-    ResourceUnavailableError,
 )
 from flexserve.scheduler.drain import (
-    build_timeline,
     estimate_for,
     expected_run_seconds,
-    observe,
-    requests_ahead,
 )
-from flexserve.scheduler.estimates import NO_WAIT, DrainTimeline, WaitEstimate, retry_after
-from flexserve.scheduler.policy import SchedulerConfig, can_admit, predicted_tpot, spare_capacity
+from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
+from flexserve.scheduler.flex_waits import FlexWaits
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running
 from flexserve.tiers import ServiceTier
@@ -93,6 +90,12 @@ class Ticket:
     stream: bool = False
     # Client's own limit on the flex wait (X-Flex-Max-Wait), seconds.
     max_wait: float | None = None
+    # Flex: a hash of the request's body, under which its place in the queue
+    # is held if it is refused (``holds.py``); None: no place is kept for it.
+    fingerprint: bytes | None = None
+    # Flex: the place a status read reported, named by the client
+    # (``X-Flex-Place``), as ``flex_waits.place_key`` keys it.
+    place: bytes | None = None
     # Filled in by the scheduler:
     served_tier: ServiceTier | None = None
     enqueued_at: float = field(default_factory=time.monotonic)
@@ -121,6 +124,7 @@ class Scheduler:
             pool.queue = TierQueue(
                 tiers_enabled=self.config.tiers_enabled, fair_quantum=self.config.fair_quantum
             )
+        self.waits = FlexWaits(self.config)
         self._watchers: list[asyncio.Task[None]] = []
         # Per replica backing off: the timer that offers it work again.
         self._backoff_timers: dict[Replica, asyncio.TimerHandle] = {}
@@ -211,7 +215,7 @@ class Scheduler:
                     self._abandon(replica)
             for pool in pools:
                 self._dispatch(pool)
-                self._shed_hopeless_flex(pool)
+                self.waits.shed_hopeless(pool)
             await asyncio.sleep(self.config.scrape_interval)
 
     def _abandon(self, replica: Replica) -> None:
@@ -312,9 +316,8 @@ class Scheduler:
                 if finished and run.tier is ServiceTier.DEFAULT and num_tokens > 2:
                     self._calibrate(replica, run, (last_at - first_at) / (num_tokens - 1))
                 if finished and run.expected_seconds > 0:
-                    pool.flex_history.calibration.observe(
-                        time.monotonic() - run.granted_at, run.expected_seconds
-                    )
+                    calibration = history.calibration if preemptible else history.prior_calibration
+                    calibration.observe(time.monotonic() - run.granted_at, run.expected_seconds)
                 if finished and preemptible:
                     history.observe_output(num_tokens, run.cost_tokens - run.prompt_tokens)
 
@@ -361,9 +364,11 @@ class Scheduler:
         if not any(r.healthy for r in pool.replicas):
             raise EngineUnavailableError(f"No healthy replica serves `{ticket.model}` right now.")
         now = time.monotonic()
+        held = None
+        if tier.is_preemptible and not front:
+            held = self.waits.arrive(pool, ticket, now)
         if tier is ServiceTier.FLEX and not front:
             pool.flex_history.observe_arrival(ticket.cost_tokens, ticket.prompt_tokens)
-            pool.flex_history.arrived(ticket.org_id)
         head = pool.queue.peek()
         if head is None or (front and tier.rank <= head.tier.rank):
             replica = self._pick(pool, tier, now)
@@ -373,25 +378,20 @@ class Scheduler:
                 replica.add(run, now)
                 return self._granted(pool, ticket, replica, run)
         waiter = Waiter(tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run)
+        in_place = False
         if self.config.tiers_enabled and tier.is_preemptible:
-            self._check_flex_deadline(pool, ticket, waiter, now, front=front)
+            in_place = self.waits.on_arrival(pool, ticket, waiter, now, front=front, held=held)
         elif tier is ServiceTier.FLEX and not front:
             # Tier-blind: no deadline, but the client is told its wait all the same.
             ticket.estimated_wait = estimate_for(pool, self.config, now, ticket.org_id, ticket.cost_tokens)
         if len(pool.queue) >= self.config.max_queue:
             if tier.is_preemptible:
-                pool.num_flex_refused += 1
-                raise ResourceUnavailableError(
-                    "The flex queue for this model is full; retry later.",
-                    retry_after=self._retry_after(
-                        pool, len(pool.queue), self.flex_deadline(ticket), now
-                    ),
-                )
+                raise self.waits.queue_full(pool, ticket, waiter, now)
             raise EngineUnavailableError(f"The queue for `{ticket.model}` is full; retry later.")
-        pool.queue.push(waiter, front=front)
+        pool.queue.push(waiter, front=front, in_place=in_place)
         if waiter.deadline is not None:
             waiter.timer = asyncio.get_running_loop().call_at(
-                waiter.deadline, self._expire, pool, waiter
+                waiter.deadline, self.waits.expire, pool, waiter
             )
         # A preemption may be what the head of the queue needs.
         self._dispatch(pool)
@@ -413,10 +413,10 @@ class Scheduler:
             ticket.admitted_at = run.granted_at
         ticket.served_tier = run.tier
         ticket.replica_name = replica.name
-        if run.tier.is_preemptible:
-            run.expected_seconds = expected_run_seconds(
-                self.config, replica, run, backlog=pool.queue.num_waiting(ServiceTier.FLEX) > 0
-            )
+        # Until flex runs have been seen, default's teach the cold-start prior.
+        if run.tier.is_preemptible or pool.flex_history.calibration.num_observed == 0:
+            backlog = run.tier.is_preemptible and pool.queue.num_waiting(ServiceTier.FLEX) > 0
+            run.expected_seconds = expected_run_seconds(self.config, replica, run, backlog=backlog)
         return replica
 
     def _pick(self, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
@@ -602,10 +602,7 @@ class Scheduler:
             pool.num_downgraded += 1
 
     def flex_deadline(self, ticket: Ticket) -> float:
-        limit = self.config.flex_max_wait
-        if ticket.max_wait is not None:
-            limit = min(limit, ticket.max_wait)
-        return max(0.0, limit)
+        return self.waits.deadline(ticket)
 
     def estimate_flex_wait(
         self, pool: ModelPool, org_id: str, cost_tokens: int, now: float | None = None
@@ -615,141 +612,23 @@ class Scheduler:
         now = time.monotonic() if now is None else now
         return estimate_for(pool, self.config, now, org_id, cost_tokens)
 
-    def _retry_after(
-        self, pool: ModelPool, num_ahead: int, wait_limit: float, now: float,
-        timeline: DrainTimeline | None = None,
-    ) -> float:
-        """Seconds after which a refused flex request with ``num_ahead``
-        requests ahead of it is likely to be accepted with the same deadline.
-        The clients refused before it and not yet back count as ahead of it,
-        so a burst of refusals is told to return at the drain's pace."""
-        history = pool.flex_history
-        num_returning = history.num_returning(now)
-        if timeline is None:
-            timeline = build_timeline(pool, self.config, now)
-        estimate = timeline.wait_behind(num_ahead, num_returning)
-        if estimate is None:
-            # Nothing to estimate from: the configured pause, spread over a tenth of it.
-            seconds = self.config.unknown_wait_retry_after * (1 + 0.01 * (num_returning % 10))
-        else:
-            seconds = retry_after(estimate, wait_limit)
-        history.expect_return(now + seconds)
-        return seconds
-
-    def _check_flex_deadline(
-        self, pool: ModelPool, ticket: Ticket, waiter: Waiter, now: float, *, front: bool
-    ) -> None:
-        """Refuse a flex request on arrival only when even the optimistic end
-        (p10) of its estimated wait is past its deadline; record the estimate."""
-        wait_limit = self.flex_deadline(ticket)
-        timeline = build_timeline(pool, self.config, now)
-        num_ahead = requests_ahead(pool, ticket.org_id, ticket.cost_tokens, front=front)
-        estimate = timeline.wait(num_ahead)
-        if not front:
-            ticket.estimated_wait = estimate
-        if wait_limit <= 0 or (estimate is not None and estimate.p10 > wait_limit):
-            pool.num_flex_refused += 1
-            raise _refusal(self._retry_after(pool, num_ahead, wait_limit, now, timeline), estimate)
-        waiter.deadline = ticket.enqueued_at + wait_limit
-
-    def _expire(self, pool: ModelPool, waiter: Waiter) -> None:
-        if not waiter.queued or waiter.future.done():
-            return
-        pool.queue.remove(waiter)
-        pool.num_flex_refused += 1
-        now = time.monotonic()
-        # Sent again, it joins the queue as a new request does.
-        num_ahead = requests_ahead(pool, waiter.org_id, waiter.cost_tokens)
-        wait_limit = (waiter.deadline or now) - waiter.arrival
-        waiter.future.set_exception(_refusal(self._retry_after(pool, num_ahead, wait_limit, now), None))
-
-    def _shed_hopeless_flex(self, pool: ModelPool) -> None:
-        """Refuse waiting flex whose optimistic (p10) wait now ends past its deadline.
-
-        From the newest, so the pass costs what it sheds, not the queue's
-        length; each one's place is the nearer of its place in joining order
-        and its place at the back of its organization's flow (the fair queue
-        may release it sooner than joining order says). Run at every load
-        reading, it first lets the estimates learn what they learn there."""
-        now = time.monotonic()
-        queue = pool.queue
-        num_waiting = queue.num_waiting(ServiceTier.FLEX)
-        observe(pool, self.config, now)
-        if num_waiting == 0:
-            return
-        timeline = build_timeline(pool, self.config, now)
-        if timeline.num_slots == 0:
-            return
-        num_urgent = queue.num_waiting(ServiceTier.PRIORITY) + queue.num_waiting(ServiceTier.DEFAULT)
-        position = num_urgent + num_waiting - 1
-        hopeless: list[tuple[Waiter, WaitEstimate]] = []
-        for waiter in queue.flex_newest_first():
-            in_flow = num_urgent + max(0, queue.flex_requests_ahead(waiter.org_id, 0) - 1)
-            estimate = timeline.wait(min(position, in_flow))
-            if estimate is None or waiter.deadline is None or now + estimate.p10 <= waiter.deadline:
-                break  # those ahead of it wait less and no longer
-            hopeless.append((waiter, estimate))
-            position -= 1
-        for waiter, estimate in hopeless:
-            queue.remove(waiter)
-            pool.num_flex_refused += 1
-            if not waiter.future.done():
-                num_ahead = requests_ahead(pool, waiter.org_id, waiter.cost_tokens)
-                wait_limit = (waiter.deadline or now) - waiter.arrival
-                waiter.future.set_exception(
-                    _refusal(self._retry_after(pool, num_ahead, wait_limit, now, timeline), estimate)
-                )
-
     # --- what clients and operators can see ------------------------------------------
 
     def flex_status(
-        self, *, model: str | None = None, max_wait: float | None = None, org_id: str = ""
+        self, *, model: str | None = None, max_wait: float | None = None, org_id: str = "",
+        place: str | None = None,
     ) -> list[dict[str, Any]]:
         """Per model (or the one named): spare capacity, flex queue depth, and
         the wait of a flex request sent now by ``org_id`` (behind what that
-        organization already has queued, and, asked about one model, behind
-        the requests its other clients announced by reading this in the last
-        ``ANNOUNCED_SECONDS``; "": one with nothing queued), judged against
-        ``max_wait`` (the client's deadline) or ``flex_max_wait``.
+        organization already has queued or held — asked about one model, its
+        other clients' reads hold places too; "": one with nothing queued), judged
+        against ``max_wait`` (the client's deadline) or ``flex_max_wait``.
         ``accepting`` means such a request would be queued rather than
         refused at once, by the same rule as admission."""
-        now = time.monotonic()
-        wait_limit = self.config.flex_max_wait if max_wait is None else min(
-            self.config.flex_max_wait, max(0.0, max_wait)
-        )
         pools = sorted(self._pools.items()) if model is None else [(model, self.pool(model))]
-        status = []
-        for name, pool in pools:
-            depth = pool.queue.num_waiting(ServiceTier.FLEX)
-            spare = spare_capacity(self.config, pool.replicas, now) if self.config.tiers_enabled else 0.0
-            healthy = any(r.healthy for r in pool.replicas)
-            estimate = None
-            # Asked about one model by an organization, the read announces a
-            # request: others of its clients that read it just before go first.
-            announced = pool.flex_history.announce(org_id, now) if org_id and model else 0
-            if healthy:
-                cost = round(pool.flex_history.typical_cost)
-                estimate = NO_WAIT if spare > 0 and depth == 0 and not announced else estimate_for(
-                    pool, self.config, now, org_id, cost, announced=announced
-                )
-            if estimate is None:
-                fits = wait_limit > 0
-            elif wait_limit <= 0:
-                fits = estimate.p50 == 0
-            else:
-                fits = estimate.p10 <= wait_limit
-            accepting = healthy and len(pool.queue) < self.config.max_queue and fits
-            status.append(
-                {
-                    "model": name,
-                    "spare_capacity": round(spare, 4),
-                    "queue_depth": depth,
-                    "estimated_wait_seconds": None if estimate is None else round(estimate.p50, 3),
-                    "estimated_wait_p90_seconds": None if estimate is None else round(estimate.p90, 3),
-                    "accepting": accepting,
-                }
-            )
-        return status
+        return self.waits.status(
+            pools, one_model=model is not None, max_wait=max_wait, org_id=org_id, place=place
+        )
 
     def _calibrate(self, replica: Replica, run: Running, observed_tpot: float) -> None:
         """Learn how this replica's TPOT compares with its step-time model: the
@@ -781,18 +660,3 @@ def _name_replica(exc: FlexServeError, pool: ModelPool, replica: Replica, reques
     label = _replica_label(pool, replica)
     log.info("request %s failed on %s (%s): %s", request_id, label, replica.name, exc.message)
     exc.message = f"{exc.message.rstrip('.')} ({label})."
-
-
-def _refusal(retry_after: float, estimate: WaitEstimate | None) -> ResourceUnavailableError:
-    why = (
-        f"the estimated wait (likely {estimate.p10:.0f} to {estimate.p90:.0f} s) is longer "
-        "than this request's deadline"
-        if estimate is not None
-        else "no flex capacity became free before this request's deadline"
-    )
-    return ResourceUnavailableError(
-        f"Flex capacity is unavailable right now: {why}. Retry later, or send the "
-        "request on the default tier.",
-        retry_after=retry_after,
-    )
-

@@ -1,0 +1,243 @@
+"""Held places: a refused flex request keeps its place in the queue until it
+comes back (``scheduler/holds.py``), so its retry finds the drain ahead of
+that place rather than a new backlog; on the scheduler with a scripted
+engine, and on a real gateway in front of the sim engine."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import Gateway, sim_engine, sim_model_id, wait_for
+from flexserve.engines.base import StepTimeModel
+from flexserve.errors import ResourceUnavailableError
+from flexserve.scheduler.drain import build_timeline
+from flexserve.scheduler.flex_waits import place_key
+from flexserve.scheduler.holds import HeldPlaces
+from flexserve.scheduler.scheduler import Ticket
+from flexserve.tiers import ServiceTier
+from test_estimates import MESSAGES, _in_flight_flex, _metric
+from test_scheduler import MODEL, ScriptedEngine, make_scheduler, run, until
+
+# --- the places themselves ------------------------------------------------------------
+
+
+def test_a_place_is_claimed_once_and_kept_from_its_first_refusal() -> None:
+    places = HeldPlaces()
+    first = places.hold("org-a", (b"r1", b"name"), arrival=10.0, cost_tokens=100, until=40.0, name="n1")
+    again = places.hold("org-a", (b"r1", b"other"), arrival=25.0, cost_tokens=100, until=60.0)  # refused again
+    places.hold("org-b", (b"r1",), arrival=12.0, cost_tokens=300, until=80.0)  # another organization's
+    assert first is again and again is not None and again.name == "n1"
+    assert len(places) == 2
+    assert places.tokens_ahead("org-a", now=30.0) == 100
+    assert places.tokens_ahead("org-a", now=30.0, before=9.0) == 0
+    assert places.find("org-a", b"name", now=30.0) is first  # found by its name, left in place
+    held = places.claim("org-a", b"r1", now=50.0)  # past its first time, within the renewed one
+    assert held is not None and held.arrival == 10.0
+    assert places.claim("org-a", b"r1", now=50.0) is None  # taken
+    assert places.claim("org-a", b"name", now=50.0) is None  # by any of its keys
+    assert places.tokens_ahead("org-a", now=50.0) == 0 and len(places) == 1
+
+
+def test_a_returning_request_counts_only_the_places_due_back_before_it() -> None:
+    places = HeldPlaces()
+    places.hold("org-a", (b"due",), arrival=1.0, cost_tokens=10, until=90.0, returns_at=20.0)
+    places.hold("org-a", (b"later",), arrival=2.0, cost_tokens=20, until=90.0, returns_at=60.0)
+    places.hold("org-a", (b"after",), arrival=5.0, cost_tokens=40, until=90.0, returns_at=25.0)
+    # A new request waits behind every one of them; one taking a place held
+    # from 3 s, at 30 s, only behind the earlier place whose client is due by then.
+    assert places.tokens_ahead("org-a", now=30.0) == 70
+    assert places.tokens_ahead("org-a", now=30.0, before=3.0) == 30
+    assert places.tokens_ahead("org-a", now=30.0, before=3.0, due_only=True) == 10
+
+
+def test_places_expire_and_those_without_keys_count_but_cannot_be_claimed() -> None:
+    places = HeldPlaces(limit=2)
+    places.hold("org-a", (), arrival=1.0, cost_tokens=50, until=5.0)
+    places.hold("org-a", (b"k",), arrival=2.0, cost_tokens=70, until=8.0)
+    assert places.hold("org-a", (b"over",), arrival=3.0, cost_tokens=90, until=8.0) is None  # past the limit
+    assert places.tokens_ahead("org-a", now=4.0) == 120
+    assert places.tokens_ahead("org-a", now=6.0) == 70  # the one without keys ended at 5 s
+    assert places.claim("org-a", b"over", now=6.0) is None
+    assert places.claim("org-a", b"k", now=8.5) is None  # too late
+    assert len(places) == 0
+
+
+def test_a_request_naming_no_place_lets_go_of_its_organizations_oldest_read() -> None:
+    places = HeldPlaces()
+    places.hold("org-a", (b"read1",), arrival=1.0, cost_tokens=50, until=9.0, read=True)
+    places.hold("org-a", (b"refused",), arrival=1.5, cost_tokens=50, until=9.0)
+    places.hold("org-a", (b"read2",), arrival=2.0, cost_tokens=50, until=9.0, read=True)
+    places.drop_oldest_read("org-a", now=3.0)
+    assert places.find("org-a", b"read1", now=3.0) is None
+    assert places.find("org-a", b"refused", now=3.0) is not None  # a refusal's place is kept
+    assert places.find("org-a", b"read2", now=3.0) is not None
+
+
+# --- on the scheduler -----------------------------------------------------------------
+
+
+async def _refused(coro: object) -> ResourceUnavailableError:
+    with pytest.raises(ResourceUnavailableError) as caught:
+        await coro  # type: ignore[misc]
+    return caught.value
+
+
+@pytest.mark.parametrize("fingerprint", [b"same body", None])
+async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | None) -> None:
+    # One slot; the model says a run of 100 tokens holds it 10 s (it really takes 0.3 s).
+    engine = ScriptedEngine(capacity=1, token_time=0.003, step_model=StepTimeModel(0.1, 0.0, 0.0))
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=100, max_wait=600))
+    await until(lambda: engine.started == ["blocker"])
+    first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
+    refusal = await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=1, fingerprint=fingerprint))
+    assert refusal.retry_after >= 1
+    ahead_of_later = build_timeline(pool, scheduler.config, time.monotonic()).wait(2)
+    later = asyncio.create_task(run(scheduler, "x", ServiceTier.FLEX, max_wait=600))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 2)
+    # The retry, patient this time (the same body, another deadline).
+    retry = asyncio.create_task(run(scheduler, "r", ServiceTier.FLEX, max_wait=600, fingerprint=fingerprint))
+    (x_ticket, _), _, _, _ = await asyncio.gather(later, first, blocker, retry)
+    if fingerprint is None:
+        assert engine.started == ["blocker", "q1", "x", "r"]  # nothing kept: the back of the queue
+    else:
+        assert engine.started == ["blocker", "q1", "r", "x"]  # ahead of the request sent after it
+        # x was told of the place held ahead of it: two ahead, not one.
+        assert ahead_of_later is not None and x_ticket.estimated_wait is not None
+        assert x_ticket.estimated_wait.p50 == pytest.approx(ahead_of_later.p50, rel=0.05)
+    assert len(pool.holds) == (1 if fingerprint is None else 0)  # the anonymous one waits out its time
+    await scheduler.close()
+
+
+async def test_a_request_with_a_read_place_and_a_refused_place_takes_the_earlier() -> None:
+    engine = ScriptedEngine(capacity=1)
+    scheduler = await make_scheduler(engine)
+    pool = scheduler.pools[MODEL]
+    now = time.monotonic()
+    pool.holds.hold("org-a", (b"body",), arrival=now - 5, cost_tokens=100, until=now + 60)
+    pool.holds.hold("org-a", (place_key("read"),), arrival=now - 1, cost_tokens=100, until=now + 5, read=True)
+    ticket = Ticket("r", MODEL, ServiceTier.FLEX, "org-a", cost_tokens=100, fingerprint=b"body",
+                    place=place_key("read"))
+    held = scheduler.waits.arrive(pool, ticket, now)
+    assert held is not None and held.arrival == now - 5
+    assert len(pool.holds) == 0  # the read's place is let go as well
+    await scheduler.close()
+
+
+async def test_a_waiter_refused_at_its_deadline_keeps_the_place_it_waited_for() -> None:
+    engine = ScriptedEngine(capacity=1, token_time=0.003, step_model=StepTimeModel(0.1, 0.0, 0.0))
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=100, max_wait=600))
+    await until(lambda: engine.started == ["blocker"])
+    # Admitted (the optimistic end of 10 s fits 12 s); its deadline then passes.
+    waited = asyncio.create_task(run(scheduler, "w", ServiceTier.FLEX, max_wait=12, fingerprint=b"w"))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
+    (waiter,) = pool.queue.flex_newest_first()
+    arrival = waiter.arrival
+    scheduler.waits.expire(pool, waiter)  # what its timer does at the deadline
+    refusal = await _refused(waited)
+    assert refusal.retry_after >= 1
+    held = pool.holds.claim("org-a", b"w", time.monotonic())
+    assert held is not None and held.arrival == arrival
+    await blocker
+    await scheduler.close()
+
+
+# --- on a real gateway ----------------------------------------------------------------
+
+
+def test_the_gateway_holds_a_refused_requests_place_for_the_same_body(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    """Two long flex streams hold both slots. Two requests with a 1 s deadline
+    are refused and their places held; the first sent again byte for byte
+    (with a longer deadline) takes its place, the other's is still held. A
+    status read holds a place, which a request naming it takes."""
+    gateway = start_gateway(engines=[sim_engine(speed=1.0, max_num_seqs=2)], engine="sim", flex_headroom=0.0)
+    model = sim_model_id(gateway)
+    stop = threading.Event()
+
+    def hold() -> None:
+        with gateway.http() as http, http.stream(
+            "POST", "/v1/chat/completions", timeout=60,
+            json={"model": model, "messages": MESSAGES, "max_tokens": 4000, "stream": True,
+                  "service_tier": "flex"},
+        ) as response:
+            for _ in response.iter_bytes():
+                if stop.is_set():
+                    break
+
+    def body(text: str) -> bytes:
+        return httpx.Request("POST", "/", json={
+            "model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 5,
+            "service_tier": "flex"}).content
+
+    def send(content: bytes, max_wait: str, place: str | None = None) -> httpx.Response:
+        headers = {"X-Flex-Max-Wait": max_wait, "Content-Type": "application/json"}
+        if place is not None:
+            headers["X-Flex-Place"] = place
+        with gateway.http() as http:
+            return http.post("/v1/chat/completions", content=content, timeout=60, headers=headers)
+
+    holders = [threading.Thread(target=hold) for _ in range(2)]
+    for thread in holders:
+        thread.start()
+    retried: list[httpx.Response] = []
+    try:
+        wait_for(lambda: _in_flight_flex(gateway, model) == 2)
+        first, other = send(body("first"), "1"), send(body("other"), "1")
+        assert first.status_code == other.status_code == 429
+        assert _metric(gateway, "flexserve_flex_places_held", model) == 2
+        # The 429 names the place held; a status read naming it reports that place's
+        # wait (behind nothing: both slots' runs are all there is ahead of it).
+        with gateway.http() as http:
+            (named_read,) = http.get("/v1/flex/status", params={
+                "model": model, "place": other.headers["x-flex-place"]}).json()["data"]
+            bad_place = http.get("/v1/flex/status", params={"model": model, "place": "p" * 65})
+        assert named_read["place"] == other.headers["x-flex-place"]
+        assert named_read["estimated_wait_seconds"] <= float(other.headers["x-flex-estimated-wait"])
+        assert bad_place.status_code == 400 and bad_place.json()["error"]["param"] == "place"
+        assert _metric(gateway, "flexserve_flex_places_held", model) == 2  # no new place for that read
+        retry = threading.Thread(target=lambda: retried.append(send(body("first"), "600")))
+        retry.start()
+        wait_for(lambda: _flex_waiting(gateway, model) == 1)
+        assert _metric(gateway, "flexserve_flex_places_held", model) == 1
+        # A status read holds the place it reports; a request naming it takes it.
+        with gateway.http() as http:
+            (read,) = http.get("/v1/flex/status", params={"model": model}).json()["data"]
+            bad = http.post("/v1/chat/completions", content=body("bad"),
+                            headers={"X-Flex-Place": "x" * 65, "Content-Type": "application/json"})
+        assert isinstance(read["place"], str) and read["estimated_wait_seconds"] > 0
+        assert _metric(gateway, "flexserve_flex_places_held", model) == 2
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_header"
+        named = threading.Thread(target=lambda: retried.append(send(body("read"), "600", read["place"])))
+        named.start()
+        wait_for(lambda: _flex_waiting(gateway, model) == 2)
+        assert _metric(gateway, "flexserve_flex_places_held", model) == 1
+    finally:
+        stop.set()
+        for thread in holders:
+            thread.join(timeout=30)
+    retry.join(timeout=60)
+    named.join(timeout=60)
+    assert [r.status_code for r in retried] == [200, 200]
+
+
+def _flex_waiting(gateway: Gateway, model: str) -> float:
+    with gateway.http() as http:
+        text = http.get("/metrics").text
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "flexserve_queue_depth" and sample.labels == {"model": model, "tier": "flex"}:
+                return float(sample.value)
+    return 0.0
