@@ -7,6 +7,7 @@ import asyncio
 import resource
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import aiohttp
@@ -101,7 +102,7 @@ def test_flex_status_shows_no_spare_capacity(busy_gateway: tuple[Gateway, str]) 
     assert entry["spare_capacity"] == 0.0
     assert set(entry) == {
         "model", "spare_capacity", "queue_depth", "estimated_wait_seconds",
-        "estimated_wait_p90_seconds", "accepting",
+        "estimated_wait_p90_seconds", "accepting", "place",
     }
     # Once default has held both slots (flex may take one) for a few seconds,
     # there is nothing to estimate a start from.
@@ -124,7 +125,7 @@ def test_two_thousand_waiting_flex_connections(busy_gateway: tuple[Gateway, str]
     num = 2000
     _raise_fd_limit(3 * num + 512)
 
-    async def crowd() -> tuple[int, int]:
+    async def crowd() -> tuple[int, int, Counter[str | int]]:
         connector = aiohttp.TCPConnector(limit=0)
         headers = {"Authorization": f"Bearer {gateway.api_key}", "X-Flex-Max-Wait": "120"}
         body = {"model": model, "messages": MESSAGES, "max_tokens": 3, "service_tier": "flex"}
@@ -142,14 +143,15 @@ def test_two_thousand_waiting_flex_connections(busy_gateway: tuple[Gateway, str]
                 await asyncio.sleep(0.2)
                 async with session.get(gateway.url + "/v1/flex/status", headers=headers) as r:
                     depth = (await r.json())["data"][0]["queue_depth"]
-            finished_early = sum(1 for t in tasks if t.done())
+            early = [t for t in tasks if t.done()]
+            outcomes = Counter(repr(t.exception()) if t.exception() else t.result() for t in early)
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            return depth, finished_early
+            return depth, len(early), outcomes
 
-    depth, finished_early = asyncio.run(crowd())
-    assert depth == num
+    depth, finished_early, outcomes = asyncio.run(crowd())
+    assert depth == num, f"{depth} waiting; answered early: {dict(outcomes)}"
     assert finished_early == 0
     with gateway.http() as http:
         wait_for(lambda: http.get("/v1/flex/status").json()["data"][0]["queue_depth"] == 0, timeout=30)
