@@ -24,9 +24,13 @@ MESSAGES = [{"role": "user", "content": "Label this record."}]
 def busy_gateway(start_gateway: Callable[..., Gateway]) -> Iterator[tuple[Gateway, str]]:
     """A gateway whose only replica (two slots) is held by long default streams
     (24 s each at speed 1: no gap in which a flex request could slip in)."""
+    # The 2,000 clients below share this process (and its GIL) with the gateway:
+    # loaded, one may take seconds to send its first byte after connecting, or
+    # its last after its first, which the slow-client timers would cut
+    # (api/connections.py, tested on their own in test_connections.py).
     gateway = start_gateway(
         engines=[sim_engine(speed=1.0, max_num_seqs=2)], engine="sim", flex_headroom=0.5,
-        max_queue=5000,
+        max_queue=5000, keep_alive_timeout=120.0, header_timeout=120.0, body_timeout=120.0,
     )
     model = sim_model_id(gateway)
     stop = threading.Event()
