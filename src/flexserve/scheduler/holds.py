@@ -6,16 +6,18 @@ join at the back, it would find the queue as long as before and be refused
 again. So a refusal keeps the request's place, as a counter's ticket does:
 the place it had (its arrival, or the moment it was refused) is held under
 the request's fingerprint — its organization and a hash of its body, which
-a client's retry of the same request repeats, whatever its SDK — until a
-little after the time it was told. A retry that finds its hold joins the
-queue at that place, behind only what was queued before it; the rest of the
-drain goes on meanwhile, so ``Retry-After`` can be the time until the place
-is near enough to the front for the request's own deadline.
+a client's retry of the same request repeats, whatever its SDK — and under
+a name the 429 gives (``x-flex-place``), until a little after the time it
+was told. A retry that finds its place joins the queue there, behind only
+what was queued before it; the rest of the drain goes on meanwhile, so
+``Retry-After`` can be the time until the place is near enough to the
+front for the request's own deadline.
 
-Held places count as queued ahead of every later request of their
+Held places count as queued ahead of the later requests of their
 organization (its estimates include them): a retry coming back goes ahead
-of all those still waiting then, so a retry taking its place delays nobody
-beyond what they were told.
+of all those still waiting then. A refused request come back to its place
+is near the front, so only the places held before it whose clients are
+due back already count for it.
 
 A read of ``/v1/flex/status`` for one model holds a place too, for
 ``READ_SECONDS``: the place a request sent now would take, whose wait is
@@ -23,11 +25,13 @@ the one the read reports. The reply names it (``place``), and a request
 sent with ``X-Flex-Place: <place>`` takes it — so clients that read the
 status together are each told their own wait, and get it, whatever order
 their requests then arrive in. A request of the organization that names
-no place takes the place of its oldest read instead (a client that reads
-and sends without naming it), so reads are never counted twice. A refusal without a fingerprint
-(work the gateway queues itself) holds an anonymous place until the time it
-was told: it cannot be claimed, but it still spreads the clients refused
-together over the drain instead of sending them all back at once.
+no place lets go of its oldest read's place (its client may have been
+that reader), so that a read is not counted beside its own request.
+
+A refusal without a fingerprint (work the gateway queues itself) holds a
+place with nothing to claim it by, until the time it was told: it still
+spreads the clients refused together over the drain instead of sending
+them all back at once.
 """
 
 from __future__ import annotations
