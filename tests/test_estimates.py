@@ -10,10 +10,11 @@ the accuracy metrics are checked on a real gateway in front of the sim engine.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -449,6 +450,30 @@ def test_status_and_refusals_answer_for_the_clients_deadline(start_gateway: Call
     once with the estimate and a Retry-After."""
     gateway = start_gateway(engines=[sim_engine(speed=1.0, max_num_seqs=2)], engine="sim", flex_headroom=0.0)
     model = sim_model_id(gateway)
+    with every_slot_held(gateway, model, 2), gateway.http() as http:
+        (server,) = http.get("/v1/flex/status", params={"model": model}).json()["data"]
+        (hurried,) = http.get("/v1/flex/status", params={"model": model, "max_wait": 1}).json()["data"]
+        (by_header,) = http.get("/v1/flex/status", headers={"X-Flex-Max-Wait": "1"}).json()["data"]
+        (query_wins,) = http.get("/v1/flex/status", params={"max_wait": 600},
+                                 headers={"X-Flex-Max-Wait": "1"}).json()["data"]
+        bad = http.get("/v1/flex/status", params={"max_wait": "soon"})
+        unknown = http.get("/v1/flex/status", params={"model": "no-such-model"})
+        refused = http.post("/v1/chat/completions", headers={"X-Flex-Max-Wait": "1"}, json={
+            "model": model, "messages": MESSAGES, "max_tokens": 5, "service_tier": "flex"})
+    assert server["accepting"] and query_wins["accepting"]
+    assert not hurried["accepting"] and not by_header["accepting"]
+    assert 1 < server["estimated_wait_seconds"] < server["estimated_wait_p90_seconds"]
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_wait"
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    assert refused.status_code == 429 and refused.json()["error"]["code"] == "resource_unavailable"
+    told = float(refused.headers["x-flex-estimated-wait"])
+    assert told > 1 and int(refused.headers["retry-after"]) >= 1
+
+
+@contextlib.contextmanager
+def every_slot_held(gateway: Gateway, model: str, num_slots: int) -> Iterator[None]:
+    """Long flex streams (read and dropped) on every one of the model's slots,
+    until the block ends."""
     stop = threading.Event()
 
     def hold() -> None:
@@ -461,40 +486,24 @@ def test_status_and_refusals_answer_for_the_clients_deadline(start_gateway: Call
                 if stop.is_set():
                     break
 
-    holders = [threading.Thread(target=hold) for _ in range(2)]
+    holders = [threading.Thread(target=hold) for _ in range(num_slots)]
     for thread in holders:
         thread.start()
     try:
-        wait_for(lambda: _in_flight_flex(gateway, model) == 2)
-        with gateway.http() as http:
-            (server,) = http.get("/v1/flex/status", params={"model": model}).json()["data"]
-            (hurried,) = http.get("/v1/flex/status", params={"model": model, "max_wait": 1}).json()["data"]
-            (by_header,) = http.get("/v1/flex/status", headers={"X-Flex-Max-Wait": "1"}).json()["data"]
-            (query_wins,) = http.get("/v1/flex/status", params={"max_wait": 600},
-                                     headers={"X-Flex-Max-Wait": "1"}).json()["data"]
-            bad = http.get("/v1/flex/status", params={"max_wait": "soon"})
-            unknown = http.get("/v1/flex/status", params={"model": "no-such-model"})
-            refused = http.post("/v1/chat/completions", headers={"X-Flex-Max-Wait": "1"}, json={
-                "model": model, "messages": MESSAGES, "max_tokens": 5, "service_tier": "flex"})
-        assert server["accepting"] and query_wins["accepting"]
-        assert not hurried["accepting"] and not by_header["accepting"]
-        assert 1 < server["estimated_wait_seconds"] < server["estimated_wait_p90_seconds"]
-        assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_wait"
-        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
-        assert refused.status_code == 429 and refused.json()["error"]["code"] == "resource_unavailable"
-        told = float(refused.headers["x-flex-estimated-wait"])
-        assert told > 1 and int(refused.headers["retry-after"]) >= 1
+        wait_for(lambda: flex_gauge(gateway, "flexserve_in_flight", model) == num_slots)
+        yield
     finally:
         stop.set()
         for thread in holders:
             thread.join(timeout=30)
 
 
-def _in_flight_flex(gateway: Gateway, model: str) -> float:
+def flex_gauge(gateway: Gateway, name: str, model: str) -> float:
+    """A gauge of ``/metrics`` labelled with the model and the flex tier."""
     with gateway.http() as http:
         text = http.get("/metrics").text
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "flexserve_in_flight" and sample.labels == {"model": model, "tier": "flex"}:
+            if sample.name == name and sample.labels == {"model": model, "tier": "flex"}:
                 return float(sample.value)
     return 0.0

@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Gateway, sim_engine, sim_model_id, wait_for
 from flexserve.engines.base import StepTimeModel
@@ -22,7 +21,7 @@ from flexserve.scheduler.flex_waits import place_key
 from flexserve.scheduler.holds import HeldPlaces
 from flexserve.scheduler.scheduler import Ticket
 from flexserve.tiers import ServiceTier
-from test_estimates import MESSAGES, _in_flight_flex, _metric
+from test_estimates import _metric, every_slot_held, flex_gauge
 from test_scheduler import MODEL, ScriptedEngine, make_scheduler, run, until
 
 # --- the places themselves ------------------------------------------------------------
@@ -165,17 +164,6 @@ def test_the_gateway_holds_a_refused_requests_place_for_the_same_body(
     status read holds a place, which a request naming it takes."""
     gateway = start_gateway(engines=[sim_engine(speed=1.0, max_num_seqs=2)], engine="sim", flex_headroom=0.0)
     model = sim_model_id(gateway)
-    stop = threading.Event()
-
-    def hold() -> None:
-        with gateway.http() as http, http.stream(
-            "POST", "/v1/chat/completions", timeout=60,
-            json={"model": model, "messages": MESSAGES, "max_tokens": 4000, "stream": True,
-                  "service_tier": "flex"},
-        ) as response:
-            for _ in response.iter_bytes():
-                if stop.is_set():
-                    break
 
     def body(text: str) -> bytes:
         return httpx.Request("POST", "/", json={
@@ -189,12 +177,8 @@ def test_the_gateway_holds_a_refused_requests_place_for_the_same_body(
         with gateway.http() as http:
             return http.post("/v1/chat/completions", content=content, timeout=60, headers=headers)
 
-    holders = [threading.Thread(target=hold) for _ in range(2)]
-    for thread in holders:
-        thread.start()
     retried: list[httpx.Response] = []
-    try:
-        wait_for(lambda: _in_flight_flex(gateway, model) == 2)
+    with every_slot_held(gateway, model, 2):
         first, other = send(body("first"), "1"), send(body("other"), "1")
         assert first.status_code == other.status_code == 429
         assert _metric(gateway, "flexserve_flex_places_held", model) == 2
@@ -210,7 +194,7 @@ def test_the_gateway_holds_a_refused_requests_place_for_the_same_body(
         assert _metric(gateway, "flexserve_flex_places_held", model) == 2  # no new place for that read
         retry = threading.Thread(target=lambda: retried.append(send(body("first"), "600")))
         retry.start()
-        wait_for(lambda: _flex_waiting(gateway, model) == 1)
+        wait_for(lambda: flex_gauge(gateway, "flexserve_queue_depth", model) == 1)
         assert _metric(gateway, "flexserve_flex_places_held", model) == 1
         # A status read holds the place it reports; a request naming it takes it.
         with gateway.http() as http:
@@ -222,22 +206,8 @@ def test_the_gateway_holds_a_refused_requests_place_for_the_same_body(
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_header"
         named = threading.Thread(target=lambda: retried.append(send(body("read"), "600", read["place"])))
         named.start()
-        wait_for(lambda: _flex_waiting(gateway, model) == 2)
+        wait_for(lambda: flex_gauge(gateway, "flexserve_queue_depth", model) == 2)
         assert _metric(gateway, "flexserve_flex_places_held", model) == 1
-    finally:
-        stop.set()
-        for thread in holders:
-            thread.join(timeout=30)
     retry.join(timeout=60)
     named.join(timeout=60)
     assert [r.status_code for r in retried] == [200, 200]
-
-
-def _flex_waiting(gateway: Gateway, model: str) -> float:
-    with gateway.http() as http:
-        text = http.get("/metrics").text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "flexserve_queue_depth" and sample.labels == {"model": model, "tier": "flex"}:
-                return float(sample.value)
-    return 0.0
