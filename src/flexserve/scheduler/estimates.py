@@ -48,12 +48,13 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
 * **What flex was seen to get.** While flex waits, the output tokens its
   runs generate per second (counted as they come, averaged over
   ``THROUGHPUT_WINDOW`` seconds of backlog) are what the engines give it
-  beside default. Once measured, the drain is no faster than that: ``S``
-  slots each restart at most every ``S·o'/R`` seconds, ``R`` that rate and
-  ``o'`` the queued work's output limit times the share of it runs were
-  seen to generate. The step-time model alone misses what a full flex
-  backlog costs (every start's prompt shares the steps of every run) and
-  a calibration learned under light flex carries over to a heavy burst.
+  beside default. Once measured, the drain is that: ``S`` slots each
+  restart every ``S·o'/R`` seconds, ``R`` that rate and ``o'`` the queued
+  work's output limit times the share of it runs were seen to generate.
+  The step-time model alone misses what a full flex backlog costs (every
+  start's prompt shares the steps of every run), and a calibration learned
+  under light flex carries over to a heavy burst (or, the other way, runs
+  long: a floor alone left estimates after a trickle too long).
 * **Position** ``j``. Under deficit round robin (``scheduler/fairness.py``) a
   request from an organization with ``q`` tokens queued needs
   ``r = ⌈(q + c) / quantum⌉`` turns, in which every other organization
