@@ -98,8 +98,7 @@ async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | No
     await until(lambda: engine.started == ["blocker"])
     first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
-    refusal = await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=1, fingerprint=fingerprint))
-    assert refusal.retry_after >= 1
+    await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=1, fingerprint=fingerprint))
     ahead_of_later = build_timeline(pool, scheduler.config, time.monotonic()).wait(2)
     later = asyncio.create_task(run(scheduler, "x", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 2)
@@ -144,8 +143,7 @@ async def test_a_waiter_refused_at_its_deadline_keeps_the_place_it_waited_for() 
     (waiter,) = pool.queue.flex_newest_first()
     arrival = waiter.arrival
     scheduler.waits.expire(pool, waiter)  # what its timer does at the deadline
-    refusal = await _refused(waited)
-    assert refusal.retry_after >= 1
+    await _refused(waited)
     held = pool.holds.claim("org-a", b"w", time.monotonic())
     assert held is not None and held.arrival == arrival
     await blocker

@@ -66,21 +66,11 @@ class FlexWaits:
         (returns True: the queue puts it there by ``waiter.arrival``), else
         at the back. Refuse it at once when even the optimistic end (p10) of
         its wait is past its deadline; record the estimate it was given."""
-        wait_limit = self.deadline(ticket)
-        waiter.wait_limit = wait_limit
-        waiter.key = ticket.fingerprint
+        wait_limit = waiter.wait_limit
         if held is not None:
             waiter.arrival = held.arrival
         timeline = build_timeline(pool, self.config, now)
-        before = None if held is None else held.arrival
-        # A refused request back at its place is near the front: only places
-        # due back already go before it. A read's place is at the back.
-        estimate = timeline.wait(
-            requests_ahead(
-                pool, ticket.org_id, ticket.cost_tokens, now, front=front, before=before,
-                due_only=held is not None and not held.read,
-            )
-        )
+        estimate = _wait_at(timeline, pool, ticket.org_id, ticket.cost_tokens, now, held, front=front)
         if not front:
             ticket.estimated_wait = estimate
         if wait_limit <= 0 or (estimate is not None and estimate.p10 > wait_limit):
@@ -92,8 +82,6 @@ class FlexWaits:
     def queue_full(self, pool: ModelPool, ticket: Ticket, waiter: Waiter, now: float) -> ResourceUnavailableError:
         """The refusal of a flex request that finds the queue full."""
         pool.num_flex_refused += 1
-        waiter.wait_limit = self.deadline(ticket)
-        waiter.key = ticket.fingerprint
         error = self._refuse(pool, waiter, now)
         error.message = "The flex queue for this model is full; retry later."
         return error
@@ -192,11 +180,7 @@ class FlexWaits:
                 named = pool.holds.find(org_id, place_key(place), now)
             if healthy and named is not None:
                 timeline = build_timeline(pool, self.config, now)
-                estimate = timeline.wait(
-                    requests_ahead(
-                        pool, org_id, named.cost_tokens, now, before=named.arrival, due_only=not named.read
-                    )
-                )
+                estimate = _wait_at(timeline, pool, org_id, named.cost_tokens, now, named)
                 pool.holds.hold(org_id, named.keys, named.arrival, named.cost_tokens, now + READ_SECONDS)
                 reported = named.name
             elif healthy:
@@ -228,6 +212,21 @@ class FlexWaits:
                 }
             )
         return status
+
+
+def _wait_at(
+    timeline: DrainTimeline, pool: ModelPool, org_id: str, cost_tokens: int, now: float,
+    held: Hold | None, *, front: bool = False,
+) -> WaitEstimate | None:
+    """The wait of a flex request of ``org_id`` joining now: at the back (or
+    the ``front``), or at its ``held`` place. A refused request back at its
+    place is near the front: only places due back already go before it. A
+    read's place is at the back, behind every place held."""
+    before = None if held is None else held.arrival
+    due_only = held is not None and not held.read
+    return timeline.wait(
+        requests_ahead(pool, org_id, cost_tokens, now, front=front, before=before, due_only=due_only)
+    )
 
 
 # On a flex 429: the name of the place held for the request (``holds.py``).

@@ -377,7 +377,10 @@ class Scheduler:
                     ticket.estimated_wait = NO_WAIT
                 replica.add(run, now)
                 return self._granted(pool, ticket, replica, run)
-        waiter = Waiter(tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run)
+        waiter = Waiter(
+            tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run,
+            wait_limit=self.waits.deadline(ticket), key=ticket.fingerprint,
+        )
         in_place = False
         if self.config.tiers_enabled and tier.is_preemptible:
             in_place = self.waits.on_arrival(pool, ticket, waiter, now, front=front, held=held)
