@@ -202,6 +202,34 @@ def test_a_stream_whose_replica_freezes_ends_with_an_error_event(
     assert usage_rows(gateway, request_id)[0]["status"] == "error"
 
 
+def test_a_replica_slow_to_answer_its_metrics_is_not_taken_as_down(
+    start_gateway: Callable[..., Gateway], sims: Callable[[int], list[SimProcess]],
+) -> None:
+    """A read that takes seconds (a busy vLLM on a few cores) is waited for up
+    to half of ``replica_silent_after``: frozen for less than that, the
+    replica stays healthy — not failed after three reads cut short — and a
+    flex request sent meanwhile runs once the read answers."""
+    (sim,) = sims(1)
+    gateway = start_gateway(engine="upstream", upstreams=[sim.url],
+                            **{**FAULT_SETTINGS, "replica_silent_after": 20.0})
+    assert _healthz(gateway).json()["models"] == {MODEL: 1}
+    sim.freeze()
+    seen: set[int] = set()
+    with _in_thread(lambda: gateway.client(timeout=60).chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=5, service_tier="flex",  # type: ignore[arg-type]
+    )) as result:
+        frozen_until = time.monotonic() + 8.0
+        while time.monotonic() < frozen_until:
+            seen.add(_healthz(gateway).json()["models"][MODEL])
+            time.sleep(0.2)
+        sim.thaw()
+    assert seen == {1}, "the replica was taken as down while its reads were only slow"
+    completion = result[0]
+    assert not isinstance(completion, Exception), completion
+    assert completion.service_tier == "flex"
+    assert completion.usage is not None and completion.usage.completion_tokens == 5
+
+
 async def test_an_upstream_silent_before_its_first_output_is_a_refusal(
     sims: Callable[[int], list[SimProcess]],
 ) -> None:

@@ -249,17 +249,24 @@ class UpstreamEngine(Engine):
         log.warning("request %s: upstream %s %s", request.request_id, self.base_url, what)
 
     async def read_load(self) -> EngineLoad:
-        """vLLM-style load signals from the upstream's /metrics."""
+        """vLLM-style load signals from the upstream's /metrics.
+
+        Only a failed read raises ``EngineUnavailableError``; a slow one is
+        waited for, as long as the caller allows (the scheduler's health
+        watch takes a read that outlasts half of ``replica_silent_after`` as
+        silence). A busy vLLM on a few CPU cores
+        answers its metrics in seconds while it goes on generating: cut off
+        at a fixed limit, every read would fail, and the replica would be
+        taken as down and flex held off it."""
         try:
-            async with self.session.get(
-                f"{self.base_url}/metrics", timeout=aiohttp.ClientTimeout(total=2)
-            ) as response:
+            timeout = aiohttp.ClientTimeout(sock_connect=self._timeout.sock_connect)
+            async with self.session.get(f"{self.base_url}/metrics", timeout=timeout) as response:
                 if response.status == 404:
                     raise NoLoadSignalsError(f"{self.name} has no /metrics (HTTP 404).")
                 if response.status != 200:
                     raise EngineError(f"{self.name}: GET /metrics answered HTTP {response.status}.")
                 text = await response.text()
-        except (TimeoutError, aiohttp.ClientError) as exc:
+        except aiohttp.ClientError as exc:
             raise EngineUnavailableError(f"{self.name}: metrics unreadable: {exc!r}") from exc
         return parse_vllm_load(text)
 
