@@ -217,6 +217,37 @@ def test_the_output_flex_got_while_it_waited_is_learned_only_from_a_backlog() ->
     assert history.output_share == pytest.approx(0.5, rel=0.2)  # runs stop halfway
 
 
+async def test_the_queued_works_output_is_the_mean_of_its_output_limits() -> None:
+    """Flex of 900 + 100 and 100 + 200 tokens (prompt + output limit) queued
+    half and half: each of 10 slots restarts every 10 × 150 / 500 s once
+    flex was seen to get 500 output tokens a second. (A mean of each
+    request's prompt share, 0.9 and 0.33, would have made it 250 tokens.)"""
+    engine = ScriptedEngine(capacity=10, token_time=10.0, step_model=STEP)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+
+    async def flex(i: int) -> None:
+        prompt, cost = (900, 1000) if i % 2 else (100, 300)
+        ticket = Ticket(f"f{i}", MODEL, ServiceTier.FLEX, "org-a", prompt_tokens=prompt, cost_tokens=cost,
+                        max_wait=600)
+        async for _ in scheduler.stream(ticket, EngineRequest.chat(f"f{i}", MODEL, [], max_tokens=2)):
+            pass
+
+    tasks = [asyncio.create_task(flex(i)) for i in range(30)]
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 20)
+    assert pool.queue.flex_tokens() == (10 * 1000 + 10 * 300, 10 * 900 + 10 * 100, 20)
+    history = pool.flex_history
+    history.saturated_tps, history.saturated_seconds = 500.0, 60.0
+    timeline = build_timeline(pool, scheduler.config, time.monotonic())
+    assert timeline.period == pytest.approx(10 * 150 / 500, rel=0.05)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 0)
+    assert pool.queue.flex_tokens() == (0, 0, 0)
+    await scheduler.close()
+
+
 async def test_the_drain_is_no_faster_than_flex_was_seen_to_get() -> None:
     """The step-time model says 10 ms runs on 10 slots; flex was seen to get
     only 500 output tokens a second while it waited (100 runs of 5 tokens):

@@ -105,9 +105,11 @@ def _guessed(pool: ModelPool) -> bool:
 def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> DrainTimeline:
     """The drain of ``pool``'s flex queue as of ``now``."""
     history = pool.flex_history
-    fair_tokens, num_queued = pool.queue.flex_tokens()
-    cost = fair_tokens / num_queued if num_queued else history.typical_cost
-    prompt = cost * history.prompt_share
+    fair_tokens, prompt_tokens, num_queued = pool.queue.flex_tokens()
+    if num_queued:
+        cost, prompt = fair_tokens / num_queued, prompt_tokens / num_queued
+    else:
+        cost, prompt = history.typical_cost, history.typical_prompt
     output = max(1.0, cost - prompt)
     calibration = history.calibration
     scale = calibration.scale if calibration.num_observed else history.prior_calibration.scale

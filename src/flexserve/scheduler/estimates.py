@@ -256,8 +256,8 @@ class FlexHistory:
         "_backlog_seen_at", "_num_preemptions_seen", "_output_seen",
         "backlog_seconds",
         "calibration", "num_arrivals", "prior_calibration", "num_outputs", "output_done", "output_share",
-        "preemption_rate", "prompt_share",
-        "saturated_seconds", "saturated_tps", "typical_cost",
+        "preemption_rate",
+        "saturated_seconds", "saturated_tps", "typical_cost", "typical_prompt",
     )
 
     def __init__(self) -> None:
@@ -266,11 +266,11 @@ class FlexHistory:
         # runs have been seen: the service-time model's bias on these
         # engines, for a cold start (its spread stays the prior's).
         self.prior_calibration = ServiceCalibration()
-        # Of flex requests' expected tokens, the share that is prompt, and a
-        # typical request's expected tokens (for an empty queue): means over
-        # the first arrivals, then EWMAs; priors until the first one.
-        self.prompt_share = 0.2
+        # A typical flex request's expected tokens (for an empty queue) and
+        # its prompt tokens: means over the first arrivals, then EWMAs;
+        # priors until the first one.
         self.typical_cost = 320.0
+        self.typical_prompt = 64.0
         self.num_arrivals = 0
         # Preemption pauses per second while flex waits, the seconds of
         # backlog they were counted over, and what was seen last look.
@@ -347,4 +347,5 @@ class FlexHistory:
             self.num_arrivals += 1
             weight = max(1.0 / self.num_arrivals, _MIN_WEIGHT)
             self.typical_cost += weight * (cost_tokens - self.typical_cost)
-            self.prompt_share += weight * (min(1.0, prompt_tokens / cost_tokens) - self.prompt_share)
+            prompt = min(prompt_tokens, cost_tokens)
+            self.typical_prompt += weight * (prompt - self.typical_prompt)

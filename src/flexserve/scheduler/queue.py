@@ -59,6 +59,8 @@ class Waiter:
     # held under it if it is refused: ``holds.py``).
     wait_limit: float = 0.0
     key: bytes | None = None
+    # Of ``cost_tokens``, the prompt's (the rest is the output limit).
+    prompt_tokens: int = 0
 
     def leave(self) -> None:
         if self.timer is not None:
@@ -78,6 +80,8 @@ class TierQueue:
         }
         self._seq = itertools.count()
         self._num_by_tier = dict.fromkeys(ServiceTier, 0)
+        # Prompt tokens of the flex waiters (for the service time of the queued work).
+        self._flex_prompt_tokens = 0
 
     def __len__(self) -> int:
         return sum(self._num_by_tier.values())
@@ -94,6 +98,8 @@ class TierQueue:
         waiter.seq = next(self._seq)
         waiter.queued = True
         self._num_by_tier[waiter.tier] += 1
+        if waiter.tier is ServiceTier.FLEX:
+            self._flex_prompt_tokens += waiter.prompt_tokens
         fair = self._fair.get(waiter.tier) if self.tiers_enabled else None
         if fair is not None:
             fair.push(waiter, front=front, in_place=in_place)
@@ -109,7 +115,7 @@ class TierQueue:
             if fair is not None:
                 fair.remove(waiter)
             waiter.queued = False
-            self._num_by_tier[waiter.tier] -= 1
+            self._left(waiter)
         waiter.leave()
 
     def peek(self) -> Waiter | None:
@@ -132,19 +138,24 @@ class TierQueue:
         fair = self._fair.get(head.tier) if self.tiers_enabled else None
         if fair is not None:
             fair.pop()  # marks the waiter as no longer queued
-            self._num_by_tier[head.tier] -= 1
+            self._left(head)
             head.leave()
         else:
             heapq.heappop(self._heap)
             self.remove(head)
         return head
 
-    def flex_tokens(self) -> tuple[int, int]:
-        """Expected tokens and number of the flex waiters."""
+    def _left(self, waiter: Waiter) -> None:
+        self._num_by_tier[waiter.tier] -= 1
+        if waiter.tier is ServiceTier.FLEX:
+            self._flex_prompt_tokens -= waiter.prompt_tokens
+
+    def flex_tokens(self) -> tuple[int, int, int]:
+        """Expected tokens, prompt tokens and number of the flex waiters."""
         if not self.tiers_enabled:
-            return 0, 0
+            return 0, 0, 0
         fair = self._fair[ServiceTier.FLEX]
-        return fair.num_tokens, len(fair)
+        return fair.num_tokens, self._flex_prompt_tokens, len(fair)
 
     def flex_requests_ahead(
         self, org_id: str, cost_tokens: int, *, front: bool = False, before: float | None = None,

@@ -380,6 +380,7 @@ class Scheduler:
         waiter = Waiter(
             tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run,
             wait_limit=self.waits.deadline(ticket), key=ticket.fingerprint,
+            prompt_tokens=min(ticket.prompt_tokens, ticket.cost_tokens),
         )
         in_place = False
         if self.config.tiers_enabled and tier.is_preemptible:
