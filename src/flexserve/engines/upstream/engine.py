@@ -254,9 +254,9 @@ class UpstreamEngine(Engine):
         Only a failed read raises ``EngineUnavailableError``; a slow one is
         waited for, as long as the caller allows (the scheduler's health
         watch takes a read that outlasts half of ``replica_silent_after`` as
-        silence). A busy vLLM on a few CPU cores
-        answers its metrics in seconds while it goes on generating: cut off
-        at a fixed limit, every read would fail, and the replica would be
+        silence). A busy vLLM on a few CPU cores answers its metrics in
+        seconds now and then while it goes on generating: cut off at a fixed
+        limit, those reads would count as failures, and the replica would be
         taken as down and flex held off it."""
         try:
             timeout = aiohttp.ClientTimeout(sock_connect=self._timeout.sock_connect)
