@@ -29,6 +29,8 @@ from flexserve.errors import ResourceUnavailableError
 from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.estimates import (
+    PRIOR_RUNS,
+    PRIOR_SAMPLE,
     PRIOR_SIGMA_GUESS,
     FlexHistory,
     DrainTimeline,
@@ -198,6 +200,15 @@ async def test_before_any_flex_run_the_service_time_is_corrected_by_defaults() -
     await run(scheduler, "d-after", ServiceTier.DEFAULT, tokens=20, cost=120)
     assert history.calibration.num_observed == 1 and history.prior_calibration.num_observed == 4
     await scheduler.close()
+
+
+def test_default_runs_are_timed_for_the_prior_first_then_sampled_and_not_after_flex() -> None:
+    history = FlexHistory()
+    timed = [history.times_default_run() for _ in range(PRIOR_RUNS + 4 * PRIOR_SAMPLE)]
+    assert timed[:PRIOR_RUNS] == [True] * PRIOR_RUNS
+    assert sum(timed[PRIOR_RUNS:]) == 4
+    history.calibration.observe(1.0, 2.0)  # a flex run was seen
+    assert not any(history.times_default_run() for _ in range(4 * PRIOR_SAMPLE))
 
 
 def test_the_output_flex_got_while_it_waited_is_learned_only_from_a_backlog() -> None:

@@ -32,8 +32,8 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
   first completions set at once and later ones move with a weight of at
   least 5 %), and which also absorbs outputs that stop before their limit.
   Until a flex run has finished, the same correction learned from default
-  runs stands in for it: the model's bias on these engines, known before a
-  cold burst (its spread stays the prior's).
+  runs (the first 20, then one in 16) stands in for it: the model's bias on
+  these engines, known before a cold burst (its spread stays the prior's).
 * **Timeline.** Each flex slot frees when its current run ends (its predicted
   service time minus the time it has run) or now if it is empty, and after
   that every ``T`` seconds. The request with ``j`` requests ahead of it starts
@@ -122,6 +122,11 @@ PREEMPTION_WINDOW = 60.0
 THROUGHPUT_WINDOW = 15.0
 # Most of a replica's time preemption cooldowns are taken to keep flex out.
 _MAX_STALL = 0.5
+# Until flex has run, default runs timed for the cold-start prior: the first
+# ones, then one in PRIOR_SAMPLE (enough to follow drift, where timing every
+# one would cost each default request on a deployment that never sees flex).
+PRIOR_RUNS = 20
+PRIOR_SAMPLE = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +258,7 @@ class FlexHistory:
     """What a model's wait estimates learn over time."""
 
     __slots__ = (
-        "_backlog_seen_at", "_num_preemptions_seen", "_output_seen",
+        "_backlog_seen_at", "_num_default_runs", "_num_preemptions_seen", "_output_seen",
         "backlog_seconds",
         "calibration", "num_arrivals", "prior_calibration", "num_outputs", "output_done", "output_share",
         "preemption_rate",
@@ -266,6 +271,7 @@ class FlexHistory:
         # runs have been seen: the service-time model's bias on these
         # engines, for a cold start (its spread stays the prior's).
         self.prior_calibration = ServiceCalibration()
+        self._num_default_runs = 0
         # A typical flex request's expected tokens (for an empty queue) and
         # its prompt tokens: means over the first arrivals, then EWMAs;
         # priors until the first one.
@@ -309,6 +315,14 @@ class FlexHistory:
         self._backlog_seen_at = now
         self._num_preemptions_seen = num_preemptions
         self._output_seen = self.output_done
+
+    def times_default_run(self) -> bool:
+        """Whether a default (or priority) run granted now is timed for the
+        prior (``prior_calibration``): none once flex runs have been seen."""
+        if self.calibration.num_observed:
+            return False
+        self._num_default_runs += 1
+        return self._num_default_runs <= PRIOR_RUNS or self._num_default_runs % PRIOR_SAMPLE == 0
 
     def observe_output(self, num_tokens: int, expected: int) -> None:
         """A flex (or batch) run finished with ``num_tokens`` output tokens,

@@ -417,8 +417,8 @@ class Scheduler:
             ticket.admitted_at = run.granted_at
         ticket.served_tier = run.tier
         ticket.replica_name = replica.name
-        # Until flex runs have been seen, default's teach the cold-start prior.
-        if run.tier.is_preemptible or pool.flex_history.calibration.num_observed == 0:
+        # Until flex runs have been seen, some of default's teach the cold-start prior.
+        if run.tier.is_preemptible or pool.flex_history.times_default_run():
             backlog = run.tier.is_preemptible and pool.queue.num_waiting(ServiceTier.FLEX) > 0
             run.expected_seconds = expected_run_seconds(self.config, replica, run, backlog=backlog)
         return replica
