@@ -38,9 +38,14 @@ class FlexWaits:
 
     def deadline(self, ticket: Ticket) -> float:
         """Seconds the ticket may wait: its own limit, capped by the server's."""
+        return self.limit(ticket.max_wait)
+
+    def limit(self, max_wait: float | None) -> float:
+        """Seconds a flex request with the client's ``max_wait`` (None: none)
+        may wait: that, capped by the server's ``flex_max_wait``."""
         limit = self.config.flex_max_wait
-        if ticket.max_wait is not None:
-            limit = min(limit, ticket.max_wait)
+        if max_wait is not None:
+            limit = min(limit, max_wait)
         return max(0.0, limit)
 
     def arrive(self, pool: ModelPool, ticket: Ticket, now: float) -> Hold | None:
@@ -165,9 +170,7 @@ class FlexWaits:
         the ``place`` named, if it is still held (a refusal's, or an earlier
         read's), else a new one at the back."""
         now = time.monotonic()
-        wait_limit = self.config.flex_max_wait if max_wait is None else min(
-            self.config.flex_max_wait, max(0.0, max_wait)
-        )
+        wait_limit = self.limit(max_wait)
         status = []
         for name, pool in pools:
             depth = pool.queue.num_waiting(ServiceTier.FLEX)
