@@ -26,12 +26,14 @@ from flexserve.api.metrics import GatewayMetrics
 from flexserve.api.pipeline import format_seconds
 from flexserve.engines.base import EngineRequest, StepTimeModel
 from flexserve.errors import ResourceUnavailableError
-from flexserve.scheduler.drain import build_timeline
+from flexserve.scheduler.drain import PROGRESS_DELTAS, build_timeline, remaining_seconds
+from flexserve.scheduler.replicas import Running
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.estimates import (
     PRIOR_RUNS,
     PRIOR_SAMPLE,
     PRIOR_SIGMA_GUESS,
+    PRIOR_TPOT,
     FlexHistory,
     DrainTimeline,
     ServiceCalibration,
@@ -199,6 +201,41 @@ async def test_before_any_flex_run_the_service_time_is_corrected_by_defaults() -
     await run(scheduler, "f", ServiceTier.FLEX, tokens=20, cost=120)
     await run(scheduler, "d-after", ServiceTier.DEFAULT, tokens=20, cost=120)
     assert history.calibration.num_observed == 1 and history.prior_calibration.num_observed == 4
+    await scheduler.close()
+
+
+async def test_a_flex_run_that_has_streamed_ends_when_its_own_pace_says() -> None:
+    engine = ScriptedEngine(capacity=4, token_time=10.0)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    replica = scheduler.pools[MODEL].replicas[0]
+    held = Running(ServiceTier.FLEX, "org-a", cost_tokens=1_100, stream=True, prompt_tokens=100,
+                   granted_at=0.0, expected_seconds=20.0)
+    held.num_output = PROGRESS_DELTAS - 1  # too few deltas: its prediction, less the time run
+    assert remaining_seconds(replica, held, 1.0, now=5.0) == pytest.approx(15.0)
+    # 401 deltas in 40 s: 599 more of its 1,000 at 0.1 s each, from its latest.
+    held.num_output, held.first_output_at, held.last_output_at = 401, 0.0, 40.0
+    assert remaining_seconds(replica, held, 1.0, now=40.5) == pytest.approx(59.4)
+    replica.tokens_per_delta = 2.0  # this engine streams two tokens a delta
+    assert remaining_seconds(replica, held, 1.0, now=40.5) == pytest.approx(9.4)
+    await scheduler.close()
+
+
+async def test_before_any_flex_run_has_ended_the_pace_of_those_streaming_sets_the_drain() -> None:
+    """No step-time model and no flex run ended yet: two flex runs streaming
+    at 0.1 s a delta, 0.2 s after they were put on the replica, say a queued
+    request of 256 output tokens (the prior typical one) holds its slot
+    0.2 + 256 × 0.1 s — not the flat prior of 20 ms a token."""
+    engine = ScriptedEngine(capacity=4, token_time=10.0)
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    replica = pool.replicas[0]
+    now = time.monotonic()
+    assert build_timeline(pool, scheduler.config, now).period == pytest.approx(256 * PRIOR_TPOT)
+    for _ in range(2):
+        streaming = Running(ServiceTier.FLEX, "org-a", cost_tokens=1_000, stream=True, prompt_tokens=100)
+        replica.add(streaming, now - 1.2)
+        streaming.num_output, streaming.first_output_at, streaming.last_output_at = 11, now - 1.0, now
+    assert build_timeline(pool, scheduler.config, now).period == pytest.approx(0.2 + 256 * 0.1)
     await scheduler.close()
 
 

@@ -44,16 +44,17 @@ def test_a_place_is_claimed_once_and_kept_from_its_first_refusal() -> None:
     assert places.tokens_ahead("org-a", now=50.0) == 0 and len(places) == 1
 
 
-def test_a_returning_request_counts_only_the_places_due_back_before_it() -> None:
+def test_only_the_places_due_back_by_a_given_time_count_when_asked() -> None:
     places = HeldPlaces()
     places.hold("org-a", (b"due",), arrival=1.0, cost_tokens=10, until=90.0, returns_at=20.0)
     places.hold("org-a", (b"later",), arrival=2.0, cost_tokens=20, until=90.0, returns_at=60.0)
     places.hold("org-a", (b"after",), arrival=5.0, cost_tokens=40, until=90.0, returns_at=25.0)
-    # A new request waits behind every one of them; one taking a place held
-    # from 3 s, at 30 s, only behind the earlier place whose client is due by then.
-    assert places.tokens_ahead("org-a", now=30.0) == 70
+    places.hold("org-a", (b"read",), arrival=6.0, cost_tokens=80, until=35.0, returns_at=30.0, read=True)
+    # Every place counts, unless only those whose clients are due back by a time do.
+    assert places.tokens_ahead("org-a", now=30.0) == 150
     assert places.tokens_ahead("org-a", now=30.0, before=3.0) == 30
-    assert places.tokens_ahead("org-a", now=30.0, before=3.0, due_only=True) == 10
+    assert places.tokens_ahead("org-a", now=30.0, before=3.0, due_by=40.0) == 10
+    assert places.tokens_ahead("org-a", now=30.0, due_by=30.0) == 130  # a read's client is due at once
 
 
 def test_places_expire_and_those_without_keys_count_but_cannot_be_claimed() -> None:
@@ -98,7 +99,9 @@ async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | No
     await until(lambda: engine.started == ["blocker"])
     first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
-    await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=1, fingerprint=fingerprint))
+    # Refused (its wait of 20 s is too likely past 10 s: p10 11.5 s), and told to come back
+    # before the request sent after it would start: its place counts for that one.
+    await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=10, fingerprint=fingerprint))
     ahead_of_later = build_timeline(pool, scheduler.config, time.monotonic()).wait(2)
     later = asyncio.create_task(run(scheduler, "x", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 2)
@@ -113,6 +116,29 @@ async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | No
         assert ahead_of_later is not None and x_ticket.estimated_wait is not None
         assert x_ticket.estimated_wait.p50 == pytest.approx(ahead_of_later.p50, rel=0.05)
     assert len(pool.holds) == (1 if fingerprint is None else 0)  # the anonymous one waits out its time
+    await scheduler.close()
+
+
+async def test_a_place_whose_client_returns_after_a_request_starts_does_not_count_for_it() -> None:
+    # As above, but refused with a 1 s deadline: told to come back in about
+    # 34 s, after the request sent next would start (20 s with the place
+    # counted, 30 s without): it will likely find that one gone, so that one
+    # is told 20 s.
+    engine = ScriptedEngine(capacity=1, token_time=0.003, step_model=StepTimeModel(0.1, 0.0, 0.0))
+    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    pool = scheduler.pools[MODEL]
+    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=100, max_wait=600))
+    await until(lambda: engine.started == ["blocker"])
+    first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
+    refusal = await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=1, fingerprint=b"r"))
+    timeline = build_timeline(pool, scheduler.config, time.monotonic())
+    counted, not_counted = timeline.wait(2), timeline.wait(1)
+    assert counted is not None and not_counted is not None
+    assert refusal.retry_after is not None and refusal.retry_after > counted.p50
+    later, _, _ = await asyncio.gather(run(scheduler, "x", ServiceTier.FLEX, max_wait=600), first, blocker)
+    assert later[0].estimated_wait is not None
+    assert later[0].estimated_wait.p50 == pytest.approx(not_counted.p50, rel=0.05)
     await scheduler.close()
 
 

@@ -22,6 +22,8 @@ from flexserve.tiers import ServiceTier
 
 # A run past its predicted end is expected to end within this share of it.
 _OVERDUE_SHARE = 0.05
+# Output deltas a run streams before its own pace predicts when it ends.
+PROGRESS_DELTAS = 4
 
 
 def flex_slots(replica: Replica, limit: int, *, backlog: bool, cooldown: float, now: float) -> float:
@@ -98,6 +100,40 @@ def expected_run_seconds(
     return service_seconds(replica, run.prompt_tokens, output, batch)
 
 
+def remaining_seconds(replica: Replica, run: Running, scale: float, now: float) -> float:
+    """Seconds until a flex run ends and frees its slot. Once it has streamed
+    ``PROGRESS_DELTAS`` deltas, its own pace says: the deltas left of its
+    output limit at the seconds each has taken so far. Before, what it was
+    predicted to take, less the time it has run (an overdue run is expected
+    to end within a small share of its prediction)."""
+    expected = run.expected_seconds * scale
+    predicted = max(expected - (now - run.granted_at), _OVERDUE_SHARE * expected)
+    if run.num_output < PROGRESS_DELTAS:
+        return predicted
+    per_delta = (run.last_output_at - run.first_output_at) / (run.num_output - 1)
+    deltas_left = (run.cost_tokens - run.prompt_tokens) / replica.tokens_per_delta - run.num_output
+    return max(0.0, deltas_left * per_delta - (now - run.last_output_at))
+
+
+def _live_period(replica: Replica, output_tokens: float) -> float | None:
+    """Before any flex run has ended: what a run of ``output_tokens`` takes at
+    the pace the flex runs streaming on ``replica`` keep now (their mean time
+    to a first delta, then their mean seconds per delta). A cold burst's
+    runs show it within a fraction of a second, at the batch they share —
+    which no prior learned from lighter traffic knows. None if none has
+    streamed ``PROGRESS_DELTAS`` deltas."""
+    firsts = paces = 0.0
+    count = 0
+    for run in replica.running:
+        if run.tier.is_preemptible and not run.preempted and run.num_output >= PROGRESS_DELTAS:
+            firsts += run.first_output_at - run.granted_at
+            paces += (run.last_output_at - run.first_output_at) / (run.num_output - 1)
+            count += 1
+    if count == 0:
+        return None
+    return (firsts + paces * output_tokens / replica.tokens_per_delta) / count
+
+
 def _guessed(pool: ModelPool) -> bool:
     return any(r.engine.step_time_model() is None for r in pool.replicas)
 
@@ -132,10 +168,11 @@ def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> Drai
         urgent = max(0, limit - num_slots)
         batch = max(replica.num_in_flight + 1, limit) if num_queued else replica.num_in_flight + 1
         period = service_seconds(replica, prompt, output, batch) * scale
+        if not calibration.num_observed:
+            period = _live_period(replica, output) or period
         num_free = max(0, min(num_slots, limit - replica.num_in_flight))
         residuals = sorted(
-            max(run.expected_seconds * scale - (now - run.granted_at),
-                _OVERDUE_SHARE * run.expected_seconds * scale)
+            remaining_seconds(replica, run, scale, now)
             for run in replica.running
             if run.tier.is_preemptible and not run.preempted
         )
@@ -199,19 +236,35 @@ def observe(pool: ModelPool, config: SchedulerConfig, now: float) -> None:
 
 def requests_ahead(
     pool: ModelPool, org_id: str, cost_tokens: int, now: float, *, front: bool = False,
-    before: float | None = None, due_only: bool = False,
+    before: float | None = None, due_by: float | None = None,
 ) -> int:
     """Requests released before a flex request from ``org_id`` joining now
     (at the back of its flow, at its ``front``, or at its place by arrival
     ``before``): default and priority waiting, and the flex the fair queue
     releases first — its organization's places held for refused requests
-    included (``holds.py``; ``due_only``: those whose clients are due back)."""
+    included (``holds.py``; with ``due_by``, those whose clients are due back by then)."""
     queue = pool.queue
-    held = 0 if front else pool.holds.tokens_ahead(org_id, now, before, due_only=due_only)
+    held = 0 if front else pool.holds.tokens_ahead(org_id, now, before, due_by=due_by)
     flex = queue.flex_requests_ahead(org_id, cost_tokens, front=front, before=before, held_tokens=held)
     if not queue.tiers_enabled:
         return flex  # one line by arrival: everything waiting is counted there
     return queue.num_waiting(ServiceTier.PRIORITY) + queue.num_waiting(ServiceTier.DEFAULT) + flex
+
+
+def wait_in_queue(
+    timeline: DrainTimeline, pool: ModelPool, org_id: str, cost_tokens: int, now: float,
+    *, front: bool = False, before: float | None = None,
+) -> WaitEstimate | None:
+    """The wait of a flex request from ``org_id`` joining now (at the back,
+    the ``front``, or its place by arrival ``before``). Places held for
+    refused requests ahead of it count only if their clients are due back
+    before it would start, counting them all: one due later finds it gone."""
+    every = timeline.wait(requests_ahead(pool, org_id, cost_tokens, now, front=front, before=before))
+    if every is None or front:
+        return every
+    return timeline.wait(
+        requests_ahead(pool, org_id, cost_tokens, now, front=front, before=before, due_by=now + every.p50)
+    )
 
 
 def estimate_for(
@@ -220,4 +273,4 @@ def estimate_for(
 ) -> WaitEstimate | None:
     """The wait of a flex request from ``org_id`` joining ``pool``'s queue now."""
     timeline = build_timeline(pool, config, now)
-    return timeline.wait(requests_ahead(pool, org_id, cost_tokens, now, front=front))
+    return wait_in_queue(timeline, pool, org_id, cost_tokens, now, front=front)

@@ -34,9 +34,15 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
   Until a flex run has finished, the same correction learned from default
   runs (the first 20, then one in 16) stands in for it: the model's bias on
   these engines, known before a cold burst (its spread stays the prior's).
-* **Timeline.** Each flex slot frees when its current run ends (its predicted
-  service time minus the time it has run) or now if it is empty, and after
-  that every ``T`` seconds. The request with ``j`` requests ahead of it starts
+  Once flex runs stream (a few deltas each), their own pace replaces both
+  until the first ends: their mean time to a first delta plus the output at
+  their mean seconds per delta (``drain.py``). Default runs' correction was
+  0.31 of the flat prior on the sim engine, flex's in a full batch 0.5–0.6.
+* **Timeline.** Each flex slot frees when its current run ends or now if it
+  is empty, and after that every ``T`` seconds. A run that has streamed a
+  few deltas ends when its own pace says (the deltas left of its output
+  limit at its seconds per delta so far); before, when its predicted
+  service time less the time it has run says. The request with ``j`` requests ahead of it starts
   at ``f[j mod S] + ⌊j / S⌋·T``, ``f`` being the slots' free times in order.
   With a TPOT SLO, starts are also no closer than the prefill budget allows.
 * **Preemption.** A preemption keeps flex off its replica for
@@ -61,7 +67,9 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
   releases at most ``r·quantum`` tokens: an organization with little queued
   goes almost first, one with a large backlog waits behind its own. The
   tokens ahead divided by the mean cost of a queued request give ``j``;
-  default and priority waiting are added (they go first).
+  default and priority waiting are added (they go first). Places held for
+  refused requests (``holds.py``) count among the tokens ahead when their
+  clients are due back before the request would start.
 * **Spread.** p50 is the timeline at the median service time. p10 and p90
   are ``p50·exp(∓1.28·σ)`` with ``σ² = σ_scale² + σ_run² / n + σ_slots²``:
   the uncertainty of the learned correction (a prior that shrinks as runs

@@ -18,7 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flexserve.errors import ResourceUnavailableError
-from flexserve.scheduler.drain import build_timeline, estimate_for, observe, requests_ahead
+from flexserve.scheduler.drain import build_timeline, estimate_for, observe, requests_ahead, wait_in_queue
 from flexserve.scheduler.estimates import NO_WAIT, DrainTimeline, WaitEstimate, retry_after
 from flexserve.scheduler.holds import HOLD_GRACE, READ_SECONDS, Hold
 from flexserve.scheduler.policy import SchedulerConfig, spare_capacity
@@ -222,14 +222,10 @@ def _wait_at(
     held: Hold | None, *, front: bool = False,
 ) -> WaitEstimate | None:
     """The wait of a flex request of ``org_id`` joining now: at the back (or
-    the ``front``), or at its ``held`` place. A refused request back at its
-    place is near the front: only places due back already go before it. A
-    read's place is at the back, behind every place held."""
+    the ``front``), or at its ``held`` place (a refusal's, near the front by
+    the time its client is back; a read's, at the back)."""
     before = None if held is None else held.arrival
-    due_only = held is not None and not held.read
-    return timeline.wait(
-        requests_ahead(pool, org_id, cost_tokens, now, front=front, before=before, due_only=due_only)
-    )
+    return wait_in_queue(timeline, pool, org_id, cost_tokens, now, front=front, before=before)
 
 
 # On a flex 429: the name of the place held for the request (``holds.py``).

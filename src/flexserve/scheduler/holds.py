@@ -15,9 +15,11 @@ front for the request's own deadline.
 
 Held places count as queued ahead of the later requests of their
 organization (its estimates include them): a retry coming back goes ahead
-of all those still waiting then. A refused request come back to its place
-is near the front, so only the places held before it whose clients are
-due back already count for it.
+of all those still waiting then — but only if it comes back before they
+start. So a place counts for a request only if its client is due back
+before that request would start with every place counted; one due later
+will most likely find it gone (``drain.wait_in_queue``). A read's place
+counts at once: its client is about to send.
 
 A read of ``/v1/flex/status`` for one model holds a place too, for
 ``READ_SECONDS``: the place a request sent now would take, whose wait is
@@ -139,20 +141,17 @@ class HeldPlaces:
             self._drop(next(iter(reads.values())))
 
     def tokens_ahead(
-        self, org_id: str, now: float, before: float | None = None, *, due_only: bool = False
+        self, org_id: str, now: float, before: float | None = None, *, due_by: float | None = None
     ) -> int:
         """Expected tokens of ``org_id``'s held places ahead of a request of
-        its joining now (at a place held from ``before``): those held from
-        earlier — their clients come back while it waits — or, ``due_only``
-        (a request taking its held place, near the front by then), only those
-        whose clients are due back by now: those due later will most likely
-        find it gone."""
+        its joining now (at a place held from ``before``): all those held from
+        earlier, or only those whose clients are due back by ``due_by``."""
         self.expire(now)
-        if not due_only and (before is None or before > self._latest.get(org_id, before)):
+        if due_by is None and (before is None or before > self._latest.get(org_id, before)):
             return self._tokens.get(org_id, 0)
         return sum(
             h.cost_tokens for h in self._by_org.get(org_id, {}).values()
-            if (before is None or h.arrival < before) and (not due_only or h.returns_at <= now)
+            if (before is None or h.arrival < before) and (due_by is None or h.returns_at <= due_by)
         )
 
     def expire(self, now: float) -> None:

@@ -32,6 +32,10 @@ class Running:
     # then predicted to hold its slot (flex: for wait estimates).
     granted_at: float = 0.0
     expected_seconds: float = 0.0
+    # Output deltas it has produced, and time.monotonic() of its first and latest.
+    num_output: int = 0
+    first_output_at: float = 0.0
+    last_output_at: float = 0.0
     control: SequenceControl = field(default_factory=SequenceControl)
     # Set when output has been handed to the client.
     delivered: bool = False
@@ -82,6 +86,8 @@ class Replica:
     tpot_scale: float = 1.0
     # Engine's / gateway's prompt token counts (EWMA): corrects the gateway's estimate.
     prompt_scale: float = 1.0
+    # Output tokens per streamed delta (EWMA): engines may send several at once.
+    tokens_per_delta: float = 1.0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
@@ -132,6 +138,11 @@ class Replica:
     def observe_prompt(self, engine_tokens: int, estimated: int, weight: float = 0.1) -> None:
         if engine_tokens > 0 and estimated > 0:
             self.prompt_scale += weight * (engine_tokens / estimated - self.prompt_scale)
+
+    def observe_deltas(self, completion_tokens: int, num_deltas: int, weight: float = 0.1) -> None:
+        if completion_tokens > 0 and num_deltas > 0:
+            per_delta = max(1.0, completion_tokens / num_deltas)
+            self.tokens_per_delta += weight * (per_delta - self.tokens_per_delta)
 
 
 @dataclass(eq=False)

@@ -269,9 +269,10 @@ class Scheduler:
                         num_tokens += 1
                         if preemptible:
                             history.output_done += 1
-                        last_at = replica.last_output_at = time.monotonic()
+                        last_at = replica.last_output_at = run.last_output_at = time.monotonic()
+                        run.num_output = num_tokens
                         if num_tokens == 1:
-                            first_at = last_at
+                            first_at = run.first_output_at = last_at
                             ticket.first_token_at = last_at
                     if held is not None:
                         held.append(delta)
@@ -281,6 +282,7 @@ class Scheduler:
                     yield delta
                 if last is not None and last.usage is not None:
                     replica.observe_prompt(last.usage.prompt_tokens, ticket.prompt_tokens)
+                    replica.observe_deltas(last.usage.completion_tokens, num_tokens)
                 finished = True
                 if held:
                     run.delivered = True
