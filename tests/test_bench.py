@@ -10,10 +10,14 @@ import json
 import math
 import subprocess
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from flexserve.bench.overhead import QUICK
+from flexserve.bench.processes import BenchError, start_gateway
 from flexserve.bench.report import format_table, percentile
 
 FLEXSERVE = [sys.executable, "-c", "from flexserve.cli import main; main()"]
@@ -154,3 +158,12 @@ def test_batches_quick_report(tmp_path: Path) -> None:
     for heading in ("### Throughput", "### Memory", "### Restart after kill -9"):
         assert heading in markdown and heading in done.stdout
     assert "check passed" in markdown and "FAILED" not in markdown
+
+
+def test_a_log_dir_that_holds_a_run_is_refused_not_reused(tmp_path: Path) -> None:
+    """The gateway's home of an earlier run (its organizations, its ledger)
+    would be mixed with the new run's: the bench says so and stops."""
+    (tmp_path / "flexserve-home").mkdir()
+    (tmp_path / "flexserve-home" / "flexserve.db").write_bytes(b"")
+    with ExitStack() as stack, pytest.raises(BenchError, match="already holds a run"):
+        start_gateway(stack, tmp_path, "http://127.0.0.1:9")

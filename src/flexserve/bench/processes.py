@@ -223,6 +223,8 @@ def start_gateway(
     against); None: this one.
     """
     home = log_dir / f"{name}-home"
+    if (home / "flexserve.db").exists():
+        raise BenchError(f"{log_dir} already holds a run's gateway ({home}): give an empty or new folder")
     home.mkdir(exist_ok=True)
     db_url = f"sqlite:///{home / 'flexserve.db'}"
     path_env = {"PYTHONPATH": str(source)} if source is not None else {}
