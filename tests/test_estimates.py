@@ -212,11 +212,15 @@ async def test_a_flex_run_that_has_streamed_ends_when_its_own_pace_says() -> Non
                    granted_at=0.0, expected_seconds=20.0)
     held.num_output = PROGRESS_DELTAS - 1  # too few deltas: its prediction, less the time run
     assert remaining_seconds(replica, held, 1.0, now=5.0) == pytest.approx(15.0)
-    # 401 deltas in 40 s: 599 more of its 1,000 at 0.1 s each, from its latest.
-    held.num_output, held.first_output_at, held.last_output_at = 401, 0.0, 40.0
-    assert remaining_seconds(replica, held, 1.0, now=40.5) == pytest.approx(59.4)
-    replica.tokens_per_delta = 2.0  # this engine streams two tokens a delta
-    assert remaining_seconds(replica, held, 1.0, now=40.5) == pytest.approx(9.4)
+    # 801 deltas in 8 s: 199 more of its 1,000 at 0.01 s each, from its latest
+    # (1.49 s), weighted 0.801 against the prediction's 20 − 8.5 s.
+    held.num_output, held.first_output_at, held.last_output_at = 801, 0.0, 8.0
+    assert remaining_seconds(replica, held, 1.0, now=8.5) == pytest.approx(0.801 * 1.49 + 0.199 * 11.5)
+    # An engine that streams two tokens a delta: 500 deltas in all; 201 in 8 s
+    # leave 299 at 0.04 s (11.46 s), weighted 0.402.
+    replica.tokens_per_delta = 2.0
+    held.num_output = 201
+    assert remaining_seconds(replica, held, 1.0, now=8.5) == pytest.approx(0.402 * 11.46 + 0.598 * 11.5)
     await scheduler.close()
 
 

@@ -213,7 +213,9 @@ def test_the_gateway_holds_a_refused_requests_place_for_the_same_body(
                 "model": model, "place": other.headers["x-flex-place"]}).json()["data"]
             bad_place = http.get("/v1/flex/status", params={"model": model, "place": "p" * 65})
         assert named_read["place"] == other.headers["x-flex-place"]
-        assert named_read["estimated_wait_seconds"] <= float(other.headers["x-flex-estimated-wait"])
+        # (Within 5 %: the header has 3 significant digits, and the slots' remaining
+        # time is read again, from the streams' pace among other things.)
+        assert named_read["estimated_wait_seconds"] <= 1.05 * float(other.headers["x-flex-estimated-wait"])
         assert bad_place.status_code == 400 and bad_place.json()["error"]["param"] == "place"
         assert _metric(gateway, "flexserve_flex_places_held", model) == 2  # no new place for that read
         retry = threading.Thread(target=lambda: retried.append(send(body("first"), "600")))

@@ -101,18 +101,22 @@ def expected_run_seconds(
 
 
 def remaining_seconds(replica: Replica, run: Running, scale: float, now: float) -> float:
-    """Seconds until a flex run ends and frees its slot. Once it has streamed
-    ``PROGRESS_DELTAS`` deltas, its own pace says: the deltas left of its
-    output limit at the seconds each has taken so far. Before, what it was
-    predicted to take, less the time it has run (an overdue run is expected
-    to end within a small share of its prediction)."""
+    """Seconds until a flex run ends and frees its slot: what it was predicted
+    to take, less the time it has run (an overdue run is expected to end
+    within a small share of its prediction), and, once it has streamed
+    ``PROGRESS_DELTAS`` deltas, what its own pace says (the deltas left of
+    its output limit at the seconds each has taken so far), weighted by the
+    share of its output streamed: a pace read early in a run is swayed by
+    a moment's stall; near its end, it is what says which slot frees first."""
     expected = run.expected_seconds * scale
     predicted = max(expected - (now - run.granted_at), _OVERDUE_SHARE * expected)
     if run.num_output < PROGRESS_DELTAS:
         return predicted
     per_delta = (run.last_output_at - run.first_output_at) / (run.num_output - 1)
-    deltas_left = (run.cost_tokens - run.prompt_tokens) / replica.tokens_per_delta - run.num_output
-    return max(0.0, deltas_left * per_delta - (now - run.last_output_at))
+    limit = (run.cost_tokens - run.prompt_tokens) / replica.tokens_per_delta
+    paced = max(0.0, (limit - run.num_output) * per_delta - (now - run.last_output_at))
+    share = min(1.0, run.num_output / max(1.0, limit))
+    return share * paced + (1.0 - share) * predicted
 
 
 def _live_period(replica: Replica, output_tokens: float) -> float | None:

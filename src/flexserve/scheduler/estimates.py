@@ -39,10 +39,11 @@ at the moment it is asked (``scheduler/drain.py`` reads it off the replicas):
   their mean seconds per delta (``drain.py``). Default runs' correction was
   0.31 of the flat prior on the sim engine, flex's in a full batch 0.5–0.6.
 * **Timeline.** Each flex slot frees when its current run ends or now if it
-  is empty, and after that every ``T`` seconds. A run that has streamed a
-  few deltas ends when its own pace says (the deltas left of its output
-  limit at its seconds per delta so far); before, when its predicted
-  service time less the time it has run says. The request with ``j`` requests ahead of it starts
+  is empty, and after that every ``T`` seconds. A run ends when its
+  predicted service time less the time it has run says, and, once it has
+  streamed a few deltas, when its own pace says (the deltas left of its
+  output limit at its seconds per delta so far): the two weighted by the
+  share of its output streamed (``drain.remaining_seconds``). The request with ``j`` requests ahead of it starts
   at ``f[j mod S] + ⌊j / S⌋·T``, ``f`` being the slots' free times in order.
   With a TPOT SLO, starts are also no closer than the prefill budget allows.
 * **Preemption.** A preemption keeps flex off its replica for
