@@ -36,13 +36,31 @@ VLLM_TORCH      ?= 2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 VLLM_PIP        := $(VLLM_VENV)/bin/python -m pip
 
-.PHONY: run test test-vllm install install-test lint clean
+# The tests that are about what FlexServe stores, run a second time with every
+# database on a throwaway PostgreSQL server (tests/postgres.py) when its
+# binaries are installed (Debian: apt-get install postgresql; .ci/run does).
+PG_TESTS ?= tests/test_store.py tests/test_accounts.py tests/test_usage_writer.py \
+	tests/test_billing_api.py tests/test_budgets_and_limits.py tests/test_batches.py \
+	tests/test_responses.py tests/test_verification_api.py
+PG_FOUND := $(shell command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && echo yes)
+
+.PHONY: run test test-sqlite test-postgres test-vllm install install-test lint clean
 
 run: $(VENV)/.installed
 	$(BIN)/flexserve serve $(ARGS)
 
-test: $(VENV)/.installed-test
+test: test-sqlite test-postgres
+
+test-sqlite: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-postgres: $(VENV)/.installed-test
+ifeq ($(PG_FOUND),yes)
+	FLEXSERVE_TEST_DB=postgresql $(BIN)/python -m pytest $(PG_TESTS) $(PYTEST_ARGS)
+else
+	@echo "NOT RUN: the tests on PostgreSQL ($(PG_TESTS)) -- PostgreSQL is not installed."
+	@echo "         Install its server (Debian: apt-get install postgresql) and run 'make test' again."
+endif
 
 test-vllm: $(VENV)/.installed-test $(VLLM_VENV)/.vllm-$(VLLM_VERSION)
 	FLEXSERVE_VLLM_PYTHON=$(VLLM_VENV)/bin/python $(BIN)/python -m pytest tests/vllm --timeout=900 $(PYTEST_ARGS)

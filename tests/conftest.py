@@ -1,4 +1,8 @@
-"""Shared fixtures: real servers on loopback, real SQLite files, real keys."""
+"""Shared fixtures: real servers on loopback, real SQLite files, real keys.
+
+With ``FLEXSERVE_TEST_DB=postgresql`` (``make test-postgres``) the gateways
+and databases the tests ask for are on a throwaway PostgreSQL server
+instead (``postgres.py``), each test's database its own."""
 
 from __future__ import annotations
 
@@ -26,8 +30,11 @@ from flexserve.app import create_app
 from flexserve.config import Settings, load_settings
 from flexserve.engines.base import Engine
 from flexserve.store.database import Database
+from postgres import HOW_TO_ENABLE, PostgresServer, find_bin_dir
 
 T = TypeVar("T")
+# The suite's databases on PostgreSQL rather than SQLite files.
+ON_POSTGRES = os.environ.get("FLEXSERVE_TEST_DB", "sqlite") == "postgresql"
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -105,6 +112,22 @@ async def _make_org(db_url: str, name: str, admin: bool) -> tuple[str, str]:
         await db.close()
 
 
+def sql_rows(db_url: str, statement: str, **params: Any) -> list[dict[str, Any]]:
+    """Rows of a SQL statement on ``db_url`` (SQLite or PostgreSQL), as
+    dicts, committed: for tests that read (or set) what a gateway stored."""
+    from sqlalchemy import text
+
+    async def query() -> list[dict[str, Any]]:
+        database = Database.from_url(db_url)
+        try:
+            async with database.engine.begin() as conn:  # committed: an UPDATE … RETURNING holds
+                return [dict(row._mapping) for row in await conn.execute(text(statement), params)]
+        finally:
+            await database.close()
+
+    return run_async(query())
+
+
 @dataclass
 class Gateway:
     """A running FlexServe gateway and a key to call it with."""
@@ -129,13 +152,41 @@ class Gateway:
         return run_async(_make_org(self.db_url, org, admin))[1]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if ON_POSTGRES:
+        skip = pytest.mark.skip(reason="about SQLite itself; the suite runs on PostgreSQL")
+        for item in items:
+            if "sqlite_only" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
-def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Gateway]]:
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (skipped, saying how to
+    enable it, where PostgreSQL is not installed — unless the suite was asked
+    to run on it, which then fails)."""
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        if ON_POSTGRES:
+            pytest.fail(HOW_TO_ENABLE)
+        pytest.skip(HOW_TO_ENABLE)
+    server = PostgresServer(bin_dir, free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def start_gateway(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Gateway]]:
     """Start gateways on demand; all are stopped at the end of the session."""
     running: list[ServerThread] = []
 
     def start(engines: list[Engine] | None = None, **overrides: Any) -> Gateway:
         home = tmp_path_factory.mktemp("flexserve-home")
+        if ON_POSTGRES and not overrides.get("db"):
+            overrides["db"] = request.getfixturevalue("postgres").create_database()
         overrides.setdefault("home", str(home))
         overrides.setdefault("usage_flush_interval", 0.02)
         settings = load_settings(overrides=overrides, environ={})
@@ -220,5 +271,7 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 @pytest.fixture
-def tmp_db_url(tmp_path: Path) -> str:
+def tmp_db_url(tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if ON_POSTGRES:
+        return str(request.getfixturevalue("postgres").create_database())
     return f"sqlite:///{tmp_path / 'flexserve.db'}"

@@ -129,6 +129,7 @@ async def test_key_for_a_named_project_of_the_org(db: Database) -> None:
     assert principal is not None and principal.project_id == other_project
 
 
+@pytest.mark.sqlite_only
 async def test_the_plaintext_key_is_never_stored(db: Database, tmp_path: Path) -> None:
     accounts = Accounts(db)
     await accounts.create_org("acme")

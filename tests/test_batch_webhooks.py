@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from openai.types.webhooks import (
     BatchFailedWebhookEvent,
 )
 
-from conftest import Gateway, _make_org, free_port, run_async, serve_process, sim_engine, wait_for
+from conftest import Gateway, _make_org, free_port, run_async, serve_process, sim_engine, sql_rows, wait_for
 from flexserve.batches.webhooks import WebhookSender
 from flexserve.config import ConfigError, load_settings
 from flexserve.engines.sim import PROFILES
@@ -161,12 +160,8 @@ def wait_status(gateway: Gateway, batch_id: str, status: str) -> None:
 
 
 def outbox(db_url: str, batch_id: str) -> dict[str, Any] | None:
-    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
-        conn.row_factory = sqlite3.Row
-        row = conn.execute(
-            "SELECT * FROM webhook_events WHERE batch_id = ?", (batch_id,)
-        ).fetchone()
-    return None if row is None else dict(row)
+    rows = sql_rows(db_url, "SELECT * FROM webhook_events WHERE batch_id = :b", b=batch_id)
+    return rows[0] if rows else None
 
 
 def is_state(db_url: str, batch_id: str, state: str, min_attempts: int = 1) -> bool:

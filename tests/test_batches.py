@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from billing_support import cli
-from conftest import Gateway, sim_engine, sim_model_id
+from conftest import Gateway, sim_engine, sim_model_id, sql_rows
 from openapi import validate
 
 FINAL = ("completed", "failed", "expired", "cancelled")
@@ -65,13 +65,8 @@ def read_jsonl(client: openai.OpenAI, file_id: str | None) -> list[dict[str, Any
     return [orjson.loads(line) for line in client.files.content(file_id).content.splitlines()]
 
 
-def ledger_rows(gateway: Gateway, prefix: str) -> list[sqlite3.Row]:
-    path = gateway.db_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(
-            "SELECT * FROM usage_records WHERE request_id LIKE ?", (prefix + "%",)
-        ).fetchall()
+def ledger_rows(gateway: Gateway, prefix: str) -> list[dict[str, Any]]:
+    return sql_rows(gateway.db_url, "SELECT * FROM usage_records WHERE request_id LIKE :p", p=prefix + "%")
 
 
 def test_sdk_workflow_outputs_match_custom_ids_and_bill_once(gateway: Gateway, model: str) -> None:
@@ -119,7 +114,7 @@ def test_sdk_workflow_outputs_match_custom_ids_and_bill_once(gateway: Gateway, m
     assert batch.id in [b.id for b in listed.data]
 
 
-def _wait_rows(gateway: Gateway, prefix: str, count: int) -> list[sqlite3.Row]:
+def _wait_rows(gateway: Gateway, prefix: str, count: int) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 10
     while True:
         rows = ledger_rows(gateway, prefix)
@@ -426,8 +421,8 @@ def test_expiry_mid_run_keeps_finished_lines_and_fails_the_rest(
 ) -> None:
     gateway, client, batch = _slow_batch_underway(start_gateway, "x")
     # The window closes now (as a day passing would).
-    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
-        conn.execute("UPDATE batches SET expires_at = ? WHERE id = ?", (int(time.time()), batch.id))
+    sql_rows(gateway.db_url, "UPDATE batches SET expires_at = :t WHERE id = :b RETURNING id",
+             t=int(time.time()), b=batch.id)
     final = wait_final(client, batch.id)
     assert final.status == "expired" and final.expired_at
     _assert_cut_short(gateway, client, final, "x", "batch_expired")
@@ -457,14 +452,11 @@ def test_a_batch_holds_its_expected_cost_and_gives_back_what_it_did_not_use(
     while client.batches.retrieve(first.id).status == "validating":
         assert time.monotonic() < deadline
         time.sleep(0.05)
-    with sqlite3.connect(db_url.removeprefix("sqlite:///")) as conn:
-        (expected,) = conn.execute(
-            "SELECT SUM(expected_cost_pico) FROM batch_lines WHERE batch_id = ?", (first.id,)
-        ).fetchone()
-        (org_name,) = conn.execute(
-            "SELECT o.name FROM organizations o JOIN batches b ON b.org_id = o.id WHERE b.id = ?",
-            (first.id,),
-        ).fetchone()
+    ((expected,),) = [tuple(r.values()) for r in sql_rows(
+        db_url, "SELECT SUM(expected_cost_pico) FROM batch_lines WHERE batch_id = :b", b=first.id)]
+    ((org_name,),) = [tuple(r.values()) for r in sql_rows(
+        db_url, "SELECT o.name FROM organizations o JOIN batches b ON b.org_id = o.id WHERE b.id = :b",
+        b=first.id)]
     assert expected > 0
     # Room for one and a half such batches.
     cli(db_url, "orgs", "set-budget", org_name, "--monthly-usd", str(expected * 1.5 / 1e12))
@@ -510,9 +502,8 @@ def test_lines_sharing_a_prompt_prefix_run_together(start_gateway: Callable[...,
     )
     final = wait_final(client, batch.id)
     assert final.status == "completed"
-    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
-        run_order = [line for (line,) in conn.execute(
-            "SELECT line FROM batch_lines WHERE batch_id = ? ORDER BY run_order", (batch.id,))]
+    run_order = [r["line"] for r in sql_rows(
+        gateway.db_url, "SELECT line FROM batch_lines WHERE batch_id = :b ORDER BY run_order", b=batch.id)]
     assert run_order == [1, 3, 5, 7, 9, 11, 2, 4, 6, 8, 10, 12]
     # Run in that order.
     hex_id = batch.id.removeprefix("batch_")
@@ -604,8 +595,7 @@ def test_every_line_of_a_batch_many_windows_long_is_recorded(gateway: Gateway, m
     assert (final.request_counts.completed, final.request_counts.failed) == (200, 0)
     output = read_jsonl(client, final.output_file_id)
     assert sorted(o["custom_id"] for o in output) == sorted(f"w{i}" for i in range(200))
-    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
-        states = dict(conn.execute(
-            "SELECT state, COUNT(*) FROM batch_lines WHERE batch_id = ? GROUP BY state",
-            (final.id,)).fetchall())
+    states = {r["state"]: r["n"] for r in sql_rows(
+        gateway.db_url, "SELECT state, COUNT(*) AS n FROM batch_lines WHERE batch_id = :b GROUP BY state",
+        b=final.id)}
     assert states == {"done": 200}

@@ -83,6 +83,7 @@ def test_kill_9_with_the_database_write_locked_bills_every_delivered_response(
     assert_every_delivery_billed_once(home, deliveries, lock_db=True)
 
 
+@pytest.mark.sqlite_only  # a SQLite write lock stands in for the outage
 def test_a_database_outage_is_bounded_and_every_row_lands(
     start_gateway: Callable[..., Gateway],
 ) -> None:
@@ -187,6 +188,7 @@ async def test_replay_stores_journaled_rows_once_and_skips_a_torn_line(
     await writer.close()
 
 
+@pytest.mark.sqlite_only  # an unmigrated SQLite file makes every write fail
 async def test_rows_kept_by_a_failed_close_are_replayed_at_the_next_start(
     tmp_db_url: str, tmp_path: Path,
 ) -> None:
@@ -218,6 +220,7 @@ def test_one_process_owns_a_journal_at_a_time(tmp_path: Path) -> None:
     second.close()
 
 
+@pytest.mark.sqlite_only  # a SQLite write lock stands in for the outage
 def test_a_database_lock_does_not_hold_up_a_request(
     start_gateway: Callable[..., Gateway],
 ) -> None:

@@ -4,14 +4,13 @@ against OpenAI's published schemas."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from conftest import Gateway, sim_model_id, wait_for
+from conftest import Gateway, sim_model_id, sql_rows, wait_for
 from openapi import validate
 from test_error_shape import assert_envelope
 
@@ -21,14 +20,9 @@ def model(sim_gateway: Gateway) -> str:
     return sim_model_id(sim_gateway)
 
 
-def usage_row(gateway: Gateway, request_id: str) -> sqlite3.Row | None:
-    path = gateway.db_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.row_factory = sqlite3.Row
-        row: sqlite3.Row | None = conn.execute(
-            "SELECT * FROM usage_records WHERE request_id = ?", (request_id,)
-        ).fetchone()
-        return row
+def usage_row(gateway: Gateway, request_id: str) -> dict[str, Any] | None:
+    rows = sql_rows(gateway.db_url, "SELECT * FROM usage_records WHERE request_id = :r", r=request_id)
+    return rows[0] if rows else None
 
 
 def test_create_reports_served_tier_usage_and_bills_once(sim_gateway: Gateway, model: str) -> None:

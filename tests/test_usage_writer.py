@@ -173,6 +173,7 @@ async def test_close_writes_everything_still_buffered(db: Database) -> None:
         writer.submit(record("req_late"))
 
 
+@pytest.mark.sqlite_only
 async def test_submit_never_waits_for_the_database(db: Database, tmp_path: Any) -> None:
     assert not inspect.iscoroutinefunction(UsageWriter.submit)
     writer = UsageWriter(db, flush_interval=0, batch_size=50)
@@ -193,6 +194,7 @@ async def test_submit_never_waits_for_the_database(db: Database, tmp_path: Any) 
     assert len(await stored_ids(db)) == 200
 
 
+@pytest.mark.sqlite_only
 async def test_a_failed_write_keeps_the_rows_for_the_next_attempt(tmp_db_url: str) -> None:
     db = Database.from_url(tmp_db_url)  # not migrated yet: the table is missing
     try:
@@ -221,6 +223,7 @@ class ErrorLogged(logging.Handler):
         self.event.set()
 
 
+@pytest.mark.sqlite_only
 async def test_the_task_retries_after_a_failure(tmp_db_url: str) -> None:
     db = Database.from_url(tmp_db_url)  # not migrated yet: the first write fails
     logger = logging.getLogger("flexserve.billing.usage")

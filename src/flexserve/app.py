@@ -186,7 +186,7 @@ def create_app(
         async with AsyncExitStack() as stack:
             db = Database.from_url(settings.database_url)
             stack.push_async_callback(db.close)
-            await db.migrate()
+            await db.prepare()
             accounts = Accounts(db)
             usage = UsageWriter(
                 db, flush_interval=settings.usage_flush_interval, batch_size=settings.usage_batch_size,

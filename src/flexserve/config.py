@@ -36,7 +36,7 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address the HTTP server binds to.")
     port: int = _opt(8000, "Port the HTTP server listens on.")
     home: str = _opt(".flexserve", "Data directory: the SQLite file and the demo key live here.")
-    db: str = _opt("", "Database URL (sqlite:///path or postgresql://…); empty: SQLite in `home`.")
+    db: str = _opt("", "Database URL (sqlite:///path or postgresql://…, whose schema `flexserve db upgrade` upgrades); empty: SQLite in `home`.")
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
     bootstrap_demo: bool = _opt(
         True, "On first start with an empty database, create a demo organization and key."

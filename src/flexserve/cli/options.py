@@ -50,14 +50,17 @@ def settings_for(db: str | None, home: str | None) -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
-def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]]) -> _T:
-    """Run ``action`` against the migrated database, then close it."""
+def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, prepare: bool = True) -> _T:
+    """Run ``action`` against the database once its schema is ready
+    (``Database.prepare``: SQLite migrated, PostgreSQL checked; not with
+    ``prepare=False``, for the commands that migrate), then close it."""
     url = settings.database_url
 
     async def with_database() -> _T:
         database = Database.from_url(url)
         try:
-            await database.migrate()
+            if prepare:
+                await database.prepare()
             return await action(database)
         finally:
             await database.close()

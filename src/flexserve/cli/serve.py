@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import click
 
+from flexserve.cli.options import run_db
 from flexserve.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -19,25 +20,23 @@ if TYPE_CHECKING:
 
     import uvicorn
 
+    from flexserve.store import Database
+
 DEMO_ORG = "demo"
 
 
-async def _bootstrap_demo(settings: Settings) -> str | None:
+async def _bootstrap_demo(db: Database, settings: Settings) -> str | None:
     """On an empty database, create the demo organization and return its new key."""
     from flexserve.accounts import Accounts
-    from flexserve.store.database import Database
 
-    db = Database.from_url(settings.database_url)
-    try:
-        await db.migrate()
-        accounts = Accounts(db)
-        if await accounts.count_orgs() > 0:
-            return None
-        await accounts.create_org(DEMO_ORG, settings.default_service_tier)
-        _, key = await accounts.create_key(DEMO_ORG, admin=True)
-        return key
-    finally:
-        await db.close()
+    if not settings.bootstrap_demo:
+        return None
+    accounts = Accounts(db)
+    if await accounts.count_orgs() > 0:
+        return None
+    await accounts.create_org(DEMO_ORG, settings.default_service_tier)
+    _, key = await accounts.create_key(DEMO_ORG, admin=True)
+    return key
 
 
 def _print_welcome(settings: Settings, key: str | None, model_hint: str) -> None:
@@ -188,7 +187,8 @@ def serve(
     )
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
-    key = asyncio.run(_bootstrap_demo(settings)) if settings.bootstrap_demo else None
+    # Stops here, saying why, on a database whose schema this FlexServe cannot use.
+    key = run_db(settings, lambda database: _bootstrap_demo(database, settings))
     if config_file:
         from flexserve.cli.prices import load_config_prices
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -57,9 +59,10 @@ class Database:
         try:
             engine = create_async_engine(parsed, **options)
         except ModuleNotFoundError as exc:
+            install = "'flexserve[postgres]'" if exc.name == "asyncpg" else exc.name
             raise ConfigError(
                 f"setting 'db': {parsed.drivername} needs the {exc.name} package "
-                f"(pip install {exc.name})"
+                f"(pip install {install})"
             ) from exc
         if parsed.get_backend_name() == "sqlite":
             _configure_sqlite(engine)
@@ -74,13 +77,65 @@ class Database:
         """``sqlite`` or ``postgresql``: for the few statements that differ."""
         return self._engine.dialect.name
 
+    @property
+    def migrates_itself(self) -> bool:
+        """SQLite belongs to one gateway, which upgrades it as it starts; a
+        PostgreSQL database is shared, and upgraded once, on purpose
+        (``flexserve db upgrade``), not by whichever gateway starts first."""
+        return self.dialect_name == "sqlite"
+
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision (a no-op when it is there)."""
         async with self._engine.begin() as connection:
             await connection.run_sync(_upgrade_to_head)
 
+    async def revision(self) -> str | None:
+        """The schema revision the database is at (None: none yet)."""
+        async with self._engine.connect() as connection:
+            return await connection.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+
+    async def prepare(self) -> None:
+        """Make the schema ready for this FlexServe: upgrade a database that
+        migrates itself; else check that it is at this FlexServe's revision."""
+        if self.migrates_itself:
+            await self.migrate()
+            return
+        current, head = await self.revision(), head_revision()
+        if current != head:
+            raise SchemaMismatchError(self.shown_url, current, head)
+
+    @property
+    def shown_url(self) -> str:
+        """The URL as an operator writes it (no driver), without its password:
+        for messages that may reach a log."""
+        url = self._engine.url
+        return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+
     async def close(self) -> None:
         await self._engine.dispose()
+
+
+class SchemaMismatchError(ConfigError):
+    """A shared database at another schema revision than this FlexServe's."""
+
+    def __init__(self, url: str, current: str | None, head: str) -> None:
+        at = "has no FlexServe schema yet" if current is None else f"is at schema revision {current}"
+        super().__init__(
+            f"database {url} {at}; this FlexServe needs revision {head}. Upgrade it once, "
+            f"from one machine, with `flexserve db upgrade --db URL`, then start the gateways "
+            "(a database at a newer revision needs a newer FlexServe)."
+        )
+        self.current = current
+        self.head = head
+
+
+def head_revision() -> str:
+    """The newest schema revision this FlexServe's migrations know."""
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None, "no migrations found"
+    return head
 
 
 def async_url(url: str) -> URL:

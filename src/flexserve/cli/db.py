@@ -1,0 +1,51 @@
+"""`flexserve db …`: the database schema, upgraded on purpose where it is shared.
+
+A SQLite database belongs to one gateway, which upgrades it as it starts. A
+PostgreSQL database is shared by many gateways: a new FlexServe release's
+migrations are run once, by an operator, with `flexserve db upgrade`; a
+gateway started on a database at another revision refuses to start and
+says so (``Database.prepare``).
+"""
+
+from __future__ import annotations
+
+import click
+
+from flexserve.cli.options import database_options, run_db, settings_for
+from flexserve.store import Database
+from flexserve.store.database import head_revision
+
+
+@click.group()
+def db() -> None:
+    """Upgrade the database schema and see where it stands."""
+
+
+@db.command("upgrade")
+@database_options
+def upgrade(db: str | None, home: str | None) -> None:
+    """Upgrade the schema to this FlexServe's revision (a no-op when it is there)."""
+
+    async def migrate(database: Database) -> tuple[str | None, str | None]:
+        before = await database.revision()
+        await database.migrate()
+        return before, await database.revision()
+
+    before, after = run_db(settings_for(db, home), migrate, prepare=False)
+    if before == after:
+        click.echo(f"Schema already at revision {after}.")
+    else:
+        click.echo(f"Schema upgraded from {before or 'nothing'} to revision {after}.")
+
+
+@db.command("status")
+@database_options
+def status(db: str | None, home: str | None) -> None:
+    """Print the schema's revision and this FlexServe's; exit 1 if they differ."""
+    current = run_db(settings_for(db, home), Database.revision, prepare=False)
+    head = head_revision()
+    click.echo(f"database revision: {current or 'none'}\nthis FlexServe:    {head}")
+    if current != head:
+        click.echo("Run `flexserve db upgrade` to upgrade it." if current is None or current < head
+                   else "The database is newer than this FlexServe.", err=True)
+        raise SystemExit(1)

@@ -1,0 +1,81 @@
+"""FlexServe on PostgreSQL as an operator runs it: `flexserve db upgrade`
+once, then `flexserve serve --db postgresql://…` processes, spoken to with
+the official SDK; on a throwaway server (``postgres.py``), skipped with a
+note where PostgreSQL is not installed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+
+from conftest import serve_process
+from postgres import PostgresServer, psql
+from flexserve.store.database import head_revision
+
+FLEXSERVE = [sys.executable, "-m", "flexserve.cli"]
+
+
+def _flexserve(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*FLEXSERVE, *args, "--home", str(home)], capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def test_a_gateway_refuses_a_database_not_upgraded_and_serves_once_it_is(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.create_database(migrated=False)
+    refused = subprocess.run([*FLEXSERVE, "serve", "--engine", "sim", "--db", url, "--home", str(tmp_path)],
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert refused.returncode != 0
+    assert "has no FlexServe schema yet" in refused.stderr and "flexserve db upgrade" in refused.stderr
+    assert "flexserve@127.0.0.1" in refused.stderr  # the database named, as the operator wrote it
+
+    status = _flexserve("db", "status", "--db", url, home=tmp_path)
+    assert status.returncode == 1 and "database revision: none" in status.stdout
+    upgraded = _flexserve("db", "upgrade", "--db", url, home=tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert f"from nothing to revision {head_revision()}" in upgraded.stdout
+    again = _flexserve("db", "upgrade", "--db", url, home=tmp_path)
+    assert f"already at revision {head_revision()}" in again.stdout
+    assert _flexserve("db", "status", "--db", url, home=tmp_path).returncode == 0
+
+    created = _flexserve("orgs", "create", "acme", "--db", url, home=tmp_path)
+    assert created.returncode == 0, created.stderr
+    key = _flexserve("keys", "create", "--org", "acme", "--db", url, home=tmp_path).stdout.split()[-1]
+    with serve_process(tmp_path, "--engine", "sim", "--db", url,
+                       env={"FLEXSERVE_BOOTSTRAP_DEMO": "false"}) as (_, base, _log):
+        client = openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0)
+        model = client.models.list().data[0].id
+        answer = client.chat.completions.create(
+            model=model, service_tier="flex", max_tokens=5,
+            messages=[{"role": "user", "content": "Say hello."}],
+        )
+        assert answer.service_tier == "flex" and answer.usage is not None
+        request_id = answer._request_id
+    # The ledger row is in PostgreSQL, once, at the tier served (flushed at shutdown at the latest).
+    rows = psql(postgres, f"SELECT served_tier, completion_tokens FROM usage_records WHERE request_id = '{request_id}'",
+                database=url.rsplit("/", 1)[1])
+    assert rows.strip().splitlines() == [f"flex|{answer.usage.completion_tokens}"]
+
+
+def test_a_database_at_a_newer_revision_is_refused_by_an_older_flexserve(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    url = postgres.create_database()
+    psql(postgres, "UPDATE alembic_version SET version_num = '9999'", database=url.rsplit("/", 1)[1])
+    refused = _flexserve("orgs", "create", "acme", "--db", url, home=tmp_path)
+    assert refused.returncode != 0 and "is at schema revision 9999" in refused.stderr
+    status = _flexserve("db", "status", "--db", url, home=tmp_path)
+    assert status.returncode == 1 and "newer than this FlexServe" in status.stderr
+
+
+@pytest.mark.parametrize("url", ["postgresql://flexserve@127.0.0.1:1/none"])
+def test_an_unreachable_database_is_named_without_a_traceback(url: str, tmp_path: Path) -> None:
+    done = _flexserve("db", "upgrade", "--db", url, home=tmp_path)
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr and "127.0.0.1:1/none" in done.stderr
+
