@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
-from conftest import serve_process
+from conftest import Gateway, serve_process, sim_engine, sim_model_id, sql_rows, wait_for
 from postgres import PostgresServer, psql
 from flexserve.store.database import head_revision
 
@@ -79,3 +83,56 @@ def test_an_unreachable_database_is_named_without_a_traceback(url: str, tmp_path
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and "127.0.0.1:1/none" in done.stderr
 
+
+def test_ten_seconds_without_the_database_lose_no_row_and_answer_no_500(
+    postgres: PostgresServer, start_gateway: Callable[..., Gateway]
+) -> None:
+    """PostgreSQL stopped for 10 s under traffic, then started: a known key
+    keeps being served (its last answer stands while the database is away),
+    a key never seen gets a 503 asking to retry, and every response
+    delivered has one ledger row once the database is back."""
+    gateway = start_gateway(engines=[sim_engine()], engine="sim", db=postgres.create_database())
+    unseen_key = gateway.new_key("other-org")
+    model = sim_model_id(gateway)
+    statuses: list[int] = []
+    served: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with gateway.http() as http:
+            while not stop.is_set():
+                response = http.post("/v1/chat/completions", json={
+                    "model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    served.append(response.headers["x-request-id"])
+                time.sleep(0.02)
+
+    threads = [threading.Thread(target=client) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        wait_for(lambda: len(served) >= 20)
+        postgres.pause()
+        time.sleep(10)
+        during = len(served)
+        with httpx.Client(base_url=gateway.url, timeout=30) as http:
+            unseen = http.post("/v1/chat/completions", headers={"Authorization": f"Bearer {unseen_key}"},
+                               json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]})
+        postgres.resume()
+        wait_for(lambda: len(served) >= during + 20, timeout=30)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+    assert unseen.status_code == 503 and unseen.json()["error"]["code"] == "service_unavailable"
+    assert int(unseen.headers["retry-after"]) >= 1
+    assert 500 not in statuses and len(served) > during > 20
+    rows: list[str] = []
+
+    def landed() -> bool:
+        rows[:] = [r["request_id"] for r in sql_rows(gateway.db_url, "SELECT request_id FROM usage_records")]
+        return len(rows) >= len(served)
+
+    wait_for(landed, timeout=60)
+    assert sorted(rows) == sorted(served)  # each delivered response billed once, nothing else

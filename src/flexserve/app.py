@@ -30,6 +30,8 @@ from flexserve.accounts.verification import Verifications
 from flexserve.api.asgi import send_error
 from flexserve.api.auth import KeyCache, ambiguous_authorization
 from flexserve.api.connections import ConnectionGuard
+from sqlalchemy.exc import DBAPIError
+
 from flexserve.api.errors import DATABASE_ERRORS, handle_exception
 from flexserve.api.gates import Gate
 from flexserve.api.inference import Endpoint
@@ -247,7 +249,7 @@ def create_app(
         exception_handlers={
             FlexServeError: handle_exception,
             HTTPException: handle_exception,
-            **dict.fromkeys(DATABASE_ERRORS, handle_exception),
+            **dict.fromkeys((*DATABASE_ERRORS, DBAPIError), handle_exception),
             Exception: handle_exception,
         },
         lifespan=lifespan,

@@ -8,6 +8,12 @@ a single lookup instead of each querying. Unknown keys are cached too
 (briefly), so a client hammering with a bad key costs no database round-trips.
 The key itself is never logged, echoed or kept: the cache is keyed by its hash.
 
+While the database is away (a PostgreSQL restart, a failover), a key whose
+answer expired less than ``stale_grace`` seconds ago keeps its last answer:
+requests of known clients go on, and revocation takes up to ``ttl +
+stale_grace`` for that long. A key not seen within that time gets a 503
+asking to retry, never a 500.
+
 A request with more than one ``Authorization`` header is refused before any
 route sees it (``ambiguous_authorization``, checked by the app): frameworks
 and proxies disagree on which copy counts (Starlette's headers take the
@@ -26,6 +32,7 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from flexserve.accounts import Accounts, Principal
+from flexserve.api.errors import database_unavailable
 from flexserve.errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 
 
@@ -39,9 +46,12 @@ class _Entry:
 class KeyCache:
     """Principal lookups by key hash, with expiry, refresh ahead and a size bound."""
 
-    def __init__(self, accounts: Accounts, ttl: float = 5.0, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, accounts: Accounts, ttl: float = 5.0, max_entries: int = 100_000, stale_grace: float = 60.0
+    ) -> None:
         self._accounts = accounts
         self._ttl = ttl
+        self._stale_grace = stale_grace
         self._max_entries = max_entries
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         # Lookups in flight, by key hash: one per key at a time.
@@ -58,8 +68,13 @@ class KeyCache:
                 self._start_lookup(digest, api_key)
             return hit.principal
         lookup = self._lookups.get(digest) or self._start_lookup(digest, api_key)
-        # Shielded: a caller that goes away does not cancel the others' lookup.
-        return await asyncio.shield(lookup)
+        try:
+            # Shielded: a caller that goes away does not cancel the others' lookup.
+            return await asyncio.shield(lookup)
+        except Exception as exc:
+            if hit is None or now >= hit.expires_at + self._stale_grace or not database_unavailable(exc):
+                raise
+            return hit.principal
 
     def _start_lookup(self, digest: str, api_key: str) -> asyncio.Task[Principal | None]:
         task = asyncio.get_running_loop().create_task(self._lookup(digest, api_key))

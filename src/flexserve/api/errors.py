@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 
 import orjson
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -30,8 +30,27 @@ from flexserve.errors import FlexServeError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
-# What the database raises when it is busy or away rather than when a query is wrong.
-DATABASE_ERRORS: tuple[type[Exception], ...] = (OperationalError, PoolTimeoutError)
+# What the database raises when it is busy or away rather than when a query is
+# wrong: SQLite's locks, a pool with no connection to give, a server that
+# refuses or drops the connection.
+DATABASE_ERRORS: tuple[type[Exception], ...] = (
+    OperationalError, InterfaceError, PoolTimeoutError, ConnectionError,
+)
+# PostgreSQL's SQLSTATE classes for the same: connection exceptions (08),
+# insufficient resources (53: too many connections), operator intervention
+# (57: shutting down, starting up).
+_UNAVAILABLE_SQLSTATES = ("08", "53", "57")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database is busy or away (retry later), not
+    that a query was wrong."""
+    if isinstance(exc, DATABASE_ERRORS):
+        return True
+    if isinstance(exc, DBAPIError):
+        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
+        return exc.connection_invalidated or str(state or "")[:2] in _UNAVAILABLE_SQLSTATES
+    return False
 # Seconds a client is asked to wait after one: about a busy writer's transaction.
 _DATABASE_RETRY_AFTER = 1.0
 
@@ -48,7 +67,7 @@ def error_body(exc: FlexServeError) -> bytes:
 def error_parts(exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
     """The status, envelope and headers that answer any error (for the bare
     ASGI route, which builds no Response)."""
-    if isinstance(exc, DATABASE_ERRORS):
+    if database_unavailable(exc):
         exc = _database_busy(exc)
     if isinstance(exc, FlexServeError):
         return exc.status_code, error_body(exc), exc.headers
@@ -68,7 +87,7 @@ def error_parts(exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
     return 500, orjson.dumps(body), {}
 
 
-def _database_busy(exc: Exception) -> ServiceUnavailableError:
+def _database_busy(exc: BaseException) -> ServiceUnavailableError:
     # The driver's message may name tables or the file's path: logged, not shown.
     log.warning("database busy or unavailable: %s", getattr(exc, "orig", None) or exc)
     return ServiceUnavailableError(
