@@ -19,7 +19,7 @@ from flexserve.errors import ResourceUnavailableError
 from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.flex_waits import place_key
 from flexserve.scheduler.holds import HeldPlaces
-from flexserve.scheduler.scheduler import Ticket
+from flexserve.scheduler.scheduler import Scheduler, Ticket
 from flexserve.tiers import ServiceTier
 from test_estimates import _metric, every_slot_held, flex_gauge
 from test_scheduler import MODEL, ScriptedEngine, make_scheduler, run, until
@@ -89,14 +89,20 @@ async def _refused(coro: object) -> ResourceUnavailableError:
     return caught.value
 
 
-@pytest.mark.parametrize("fingerprint", [b"same body", None])
-async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | None) -> None:
-    # One slot; the model says a run of 100 tokens holds it 10 s (it really takes 0.3 s).
+async def _one_slot_taken() -> tuple[ScriptedEngine, Scheduler, asyncio.Task[tuple[Ticket, str]]]:
+    """One slot, taken by a flex run the model says holds it 10 s (100
+    tokens; it really takes 0.3 s)."""
     engine = ScriptedEngine(capacity=1, token_time=0.003, step_model=StepTimeModel(0.1, 0.0, 0.0))
     scheduler = await make_scheduler(engine, flex_headroom=0.0)
-    pool = scheduler.pools[MODEL]
     blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=100, max_wait=600))
     await until(lambda: engine.started == ["blocker"])
+    return engine, scheduler, blocker
+
+
+@pytest.mark.parametrize("fingerprint", [b"same body", None])
+async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | None) -> None:
+    engine, scheduler, blocker = await _one_slot_taken()
+    pool = scheduler.pools[MODEL]
     first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
     # Refused (its wait of 20 s is too likely past 10 s: p10 11.5 s), and told to come back
@@ -124,11 +130,8 @@ async def test_a_place_whose_client_returns_after_a_request_starts_does_not_coun
     # 34 s, after the request sent next would start (20 s with the place
     # counted, 30 s without): it will likely find that one gone, so that one
     # is told 20 s.
-    engine = ScriptedEngine(capacity=1, token_time=0.003, step_model=StepTimeModel(0.1, 0.0, 0.0))
-    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    engine, scheduler, blocker = await _one_slot_taken()
     pool = scheduler.pools[MODEL]
-    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=100, max_wait=600))
-    await until(lambda: engine.started == ["blocker"])
     first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
     refusal = await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=1, fingerprint=b"r"))
@@ -158,11 +161,8 @@ async def test_a_request_with_a_read_place_and_a_refused_place_takes_the_earlier
 
 
 async def test_a_waiter_refused_at_its_deadline_keeps_the_place_it_waited_for() -> None:
-    engine = ScriptedEngine(capacity=1, token_time=0.003, step_model=StepTimeModel(0.1, 0.0, 0.0))
-    scheduler = await make_scheduler(engine, flex_headroom=0.0)
+    engine, scheduler, blocker = await _one_slot_taken()
     pool = scheduler.pools[MODEL]
-    blocker = asyncio.create_task(run(scheduler, "blocker", ServiceTier.FLEX, tokens=100, max_wait=600))
-    await until(lambda: engine.started == ["blocker"])
     # Admitted (the optimistic end of 10 s fits 12 s); its deadline then passes.
     waited = asyncio.create_task(run(scheduler, "w", ServiceTier.FLEX, max_wait=12, fingerprint=b"w"))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
