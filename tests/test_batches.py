@@ -4,6 +4,7 @@ ledger read from the SQLite file."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import sqlite3
 import time
@@ -15,6 +16,9 @@ import orjson
 import pytest
 
 from billing_support import cli
+from flexserve.accounts import Accounts
+from flexserve.batches.store import BatchStore
+from flexserve.store.database import Database
 from conftest import Gateway, sim_engine, sim_model_id, sql_rows
 from openapi import validate
 
@@ -599,3 +603,39 @@ def test_every_line_of_a_batch_many_windows_long_is_recorded(gateway: Gateway, m
         gateway.db_url, "SELECT state, COUNT(*) AS n FROM batch_lines WHERE batch_id = :b GROUP BY state",
         b=final.id)}
     assert states == {"done": 200}
+
+
+async def test_workers_claiming_one_batch_at_once_never_claim_a_line_twice(tmp_db_url: str) -> None:
+    """Eight claimers drain a batch of 400 lines five at a time, concurrently
+    (as the workers of several gateways on one PostgreSQL database would):
+    every line is claimed exactly once, on its first attempt, no more than
+    five to a claim."""
+    db = Database.from_url(tmp_db_url)
+    try:
+        await db.migrate()
+        org = await Accounts(db).create_org("acme")
+        store = BatchStore(db)
+        await store.insert({
+            "id": "batch_race", "org_id": org.id, "project_id": "p", "api_key_id": "k",
+            "endpoint": "/v1/chat/completions", "input_file_id": "file_x", "completion_window": "24h",
+            "status": "in_progress", "created_at": 0, "expires_at": 86_400,
+        })
+        await store.add_lines([
+            {"batch_id": "batch_race", "line": i, "custom_id": f"c{i}", "body": "{}",
+             "request_id": f"req_race_{i}", "run_order": i}
+            for i in range(1, 401)
+        ])
+
+        async def claimer() -> list[int]:
+            mine: list[int] = []
+            while claimed := await store.claim("batch_race", 5):
+                mine.extend(line.line for line in claimed)
+                assert len(claimed) <= 5 and all(line.attempts == 1 for line in claimed)
+            return mine
+
+        claims = await asyncio.gather(*(claimer() for _ in range(8)))
+        every = sorted(line for mine in claims for line in mine)
+        assert every == list(range(1, 401))
+        assert await store.num_running("batch_race") == 400
+    finally:
+        await db.close()

@@ -168,22 +168,31 @@ class BatchStore:
             )
 
     async def claim(self, batch_id: str, limit: int) -> list[PendingLine]:
-        """Up to ``limit`` pending lines, in run order, marked running."""
+        """Up to ``limit`` pending lines, in run order, marked running: each
+        line claimed once, however many claim at the same time."""
         # One statement, a write from the start: a read turned into a write
         # inside a transaction would fail at once on SQLite when another
-        # writer got in between.
+        # writer got in between. On PostgreSQL concurrent claims skip the
+        # lines another has locked, and a line another claimed while this one
+        # waited for its lock is no longer pending (READ COMMITTED re-reads
+        # the row for the outer WHERE). The choice is a materialized CTE: as a
+        # plain subquery with SKIP LOCKED, PostgreSQL may run it again per row
+        # and claim far more than ``limit`` (360 of 400 lines in one claim).
         chosen = (
             select(batch_lines.c.line)
             .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "pending")
             .order_by(batch_lines.c.run_order)
             .limit(limit)
-            .scalar_subquery()
         )
+        if self._db.dialect_name == "postgresql":
+            chosen = chosen.with_for_update(skip_locked=True)
+        lines = chosen.cte("chosen").prefix_with("MATERIALIZED", dialect="postgresql")
         async with self._db.engine.begin() as conn:
             rows = list(
                 (await conn.execute(
                     update(batch_lines)
-                    .where(batch_lines.c.batch_id == batch_id, batch_lines.c.line.in_(chosen))
+                    .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "pending",
+                           batch_lines.c.line.in_(select(lines.c.line)))
                     .values(state="running", attempts=batch_lines.c.attempts + 1)
                     .returning(
                         batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.body,
