@@ -112,9 +112,8 @@ def remaining_seconds(replica: Replica, run: Running, scale: float, now: float) 
     predicted = max(expected - (now - run.granted_at), _OVERDUE_SHARE * expected)
     if run.num_output < PROGRESS_DELTAS:
         return predicted
-    per_delta = (run.last_output_at - run.first_output_at) / (run.num_output - 1)
     limit = (run.cost_tokens - run.prompt_tokens) / replica.tokens_per_delta
-    paced = max(0.0, (limit - run.num_output) * per_delta - (now - run.last_output_at))
+    paced = max(0.0, (limit - run.num_output) * run.seconds_per_delta - (now - run.last_output_at))
     share = min(1.0, run.num_output / max(1.0, limit))
     return share * paced + (1.0 - share) * predicted
 
@@ -131,7 +130,7 @@ def _live_period(replica: Replica, output_tokens: float) -> float | None:
     for run in replica.running:
         if run.tier.is_preemptible and not run.preempted and run.num_output >= PROGRESS_DELTAS:
             firsts += run.first_output_at - run.granted_at
-            paces += (run.last_output_at - run.first_output_at) / (run.num_output - 1)
+            paces += run.seconds_per_delta
             count += 1
     if count == 0:
         return None
@@ -264,7 +263,7 @@ def wait_in_queue(
     refused requests ahead of it count only if their clients are due back
     before it would start, counting them all: one due later finds it gone."""
     every = timeline.wait(requests_ahead(pool, org_id, cost_tokens, now, front=front, before=before))
-    if every is None or front:
+    if every is None or front or not pool.holds:
         return every
     return timeline.wait(
         requests_ahead(pool, org_id, cost_tokens, now, front=front, before=before, due_by=now + every.p50)

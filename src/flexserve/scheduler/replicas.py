@@ -50,6 +50,11 @@ class Running:
     pump: asyncio.Task[Any] | None = None
 
     @property
+    def seconds_per_delta(self) -> float:
+        """Its pace so far: seconds between output deltas (after two or more)."""
+        return (self.last_output_at - self.first_output_at) / max(1, self.num_output - 1)
+
+    @property
     def can_restart(self) -> bool:
         """Aborting it loses nothing the client has seen."""
         return not (self.stream and self.delivered)

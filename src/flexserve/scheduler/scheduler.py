@@ -243,8 +243,6 @@ class Scheduler:
             replica = await self._admit(pool, ticket, run, front=requeue)
             self._balance_decoding(replica)
             request.priority = run.tier.rank
-            num_tokens = 0
-            first_at = last_at = 0.0
             finished = False
             preemptible = run.tier.is_preemptible
             # Flex (and batch) output is counted as it comes: what flex gets.
@@ -266,14 +264,12 @@ class Scheduler:
                 async for delta in deltas:
                     last = delta
                     if delta.has_output:
-                        num_tokens += 1
+                        run.num_output += 1
                         if preemptible:
                             history.output_done += 1
                         last_at = replica.last_output_at = run.last_output_at = time.monotonic()
-                        run.num_output = num_tokens
-                        if num_tokens == 1:
-                            first_at = run.first_output_at = last_at
-                            ticket.first_token_at = last_at
+                        if run.num_output == 1:
+                            ticket.first_token_at = run.first_output_at = last_at
                     if held is not None:
                         held.append(delta)
                         continue
@@ -282,7 +278,7 @@ class Scheduler:
                     yield delta
                 if last is not None and last.usage is not None:
                     replica.observe_prompt(last.usage.prompt_tokens, ticket.prompt_tokens)
-                    replica.observe_deltas(last.usage.completion_tokens, num_tokens)
+                    replica.observe_deltas(last.usage.completion_tokens, run.num_output)
                 finished = True
                 if held:
                     run.delivered = True
@@ -315,13 +311,13 @@ class Scheduler:
                 raise
             finally:
                 self._release(pool, replica, run)
-                if finished and run.tier is ServiceTier.DEFAULT and num_tokens > 2:
-                    self._calibrate(replica, run, (last_at - first_at) / (num_tokens - 1))
+                if finished and run.tier is ServiceTier.DEFAULT and run.num_output > 2:
+                    self._calibrate(replica, run, run.seconds_per_delta)
                 if finished and run.expected_seconds > 0:
                     calibration = history.calibration if preemptible else history.prior_calibration
                     calibration.observe(time.monotonic() - run.granted_at, run.expected_seconds)
                 if finished and preemptible:
-                    history.observe_output(num_tokens, run.cost_tokens - run.prompt_tokens)
+                    history.observe_output(run.num_output, run.cost_tokens - run.prompt_tokens)
 
     async def _pumped(self, run: Running, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         """Iterate ``deltas`` so that the scheduler can abort the run.
