@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 from conftest import Gateway, serve_process, sim_engine, sim_model_id, sql_rows, wait_for
 from postgres import PostgresServer, psql
@@ -77,9 +76,8 @@ def test_a_database_at_a_newer_revision_is_refused_by_an_older_flexserve(
     assert status.returncode == 1 and "newer than this FlexServe" in status.stderr
 
 
-@pytest.mark.parametrize("url", ["postgresql://flexserve@127.0.0.1:1/none"])
-def test_an_unreachable_database_is_named_without_a_traceback(url: str, tmp_path: Path) -> None:
-    done = _flexserve("db", "upgrade", "--db", url, home=tmp_path)
+def test_an_unreachable_database_is_named_without_a_traceback(tmp_path: Path) -> None:
+    done = _flexserve("db", "upgrade", "--db", "postgresql://flexserve@127.0.0.1:1/none", home=tmp_path)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and "127.0.0.1:1/none" in done.stderr
 

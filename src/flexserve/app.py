@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -30,8 +31,6 @@ from flexserve.accounts.verification import Verifications
 from flexserve.api.asgi import send_error
 from flexserve.api.auth import KeyCache, ambiguous_authorization
 from flexserve.api.connections import ConnectionGuard
-from sqlalchemy.exc import DBAPIError
-
 from flexserve.api.errors import DATABASE_ERRORS, handle_exception
 from flexserve.api.gates import Gate
 from flexserve.api.inference import Endpoint

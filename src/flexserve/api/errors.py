@@ -40,6 +40,13 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
 # insufficient resources (53: too many connections), operator intervention
 # (57: shutting down, starting up).
 _UNAVAILABLE_SQLSTATES = ("08", "53", "57")
+# Seconds a client is asked to wait after one: about a busy writer's transaction.
+_DATABASE_RETRY_AFTER = 1.0
+
+_HTTP_CODES = {
+    404: ("invalid_request_error", "unknown_url"),
+    405: ("invalid_request_error", "method_not_allowed"),
+}
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -51,13 +58,6 @@ def database_unavailable(exc: BaseException) -> bool:
         state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
         return exc.connection_invalidated or str(state or "")[:2] in _UNAVAILABLE_SQLSTATES
     return False
-# Seconds a client is asked to wait after one: about a busy writer's transaction.
-_DATABASE_RETRY_AFTER = 1.0
-
-_HTTP_CODES = {
-    404: ("invalid_request_error", "unknown_url"),
-    405: ("invalid_request_error", "method_not_allowed"),
-}
 
 
 def error_body(exc: FlexServeError) -> bytes:

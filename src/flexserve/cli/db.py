@@ -13,7 +13,7 @@ import click
 
 from flexserve.cli.options import database_options, run_db, settings_for
 from flexserve.store import Database
-from flexserve.store.database import head_revision
+from flexserve.store.database import head_revision, known_revisions
 
 
 @click.group()
@@ -46,6 +46,7 @@ def status(db: str | None, home: str | None) -> None:
     head = head_revision()
     click.echo(f"database revision: {current or 'none'}\nthis FlexServe:    {head}")
     if current != head:
-        click.echo("Run `flexserve db upgrade` to upgrade it." if current is None or current < head
+        behind = current is None or current in known_revisions()
+        click.echo("Run `flexserve db upgrade` to upgrade it." if behind
                    else "The database is newer than this FlexServe.", err=True)
         raise SystemExit(1)

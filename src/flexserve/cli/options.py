@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
 import click
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from flexserve.accounts import AccountError
@@ -22,6 +21,7 @@ from flexserve.billing.controls import ControlError
 from flexserve.billing.pricing import PriceError
 from flexserve.config import ConfigError, Settings, load_settings
 from flexserve.store import Database
+from flexserve.store.database import shown_url
 
 _T = TypeVar("_T")
 _Command = TypeVar("_Command", bound=Callable[..., None])
@@ -71,7 +71,7 @@ def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, p
         raise click.ClickException(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
         # The URL without its password: this message may end up in a CI log.
-        shown = make_url(url).render_as_string(hide_password=True)
+        shown = shown_url(url)
         raise click.ClickException(f"database {shown}: {exc}") from exc
 
 

@@ -108,10 +108,7 @@ class Database:
 
     @property
     def shown_url(self) -> str:
-        """The URL as an operator writes it (no driver), without its password:
-        for messages that may reach a log."""
-        url = self._engine.url
-        return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
+        return shown_url(self._engine.url)
 
     async def close(self) -> None:
         await self._engine.dispose()
@@ -129,6 +126,18 @@ class SchemaMismatchError(ConfigError):
         )
         self.current = current
         self.head = head
+
+
+def shown_url(url: str | URL) -> str:
+    """``url`` as an operator writes it (no driver), without its password:
+    for messages that may reach a log."""
+    parsed = make_url(url)
+    return parsed.set(drivername=parsed.get_backend_name()).render_as_string(hide_password=True)
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this FlexServe's migrations know."""
+    return {script.revision for script in ScriptDirectory.from_config(alembic_config()).walk_revisions()}
 
 
 def head_revision() -> str:
