@@ -133,8 +133,10 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
         body = {"model": vllm.model, "prompt": unique_prompt(prompt_words), "stream": True,
                 "max_tokens": MAX_MODEL_LEN - prompt_words - 40, "ignore_eos": True}
         try:
+            # No read timeout: a holder that waits in vLLM's queue receives
+            # nothing until it runs, however long the test looks at the queue.
             with httpx.stream("POST", f"{vllm.url}/v1/completions", json=body,
-                              timeout=300) as response:
+                              timeout=httpx.Timeout(30, read=None)) as response:
                 assert response.status_code == 200, response.read()
                 for _ in response.iter_raw():
                     if stop.is_set():

@@ -7,6 +7,7 @@ requests or KV use above the threshold — while default is not."""
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +33,10 @@ from .support import (
 MESSAGES = [{"role": "user", "content": "Label this record."}]
 
 
-def vllm_view(vllm: VllmServer) -> EngineLoad:
+def vllm_view(vllm: VllmServer, *, timeout: float = 60) -> EngineLoad:
     """vLLM's load as FlexServe's parser reads it, checked against Prometheus'
     own parser on the same text."""
-    text = httpx.get(f"{vllm.url}/metrics", timeout=60).text
+    text = httpx.get(f"{vllm.url}/metrics", timeout=timeout).text
     load = parse_vllm_load(text)
     samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
     assert load.num_running == samples["vllm:num_requests_running"]
@@ -94,13 +95,24 @@ def test_vllms_load_signals_move_and_flexserve_reads_them(gateway: Gateway, vllm
     # Prompts of three KV blocks each (and more as they generate), in each slot.
     kv_in_use = 3 * MAX_NUM_SEQS / NUM_KV_BLOCKS
     with holders(vllm, MAX_NUM_SEQS + 2, prompt_words=300):
+        # Every read, for the failure message: CI once saw none come true in
+        # minutes while vLLM's own log showed a full batch and its queue.
+        reads: list[str] = []
+
         def full() -> bool:
-            load = vllm_view(vllm)
+            started = time.monotonic()
+            try:
+                load = vllm_view(vllm, timeout=10)
+            except httpx.TimeoutException:
+                reads.append(f"timed out after {time.monotonic() - started:.1f} s")
+                return False
+            reads.append(f"{load.num_running:.0f}/{load.num_waiting:.0f}/{load.kv_cache_usage} "
+                         f"in {time.monotonic() - started:.1f} s")
             assert load.kv_cache_usage is not None and 0 <= load.kv_cache_usage <= 1
             return (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 2) and load.kv_cache_usage >= kv_in_use
 
-        wait_until(full, 120, "vLLM never reported a full batch, a queue and KV in use",
-                   state=lambda: vllm_view(vllm))
+        wait_until(full, 300, "vLLM never reported a full batch, a queue and KV in use",
+                   state=lambda: f"{len(reads)} reads (running/waiting/KV), the last: {reads[-8:]}")
         # The gateway reads the same endpoint on its own schedule.
         wait_until(lambda: gateway_view(gateway)[:2] == (MAX_NUM_SEQS, 2) and gateway_view(gateway)[2] >= kv_in_use,
                    60, "the gateway never saw vLLM full")
