@@ -119,6 +119,7 @@ class Gate:
         now = time.time()
         spent = await Controls(self._db).spend_since(month_start(now))
         self.budgets.load_spent(month_of(now), spent)
+        await self.budgets.start()
         self._task = asyncio.create_task(self._refresh_forever(), name="policy-refresh")
 
     async def close(self) -> None:
@@ -126,6 +127,7 @@ class Gate:
         task, self._task = self._task, None
         if task is not None:
             await asyncio.wait([task])
+        await self.budgets.close()
 
     async def refresh(self) -> None:
         """Reload prices, gates, budgets and rate limits from the database."""
@@ -165,12 +167,15 @@ class Gate:
         most = self.max_cost(request, tier, window)
         try:
             if hold is not None:
-                reservation = self.budgets.carve(hold, most)
+                reservation = await self.budgets.carve(hold, most)
             else:
                 reservation = await self.budgets.reserve(budget_scopes(principal), most)
         except BudgetExceeded as exc:
             self.limiter.give_back(rate)
             raise InsufficientQuotaError(_quota_message(principal, exc)) from None
+        except BaseException:
+            self.limiter.give_back(rate)  # a shared store away (503): nothing taken
+            raise
         return Admission(policy.prices, reservation, rate, rate.headers, window=window)
 
     def max_cost(self, request: Inference, tier: ServiceTier, window: str | None = None) -> int:

@@ -9,9 +9,9 @@ arrive at once, the month's spend ends at most one request's maximum cost
 over the budget: the last request admitted below the line.
 
 ``Budgets`` is the interface the gateway uses; ``LocalBudgets`` keeps the
-numbers in this process (one gateway, SQLite). A shared implementation (Redis,
-for several gateway replicas) keeps the same contract; that is why
-``reserve`` is a coroutine while ``settle`` must never block.
+numbers in this process (one gateway). ``flexserve.shared.budgets.RedisBudgets``
+keeps them in Redis for several gateways, under the same contract; that is
+why ``reserve`` and ``carve`` are coroutines while ``settle`` must never block.
 
 Scopes are plain strings (``org:org-…``, ``project:proj_…``); amounts are
 pico-dollars; months are UTC calendar months (``"2025-06"``).
@@ -74,6 +74,10 @@ class Reservation:
     amount: int  # pico-dollars held in each scope
     month: str  # the month it was made in: its cost belongs to that month
     settled: bool = False
+    # In a shared store: the gateway lease it is held under, and the
+    # store's own holds it is made of (name, amount); empty in one process.
+    holder: str = ""
+    parts: tuple[tuple[str, int], ...] = ()
 
 
 class Budgets(abc.ABC):
@@ -108,27 +112,27 @@ class Budgets(abc.ABC):
         self.settle(reservation, 0)
 
     @abc.abstractmethod
-    def carve(self, hold: Reservation, amount: int) -> Reservation:
+    async def carve(self, hold: Reservation, amount: int) -> Reservation:
         """A reservation of ``amount`` for one request, taken out of a larger
         ``hold`` made earlier for many (a batch's): what the hold still has is
         moved over without a new check; only the part it lacks is reserved
         afresh, as ``reserve`` would (and may raise ``BudgetExceeded``, holding
-        nothing new). Never blocks."""
+        nothing new)."""
 
     @abc.abstractmethod
     def set_limits(self, limits: Mapping[str, int]) -> None: ...
 
     @abc.abstractmethod
-    def spent(self, scope: str) -> int:
-        """This month's settled spend in ``scope``, pico-dollars."""
-
-    @abc.abstractmethod
-    def reserved(self, scope: str) -> int:
-        """What requests in flight hold in ``scope`` now, pico-dollars."""
-
-    @abc.abstractmethod
     def limit(self, scope: str) -> int | None:
         """The scope's monthly budget, pico-dollars; None: no budget."""
+
+    async def start(self) -> None:
+        """Begin (after ``load_spent``): a shared store takes the ledger's
+        spend in and starts sending settlements; nothing for this process's."""
+
+    async def close(self) -> None:
+        """Hand over what is still queued (settlements not yet sent); nothing
+        to do for budgets kept in this process."""
 
 
 class LocalBudgets(Budgets):
@@ -170,7 +174,10 @@ class LocalBudgets(Budgets):
             self._reserved[scope] = self._reserved.get(scope, 0) + amount
         return Reservation(tuple(scopes), amount, month)
 
-    def carve(self, hold: Reservation, amount: int) -> Reservation:
+    async def carve(self, hold: Reservation, amount: int) -> Reservation:
+        return self.carve_now(hold, amount)
+
+    def carve_now(self, hold: Reservation, amount: int) -> Reservation:
         if amount < 0:
             raise ValueError(f"cannot reserve a negative amount: {amount}")
         taken = 0 if hold.settled else min(amount, hold.amount)
@@ -199,10 +206,12 @@ class LocalBudgets(Budgets):
         self._limits = dict(limits)
 
     def spent(self, scope: str) -> int:
+        """This month's settled spend in ``scope``, pico-dollars."""
         self._current_month()
         return self._spent.get(scope, 0)
 
     def reserved(self, scope: str) -> int:
+        """What requests in flight hold in ``scope`` now, pico-dollars."""
         return self._reserved.get(scope, 0)
 
     def limit(self, scope: str) -> int | None:
