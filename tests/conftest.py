@@ -31,6 +31,8 @@ from flexserve.config import Settings, load_settings
 from flexserve.engines.base import Engine
 from flexserve.store.database import Database
 from postgres import HOW_TO_ENABLE, PostgresServer, find_bin_dir
+from redis_server import HOW_TO_ENABLE as REDIS_HOW_TO_ENABLE
+from redis_server import RedisServer, find_redis_server
 
 T = TypeVar("T")
 # The suite's databases on PostgreSQL rather than SQLite files.
@@ -177,20 +179,37 @@ def postgres() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A throwaway Redis server for the session (skipped, saying how to
+    enable it, where redis-server is not installed)."""
+    binary = find_redis_server()
+    if binary is None:
+        if os.environ.get("FLEXSERVE_TEST_REDIS") == "required":  # .ci/run installs it
+            pytest.fail(REDIS_HOW_TO_ENABLE)
+        pytest.skip(REDIS_HOW_TO_ENABLE)
+    server = RedisServer(binary, free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def start_gateway(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Gateway]]:
     """Start gateways on demand; all are stopped at the end of the session."""
     running: list[ServerThread] = []
 
-    def start(engines: list[Engine] | None = None, **overrides: Any) -> Gateway:
+    def start(engines: list[Engine] | None = None, *, org: str = "test-org", **overrides: Any) -> Gateway:
+        """``org``: the organization the gateway's admin key is made in (gateways
+        sharing a database each need one of their own)."""
         home = tmp_path_factory.mktemp("flexserve-home")
         if ON_POSTGRES and not overrides.get("db"):
             overrides["db"] = request.getfixturevalue("postgres").create_database()
         overrides.setdefault("home", str(home))
         overrides.setdefault("usage_flush_interval", 0.02)
         settings = load_settings(overrides=overrides, environ={})
-        _, key = run_async(_make_org(settings.database_url, "test-org", admin=True))
+        _, key = run_async(_make_org(settings.database_url, org, admin=True))
         connections = ConnectionGuard.from_settings(settings)
         server = ServerThread(
             create_app(settings, engines=engines, connections=connections), connections=connections

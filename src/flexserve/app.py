@@ -40,6 +40,7 @@ from flexserve.api.pipeline import serve
 from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
 from flexserve.batches import Batches
+from flexserve.billing.budget import Budgets
 from flexserve.billing.journal import UsageJournal
 from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
@@ -116,6 +117,16 @@ def build_engines(settings: Settings) -> list[Engine]:
         )
         for url in settings.upstreams
     ]
+
+
+async def _shared_budgets(settings: Settings, stack: AsyncExitStack) -> Budgets | None:
+    """Budgets in the Redis every gateway shares (setting ``redis``); None:
+    kept in this process."""
+    if not settings.redis:
+        return None
+    from flexserve.shared.connect import open_budgets
+
+    return await open_budgets(settings, stack)
 
 
 async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[Engine]:
@@ -208,6 +219,7 @@ def create_app(
             stack.push_async_callback(scheduler.close)
             gate = Gate(
                 db,
+                budgets=await _shared_budgets(settings, stack),
                 refresh_interval=settings.policy_refresh_interval,
                 max_output_tokens=settings.max_completion_tokens,
                 context_lengths={c.id: c.max_model_len for e in started for c in e.models()},

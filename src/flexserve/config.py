@@ -37,6 +37,11 @@ class Settings:
     port: int = _opt(8000, "Port the HTTP server listens on.")
     home: str = _opt(".flexserve", "Data directory: the SQLite file and the demo key live here.")
     db: str = _opt("", "Database URL (sqlite:///path or postgresql://…, whose schema `flexserve db upgrade` upgrades); empty: SQLite in `home`.")
+    redis: str = _opt("", "Redis URL (redis://host:port/db) for the live state gateways share: budgets; empty: kept in this process (one gateway).")
+    redis_prefix: str = _opt("flexserve", "Prefix of FlexServe's keys in Redis: one per deployment sharing a server.")
+    redis_lease_ttl: float = _opt(
+        15.0, "Seconds a gateway silent to Redis keeps its lease; past it, what it held (budget holds) is given back."
+    )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
     bootstrap_demo: bool = _opt(
         True, "On first start with an empty database, create a demo organization and key."
@@ -264,4 +269,8 @@ def load_settings(
         raise ConfigError("setting 'upstreams': engine=upstream needs at least one --upstream URL")
     if settings.default_service_tier not in ("default", "flex", "priority"):
         raise ConfigError("setting 'default_service_tier' must be default, flex or priority")
+    if settings.redis and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"setting 'redis': {settings.redis!r} is not a redis://, rediss:// or unix:// URL")
+    if settings.redis_lease_ttl <= 0:
+        raise ConfigError("setting 'redis_lease_ttl' must be positive")
     return settings

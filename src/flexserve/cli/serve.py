@@ -142,6 +142,25 @@ def _raise_open_files_limit() -> None:
             logging.getLogger(__name__).warning("could not raise the open-files limit from %d", soft)
 
 
+def _check_redis(settings: Settings) -> None:
+    """Stop, saying why, when the Redis the gateways share cannot be used."""
+    if not settings.redis:
+        return
+    try:
+        from flexserve.shared.connect import SharedStateError, connect
+    except ImportError as exc:
+        raise click.ClickException(
+            "setting 'redis' needs redis-py: pip install 'flexserve[redis]'") from exc
+
+    async def ping() -> None:
+        await (await connect(settings.redis)).aclose()
+
+    try:
+        asyncio.run(ping())
+    except SharedStateError as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
 @click.command()
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML settings file.")
 @click.option("--host", help="Address to bind (default 127.0.0.1).")
@@ -150,6 +169,7 @@ def _raise_open_files_limit() -> None:
 @click.option("--upstream", "upstreams", multiple=True, help="Upstream base URL (repeatable: replicas).")
 @click.option("--db", envvar="FLEXSERVE_DB", help="Database URL (sqlite:///path, postgresql://…).")
 @click.option("--home", envvar="FLEXSERVE_HOME", help="Data directory (default .flexserve).")
+@click.option("--redis", envvar="FLEXSERVE_REDIS", help="Redis URL the gateways share (redis://…).")
 @click.option("--sim-profile", help="Sim engine profile, with --engine sim.")
 @click.option("--sim-speed", type=float, help="Sim engine speed-up, with --engine sim.")
 def serve(
@@ -160,6 +180,7 @@ def serve(
     upstreams: tuple[str, ...],
     db: str | None,
     home: str | None,
+    redis: str | None,
     sim_profile: str | None,
     sim_speed: float | None,
 ) -> None:
@@ -175,6 +196,7 @@ def serve(
         "upstreams": list(upstreams) or None,
         "db": db,
         "home": home,
+        "redis": redis,
         "sim_profile": sim_profile,
         "sim_speed": sim_speed,
     }
@@ -189,6 +211,7 @@ def serve(
     _raise_open_files_limit()
     # Stops here, saying why, on a database whose schema this FlexServe cannot use.
     key = run_db(settings, lambda database: _bootstrap_demo(database, settings))
+    _check_redis(settings)
     if config_file:
         from flexserve.cli.prices import load_config_prices
 

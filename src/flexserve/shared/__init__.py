@@ -1,0 +1,15 @@
+"""Live state the gateways of one deployment share, kept in Redis.
+
+One gateway keeps its budgets in its own memory (``flexserve.billing``).
+Several gateways in front of the same engines must share them, or each lets
+an organization spend its whole budget. With ``redis`` set, that state lives
+in one Redis server and is changed only by Lua scripts, so that each
+check-and-take is one atomic step for all gateways at once.
+
+- ``presence``: each gateway's lease in Redis (renewed by heartbeat); what a
+  gateway holds goes with its lease when it stops renewing it.
+- ``budgets``: ``RedisBudgets``, the budgets' contract across gateways.
+
+One Redis server (or a primary with replicas), not a Redis Cluster: the
+scripts read the keys of every live gateway.
+"""

@@ -1,0 +1,53 @@
+"""Connecting a gateway to the Redis its deployment shares (setting ``redis``).
+
+``redis`` is an optional dependency (``flexserve[redis]``): this module is
+imported only when the setting is there.
+"""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+from urllib.parse import urlsplit, urlunsplit
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from flexserve.config import Settings
+from flexserve.shared.budgets import RedisBudgets
+from flexserve.shared.presence import Presence
+
+
+class SharedStateError(Exception):
+    """Redis cannot be used: unreachable, or refusing the gateway."""
+
+
+def shown_redis_url(url: str) -> str:
+    """``url`` without its password: for messages that may reach a log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+async def connect(url: str) -> Redis:
+    """A client for ``url``, once Redis answers; else ``SharedStateError``."""
+    redis = Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5, health_check_interval=10)
+    try:
+        await redis.ping()
+    except (RedisError, OSError) as exc:
+        await redis.aclose()
+        raise SharedStateError(f"Redis at {shown_redis_url(url)} cannot be reached: {exc}") from exc
+    return redis
+
+
+async def open_budgets(settings: Settings, stack: AsyncExitStack) -> RedisBudgets:
+    """This gateway's lease in the shared Redis and the budgets kept there;
+    both closed with ``stack`` (the lease given back)."""
+    redis = await connect(settings.redis)
+    stack.push_async_callback(redis.aclose)
+    presence = Presence(redis, prefix=settings.redis_prefix, ttl=settings.redis_lease_ttl)
+    await presence.start()
+    stack.push_async_callback(presence.close)
+    return RedisBudgets(presence)

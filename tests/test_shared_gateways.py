@@ -1,0 +1,134 @@
+"""Two gateways on one database and one Redis (setting ``redis``), as an
+operator runs them behind a load balancer: an organization's budget holds
+across both, whichever gateway each request reaches."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+import openai
+import pytest
+
+from billing_support import Org, cli, new_org, pico, results
+from conftest import ON_POSTGRES, Gateway, sim_engine, wait_for
+from redis_server import RedisServer
+
+# o3's launch prices, in micro-dollars per 1M tokens (= pico-dollars per token).
+INPUT, OUTPUT = 10_000_000, 40_000_000
+REFRESH = 0.1  # policy_refresh_interval of these gateways
+
+
+@pytest.fixture(scope="module")
+def fleet(
+    start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer, request: pytest.FixtureRequest,
+) -> list[Gateway]:
+    if ON_POSTGRES:
+        db_url = request.getfixturevalue("postgres").create_database()
+    else:
+        db_url = f"sqlite:///{tmp_path_factory.mktemp('fleet') / 'flexserve.db'}"
+    model = sim_engine().models()[0].id
+    cli(db_url, "prices", "set", model, "--input", "10", "--output", "40")
+    shared = {"engine": "sim", "db": db_url, "policy_refresh_interval": REFRESH,
+              "redis": redis_server.url, "redis_prefix": f"fleet-{uuid.uuid4().hex[:8]}"}
+    return [start_gateway(engines=[sim_engine()], org=f"fleet-admin-{i}", **shared) for i in range(2)]
+
+
+def num_requests(org: Org) -> int:
+    return sum(r["num_model_requests"] for r in results(org.usage()))
+
+
+def total_cost(org: Org) -> int:
+    return sum(pico(r["amount"]["value"]) for r in results(org.costs()))
+
+
+async def test_a_budget_holds_across_gateways_to_one_request(fleet: list[Gateway]) -> None:
+    org = await asyncio.to_thread(new_org, fleet[0], "fleet-budget")
+    clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=org.key, max_retries=0)
+               for g in fleet]
+    model = (await clients[0].models.list()).data[0].id
+    messages = [{"role": "user", "content": "Count to twenty."}]
+    max_tokens = 20
+    probe = await clients[0].chat.completions.create(
+        model=model, messages=messages, max_tokens=max_tokens)  # type: ignore[arg-type]
+    assert probe.usage is not None and probe.usage.completion_tokens == max_tokens
+    one_request = probe.usage.prompt_tokens * INPUT + max_tokens * OUTPUT
+    # The gate's hold: a token per prompt byte (+8 a message, +8) and every output token.
+    max_cost = (len(messages[0]["content"].encode()) + 16) * INPUT + max_tokens * OUTPUT
+    await asyncio.to_thread(lambda: wait_for(lambda: num_requests(org) == 1))
+    budget = one_request * 21  # the probe's, and twenty more
+    budget_usd = f"{budget / 10**12:.12f}".rstrip("0")
+    assert round(float(budget_usd) * 10**6) * 10**6 == budget  # whole micro-dollars
+    await asyncio.to_thread(
+        cli, fleet[0].db_url, "orgs", "set-budget", "fleet-budget", "--monthly-usd", budget_usd)
+    await asyncio.sleep(REFRESH * 5)  # both gateways reload it
+
+    async def one(i: int) -> object:
+        try:
+            return await clients[i % 2].chat.completions.create(
+                model=model, messages=messages, max_tokens=max_tokens)  # type: ignore[arg-type]
+        except openai.RateLimitError as exc:
+            return exc
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(100)))
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    num_ok = len(outcomes) - len(refused)
+    assert refused and num_ok >= 5
+    assert {error.code for error in refused} == {"insufficient_quota"}
+    # Then one at a time on each gateway in turn until both refuse.
+    i, refusals = 0, 0
+    while refusals < 2:
+        outcome = await one(i)
+        i += 1
+        if isinstance(outcome, openai.RateLimitError):
+            refusals += 1
+        else:
+            num_ok, refusals = num_ok + 1, 0
+    await asyncio.to_thread(lambda: wait_for(lambda: num_requests(org) == 1 + num_ok, 30))
+    spent = await asyncio.to_thread(total_cost, org)
+    assert budget <= spent <= budget + max_cost, (budget, spent, max_cost)
+    for client in clients:
+        await client.close()
+
+
+def test_each_gateway_holds_a_lease_while_it_runs(fleet: list[Gateway], redis_server: RedisServer) -> None:
+    """Each gateway holds a lease in Redis while it runs (the set the budget
+    script sums holds over)."""
+    import redis
+
+    with redis.Redis.from_url(redis_server.url) as client:
+        prefix = fleet[0].settings.redis_prefix
+        leases = client.zrange(f"{prefix}:gateways", 0, -1, withscores=True)
+        now_ms = time.time() * 1000
+        assert len(leases) == 2
+        assert all(now_ms < score <= now_ms + fleet[0].settings.redis_lease_ttl * 1000 + 1000
+                   for _, score in leases)
+
+
+def test_while_redis_is_away_budgeted_requests_get_503_and_the_rest_are_served(
+    fleet: list[Gateway], redis_server: RedisServer
+) -> None:
+    capped = new_org(fleet[1], "fleet-away-capped")
+    free = new_org(fleet[1], "fleet-away-free")
+    cli(fleet[1].db_url, "orgs", "set-budget", "fleet-away-capped", "--monthly-usd", "100")
+    model = capped.client().models.list().data[0].id
+    messages = [{"role": "user", "content": "Hello."}]
+    capped.client().chat.completions.create(model=model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    time.sleep(REFRESH * 5)  # the budget is loaded
+    redis_server.pause()
+    try:
+        with pytest.raises(openai.APIStatusError) as away:
+            capped.client().chat.completions.create(model=model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+        served = free.client().chat.completions.create(model=model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    finally:
+        redis_server.resume()
+    assert away.value.status_code == 503
+    assert away.value.code == "shared_state_unavailable"
+    assert int(away.value.response.headers["retry-after"]) >= 1
+    assert served.usage is not None
+    # Back: served again; the ledger has every request served, none refused.
+    capped.client().chat.completions.create(model=model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    wait_for(lambda: num_requests(capped) == 2 and num_requests(free) == 1, 30)
