@@ -40,9 +40,6 @@ Budgets are the operator's settings, read from the database by every gateway
 
 from __future__ import annotations
 
-import asyncio
-import collections
-import contextlib
 import itertools
 import logging
 import time
@@ -53,6 +50,7 @@ from redis.exceptions import RedisError
 
 from flexserve.billing.budget import BudgetExceeded, Budgets, Reservation, month_bounds
 from flexserve.errors import ServiceUnavailableError
+from flexserve.shared.outbox import Outbox
 from flexserve.shared.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -143,10 +141,6 @@ redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
 
-# Settlements sent per pipeline round trip.
-_SETTLE_BATCH = 256
-
-
 def shared_state_unavailable(exc: BaseException) -> ServiceUnavailableError:
     return ServiceUnavailableError(
         "The gateways' shared state (Redis) cannot be reached; nothing was charged. "
@@ -180,11 +174,9 @@ class RedisBudgets(Budgets):
         self._reserve = self._redis.register_script(_RESERVE)
         self._settle = self._redis.register_script(_SETTLE)
         self._raise = self._redis.register_script(_RAISE)
-        self._outbox: collections.deque[_Settlement] = collections.deque()
+        self._outbox: Outbox[_Settlement] = Outbox("budget settlements", self._send)
         # The ledger's spend this month (``load_spent``), raised to in ``start``.
         self._seed: tuple[str, list[str | int]] | None = None
-        self._wake = asyncio.Event()
-        self._sender: asyncio.Task[None] | None = None
 
     def _spent_key(self, month: str) -> str:
         return f"{self._prefix}:spent:{month}"
@@ -208,7 +200,7 @@ class RedisBudgets(Budgets):
         if self._seed is not None:
             month, args = self._seed
             await self._raise(keys=[self._spent_key(month)], args=args)
-        self._sender = asyncio.create_task(self._send_forever(), name="redis-budget-settle")
+        self._outbox.start()
 
     async def reserve(
         self, scopes: Sequence[str], amount: int, *, whole: bool = False
@@ -234,7 +226,8 @@ class RedisBudgets(Budgets):
                 )
             except RedisError as exc:
                 # It may yet be carried out: cancel it by its reference.
-                self._queue(_Settlement("cancel", holder, tuple(scopes), ((ref, amount),), month, 0))
+                self._outbox.put(
+                    _Settlement("cancel", holder, tuple(scopes), ((ref, amount),), month, 0))
                 raise shared_state_unavailable(exc) from exc
             verdict = _text(answer[0])
             if verdict == "ok":
@@ -271,12 +264,8 @@ class RedisBudgets(Budgets):
             return
         reservation.settled = True
         # A request that began last month is that month's cost: its month's hash.
-        self._queue(_Settlement("settle", reservation.holder, reservation.scopes,
-                                reservation.parts, reservation.month, actual))
-
-    def _queue(self, settlement: _Settlement) -> None:
-        self._outbox.append(settlement)
-        self._wake.set()
+        self._outbox.put(_Settlement("settle", reservation.holder, reservation.scopes,
+                                     reservation.parts, reservation.month, actual))
 
     def set_limits(self, limits: Mapping[str, int]) -> None:
         self._limits = dict(limits)
@@ -295,63 +284,28 @@ class RedisBudgets(Budgets):
             held += int(value or 0)
         return int(spent or 0), held
 
-    async def _send_forever(self) -> None:
-        pause = 0.05
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            while self._outbox:
-                try:
-                    await self._send()
-                    pause = 0.05
-                except RedisError as exc:
-                    log.warning("sending %d budget settlements to Redis failed (%s); retrying in %.1f s",
-                                len(self._outbox), exc, pause)
-                    await asyncio.sleep(pause)
-                    pause = min(pause * 2, 2.0)
-
-    async def _send(self) -> None:
-        batch = [self._outbox[i] for i in range(min(len(self._outbox), _SETTLE_BATCH))]
-        try:
-            # One transaction: a batch is carried out whole or not at all.
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for item in batch:
-                    args: list[str | int] = [item.mode, item.actual, _SPENT_TTL_SECONDS,
-                                             len(item.scopes), *item.scopes]
-                    for ref, amount in item.parts:
-                        args += [ref, amount]
-                    await self._settle(
-                        keys=[self._presence.held_key(item.holder), self._spent_key(item.month)],
-                        args=args, client=pipe,
-                    )
-                await pipe.execute()
-        except RedisError:
-            # It may have been carried out all the same: sent again, it must
-            # not add the costs twice.
+    async def _send(self, batch: list[_Settlement], again: bool) -> None:
+        # One transaction: a batch is carried out whole or not at all.
+        async with self._redis.pipeline(transaction=True) as pipe:
             for item in batch:
-                if item.mode == "settle" and item.parts:
-                    item.mode = "again"
-            raise
-        for _ in batch:
-            self._outbox.popleft()
+                # Sent before and maybe carried out: add no cost twice.
+                mode = "again" if again and item.mode == "settle" and item.parts else item.mode
+                args: list[str | int] = [mode, item.actual, _SPENT_TTL_SECONDS,
+                                         len(item.scopes), *item.scopes]
+                for ref, amount in item.parts:
+                    args += [ref, amount]
+                await self._settle(
+                    keys=[self._presence.held_key(item.holder), self._spent_key(item.month)],
+                    args=args, client=pipe,
+                )
+            await pipe.execute()
 
     async def close(self) -> None:
         """Send what is queued (for up to 5 s), then stop."""
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sender
-        deadline = time.monotonic() + 5.0
-        while self._outbox and time.monotonic() < deadline:
-            try:
-                await self._send()
-            except RedisError:
-                await asyncio.sleep(0.2)
-        if self._outbox:
+        unsent = await self._outbox.close()
+        if unsent:
             log.error("%d budget settlements could not be sent to Redis; the ledger has "
-                      "their costs, and the next gateway to start raises the spend to it",
-                      len(self._outbox))
+                      "their costs, and the next gateway to start raises the spend to it", unsent)
 
 
 def _take_parts(hold: Reservation, amount: int) -> tuple[tuple[str, int], ...]:
