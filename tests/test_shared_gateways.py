@@ -132,3 +132,29 @@ def test_while_redis_is_away_budgeted_requests_get_503_and_the_rest_are_served(
     # Back: served again; the ledger has every request served, none refused.
     capped.client().chat.completions.create(model=model, messages=messages, max_tokens=2)  # type: ignore[arg-type]
     wait_for(lambda: num_requests(capped) == 2 and num_requests(free) == 1, 30)
+
+
+async def test_a_rate_limit_holds_across_gateways(fleet: list[Gateway]) -> None:
+    org = await asyncio.to_thread(new_org, fleet[0], "fleet-rate")
+    await asyncio.to_thread(
+        cli, fleet[0].db_url, "orgs", "set-rate-limit", "fleet-rate", "--tier", "default", "--rpm", "6")
+    await asyncio.sleep(REFRESH * 5)
+    clients = [openai.AsyncOpenAI(base_url=g.url + "/v1", api_key=org.key, max_retries=0)
+               for g in fleet]
+    model = (await clients[0].models.list()).data[0].id
+
+    async def one(i: int) -> object:
+        try:
+            return await clients[i % 2].chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "Hi."}], max_tokens=2)
+        except openai.RateLimitError as exc:
+            return exc
+
+    outcomes = await asyncio.gather(*(one(i) for i in range(30)))
+    refused = [o for o in outcomes if isinstance(o, openai.RateLimitError)]
+    assert {error.code for error in refused} == {"rate_limit_exceeded"}
+    # Six a minute for the organization, whichever gateway each reached (a
+    # seventh only if the buckets refilled a whole request meanwhile: 10 s).
+    assert 30 - len(refused) == 6
+    for client in clients:
+        await client.close()

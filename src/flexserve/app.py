@@ -42,7 +42,7 @@ from flexserve.api.state import Services
 from flexserve.batches import Batches
 from flexserve.billing.budget import Budgets
 from flexserve.billing.journal import UsageJournal
-from flexserve.billing.ratelimit import CallRate
+from flexserve.billing.ratelimit import CallRate, RateLimits
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.engines.base import Engine, StepTimeModel
@@ -119,14 +119,16 @@ def build_engines(settings: Settings) -> list[Engine]:
     ]
 
 
-async def _shared_budgets(settings: Settings, stack: AsyncExitStack) -> Budgets | None:
-    """Budgets in the Redis every gateway shares (setting ``redis``); None:
-    kept in this process."""
+async def _shared_state(
+    settings: Settings, stack: AsyncExitStack
+) -> tuple[Budgets | None, RateLimits | None]:
+    """Budgets and rate limits in the Redis every gateway shares (setting
+    ``redis``); None: kept in this process."""
     if not settings.redis:
-        return None
-    from flexserve.shared.connect import open_budgets
+        return None, None
+    from flexserve.shared.connect import open_shared
 
-    return await open_budgets(settings, stack)
+    return await open_shared(settings, stack)
 
 
 async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[Engine]:
@@ -217,9 +219,11 @@ def create_app(
             scheduler = Scheduler.from_engines(started, scheduler_config(settings))
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
+            budgets, limiter = await _shared_state(settings, stack)
             gate = Gate(
                 db,
-                budgets=await _shared_budgets(settings, stack),
+                budgets=budgets,
+                limiter=limiter,
                 refresh_interval=settings.policy_refresh_interval,
                 max_output_tokens=settings.max_completion_tokens,
                 context_lengths={c.id: c.max_model_len for e in started for c in e.models()},

@@ -37,7 +37,7 @@ class Settings:
     port: int = _opt(8000, "Port the HTTP server listens on.")
     home: str = _opt(".flexserve", "Data directory: the SQLite file and the demo key live here.")
     db: str = _opt("", "Database URL (sqlite:///path or postgresql://…, whose schema `flexserve db upgrade` upgrades); empty: SQLite in `home`.")
-    redis: str = _opt("", "Redis URL (redis://host:port/db) for the live state gateways share: budgets; empty: kept in this process (one gateway).")
+    redis: str = _opt("", "Redis URL (redis://host:port/db) for the live state gateways share: budgets and rate limits; empty: kept in this process (one gateway).")
     redis_prefix: str = _opt("flexserve", "Prefix of FlexServe's keys in Redis: one per deployment sharing a server.")
     redis_lease_ttl: float = _opt(
         15.0, "Seconds a gateway silent to Redis keeps its lease; past it, what it held (budget holds) is given back."

@@ -55,7 +55,7 @@ from flexserve.billing.pricing import (
     PriceCatalog,
     format_micro_usd,
 )
-from flexserve.billing.ratelimit import RateLimiter, RateTake
+from flexserve.billing.ratelimit import RateLimiter, RateLimits, RateTake
 from flexserve.billing.usage import UsageRecord
 from flexserve.errors import InsufficientQuotaError, VerificationRequiredError
 from flexserve.store.database import Database
@@ -101,7 +101,7 @@ class Gate:
         max_output_tokens: int = 65536,
         context_lengths: Mapping[str, int | None] | None = None,
         budgets: Budgets | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RateLimits | None = None,
     ) -> None:
         self._db = db
         self._refresh_interval = refresh_interval
@@ -120,6 +120,7 @@ class Gate:
         spent = await Controls(self._db).spend_since(month_start(now))
         self.budgets.load_spent(month_of(now), spent)
         await self.budgets.start()
+        await self.limiter.start()
         self._task = asyncio.create_task(self._refresh_forever(), name="policy-refresh")
 
     async def close(self) -> None:
@@ -128,6 +129,7 @@ class Gate:
         if task is not None:
             await asyncio.wait([task])
         await self.budgets.close()
+        await self.limiter.close()
 
     async def refresh(self) -> None:
         """Reload prices, gates, budgets and rate limits from the database."""
@@ -162,8 +164,7 @@ class Gate:
         policy = self.policy
         _check_verification(policy, principal, request)
         approx_tokens = request.prompt_tokens + request.output_tokens_guess(_TPM_OUTPUT_GUESS)
-        # Synchronous check-and-take: no await between the check and the hold.
-        rate = self.limiter.take(principal.org_id, tier, approx_tokens)
+        rate = await self.limiter.acquire(principal.org_id, tier, approx_tokens)
         most = self.max_cost(request, tier, window)
         try:
             if hold is not None:

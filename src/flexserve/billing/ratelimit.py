@@ -23,9 +23,10 @@ same for ``-tokens``; resets are Go-style durations (``"1s"``, ``"6m0s"``,
 
 from __future__ import annotations
 
+import abc
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from flexserve.errors import RateLimitError
@@ -60,9 +61,6 @@ class _Bucket:
         need = min(amount, float(self.capacity)) - self.level
         return 0.0 if need <= 0 else need * 60.0 / self.capacity
 
-    def until_full(self) -> float:
-        return max(0.0, (self.capacity - self.level) * 60.0 / self.capacity)
-
     def resize(self, capacity: int) -> None:
         self.level = min(self.level, float(capacity))
         self.capacity = capacity
@@ -78,7 +76,35 @@ class RateTake:
     settled: bool = False
 
 
-class RateLimiter:
+class RateLimits(abc.ABC):
+    """Requests- and tokens-per-minute limits per (organization, tier). The
+    contract: ``acquire`` takes one request and the estimated tokens from
+    both buckets or raises RateLimitError (429) having taken nothing; ``settle``
+    corrects the tokens to what the request used and ``give_back`` undoes a
+    take, each once and never blocking. ``RateLimiter`` keeps the buckets in
+    this process; ``flexserve.shared.ratelimit.RedisRateLimits`` in Redis,
+    for every gateway that shares it."""
+
+    @abc.abstractmethod
+    def set_limits(self, limits: Mapping[tuple[str, ServiceTier], RateLimit]) -> None: ...
+
+    @abc.abstractmethod
+    async def acquire(self, org_id: str, tier: ServiceTier, tokens: int) -> RateTake: ...
+
+    @abc.abstractmethod
+    def settle(self, take: RateTake, actual_tokens: int) -> None: ...
+
+    @abc.abstractmethod
+    def give_back(self, take: RateTake) -> None: ...
+
+    async def start(self) -> None:
+        """Begin; nothing to do for limits kept in this process."""
+
+    async def close(self) -> None:
+        """Hand over what is still queued; nothing for this process's."""
+
+
+class RateLimiter(RateLimits):
     """Token buckets per (organization, tier), for the limits an operator set."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -107,6 +133,10 @@ class RateLimiter:
                 if capacity is not None and key not in buckets:
                     buckets[key] = _Bucket(capacity, now)
 
+    async def acquire(self, org_id: str, tier: ServiceTier, tokens: int) -> RateTake:
+        # No await in ``take``: requests arriving together pass one by one.
+        return self.take(org_id, tier, tokens)
+
     def take(self, org_id: str, tier: ServiceTier, tokens: int) -> RateTake:
         """Take one request and ``tokens`` tokens, or raise RateLimitError (429)
         having taken nothing."""
@@ -125,13 +155,8 @@ class RateLimiter:
                     waits.append((wait, what, bucket))
         if waits:
             wait, what, bucket = max(waits, key=lambda w: w[0])
-            raise RateLimitError(
-                f"Rate limit reached for {tier.value} requests in this organization on "
-                f"{what} per minute: limit {bucket.capacity}. Please try again in "
-                f"{go_duration(wait)}.",
-                retry_after=wait,
-                headers=_headers(requests, token_bucket),
-            )
+            raise limit_reached(tier, what, bucket.capacity, wait,
+                                _headers(requests, token_bucket))
         if requests is not None:
             requests.level -= 1
         if token_bucket is not None:
@@ -216,14 +241,35 @@ class CallRate:
         self._sweep_at = max(1024, 2 * len(self._buckets))
 
 
-def _headers(requests: _Bucket | None, tokens: _Bucket | None) -> dict[str, str]:
+def limit_reached(
+    tier: ServiceTier, what: str, capacity: int, wait: float, headers: dict[str, str]
+) -> RateLimitError:
+    """The 429 for a request past its ``what`` ("requests"/"tokens") per minute."""
+    return RateLimitError(
+        f"Rate limit reached for {tier.value} requests in this organization on "
+        f"{what} per minute: limit {capacity}. Please try again in {go_duration(wait)}.",
+        retry_after=wait,
+        headers=headers,
+    )
+
+
+def limit_headers(buckets: Iterable[tuple[str, int, float]]) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for (what, capacity, level) buckets."""
     headers = {}
-    for bucket, what in ((requests, "requests"), (tokens, "tokens")):
-        if bucket is not None:
-            headers[f"x-ratelimit-limit-{what}"] = str(bucket.capacity)
-            headers[f"x-ratelimit-remaining-{what}"] = str(max(0, math.floor(bucket.level)))
-            headers[f"x-ratelimit-reset-{what}"] = go_duration(bucket.until_full())
+    for what, capacity, level in buckets:
+        headers[f"x-ratelimit-limit-{what}"] = str(capacity)
+        headers[f"x-ratelimit-remaining-{what}"] = str(max(0, math.floor(level)))
+        until_full = max(0.0, (capacity - level) * 60.0 / capacity) if capacity else 0.0
+        headers[f"x-ratelimit-reset-{what}"] = go_duration(until_full)
     return headers
+
+
+def _headers(requests: _Bucket | None, tokens: _Bucket | None) -> dict[str, str]:
+    return limit_headers(
+        (what, bucket.capacity, bucket.level)
+        for bucket, what in ((requests, "requests"), (tokens, "tokens"))
+        if bucket is not None
+    )
 
 
 def go_duration(seconds: float) -> str:

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from redis.exceptions import RedisError
 
 from flexserve.billing.budget import BudgetExceeded, Budgets, Reservation, month_bounds
-from flexserve.errors import ServiceUnavailableError
+from flexserve.shared.errors import shared_state_unavailable
 from flexserve.shared.outbox import Outbox
 from flexserve.shared.presence import Presence
 
@@ -140,14 +140,6 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 return 1
 """
-
-def shared_state_unavailable(exc: BaseException) -> ServiceUnavailableError:
-    return ServiceUnavailableError(
-        "The gateways' shared state (Redis) cannot be reached; nothing was charged. "
-        f"Please retry shortly. ({type(exc).__name__})",
-        retry_after=1, code="shared_state_unavailable",
-    )
-
 
 @dataclass(slots=True)
 class _Settlement:

@@ -15,6 +15,7 @@ from redis.exceptions import RedisError
 from flexserve.config import Settings
 from flexserve.shared.budgets import RedisBudgets
 from flexserve.shared.presence import Presence
+from flexserve.shared.ratelimit import RedisRateLimits
 
 
 class SharedStateError(Exception):
@@ -42,12 +43,14 @@ async def connect(url: str) -> Redis:
     return redis
 
 
-async def open_budgets(settings: Settings, stack: AsyncExitStack) -> RedisBudgets:
-    """This gateway's lease in the shared Redis and the budgets kept there;
-    both closed with ``stack`` (the lease given back)."""
+async def open_shared(
+    settings: Settings, stack: AsyncExitStack
+) -> tuple[RedisBudgets, RedisRateLimits]:
+    """This gateway's lease in the shared Redis, and the budgets and rate
+    limits kept there; closed with ``stack`` (the lease given back)."""
     redis = await connect(settings.redis)
     stack.push_async_callback(redis.aclose)
     presence = Presence(redis, prefix=settings.redis_prefix, ttl=settings.redis_lease_ttl)
     await presence.start()
     stack.push_async_callback(presence.close)
-    return RedisBudgets(presence)
+    return RedisBudgets(presence), RedisRateLimits(presence)

@@ -1,0 +1,112 @@
+"""Rate limits shared by several gateways through a real Redis server
+(``flexserve.shared.ratelimit``): each "gateway" a connection of its own."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from flexserve.billing.ratelimit import RateLimit, RateLimiter, RateLimits
+from flexserve.errors import RateLimitError, ServiceUnavailableError
+from flexserve.shared.presence import Presence
+from flexserve.shared.ratelimit import RedisRateLimits
+from flexserve.tiers import ServiceTier
+from redis_server import RedisServer
+
+FLEX = ServiceTier.FLEX
+
+
+class Limiters:
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
+        self._open: list[tuple[Presence, RedisRateLimits, Redis]] = []
+
+    async def start(self, limit: RateLimit) -> RedisRateLimits:
+        redis = Redis.from_url(self.server.url, socket_timeout=1, socket_connect_timeout=1)
+        presence = Presence(redis, prefix=self.prefix)
+        limits = RedisRateLimits(presence)
+        limits.set_limits({("org-1", FLEX): limit})
+        await limits.start()
+        self._open.append((presence, limits, redis))
+        return limits
+
+    async def close(self) -> None:
+        for _, limits, redis in reversed(self._open):
+            await limits.close()
+            await redis.aclose()
+
+
+@pytest.fixture
+async def limiters(redis_server: RedisServer) -> AsyncIterator[Limiters]:
+    made = Limiters(redis_server)
+    yield made
+    await made.close()
+
+
+async def admitted_at_once(gateways: list[RateLimits], attempts: int, tokens: int = 10) -> int:
+    """Requests admitted out of ``attempts`` arriving together, spread over
+    ``gateways`` in turn."""
+    async def one(i: int) -> bool:
+        try:
+            await gateways[i % len(gateways)].acquire("org-1", FLEX, tokens)
+        except RateLimitError:
+            return False
+        return True
+
+    return sum(await asyncio.gather(*(one(i) for i in range(attempts))))
+
+
+async def test_a_minutes_requests_across_gateways_are_the_limit(limiters: Limiters) -> None:
+    limit = RateLimit(requests_per_minute=30)
+    gateways: list[RateLimits] = [await limiters.start(limit) for _ in range(3)]
+    # Under a second: the buckets refill by at most half a request meanwhile.
+    assert await admitted_at_once(gateways, 200) == 30
+
+
+async def test_gateways_each_with_limits_of_their_own_admit_the_limit_each() -> None:
+    """What sharing is for: three gateways of one-gateway design admit 3×."""
+    local: list[RateLimits] = []
+    for _ in range(3):
+        limiter = RateLimiter()
+        limiter.set_limits({("org-1", FLEX): RateLimit(requests_per_minute=30)})
+        local.append(limiter)
+    assert await admitted_at_once(local, 200) == 90
+
+
+async def test_tokens_are_corrected_to_what_was_used_and_refusals_say_when(limiters: Limiters) -> None:
+    limit = RateLimit(requests_per_minute=100, tokens_per_minute=1000)
+    first, second = await limiters.start(limit), await limiters.start(limit)
+    take = await first.acquire("org-1", FLEX, 900)
+    assert take.headers["x-ratelimit-remaining-tokens"] == "100"
+    assert take.headers["x-ratelimit-limit-requests"] == "100"
+    with pytest.raises(RateLimitError) as refused:
+        await second.acquire("org-1", FLEX, 500)
+    assert "tokens per minute: limit 1000" in refused.value.message
+    # 400 more tokens at 1000 a minute: about 24 s.
+    assert 24 <= int(refused.value.headers["Retry-After"]) <= 25
+    first.settle(take, 300)  # it used 300 of its 900: 600 come back
+    await first.close()
+    again = await second.acquire("org-1", FLEX, 500)
+    assert 200 <= int(again.headers["x-ratelimit-remaining-tokens"]) <= 201
+    second.give_back(again)
+    await second.close()
+    last = await first.acquire("org-1", FLEX, 0)
+    assert last.headers["x-ratelimit-remaining-requests"] == "98"  # 100, three taken, one given back
+
+
+async def test_redis_away_is_a_503_not_a_free_pass(limiters: Limiters, redis_server: RedisServer) -> None:
+    limits = await limiters.start(RateLimit(requests_per_minute=10))
+    redis_server.pause()
+    try:
+        with pytest.raises(ServiceUnavailableError) as away:
+            await limits.acquire("org-1", FLEX, 1)
+        # An organization without limits makes no round trip: served.
+        assert (await limits.acquire("org-2", FLEX, 1)).headers == {}
+    finally:
+        redis_server.resume()
+    assert away.value.code == "shared_state_unavailable"
