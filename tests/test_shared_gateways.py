@@ -5,15 +5,21 @@ across both, whichever gateway each request reaches."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from billing_support import Org, cli, new_org, pico, results
-from conftest import ON_POSTGRES, Gateway, sim_engine, wait_for
+from conftest import ON_POSTGRES, Gateway, ServerThread, sim_engine, wait_for
+from flexserve.engines.sim import SimModel
+from flexserve.engines.sim.server import create_sim_app
 from redis_server import RedisServer
 
 # o3's launch prices, in micro-dollars per 1M tokens (= pico-dollars per token).
@@ -156,5 +162,99 @@ async def test_a_rate_limit_holds_across_gateways(fleet: list[Gateway]) -> None:
     # Six a minute for the organization, whichever gateway each reached (a
     # seventh only if the buckets refilled a whole request meanwhile: 10 s).
     assert 30 - len(refused) == 6
+    for client in clients:
+        await client.close()
+
+
+@pytest.fixture(scope="module")
+def one_engine() -> Iterator[ServerThread]:
+    """One engine replica (a sim-engine server) running 4 sequences at once."""
+    with ServerThread(create_sim_app(SimModel("h100-llama3-8b", speed=2.0, max_num_seqs=4))) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def pair_on_one_engine(
+    start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer, one_engine: ServerThread, request: pytest.FixtureRequest,
+) -> list[Gateway]:
+    if ON_POSTGRES:
+        db_url = request.getfixturevalue("postgres").create_database()
+    else:
+        db_url = f"sqlite:///{tmp_path_factory.mktemp('pair') / 'flexserve.db'}"
+    shared = {"engine": "upstream", "upstreams": [one_engine.url], "upstream_capacity": 4,
+              "db": db_url, "redis": redis_server.url,
+              "redis_prefix": f"pair-{uuid.uuid4().hex[:8]}"}
+    return [start_gateway(org=f"pair-admin-{i}", **shared) for i in range(2)]
+
+
+@contextlib.contextmanager
+def watched(gateways: list[Gateway], engine: ServerThread, redis_url: str) -> Iterator[list[dict[str, float]]]:
+    """Every 10 ms while the block runs: the slots the gateways lease on the
+    engine (Redis), the runs each has in flight on it, and the engine's own
+    running and waiting sequences."""
+    import redis
+
+    seen: list[dict[str, float]] = []
+    stop = threading.Event()
+    key = f"{gateways[0].settings.redis_prefix}:slots:upstream:{engine.url}"
+
+    def metrics(http: httpx.Client, url: str) -> dict[str, float]:
+        text = http.get(url + "/metrics").text
+        values: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+        return values
+
+    def watch() -> None:
+        with httpx.Client(timeout=5) as http, redis.Redis.from_url(redis_url) as client:
+            while not stop.is_set():
+                leases = client.hgetall(key)
+                in_flight = [metrics(http, g.url)["flexserve_in_flight"] for g in gateways]
+                on_engine = metrics(http, engine.url)
+                seen.append({
+                    "leased": sum(int(v) for k, v in leases.items() if not k.endswith(b":want")),
+                    "in_flight": sum(in_flight),
+                    "running": on_engine["vllm:num_requests_running"],
+                    "waiting": on_engine["vllm:num_requests_waiting"],
+                })
+                time.sleep(0.01)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        yield seen
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize("tier", ["default", "flex"])
+async def test_two_gateways_never_send_one_engine_more_than_it_runs(
+    pair_on_one_engine: list[Gateway], one_engine: ServerThread, redis_server: RedisServer,
+    tier: str,
+) -> None:
+    """Each gateway alone would fill the engine's 4 slots: together, on
+    shared leases, they never lease or run more than 4 (flex: never more than
+    3, the fifth of the slots kept for default), and every request is served."""
+    clients = [g.async_client() for g in pair_on_one_engine]
+    model = (await clients[0].models.list()).data[0].id
+
+    async def one(i: int) -> object:
+        return await clients[i % 2].chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "Write."}], max_tokens=150,
+            service_tier=tier)  # type: ignore[arg-type]
+
+    with watched(pair_on_one_engine, one_engine, redis_server.url) as seen:
+        answers = await asyncio.gather(*(one(i) for i in range(16)))
+    assert all(a.usage.completion_tokens == 150 for a in answers)  # type: ignore[attr-defined]
+    assert len(seen) > 20
+    assert max(s["leased"] for s in seen) <= 4
+    most = max(s["in_flight"] for s in seen)
+    if tier == "default":
+        assert most == 4, seen  # the whole engine, shared, and no more
+    else:
+        assert 1 <= most <= 3, seen
     for client in clients:
         await client.close()

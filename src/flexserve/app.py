@@ -120,15 +120,15 @@ def build_engines(settings: Settings) -> list[Engine]:
 
 
 async def _shared_state(
-    settings: Settings, stack: AsyncExitStack
+    settings: Settings, stack: AsyncExitStack, scheduler: Scheduler
 ) -> tuple[Budgets | None, RateLimits | None]:
-    """Budgets and rate limits in the Redis every gateway shares (setting
-    ``redis``); None: kept in this process."""
+    """Engine slots, budgets and rate limits in the Redis every gateway
+    shares (setting ``redis``); None: kept in this process."""
     if not settings.redis:
         return None, None
     from flexserve.shared.connect import open_shared
 
-    return await open_shared(settings, stack)
+    return await open_shared(settings, stack, scheduler)
 
 
 async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[Engine]:
@@ -219,7 +219,7 @@ def create_app(
             scheduler = Scheduler.from_engines(started, scheduler_config(settings))
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
-            budgets, limiter = await _shared_state(settings, stack)
+            budgets, limiter = await _shared_state(settings, stack, scheduler)
             gate = Gate(
                 db,
                 budgets=budgets,

@@ -37,10 +37,13 @@ class Settings:
     port: int = _opt(8000, "Port the HTTP server listens on.")
     home: str = _opt(".flexserve", "Data directory: the SQLite file and the demo key live here.")
     db: str = _opt("", "Database URL (sqlite:///path or postgresql://…, whose schema `flexserve db upgrade` upgrades); empty: SQLite in `home`.")
-    redis: str = _opt("", "Redis URL (redis://host:port/db) for the live state gateways share: budgets and rate limits; empty: kept in this process (one gateway).")
+    redis: str = _opt("", "Redis URL (redis://host:port/db) for the live state gateways share: engine slots, budgets and rate limits; empty: kept in this process (one gateway).")
     redis_prefix: str = _opt("flexserve", "Prefix of FlexServe's keys in Redis: one per deployment sharing a server.")
     redis_lease_ttl: float = _opt(
-        15.0, "Seconds a gateway silent to Redis keeps its lease; past it, what it held (budget holds) is given back."
+        15.0, "Seconds a gateway silent to Redis keeps its lease; past it, what it held (engine slots, budget holds) is given back."
+    )
+    redis_slots_interval: float = _opt(
+        0.2, "Seconds between a gateway's updates of its leases on each replica's slots (with redis)."
     )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
     bootstrap_demo: bool = _opt(
@@ -271,6 +274,6 @@ def load_settings(
         raise ConfigError("setting 'default_service_tier' must be default, flex or priority")
     if settings.redis and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"setting 'redis': {settings.redis!r} is not a redis://, rediss:// or unix:// URL")
-    if settings.redis_lease_ttl <= 0:
-        raise ConfigError("setting 'redis_lease_ttl' must be positive")
+    if settings.redis_lease_ttl <= 0 or settings.redis_slots_interval <= 0:
+        raise ConfigError("settings 'redis_lease_ttl' and 'redis_slots_interval' must be positive")
     return settings

@@ -65,7 +65,8 @@ class Replica:
     """One engine replica and what the gateway has in flight on it."""
 
     engine: Engine
-    # Sequences the gateway runs on this replica at once.
+    # Sequences the gateway runs on this replica at once: all it runs at once,
+    # or, where gateways share the replica, this gateway's lease on them.
     capacity: int
     running: list[Running] = field(default_factory=list)
     num_in_flight_by_tier: dict[ServiceTier, int] = field(
@@ -98,6 +99,12 @@ class Replica:
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
     flex_slots_smoothed: float = 0.0
     flex_slots_seen_at: float | None = None
+    # Sequences the replica runs at once, whoever sends them (``capacity``
+    # before any lease).
+    full_capacity: int = 0
+
+    def __post_init__(self) -> None:
+        self.full_capacity = self.full_capacity or self.capacity
 
     @property
     def name(self) -> str:

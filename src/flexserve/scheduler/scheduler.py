@@ -228,6 +228,28 @@ class Scheduler:
                 run.hung = True
                 run.pump.cancel()
 
+    # --- slots shared with other gateways (flexserve.shared.capacity) ------------
+
+    def slot_demand(self) -> list[tuple[str, int, int, int]]:
+        """Per replica: its name, all it runs at once, the slots this gateway
+        wants there (its runs, and its share of the requests waiting for the
+        models it serves) and has in flight."""
+        demand = []
+        for replica in self.replicas():
+            waiting = sum(math.ceil(len(pool.queue) / len(pool.replicas))
+                          for pool in self._pools_of(replica))
+            demand.append((replica.name, replica.full_capacity,
+                           replica.num_in_flight + waiting, replica.num_in_flight))
+        return demand
+
+    def lease(self, name: str, slots: int) -> None:
+        """This gateway may now run ``slots`` sequences on replica ``name``."""
+        for replica in self.replicas():
+            if replica.name == name and replica.capacity != slots:
+                replica.capacity = min(slots, replica.full_capacity)
+                for pool in self._pools_of(replica):
+                    self._dispatch(pool)
+
     # --- the request path -------------------------------------------------------
 
     async def stream(self, ticket: Ticket, request: EngineRequest) -> AsyncGenerator[Delta, None]:

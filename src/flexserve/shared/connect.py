@@ -13,7 +13,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flexserve.config import Settings
+from flexserve.scheduler.scheduler import Scheduler
 from flexserve.shared.budgets import RedisBudgets
+from flexserve.shared.capacity import SharedSlots
 from flexserve.shared.presence import Presence
 from flexserve.shared.ratelimit import RedisRateLimits
 
@@ -44,13 +46,18 @@ async def connect(url: str) -> Redis:
 
 
 async def open_shared(
-    settings: Settings, stack: AsyncExitStack
+    settings: Settings, stack: AsyncExitStack, scheduler: Scheduler
 ) -> tuple[RedisBudgets, RedisRateLimits]:
-    """This gateway's lease in the shared Redis, and the budgets and rate
-    limits kept there; closed with ``stack`` (the lease given back)."""
+    """This gateway's lease in the shared Redis; its leases on the engines'
+    slots, kept up to date for ``scheduler``; the budgets and rate limits
+    kept there. All closed with ``stack`` (the leases given back)."""
     redis = await connect(settings.redis)
     stack.push_async_callback(redis.aclose)
     presence = Presence(redis, prefix=settings.redis_prefix, ttl=settings.redis_lease_ttl)
     await presence.start()
     stack.push_async_callback(presence.close)
+    slots = SharedSlots(presence, scheduler.slot_demand, scheduler.lease,
+                        interval=settings.redis_slots_interval)
+    await slots.start()
+    stack.push_async_callback(slots.close)
     return RedisBudgets(presence), RedisRateLimits(presence)

@@ -1,0 +1,119 @@
+"""Engine slots shared by several gateways through a real Redis server
+(``flexserve.shared.capacity``): each "gateway" a lease and a connection of
+its own, told what it wants and runs, as its scheduler would tell it."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from flexserve.shared.capacity import SharedSlots
+from flexserve.shared.presence import Presence
+from redis_server import RedisServer
+
+REPLICA, CAPACITY = "upstream:http://10.0.0.1:8000", 8
+
+
+class Gateway:
+    """What one gateway's scheduler says about the replica, and its lease."""
+
+    def __init__(self, presence: Presence, redis: Redis) -> None:
+        self.presence = presence
+        self.redis = redis
+        self.want = 0
+        self.lease = 0
+        self.slots = SharedSlots(presence, self.demand, self.grant, interval=3600)
+
+    @property
+    def in_use(self) -> int:
+        # It runs what it wants, as far as its lease lets it.
+        return min(self.want, self.lease)
+
+    def demand(self) -> list[tuple[str, int, int, int]]:
+        return [(REPLICA, CAPACITY, self.want, self.in_use)]
+
+    def grant(self, name: str, slots: int) -> None:
+        assert name == REPLICA
+        self.lease = slots
+
+
+@pytest.fixture
+async def fleet(redis_server: RedisServer) -> AsyncIterator[list[Gateway]]:
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    made: list[Gateway] = []
+    for _ in range(3):
+        redis = Redis.from_url(redis_server.url, socket_timeout=1)
+        presence = Presence(redis, prefix=prefix, ttl=1.0)
+        await presence.start()
+        made.append(Gateway(presence, redis))
+    yield made
+    for gateway in made:
+        await gateway.presence.close()
+        await gateway.redis.aclose()
+
+
+async def leases_in_redis(gateway: Gateway) -> dict[str, int]:
+    stored = await gateway.redis.hgetall(f"{gateway.presence.prefix}:slots:{REPLICA}")
+    return {k.decode(): int(v) for k, v in stored.items() if not k.endswith(b":want")}
+
+
+async def test_leases_never_sum_past_the_capacity_and_follow_demand(fleet: list[Gateway]) -> None:
+    rng = random.Random(3)
+    for _ in range(300):
+        gateway = rng.choice(fleet)
+        gateway.want = rng.choice([0, 1, 2, 5, 12])
+        await gateway.slots.renew()
+        assert sum((await leases_in_redis(gateway)).values()) <= CAPACITY
+        assert all(g.in_use <= g.lease for g in fleet)
+    # Steady demand: max-min fair, the rest spread evenly.
+    for gateway, want in zip(fleet, (12, 2, 0), strict=True):
+        gateway.want = want
+    for _ in range(3):
+        for gateway in fleet:
+            await gateway.slots.renew()
+    assert [g.lease for g in fleet] == [6, 2, 0]
+    fleet[0].want = 0  # the busy one falls idle: the six spare spread for bursts
+    for _ in range(2):
+        for gateway in fleet:
+            await gateway.slots.renew()
+    assert [g.lease for g in fleet] == [2, 2 + 2, 2]
+
+
+async def test_a_lease_shrinks_no_lower_than_what_runs(fleet: list[Gateway]) -> None:
+    busy, newcomer = fleet[0], fleet[1]
+    busy.want = 8
+    await busy.slots.renew()
+    assert busy.lease == 8 and busy.in_use == 8
+    newcomer.want = 8
+    await newcomer.slots.renew()
+    assert newcomer.lease == 0  # nothing is free yet
+    await busy.slots.renew()
+    assert busy.lease == 8  # its eight still run
+    busy.want = 3  # five of its runs ended
+    await busy.slots.renew()
+    await newcomer.slots.renew()
+    assert (busy.lease, newcomer.lease) == (3, 5)
+
+
+async def test_a_dead_gateways_slots_come_back_within_its_lease(fleet: list[Gateway]) -> None:
+    dying, survivor = fleet[0], fleet[1]
+    dying.want = 8
+    await dying.slots.renew()
+    survivor.want = 8
+    task = dying.presence._task
+    assert task is not None
+    task.cancel()  # killed: its presence is no longer renewed
+    died = time.monotonic()
+    while True:
+        await survivor.slots.renew()
+        if survivor.lease == 8:
+            break
+        assert time.monotonic() - died < 2.0, "the dead gateway's slots were never given back"
+        await asyncio.sleep(0.05)
+    assert time.monotonic() - died >= 0.5
