@@ -176,6 +176,23 @@ def test_fair_queue_charges_tokens_not_requests() -> None:
     assert served.count("heavy") == 2
 
 
+def test_fair_queue_weights_give_an_organization_more_of_each_turn() -> None:
+    """Where gateways share engines, an organization's weight is its part of
+    this gateway's lease (``flexserve.shared.capacity``): twice the weight,
+    twice the tokens per turn."""
+    class W:
+        def __init__(self, org: str) -> None:
+            self.org_id, self.cost_tokens, self.arrival, self.queued = org, 500, 0.0, True
+
+    queue = FairQueue(quantum=1000)
+    queue.weights = {"spread": 0.5, "here": 1.0}
+    for _ in range(30):
+        queue.push(W("spread"))  # type: ignore[arg-type]
+        queue.push(W("here"))  # type: ignore[arg-type]
+    served = [queue.pop().org_id for _ in range(30)]  # type: ignore[union-attr]
+    assert served.count("here") == 20 and served.count("spread") == 10
+
+
 def test_fair_queue_keeps_the_order_waiters_joined_in() -> None:
     class W:
         def __init__(self, org: str, n: int) -> None:

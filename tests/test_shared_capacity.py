@@ -26,21 +26,34 @@ class Gateway:
     def __init__(self, presence: Presence, redis: Redis) -> None:
         self.presence = presence
         self.redis = redis
-        self.want = 0
+        # What it wants per organization (``want``: all of it for one).
+        self.wants: dict[str, int] = {}
         self.lease = 0
+        self.shares: dict[str, float] = {}
+        self.running: int | None = None
         self.slots = SharedSlots(presence, self.demand, self.grant, interval=3600)
 
     @property
+    def want(self) -> int:
+        return sum(self.wants.values())
+
+    @want.setter
+    def want(self, value: int) -> None:
+        self.wants = {"org-1": value}
+
+    @property
     def in_use(self) -> int:
-        # It runs what it wants, as far as its lease lets it.
-        return min(self.want, self.lease)
+        # It runs what it wants, as far as its lease lets it (unless a test
+        # says what it runs).
+        return min(self.want, self.lease) if self.running is None else self.running
 
-    def demand(self) -> list[tuple[str, int, int, int]]:
-        return [(REPLICA, CAPACITY, self.want, self.in_use)]
+    def demand(self) -> list[tuple[str, int, int, dict[str, int]]]:
+        return [(REPLICA, CAPACITY, self.in_use, self.wants)]
 
-    def grant(self, name: str, slots: int) -> None:
+    def grant(self, name: str, slots: int, shares: dict[str, float]) -> None:
         assert name == REPLICA
         self.lease = slots
+        self.shares = shares
 
 
 @pytest.fixture
@@ -73,12 +86,12 @@ async def test_leases_never_sum_past_the_capacity_and_follow_demand(fleet: list[
         assert all(g.in_use <= g.lease for g in fleet)
     # Steady demand: max-min fair, the rest spread evenly.
     for gateway, want in zip(fleet, (12, 2, 0), strict=True):
-        gateway.want = want
+        gateway.wants = {f"org-{want}": want}
     for _ in range(3):
         for gateway in fleet:
             await gateway.slots.renew()
     assert [g.lease for g in fleet] == [6, 2, 0]
-    fleet[0].want = 0  # the busy one falls idle: the six spare spread for bursts
+    fleet[0].wants = {}  # the busy one falls idle: the six spare spread for bursts
     for _ in range(2):
         for gateway in fleet:
             await gateway.slots.renew()
@@ -117,3 +130,21 @@ async def test_a_dead_gateways_slots_come_back_within_its_lease(fleet: list[Gate
         assert time.monotonic() - died < 2.0, "the dead gateway's slots were never given back"
         await asyncio.sleep(0.05)
     assert time.monotonic() - died >= 0.5
+
+
+async def test_an_organization_on_two_gateways_gets_its_part_not_a_part_on_each(
+    fleet: list[Gateway],
+) -> None:
+    """A asks for 8 slots on each of two gateways, B for 8 on the first: each
+    organization's part is half the engine's 8, A's split over its two
+    gateways; the first gateway's turns give B twice A's share."""
+    both, other = fleet[0], fleet[1]
+    both.wants = {"org-a": 8, "org-b": 8}
+    other.wants = {"org-a": 8}
+    both.running = other.running = 0  # nothing has started yet
+    for _ in range(3):
+        for gateway in (both, other):
+            await gateway.slots.renew()
+    assert (both.lease, other.lease) == (6, 2)
+    assert both.shares == {"org-a": 2.0, "org-b": 4.0}
+    assert other.shares == {"org-a": 2.0}

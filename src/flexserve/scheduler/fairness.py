@@ -36,6 +36,10 @@ class FairQueue:
         if quantum < 1:
             raise ValueError("quantum must be at least one token")
         self.quantum = quantum
+        # Each organization's share of a turn's quantum (1 where not given):
+        # where gateways share engines, what makes the organizations' shares
+        # across all gateways fair (``flexserve.shared.capacity``).
+        self.weights: dict[str, float] = {}
         self._flows: dict[str, deque[FairWaiter]] = {}
         self._deficit: dict[str, int] = {}
         # Organizations with waiters, in turn order; the first one has the turn.
@@ -108,7 +112,7 @@ class FairQueue:
                 continue
             if self._turn_of != org:
                 self._turn_of = org
-                self._deficit[org] += self.quantum
+                self._deficit[org] += max(1, round(self.quantum * self.weights.get(org, 1.0)))
             head = flow[0]
             if head.cost_tokens <= self._deficit[org]:
                 return head

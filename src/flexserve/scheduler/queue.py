@@ -145,6 +145,23 @@ class TierQueue:
             self.remove(head)
         return head
 
+    def waiting_by_org(self) -> dict[str, int]:
+        """Waiters per organization, every tier."""
+        counts: dict[str, int] = {}
+        waiters = [w for _, w in self._heap]
+        for fair in self._fair.values():
+            waiters.extend(fair.newest_first())  # type: ignore[arg-type]
+        for waiter in waiters:
+            if waiter.queued:
+                counts[waiter.org_id] = counts.get(waiter.org_id, 0) + 1
+        return counts
+
+    def set_weights(self, weights: dict[str, float]) -> None:
+        """Each organization's share of a turn within flex and batch (1: an
+        equal one; see ``FairQueue.weights``)."""
+        for fair in self._fair.values():
+            fair.weights = weights
+
     def _left(self, waiter: Waiter) -> None:
         self._num_by_tier[waiter.tier] -= 1
         if waiter.tier is ServiceTier.FLEX:

@@ -102,6 +102,9 @@ class Replica:
     # Sequences the replica runs at once, whoever sends them (``capacity``
     # before any lease).
     full_capacity: int = 0
+    # Where gateways share the replica: of this gateway's lease, the slots
+    # meant for each organization's work (``flexserve.shared.capacity``).
+    org_shares: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.full_capacity = self.full_capacity or self.capacity

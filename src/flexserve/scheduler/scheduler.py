@@ -230,25 +230,40 @@ class Scheduler:
 
     # --- slots shared with other gateways (flexserve.shared.capacity) ------------
 
-    def slot_demand(self) -> list[tuple[str, int, int, int]]:
-        """Per replica: its name, all it runs at once, the slots this gateway
-        wants there (its runs, and its share of the requests waiting for the
-        models it serves) and has in flight."""
+    def slot_demand(self) -> list[tuple[str, int, int, dict[str, int]]]:
+        """Per replica: its name, all it runs at once, what this gateway has
+        in flight there, and the slots it wants there per organization (its
+        runs, and its share of the requests waiting for the models it serves)."""
+        waiting = {pool.model: pool.queue.waiting_by_org() for pool in self._pools.values()}
         demand = []
         for replica in self.replicas():
-            waiting = sum(math.ceil(len(pool.queue) / len(pool.replicas))
-                          for pool in self._pools_of(replica))
-            demand.append((replica.name, replica.full_capacity,
-                           replica.num_in_flight + waiting, replica.num_in_flight))
+            wants: dict[str, int] = {}
+            for run in replica.running:
+                wants[run.org_id] = wants.get(run.org_id, 0) + 1
+            for pool in self._pools_of(replica):
+                for org, count in waiting[pool.model].items():
+                    wants[org] = wants.get(org, 0) + math.ceil(count / len(pool.replicas))
+            demand.append((replica.name, replica.full_capacity, replica.num_in_flight, wants))
         return demand
 
-    def lease(self, name: str, slots: int) -> None:
-        """This gateway may now run ``slots`` sequences on replica ``name``."""
+    def lease(self, name: str, slots: int, shares: dict[str, float]) -> None:
+        """This gateway may now run ``slots`` sequences on replica ``name``,
+        ``shares`` of them for each organization's work (which weigh the
+        organizations' turns in flex and batch)."""
         for replica in self.replicas():
-            if replica.name == name and replica.capacity != slots:
-                replica.capacity = min(slots, replica.full_capacity)
-                for pool in self._pools_of(replica):
-                    self._dispatch(pool)
+            if replica.name != name:
+                continue
+            replica.org_shares = shares
+            replica.capacity = min(slots, replica.full_capacity)
+            for pool in self._pools_of(replica):
+                total: dict[str, float] = {}
+                for member in pool.replicas:
+                    for org, share in member.org_shares.items():
+                        total[org] = total.get(org, 0.0) + share
+                mean = sum(total.values()) / len(total) if total else 0.0
+                pool.queue.set_weights({org: share / mean for org, share in total.items() if share > 0}
+                                       if mean > 0 else {})
+                self._dispatch(pool)
 
     # --- the request path -------------------------------------------------------
 

@@ -14,14 +14,18 @@ which every gateway runs for each replica every ``interval`` seconds:
 
 - it drops the leases of gateways whose lease in ``presence`` lapsed (a
   gateway that dies gives its slots back within ``redis_lease_ttl``);
-- it shares the capacity among live gateways by what each asks for (its
-  sequences in flight and waiting), max-min fair, the rest spread evenly so
-  that a burst on an idle gateway can start at once;
+- it shares the capacity among organizations, max-min fair by what each
+  asks for on all gateways together (its sequences in flight and waiting),
+  and gives each gateway its organizations' parts as it asks for them; the
+  rest is spread evenly, so that a burst on an idle gateway starts at once;
 - it grows the caller's lease toward its share only as far as the others
   leave free, and shrinks it no lower than what the caller has in flight.
 
 So the leases on a replica never sum past its capacity, and a gateway whose
-share fell gives slots back as its runs end. A replica's URL names it in
+share fell gives slots back as its runs end. Each organization's part at
+this gateway also weighs its turns in the gateway's flex and batch queues
+(``FairQueue.weights``): an organization that spreads its requests over
+gateways gets its fair part of the engine, not a part on each. A replica's URL names it in
 Redis: gateways must list the same replicas under the same URLs.
 """
 
@@ -39,43 +43,63 @@ from flexserve.shared.presence import Presence
 log = logging.getLogger(__name__)
 
 # Lua: lease. KEYS: the gateways set, the replica's leases. ARGV: prefix,
-# holder, capacity, want, in use. Returns the caller's lease now.
+# holder, capacity, in use, then organization, want pairs. Returns the
+# caller's lease, then organization, share pairs (strings).
 _LEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gateways, slots = KEYS[1], KEYS[2]
-local me, capacity = ARGV[2], tonumber(ARGV[3])
-local want, in_use = tonumber(ARGV[4]), tonumber(ARGV[5])
+local me, capacity, in_use = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
+local mine = {}
+for i = 5, #ARGV, 2 do mine[ARGV[i]] = tonumber(ARGV[i + 1]) end
+redis.call('HSET', slots, me .. ':want', cjson.encode(mine))
 local leases, wants, holders = {}, {}, {}
 local stored = redis.call('HGETALL', slots)
 for i = 1, #stored, 2 do
-  local field, value = stored[i], tonumber(stored[i + 1])
+  local field, value = stored[i], stored[i + 1]
   local holder = string.match(field, '^(.*):want$')
   local name = holder or field
   if name ~= me and not redis.call('ZSCORE', gateways, name) then
     redis.call('HDEL', slots, field)
   elseif holder then
-    wants[holder] = value
+    wants[holder] = holder == me and mine or cjson.decode(value)
+    table.insert(holders, holder)
   else
-    leases[field] = value
+    leases[field] = tonumber(value)
   end
 end
-wants[me] = want
-redis.call('HSET', slots, me .. ':want', want)
-for holder in pairs(wants) do table.insert(holders, holder) end
-table.sort(holders, function(a, b)
-  if wants[a] == wants[b] then return a < b end
-  return wants[a] < wants[b]
-end)
-local left, share = capacity, {}
-for i, holder in ipairs(holders) do
-  local give = math.min(wants[holder], math.floor(left / (#holders - i + 1)))
-  share[holder] = give
-  left = left - give
+-- Each organization's part of the capacity: max-min fair over what it
+-- asks for on all gateways together.
+local demand, orgs = {}, {}
+for _, holder in ipairs(holders) do
+  for org, want in pairs(wants[holder]) do
+    if not demand[org] then demand[org] = 0; table.insert(orgs, org) end
+    demand[org] = demand[org] + want
+  end
 end
+table.sort(orgs, function(a, b)
+  if demand[a] == demand[b] then return a < b end
+  return demand[a] < demand[b]
+end)
+local left, part = capacity, {}
+for i, org in ipairs(orgs) do
+  part[org] = math.min(demand[org], left / (#orgs - i + 1))
+  left = left - part[org]
+end
+-- A gateway's share: its organizations' parts, as it asks for each of
+-- them; whole slots, the rest spread evenly for bursts.
 table.sort(holders)
-local each, extra = math.floor(left / #holders), left % #holders
+local share, spare = {}, capacity
+for _, holder in ipairs(holders) do
+  local sum = 0
+  for org, want in pairs(wants[holder]) do
+    if want > 0 then sum = sum + part[org] * want / demand[org] end
+  end
+  share[holder] = math.floor(sum + 1e-9)
+  spare = spare - share[holder]
+end
+local each, extra = math.floor(spare / #holders), spare % #holders
 for i, holder in ipairs(holders) do
   share[holder] = share[holder] + each
   if i <= extra then share[holder] = share[holder] + 1 end
@@ -84,10 +108,17 @@ local others = 0
 for holder, lease in pairs(leases) do
   if holder ~= me then others = others + lease end
 end
-local mine = math.max(in_use, math.min(share[me], capacity - others))
-redis.call('HSET', slots, me, mine)
+local lease = math.max(in_use, math.min(share[me], capacity - others))
+redis.call('HSET', slots, me, lease)
 redis.call('PEXPIRE', slots, 86400000)
-return mine
+local answer = {lease}
+for org, want in pairs(mine) do
+  if want > 0 then
+    table.insert(answer, org)
+    table.insert(answer, string.format('%.6f', part[org] * want / demand[org]))
+  end
+end
+return answer
 """
 
 
@@ -95,13 +126,14 @@ class SharedSlots:
     """Keeps this gateway's leases on every replica's slots up to date.
 
     ``replicas`` gives, each round, each replica's name, its full capacity,
-    and the slots this gateway wants there and has in flight; ``grant`` is
-    told each replica's lease."""
+    what this gateway has in flight there and the slots it wants there per
+    organization; ``grant`` is told each replica's lease and each
+    organization's part of it."""
 
     def __init__(
         self, presence: Presence,
-        replicas: Callable[[], list[tuple[str, int, int, int]]],
-        grant: Callable[[str, int], None],
+        replicas: Callable[[], list[tuple[str, int, int, dict[str, int]]]],
+        grant: Callable[[str, int, dict[str, float]], None],
         *, interval: float = 0.2,
     ) -> None:
         self._presence = presence
@@ -123,14 +155,16 @@ class SharedSlots:
         replicas = self._replicas()
         holder = self._presence.holder
         async with self._presence.redis.pipeline(transaction=False) as pipe:
-            for name, capacity, want, in_use in replicas:
-                await self._lease(
-                    keys=[self._presence.gateways_key, self._key(name)],
-                    args=[self._presence.prefix, holder, capacity, want, in_use], client=pipe,
-                )
-            leases = await pipe.execute()
-        for (name, *_), lease in zip(replicas, leases, strict=True):
-            self._grant(name, int(lease))
+            for name, capacity, in_use, wants in replicas:
+                args: list[str | int] = [self._presence.prefix, holder, capacity, in_use]
+                for org, want in wants.items():
+                    args += [org, want]
+                await self._lease(keys=[self._presence.gateways_key, self._key(name)],
+                                  args=args, client=pipe)
+            answers = await pipe.execute()
+        for (name, *_), answer in zip(replicas, answers, strict=True):
+            shares = {_text(answer[i]): float(answer[i + 1]) for i in range(1, len(answer), 2)}
+            self._grant(name, int(answer[0]), shares)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -154,3 +188,7 @@ class SharedSlots:
                     await pipe.hdel(self._key(name), self._presence.holder,
                                     f"{self._presence.holder}:want")
                 await pipe.execute()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
