@@ -291,3 +291,37 @@ async def test_an_organization_spreading_flex_over_gateways_gets_about_its_part(
     served = [who for t, who in sorted(done) if t <= both_waiting_until]
     share_of_a = served.count("a") / len(served)
     assert share_of_a <= 0.65, (share_of_a, len(served))
+
+
+def test_a_key_revoked_with_the_cli_is_refused_by_every_gateway_at_once(
+    fleet: list[Gateway], redis_server: RedisServer,
+) -> None:
+    """The CLI, given the gateways' Redis, tells them the database changed:
+    each forgets the keys it knows (kept 5 s otherwise) and reloads its policy."""
+    from click.testing import CliRunner
+
+    from flexserve.cli import main
+
+    org = new_org(fleet[0], "fleet-revoke")
+    model = org.client().models.list().data[0].id
+    created = CliRunner().invoke(main, ["keys", "create", "--org", "fleet-revoke", "--db", fleet[0].db_url])
+    key = created.stdout.strip()
+    key_id = created.stderr.split("key ")[1].split(" ")[0]
+    clients = [openai.OpenAI(base_url=g.url + "/v1", api_key=key, max_retries=0) for g in fleet]
+    for client in clients:  # each gateway now knows the key
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi."}], max_tokens=1)
+    env = {"FLEXSERVE_REDIS": redis_server.url, "FLEXSERVE_REDIS_PREFIX": fleet[0].settings.redis_prefix}
+    revoked = CliRunner().invoke(main, ["keys", "revoke", key_id, "--db", fleet[0].db_url], env=env)
+    assert revoked.exit_code == 0, revoked.output
+    assert "warning" not in revoked.stderr
+
+    def refused(client: openai.OpenAI) -> bool:
+        try:
+            client.models.list()
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    # Well inside the 2.5-5 s the gateways would otherwise keep the key's
+    # answer (refreshed in the background from half its 5 s on).
+    wait_for(lambda: all(refused(client) for client in clients), 1.0)

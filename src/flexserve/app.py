@@ -14,11 +14,12 @@ one bare ASGI pipeline ahead of Starlette's middleware and routing
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 from starlette.applications import Starlette
@@ -40,9 +41,8 @@ from flexserve.api.pipeline import serve
 from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
 from flexserve.batches import Batches
-from flexserve.billing.budget import Budgets
 from flexserve.billing.journal import UsageJournal
-from flexserve.billing.ratelimit import CallRate, RateLimits
+from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.engines.base import Engine, StepTimeModel
@@ -51,6 +51,9 @@ from flexserve.files import Files
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
+
+if TYPE_CHECKING:
+    from flexserve.shared.connect import SharedState
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +124,37 @@ def build_engines(settings: Settings) -> list[Engine]:
 
 async def _shared_state(
     settings: Settings, stack: AsyncExitStack, scheduler: Scheduler
-) -> tuple[Budgets | None, RateLimits | None]:
+) -> SharedState | None:
     """Engine slots, budgets and rate limits in the Redis every gateway
     shares (setting ``redis``); None: kept in this process."""
     if not settings.redis:
-        return None, None
+        return None
     from flexserve.shared.connect import open_shared
 
     return await open_shared(settings, stack, scheduler)
+
+
+def _reload(services: Services) -> Callable[[], None]:
+    """What a gateway does when told the database changed: forget the keys
+    it knows and reload its policy now."""
+    reloads: set[asyncio.Task[None]] = set()
+
+    def reload() -> None:
+        services.keys.forget()
+        task = asyncio.create_task(services.gate.refresh())
+        reloads.add(task)
+        task.add_done_callback(_reloaded(reloads))
+
+    return reload
+
+
+def _reloaded(reloads: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
+    def done(task: asyncio.Task[None]) -> None:
+        reloads.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("reloading the policy on a change failed: %s", task.exception())
+
+    return done
 
 
 async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[Engine]:
@@ -219,11 +245,11 @@ def create_app(
             scheduler = Scheduler.from_engines(started, scheduler_config(settings))
             await scheduler.start()
             stack.push_async_callback(scheduler.close)
-            budgets, limiter = await _shared_state(settings, stack, scheduler)
+            shared = await _shared_state(settings, stack, scheduler)
             gate = Gate(
                 db,
-                budgets=budgets,
-                limiter=limiter,
+                budgets=None if shared is None else shared.budgets,
+                limiter=None if shared is None else shared.limits,
                 refresh_interval=settings.policy_refresh_interval,
                 max_output_tokens=settings.max_completion_tokens,
                 context_lengths={c.id: c.max_model_len for e in started for c in e.models()},
@@ -247,6 +273,10 @@ def create_app(
                 ),
                 files=Files(db, Path(settings.home) / "files"),
             )
+            if shared is not None:
+                from flexserve.shared.connect import listen_for_changes
+
+                await listen_for_changes(shared, stack, _reload(app.state.services))
             # Batches in progress when the gateway stopped carry on from here.
             batches = Batches(app.state.services, endpoints, app.state.services.files)
             app.state.services.batches = batches

@@ -66,13 +66,30 @@ def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, p
             await database.close()
 
     try:
-        return asyncio.run(with_database())
+        result = asyncio.run(with_database())
     except _EXPECTED as exc:
         raise click.ClickException(str(exc)) from exc
     except (SQLAlchemyError, OSError) as exc:
         # The URL without its password: this message may end up in a CI log.
         shown = shown_url(url)
         raise click.ClickException(f"database {shown}: {exc}") from exc
+    _announce(settings)
+    return result
+
+
+def _announce(settings: Settings) -> None:
+    """Tell running gateways the database may have changed, where they share
+    a Redis (setting ``redis``): they reload at once rather than within
+    their refresh interval. Not being able to is only worth a warning."""
+    if not settings.redis:
+        return
+    try:
+        from flexserve.shared.changes import announce
+
+        asyncio.run(announce(settings.redis, settings.redis_prefix))
+    except Exception as exc:  # ImportError, RedisError, OSError: the change is stored all the same
+        click.echo(f"warning: could not tell the gateways through Redis ({type(exc).__name__}: {exc}); "
+                   "they pick the change up within their refresh interval", err=True)
 
 
 def cli_actor() -> str:

@@ -11,6 +11,8 @@ atomic step for all gateways at once.
   gateway holds goes with its lease when it stops renewing it;
 - ``budgets``: ``RedisBudgets``, the budgets' contract across gateways;
 - ``ratelimit``: ``RedisRateLimits``, the rate limits' likewise;
+- ``capacity``: ``SharedSlots``, each gateway's lease on each replica's slots;
+- ``changes``: the CLI's announcements that the database changed;
 - ``outbox``: the writes a request does not wait for, sent in the background;
 - ``connect``: a gateway's connection to Redis, from its settings.
 

@@ -6,7 +6,9 @@ imported only when the setting is there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 from redis.asyncio import Redis
@@ -16,6 +18,7 @@ from flexserve.config import Settings
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.shared.budgets import RedisBudgets
 from flexserve.shared.capacity import SharedSlots
+from flexserve.shared.changes import ChangeListener
 from flexserve.shared.presence import Presence
 from flexserve.shared.ratelimit import RedisRateLimits
 
@@ -45,9 +48,16 @@ async def connect(url: str) -> Redis:
     return redis
 
 
-async def open_shared(
-    settings: Settings, stack: AsyncExitStack, scheduler: Scheduler
-) -> tuple[RedisBudgets, RedisRateLimits]:
+@dataclass(frozen=True)
+class SharedState:
+    """What a gateway keeps in the shared Redis."""
+
+    presence: Presence
+    budgets: RedisBudgets
+    limits: RedisRateLimits
+
+
+async def open_shared(settings: Settings, stack: AsyncExitStack, scheduler: Scheduler) -> SharedState:
     """This gateway's lease in the shared Redis; its leases on the engines'
     slots, kept up to date for ``scheduler``; the budgets and rate limits
     kept there. All closed with ``stack`` (the leases given back)."""
@@ -60,4 +70,13 @@ async def open_shared(
                         interval=settings.redis_slots_interval)
     await slots.start()
     stack.push_async_callback(slots.close)
-    return RedisBudgets(presence), RedisRateLimits(presence)
+    return SharedState(presence, RedisBudgets(presence), RedisRateLimits(presence))
+
+
+async def listen_for_changes(
+    shared: SharedState, stack: AsyncExitStack, on_change: Callable[[], None]
+) -> None:
+    """Call ``on_change`` whenever the CLI announces a change (``changes``)."""
+    listener = ChangeListener(shared.presence.redis, shared.presence.prefix, on_change)
+    await listener.start()
+    stack.push_async_callback(listener.close)
