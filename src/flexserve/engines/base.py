@@ -302,6 +302,10 @@ class Engine(abc.ABC):
     accepts_priority: bool = False
     #: What the engine honours beyond plain text generation.
     features: frozenset[Feature] = frozenset()
+    #: True for a replica other gateways may send to as well (a server at a
+    #: URL), whose slots gateways sharing a Redis lease; False for one that
+    #: runs in this process.
+    shared: bool = False
 
     @property
     @abc.abstractmethod

@@ -231,12 +231,15 @@ class Scheduler:
     # --- slots shared with other gateways (flexserve.shared.capacity) ------------
 
     def slot_demand(self) -> list[tuple[str, int, int, dict[str, int]]]:
-        """Per replica: its name, all it runs at once, what this gateway has
-        in flight there, and the slots it wants there per organization (its
-        runs, and its share of the requests waiting for the models it serves)."""
+        """Per replica other gateways may send to too (``Engine.shared``): its
+        name, all it runs at once, what this gateway has in flight there, and
+        the slots it wants there per organization (its runs, and its share of
+        the requests waiting for the models it serves)."""
         waiting = {pool.model: pool.queue.waiting_by_org() for pool in self._pools.values()}
         demand = []
         for replica in self.replicas():
+            if not replica.engine.shared:
+                continue  # in this process: its own, whoever else shares Redis
             wants: dict[str, int] = {}
             for run in replica.running:
                 wants[run.org_id] = wants.get(run.org_id, 0) + 1

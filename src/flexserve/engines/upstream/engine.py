@@ -80,6 +80,7 @@ class UpstreamEngine(Engine):
     # Whatever the client sends is passed on; the upstream refuses what it
     # cannot do, and its 400 is relayed.
     features = ALL_FEATURES
+    shared = True
 
     def __init__(
         self,
