@@ -639,3 +639,39 @@ async def test_workers_claiming_one_batch_at_once_never_claim_a_line_twice(tmp_d
         assert await store.num_running("batch_race") == 400
     finally:
         await db.close()
+
+
+async def test_a_dead_runners_lines_are_taken_back_and_a_live_ones_are_not(tmp_db_url: str) -> None:
+    """Lines claimed by a runner that stopped renewing (past their lease) go
+    back to pending for any runner; those of a runner that renews stay its
+    own; a runner restarted takes its own back at once."""
+    db = Database.from_url(tmp_db_url)
+    try:
+        await db.migrate()
+        org = await Accounts(db).create_org("acme")
+        store = BatchStore(db)
+        await store.insert({
+            "id": "batch_lease", "org_id": org.id, "project_id": "p", "api_key_id": "k",
+            "endpoint": "/v1/chat/completions", "input_file_id": "file_x", "completion_window": "24h",
+            "status": "in_progress", "created_at": 0, "expires_at": 86_400,
+        })
+        await store.add_lines([
+            {"batch_id": "batch_lease", "line": i, "custom_id": f"c{i}", "body": "{}",
+             "request_id": f"req_lease_{i}", "run_order": i}
+            for i in range(1, 10)
+        ])
+        now = 1_000
+        dead = await store.claim("batch_lease", 3, runner="dead", lease_until=now + 60)
+        live = await store.claim("batch_lease", 3, runner="live", lease_until=now + 60)
+        restarted = await store.claim("batch_lease", 3, runner="me", lease_until=now + 60)
+        assert [len(dead), len(live), len(restarted)] == [3, 3, 3]
+        for runner in ("live", "me"):  # live runners renew; the dead one cannot
+            await store.renew("batch_lease", runner, now + 120)
+        assert await store.reclaim("batch_lease", "me", now + 61, own=False) == 3
+        back = await store.claim("batch_lease", 9, runner="me", lease_until=now + 200)
+        assert sorted(line.line for line in back) == sorted(line.line for line in dead)
+        assert all(line.attempts == 2 for line in back)
+        assert await store.reclaim("batch_lease", "me", now + 61, own=True) == 6  # its own, restarted
+        assert await store.num_running("batch_lease") == 3  # the live runner's
+    finally:
+        await db.close()

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from billing_support import Org, cli, new_org, pico, results
-from conftest import ON_POSTGRES, Gateway, ServerThread, sim_engine, wait_for
+from conftest import ON_POSTGRES, Gateway, ServerThread, sim_engine, sql_rows, wait_for
 from flexserve.engines.sim import SimModel
 from flexserve.engines.sim.server import create_sim_app
 from redis_server import RedisServer
@@ -325,3 +325,61 @@ def test_a_key_revoked_with_the_cli_is_refused_by_every_gateway_at_once(
     # Well inside the 2.5-5 s the gateways would otherwise keep the key's
     # answer (refreshed in the background from half its 5 s on).
     wait_for(lambda: all(refused(client) for client in clients), 1.0)
+
+
+@pytest.fixture(scope="module")
+def batch_pair(
+    start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer, request: pytest.FixtureRequest,
+) -> list[Gateway]:
+    """Two gateways sharing a database and a files directory (a shared volume)."""
+    if ON_POSTGRES:
+        db_url = request.getfixturevalue("postgres").create_database()
+    else:
+        db_url = f"sqlite:///{tmp_path_factory.mktemp('batch-pair') / 'flexserve.db'}"
+    shared = {"engine": "sim", "db": db_url, "files_dir": str(tmp_path_factory.mktemp("shared-files")),
+              "batch_adopt_interval": 0.3, "batch_window": 8, "redis": redis_server.url,
+              "redis_prefix": f"batch-{uuid.uuid4().hex[:8]}"}
+    return [start_gateway(engines=[sim_engine(speed=1.0)], org=f"batch-admin-{i}", **shared)
+            for i in range(2)]
+
+
+def test_a_batch_created_on_one_gateway_is_run_by_both_each_line_once(batch_pair: list[Gateway]) -> None:
+    import json
+
+    org = new_org(batch_pair[0], "fleet-batch")
+    clients = [openai.OpenAI(base_url=g.url + "/v1", api_key=org.key, max_retries=0) for g in batch_pair]
+    model = clients[0].models.list().data[0].id
+    lines = [{"custom_id": f"l{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": model, "messages": [{"role": "user", "content": f"Line {i}."}],
+                       "max_tokens": 40}}
+             for i in range(60)]
+    upload = clients[0].files.create(
+        file=("in.jsonl", "\n".join(json.dumps(line) for line in lines).encode()), purpose="batch")
+    batch = clients[0].batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
+                                      completion_window="24h")
+    deadline = time.monotonic() + 120
+    while (batch := clients[1].batches.retrieve(batch.id)).status not in ("completed", "failed"):
+        assert time.monotonic() < deadline, batch
+        time.sleep(0.2)
+    assert batch.status == "completed" and batch.request_counts is not None
+    assert batch.request_counts.completed == 60
+    # Both gateways ran lines; each line ran once and is billed once.
+    runners = sql_rows(batch_pair[0].db_url,
+                       "SELECT claimed_by, COUNT(*) AS n, MAX(attempts) AS tries FROM batch_lines "
+                       "WHERE batch_id = :b GROUP BY claimed_by", b=batch.id)
+    assert len(runners) == 2 and all(r["tries"] == 1 for r in runners), runners
+    wait_for(lambda: sql_rows(batch_pair[0].db_url,
+                              "SELECT COUNT(*) AS n FROM usage_records u JOIN batch_lines l "
+                              "ON u.request_id = l.request_id WHERE l.batch_id = :b", b=batch.id
+                              )[0]["n"] >= 60, 10)
+    billed = sql_rows(batch_pair[0].db_url,
+                      "SELECT COUNT(*) AS n, COUNT(DISTINCT u.request_id) AS d FROM usage_records u "
+                      "JOIN batch_lines l ON u.request_id = l.request_id WHERE l.batch_id = :b",
+                      b=batch.id)
+    assert billed[0]["n"] == billed[0]["d"] == 60
+    # The output, written by whichever gateway finished, reads the same from either.
+    outputs = [client.files.content(batch.output_file_id).text for client in clients]  # type: ignore[arg-type]
+    assert outputs[0] == outputs[1]
+    assert sorted(json.loads(row)["custom_id"] for row in outputs[0].splitlines()) == sorted(
+        f"l{i}" for i in range(60))

@@ -271,7 +271,7 @@ def create_app(
                 verification_rate=CallRate(
                     settings.verification_submissions_per_minute, "identity-document submissions"
                 ),
-                files=Files(db, Path(settings.home) / "files"),
+                files=Files(db, Path(settings.files_dir or Path(settings.home) / "files")),
             )
             if shared is not None:
                 from flexserve.shared.connect import listen_for_changes

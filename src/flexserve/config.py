@@ -45,6 +45,9 @@ class Settings:
     redis_slots_interval: float = _opt(
         0.2, "Seconds between a gateway's updates of its leases on each replica's slots (with redis)."
     )
+    files_dir: str = _opt(
+        "", "Directory of uploaded files and batch output; empty: HOME/files. Gateways sharing a database share one (a shared volume)."
+    )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
     bootstrap_demo: bool = _opt(
         True, "On first start with an empty database, create a demo organization and key."
@@ -164,6 +167,12 @@ class Settings:
 
     # --- batches (batches/) ------------------------------------------------------
     batch_window: int = _opt(32, "Lines of one organization's batches in flight at once, earliest deadline first.")
+    batch_line_lease: int = _opt(
+        60, "Seconds a gateway's claim on a running batch line holds unless renewed; past it another gateway runs the line."
+    )
+    batch_adopt_interval: float = _opt(
+        10.0, "Seconds between a gateway's looks for active batches to run (those other gateways started or left)."
+    )
     batch_max_lines: int = _opt(50_000, "Most request lines in a batch's input file.")
     batch_max_attempts: int = _opt(
         5, "Attempts at a batch line the engine answers with 429/5xx before it goes to the error file."

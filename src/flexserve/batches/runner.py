@@ -21,6 +21,7 @@ import functools
 import logging
 import random
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +104,31 @@ class BatchRunner:
         self._tmp = Path(services.settings.home) / "batches"
         # Lines in flight per organization, given to its batches by deadline.
         self.lanes = BatchLanes(max(1, services.settings.batch_window))
+        # This gateway's name on the lines it claims: kept in its home, so
+        # that after a restart it takes its own lines back at once.
+        self.runner_id = runner_id(Path(services.settings.home))
+        self._line_lease = services.settings.batch_line_lease
+        self._adopter: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
+        # Every active batch: those this gateway left when it stopped too.
         for batch_id in await self._store.active_ids():
             self.submit(batch_id)
+        self._adopter = asyncio.create_task(self._adopt_forever(), name="batch-adopt")
+
+    async def _adopt_forever(self) -> None:
+        """Run every batch in progress here too: lines are claimed one runner
+        at a time, so gateways sharing a database share a batch's lines, and
+        a batch whose gateway died is carried on by the others. (A batch
+        being validated, cancelled or finalized is left to the gateway doing
+        it: two would do it twice.)"""
+        while not self._closing:
+            await asyncio.sleep(self._services.settings.batch_adopt_interval)
+            try:
+                for batch_id in await self._store.active_ids(("in_progress",)):
+                    self.submit(batch_id)
+            except Exception:
+                log.exception("looking for batches to run failed")
 
     def submit(self, batch_id: str) -> None:
         """Run the batch here, unless it already is."""
@@ -143,6 +165,10 @@ class BatchRunner:
     async def close(self) -> None:
         """Stop every batch where it is: its unfinished lines run after the restart."""
         self._closing = True
+        if self._adopter is not None:
+            self._adopter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._adopter
         jobs = list(self._jobs.values())
         for job in jobs:
             job.stop("shutdown")
@@ -191,6 +217,8 @@ class BatchRunner:
                 await self._finalize(row, "expired")
                 return
             if outcome == "done" and await store.num_unfinished(job.batch_id):
+                if await store.num_run_elsewhere(job.batch_id, self.runner_id, _now()):
+                    return  # other gateways run the last lines: one of them ends the batch
                 # Every line ran, yet some are not recorded as finished: never
                 # end a batch so; taken up again, they run again.
                 raise RuntimeError("lines ran but are not recorded as finished")
@@ -198,6 +226,8 @@ class BatchRunner:
                                           only_from=("in_progress",)):
                 row = await store.get(None, job.batch_id)
                 assert row is not None
+                if row["status"] == "finalizing":
+                    return  # another gateway ran the last lines: it writes the output
         if row["status"] == "cancelling":
             await store.fail_unfinished(job.batch_id, "batch_cancelled",
                                         "The batch was cancelled before this request was run.")
@@ -266,7 +296,7 @@ class BatchRunner:
         store = self._store
         endpoint = self._endpoints[row["endpoint"]]
         principal = await self._principal(row)
-        await store.reset_running(job.batch_id)
+        await store.reclaim(job.batch_id, self.runner_id, _now(), own=True)
         if job.hold is None:
             # Taken up again after a restart: hold what is left, if the budget
             # still has room for it (else each line reserves its own).
@@ -287,6 +317,9 @@ class BatchRunner:
                 if time.monotonic() - checked_at >= _STATUS_INTERVAL:
                     # Cancelled from elsewhere (the CLI, another gateway)?
                     checked_at = time.monotonic()
+                    # This runner's claims renewed; a dead runner's lines back.
+                    await store.renew(job.batch_id, self.runner_id, _now() + self._line_lease)
+                    await store.reclaim(job.batch_id, self.runner_id, _now(), own=False)
                     current = await store.get(None, job.batch_id)
                     if current is not None and current["status"] != "in_progress":
                         job.stop("cancel")
@@ -298,7 +331,8 @@ class BatchRunner:
                     room = lanes.request(org_id, deadline, lanes.size - len(in_flight))
                 if room is not None and room.done():
                     granted, room = room.result(), None
-                    claimed = await store.claim(job.batch_id, granted)
+                    claimed = await store.claim(job.batch_id, granted, runner=self.runner_id,
+                                                lease_until=_now() + self._line_lease)
                     exhausted = len(claimed) < granted
                     lanes.give_back(org_id, granted - len(claimed))
                     for line in claimed:
@@ -418,6 +452,18 @@ class BatchRunner:
                 path.unlink()
         async with announcing(self._services, batch_id, status):
             await self._store.set_status(batch_id, status, _now(), **files)
+
+
+def runner_id(home: Path) -> str:
+    """The name this gateway claims batch lines under, made once per home."""
+    path = home / "runner-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        name = f"runner-{uuid.uuid4().hex[:12]}"
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(name + "\n")
+        return name
 
 
 def output_line(batch_id: str, line: Any) -> bytes:

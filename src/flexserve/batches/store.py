@@ -98,11 +98,12 @@ class BatchStore:
             rows = [dict(r) for r in (await conn.execute(statement)).mappings()]
         return rows[:limit], len(rows) > limit
 
-    async def active_ids(self) -> list[str]:
+    async def active_ids(self, statuses: tuple[str, ...] = ACTIVE_STATUSES) -> list[str]:
+        """Batches in one of ``statuses`` (every active one by default), oldest first."""
         async with self._db.engine.connect() as conn:
             result = await conn.execute(
                 select(batches.c.id)
-                .where(batches.c.status.in_(ACTIVE_STATUSES))
+                .where(batches.c.status.in_(statuses))
                 .order_by(batches.c.created_at)
             )
             return [r[0] for r in result]
@@ -157,19 +158,48 @@ class BatchStore:
                 )
             )).scalar_one())
 
-    async def reset_running(self, batch_id: str) -> None:
-        """Lines a killed process had in flight: run again (the ledger bills a
-        request id once, so a line finished but not recorded is not billed twice)."""
+    async def reclaim(self, batch_id: str, runner: str, now: int, *, own: bool) -> int:
+        """Running lines whose runner stopped renewing its claim (a killed or
+        lost gateway) and, with ``own``, those ``runner`` itself claimed in
+        an earlier life (its process restarted): pending again, to be claimed
+        afresh. The ledger bills a request id once, so a line finished but not
+        recorded is not billed twice. The number of lines."""
+        lapsed = or_(batch_lines.c.lease_until.is_(None), batch_lines.c.lease_until < now)
+        if own:
+            lapsed = or_(lapsed, batch_lines.c.claimed_by == runner)
+        async with self._db.engine.begin() as conn:
+            result = await conn.execute(
+                update(batch_lines)
+                .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "running", lapsed)
+                .values(state="pending", claimed_by=None, lease_until=None)
+            )
+            return int(result.rowcount or 0)
+
+    async def num_run_elsewhere(self, batch_id: str, runner: str, now: int) -> int:
+        """Lines other runners are running now (claims they still renew)."""
+        async with self._db.engine.connect() as conn:
+            return int((await conn.execute(
+                select(func.count()).select_from(batch_lines).where(
+                    batch_lines.c.batch_id == batch_id, batch_lines.c.state == "running",
+                    batch_lines.c.claimed_by != runner, batch_lines.c.lease_until >= now,
+                )
+            )).scalar_one())
+
+    async def renew(self, batch_id: str, runner: str, lease_until: int) -> None:
+        """Extend ``runner``'s claims on the batch's lines it is running."""
         async with self._db.engine.begin() as conn:
             await conn.execute(
                 update(batch_lines)
-                .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "running")
-                .values(state="pending")
+                .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "running",
+                       batch_lines.c.claimed_by == runner)
+                .values(lease_until=lease_until)
             )
 
-    async def claim(self, batch_id: str, limit: int) -> list[PendingLine]:
-        """Up to ``limit`` pending lines, in run order, marked running: each
-        line claimed once, however many claim at the same time."""
+    async def claim(self, batch_id: str, limit: int, *, runner: str = "", lease_until: int = 0
+                    ) -> list[PendingLine]:
+        """Up to ``limit`` pending lines, in run order, marked running by
+        ``runner`` until ``lease_until`` (Unix seconds; renewed by ``renew``):
+        each line claimed once, however many claim at the same time."""
         # One statement, a write from the start: a read turned into a write
         # inside a transaction would fail at once on SQLite when another
         # writer got in between. On PostgreSQL concurrent claims skip the
@@ -193,7 +223,8 @@ class BatchStore:
                     update(batch_lines)
                     .where(batch_lines.c.batch_id == batch_id, batch_lines.c.state == "pending",
                            batch_lines.c.line.in_(select(lines.c.line)))
-                    .values(state="running", attempts=batch_lines.c.attempts + 1)
+                    .values(state="running", attempts=batch_lines.c.attempts + 1,
+                            claimed_by=runner or None, lease_until=lease_until or None)
                     .returning(
                         batch_lines.c.line, batch_lines.c.custom_id, batch_lines.c.body,
                         batch_lines.c.request_id, batch_lines.c.attempts, batch_lines.c.run_order,

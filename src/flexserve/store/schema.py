@@ -314,6 +314,10 @@ batch_lines = Table(
     # The order lines are run in: lines whose prompts share a prefix run
     # together, so an engine with a prefix cache computes it once.
     Column("run_order", Integer, nullable=False, server_default="0"),
+    # A running line: the runner that claimed it, and until when (Unix
+    # seconds) its claim holds unless that runner renews it.
+    Column("claimed_by", String(64), nullable=True),
+    Column("lease_until", BigInteger, nullable=True),
     Index("ix_batch_lines_batch_id_state_run_order", "batch_id", "state", "run_order"),
 )
 
