@@ -19,6 +19,7 @@ import pytest
 from flexserve.bench.overhead import QUICK
 from flexserve.bench.processes import BenchError, start_gateway
 from flexserve.bench.report import format_table, percentile
+from redis_server import RedisServer
 
 FLEXSERVE = [sys.executable, "-c", "from flexserve.cli import main; main()"]
 
@@ -107,6 +108,18 @@ def test_hot_path_report(tmp_path: Path) -> None:
     assert all(value > 0 for value in current["request_us"].values())
     assert current["sse_relay_us"] > 0
     assert all(value >= 0 for value in report["parts_us"].values())
+
+
+def test_shared_state_report(tmp_path: Path, redis_server: RedisServer) -> None:
+    out = tmp_path / "shared-state.json"
+    _run("bench", "shared-state", "--redis", redis_server.url, "--requests", "200",
+         "--concurrency", "8", "--out", str(out))
+    results: dict[str, Any] = json.loads(out.read_text())["results"]
+    for kept in ("in process", "redis"):
+        assert 0 < results[kept]["p50_us"] <= results[kept]["p99_us"]
+        assert results[kept]["admissions_per_s"] > 0
+    assert results["slot_renewal_us"]["p50_us"] > 0
+    assert "| redis |" in out.with_suffix(".md").read_text()
 
 
 def test_waits_quick_report(tmp_path: Path) -> None:

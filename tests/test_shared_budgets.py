@@ -30,8 +30,10 @@ class Gateways:
         self.prefix = f"test-{uuid.uuid4().hex[:8]}"
         self._open: list[tuple[Presence, RedisBudgets, Redis]] = []
 
-    async def start(self, ttl: float = 15.0, limits: dict[str, int] | None = None) -> RedisBudgets:
-        redis = Redis.from_url(self.server.url, socket_timeout=1, socket_connect_timeout=1)
+    async def start(self, ttl: float = 15.0, limits: dict[str, int] | None = None,
+                    timeout: float = 5.0) -> RedisBudgets:
+        """``timeout``: how long a call waits for Redis (short where a test pauses it)."""
+        redis = Redis.from_url(self.server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
         presence = Presence(redis, prefix=self.prefix, ttl=ttl)
         await presence.start()
         budgets = RedisBudgets(presence)
@@ -171,7 +173,7 @@ async def test_a_batch_hold_is_carved_without_a_round_trip_while_it_lasts(gatewa
 async def test_settlements_wait_out_redis_being_away(
     gateways: Gateways, redis_server: RedisServer
 ) -> None:
-    budgets = await gateways.start(limits={ORG: 10_000})
+    budgets = await gateways.start(limits={ORG: 10_000}, timeout=1.0)
     hold = await budgets.reserve([ORG], 400)
     redis_server.pause()
     try:
@@ -206,7 +208,7 @@ async def test_start_raises_the_spend_to_the_ledgers(gateways: Gateways) -> None
 async def test_a_scope_without_a_budget_takes_no_hold_but_its_cost_counts(
     gateways: Gateways, redis_server: RedisServer
 ) -> None:
-    budgets = await gateways.start(limits={"org:org-capped": 100})
+    budgets = await gateways.start(limits={"org:org-capped": 100}, timeout=1.0)
     redis_server.pause()
     try:
         hold = await asyncio.wait_for(budgets.reserve([ORG], 70), 0.5)  # no round trip

@@ -61,7 +61,7 @@ async def fleet(redis_server: RedisServer) -> AsyncIterator[list[Gateway]]:
     prefix = f"test-{uuid.uuid4().hex[:8]}"
     made: list[Gateway] = []
     for _ in range(3):
-        redis = Redis.from_url(redis_server.url, socket_timeout=1)
+        redis = Redis.from_url(redis_server.url, socket_timeout=5)
         presence = Presence(redis, prefix=prefix, ttl=1.0)
         await presence.start()
         made.append(Gateway(presence, redis))

@@ -26,8 +26,9 @@ class Limiters:
         self.prefix = f"test-{uuid.uuid4().hex[:8]}"
         self._open: list[tuple[Presence, RedisRateLimits, Redis]] = []
 
-    async def start(self, limit: RateLimit) -> RedisRateLimits:
-        redis = Redis.from_url(self.server.url, socket_timeout=1, socket_connect_timeout=1)
+    async def start(self, limit: RateLimit, timeout: float = 5.0) -> RedisRateLimits:
+        """``timeout``: how long a call waits for Redis (short where a test pauses it)."""
+        redis = Redis.from_url(self.server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
         presence = Presence(redis, prefix=self.prefix)
         limits = RedisRateLimits(presence)
         limits.set_limits({("org-1", FLEX): limit})
@@ -100,7 +101,7 @@ async def test_tokens_are_corrected_to_what_was_used_and_refusals_say_when(limit
 
 
 async def test_redis_away_is_a_503_not_a_free_pass(limiters: Limiters, redis_server: RedisServer) -> None:
-    limits = await limiters.start(RateLimit(requests_per_minute=10))
+    limits = await limiters.start(RateLimit(requests_per_minute=10), timeout=1.0)
     redis_server.pause()
     try:
         with pytest.raises(ServiceUnavailableError) as away:

@@ -406,3 +406,29 @@ def batches(quick: bool, out: Path, **options: Any) -> None:
     out.with_suffix(".md").write_text(markdown + "\n")
     click.echo(markdown)
     click.echo(f"report: {out}", err=True)
+
+
+@bench.command("shared-state")
+@click.option("--redis", "redis_url", required=True, help="Redis URL to measure against (redis://…).")
+@click.option("--requests", "num_requests", type=int, default=2000, show_default=True,
+              help="Admissions timed one at a time (and again with --concurrency at once).")
+@click.option("--concurrency", type=int, default=64, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/shared-state.json"), show_default=True,
+              help="JSON report path; the Markdown report is written beside it (.md).")
+def shared_state(redis_url: str, num_requests: int, concurrency: int, out: Path) -> None:
+    """What budgets and rate limits in Redis cost a request, beside in-process ones."""
+    import shlex
+    import sys
+
+    from flexserve.bench.report import write_json
+    from flexserve.bench.shared_state import SharedStateConfig, format_report, run_shared_state
+
+    command = "flexserve " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    report = run_shared_state(SharedStateConfig(redis_url, num_requests, concurrency, command=command))
+    write_json(out, report)
+    markdown = format_report(report)
+    out.with_suffix(".md").write_text(markdown + "\n")
+    click.echo(markdown)
+    click.echo(f"report: {out}", err=True)
+
