@@ -605,6 +605,24 @@ def test_every_line_of_a_batch_many_windows_long_is_recorded(gateway: Gateway, m
     assert states == {"done": 200}
 
 
+async def _batch_in_progress(db: Database, batch_id: str, num_lines: int) -> BatchStore:
+    """A migrated database holding a batch in progress of ``num_lines`` lines."""
+    await db.migrate()
+    org = await Accounts(db).create_org("acme")
+    store = BatchStore(db)
+    await store.insert({
+        "id": batch_id, "org_id": org.id, "project_id": "p", "api_key_id": "k",
+        "endpoint": "/v1/chat/completions", "input_file_id": "file_x", "completion_window": "24h",
+        "status": "in_progress", "created_at": 0, "expires_at": 86_400,
+    })
+    await store.add_lines([
+        {"batch_id": batch_id, "line": i, "custom_id": f"c{i}", "body": "{}",
+         "request_id": f"req_{batch_id}_{i}", "run_order": i}
+        for i in range(1, num_lines + 1)
+    ])
+    return store
+
+
 async def test_workers_claiming_one_batch_at_once_never_claim_a_line_twice(tmp_db_url: str) -> None:
     """Eight claimers drain a batch of 400 lines five at a time, concurrently
     (as the workers of several gateways on one PostgreSQL database would):
@@ -612,19 +630,7 @@ async def test_workers_claiming_one_batch_at_once_never_claim_a_line_twice(tmp_d
     five to a claim."""
     db = Database.from_url(tmp_db_url)
     try:
-        await db.migrate()
-        org = await Accounts(db).create_org("acme")
-        store = BatchStore(db)
-        await store.insert({
-            "id": "batch_race", "org_id": org.id, "project_id": "p", "api_key_id": "k",
-            "endpoint": "/v1/chat/completions", "input_file_id": "file_x", "completion_window": "24h",
-            "status": "in_progress", "created_at": 0, "expires_at": 86_400,
-        })
-        await store.add_lines([
-            {"batch_id": "batch_race", "line": i, "custom_id": f"c{i}", "body": "{}",
-             "request_id": f"req_race_{i}", "run_order": i}
-            for i in range(1, 401)
-        ])
+        store = await _batch_in_progress(db, "batch_race", 400)
 
         async def claimer() -> list[int]:
             mine: list[int] = []
@@ -647,19 +653,7 @@ async def test_a_dead_runners_lines_are_taken_back_and_a_live_ones_are_not(tmp_d
     own; a runner restarted takes its own back at once."""
     db = Database.from_url(tmp_db_url)
     try:
-        await db.migrate()
-        org = await Accounts(db).create_org("acme")
-        store = BatchStore(db)
-        await store.insert({
-            "id": "batch_lease", "org_id": org.id, "project_id": "p", "api_key_id": "k",
-            "endpoint": "/v1/chat/completions", "input_file_id": "file_x", "completion_window": "24h",
-            "status": "in_progress", "created_at": 0, "expires_at": 86_400,
-        })
-        await store.add_lines([
-            {"batch_id": "batch_lease", "line": i, "custom_id": f"c{i}", "body": "{}",
-             "request_id": f"req_lease_{i}", "run_order": i}
-            for i in range(1, 10)
-        ])
+        store = await _batch_in_progress(db, "batch_lease", 9)
         now = 1_000
         dead = await store.claim("batch_lease", 3, runner="dead", lease_until=now + 60)
         live = await store.claim("batch_lease", 3, runner="live", lease_until=now + 60)

@@ -27,15 +27,21 @@ INPUT, OUTPUT = 10_000_000, 40_000_000
 REFRESH = 0.1  # policy_refresh_interval of these gateways
 
 
+def shared_database(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                    name: str) -> str:
+    """A database for gateways to share: on PostgreSQL when the suite runs
+    there, else a SQLite file of its own."""
+    if ON_POSTGRES:
+        return str(request.getfixturevalue("postgres").create_database())
+    return f"sqlite:///{tmp_path_factory.mktemp(name) / 'flexserve.db'}"
+
+
 @pytest.fixture(scope="module")
 def fleet(
     start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
     redis_server: RedisServer, request: pytest.FixtureRequest,
 ) -> list[Gateway]:
-    if ON_POSTGRES:
-        db_url = request.getfixturevalue("postgres").create_database()
-    else:
-        db_url = f"sqlite:///{tmp_path_factory.mktemp('fleet') / 'flexserve.db'}"
+    db_url = shared_database(request, tmp_path_factory, "fleet")
     model = sim_engine().models()[0].id
     cli(db_url, "prices", "set", model, "--input", "10", "--output", "40")
     shared = {"engine": "sim", "db": db_url, "policy_refresh_interval": REFRESH,
@@ -178,10 +184,7 @@ def pair_on_one_engine(
     start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
     redis_server: RedisServer, one_engine: ServerThread, request: pytest.FixtureRequest,
 ) -> list[Gateway]:
-    if ON_POSTGRES:
-        db_url = request.getfixturevalue("postgres").create_database()
-    else:
-        db_url = f"sqlite:///{tmp_path_factory.mktemp('pair') / 'flexserve.db'}"
+    db_url = shared_database(request, tmp_path_factory, "pair")
     # A small quantum: a turn of flex's fair queue releases one request.
     shared = {"engine": "upstream", "upstreams": [one_engine.url], "upstream_capacity": 4,
               "db": db_url, "redis": redis_server.url, "fair_quantum": 64,
@@ -333,10 +336,7 @@ def batch_pair(
     redis_server: RedisServer, request: pytest.FixtureRequest,
 ) -> list[Gateway]:
     """Two gateways sharing a database and a files directory (a shared volume)."""
-    if ON_POSTGRES:
-        db_url = request.getfixturevalue("postgres").create_database()
-    else:
-        db_url = f"sqlite:///{tmp_path_factory.mktemp('batch-pair') / 'flexserve.db'}"
+    db_url = shared_database(request, tmp_path_factory, "batch-pair")
     shared = {"engine": "sim", "db": db_url, "files_dir": str(tmp_path_factory.mktemp("shared-files")),
               "batch_adopt_interval": 0.3, "batch_window": 8, "redis": redis_server.url,
               "redis_prefix": f"batch-{uuid.uuid4().hex[:8]}"}

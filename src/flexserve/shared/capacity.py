@@ -38,6 +38,8 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
+from flexserve.shared.tasks import stop
+
 from flexserve.shared.presence import Presence
 
 log = logging.getLogger(__name__)
@@ -178,10 +180,7 @@ class SharedSlots:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
         with contextlib.suppress(RedisError):
             async with self._presence.redis.pipeline(transaction=False) as pipe:
                 for name, *_ in self._replicas():

@@ -20,6 +20,8 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flexserve.shared.tasks import stop
+
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +70,4 @@ class ChangeListener:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Generic, TypeVar
 
 from redis.exceptions import RedisError
+
+from flexserve.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ class Outbox(Generic[T]):
         """Stop the background task and send what is queued, for up to
         ``grace`` seconds; the number of items left unsent."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
         deadline = time.monotonic() + grace
         while self._items and time.monotonic() < deadline:
             try:

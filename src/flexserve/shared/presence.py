@@ -22,6 +22,8 @@ import secrets
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from flexserve.shared.tasks import stop
+
 log = logging.getLogger(__name__)
 
 # Lua: renew ``holder``'s lease (ARGV: holder, ttl ms, "1" to take it even if
@@ -94,10 +96,7 @@ class Presence:
     async def close(self) -> None:
         """Stop renewing and give the lease (and every hold under it) back now."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop(task)
         with contextlib.suppress(RedisError):
             await self.redis.zrem(self.gateways_key, self.holder)
             await self.redis.delete(self.held_key(self.holder))
