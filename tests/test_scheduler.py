@@ -193,6 +193,23 @@ def test_fair_queue_weights_give_an_organization_more_of_each_turn() -> None:
     assert served.count("here") == 20 and served.count("spread") == 10
 
 
+def test_turn_weights_hold_back_only_organizations_that_ask_on_other_gateways_too() -> None:
+    from flexserve.scheduler.replicas import Replica
+    from flexserve.scheduler.scheduler import turn_weights
+
+    replica = Replica(ScriptedEngine(capacity=8), 8)
+    # One gateway (nobody asks elsewhere): equal turns, whatever the parts.
+    replica.org_shares, replica.orgs_spread = {"small": 0.5, "big": 7.5}, set()
+    assert turn_weights([replica]) == {}
+    # "spread" also asks on another gateway: its turns here shrink to its
+    # part here over the local organizations' mean part.
+    replica.org_shares, replica.orgs_spread = {"spread": 2.0, "here": 4.0}, {"spread"}
+    assert turn_weights([replica]) == {"spread": 0.5}
+    # Where it is alone, nothing to weigh it against.
+    replica.org_shares = {"spread": 2.0}
+    assert turn_weights([replica]) == {"spread": 1.0}
+
+
 def test_fair_queue_keeps_the_order_waiters_joined_in() -> None:
     class W:
         def __init__(self, org: str, n: int) -> None:

@@ -31,6 +31,7 @@ class Gateway:
         self.lease = 0
         self.shares: dict[str, float] = {}
         self.running: int | None = None
+        self.spread: set[str] = set()
         self.slots = SharedSlots(presence, self.demand, self.grant, interval=3600)
 
     @property
@@ -50,10 +51,11 @@ class Gateway:
     def demand(self) -> list[tuple[str, int, int, dict[str, int]]]:
         return [(REPLICA, CAPACITY, self.in_use, self.wants)]
 
-    def grant(self, name: str, slots: int, shares: dict[str, float]) -> None:
+    def grant(self, name: str, slots: int, shares: dict[str, float], spread: set[str]) -> None:
         assert name == REPLICA
         self.lease = slots
         self.shares = shares
+        self.spread = spread
 
 
 @pytest.fixture
@@ -148,3 +150,4 @@ async def test_an_organization_on_two_gateways_gets_its_part_not_a_part_on_each(
     assert (both.lease, other.lease) == (6, 2)
     assert both.shares == {"org-a": 2.0, "org-b": 4.0}
     assert other.shares == {"org-a": 2.0}
+    assert both.spread == other.spread == {"org-a"}

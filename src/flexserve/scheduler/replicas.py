@@ -105,6 +105,8 @@ class Replica:
     # Where gateways share the replica: of this gateway's lease, the slots
     # meant for each organization's work (``flexserve.shared.capacity``).
     org_shares: dict[str, float] = field(default_factory=dict)
+    # ... and the organizations that ask for slots on other gateways too.
+    orgs_spread: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.full_capacity = self.full_capacity or self.capacity

@@ -249,23 +249,19 @@ class Scheduler:
             demand.append((replica.name, replica.full_capacity, replica.num_in_flight, wants))
         return demand
 
-    def lease(self, name: str, slots: int, shares: dict[str, float]) -> None:
+    def lease(self, name: str, slots: int, shares: dict[str, float], spread: set[str]) -> None:
         """This gateway may now run ``slots`` sequences on replica ``name``,
-        ``shares`` of them for each organization's work (which weigh the
-        organizations' turns in flex and batch)."""
+        ``shares`` of them for each organization's work; the organizations
+        in ``spread`` ask on other gateways too, and their turns in flex and
+        batch are weighed by their share here (``turn_weights``)."""
         for replica in self.replicas():
             if replica.name != name:
                 continue
             replica.org_shares = shares
+            replica.orgs_spread = spread
             replica.capacity = min(slots, replica.full_capacity)
             for pool in self._pools_of(replica):
-                total: dict[str, float] = {}
-                for member in pool.replicas:
-                    for org, share in member.org_shares.items():
-                        total[org] = total.get(org, 0.0) + share
-                mean = sum(total.values()) / len(total) if total else 0.0
-                pool.queue.set_weights({org: share / mean for org, share in total.items() if share > 0}
-                                       if mean > 0 else {})
+                pool.queue.set_weights(turn_weights(pool.replicas))
                 self._dispatch(pool)
 
     # --- the request path -------------------------------------------------------
@@ -682,6 +678,24 @@ class Scheduler:
         if step:
             share = replica.prefill.recent_share(time.monotonic())
             replica.observe_tpot(observed_tpot, step / (1.0 - share))
+
+
+def turn_weights(replicas: list[Replica]) -> dict[str, float]:
+    """Weights of the organizations' turns in a pool's flex and batch queues
+    where gateways share its replicas: an organization that also asks on
+    other gateways gets its share here over the mean share of those that ask
+    here only (at most 1); every other organization keeps 1, as on one gateway."""
+    shares: dict[str, float] = {}
+    spread: set[str] = set()
+    for replica in replicas:
+        spread |= replica.orgs_spread
+        for org, share in replica.org_shares.items():
+            shares[org] = shares.get(org, 0.0) + share
+    local = [share for org, share in shares.items() if org not in spread] or list(shares.values())
+    reference = sum(local) / len(local) if local else 0.0
+    if reference <= 0:
+        return {}
+    return {org: min(1.0, shares[org] / reference) for org in spread if shares.get(org, 0.0) > 0}
 
 
 def _cancelled_otherwise() -> bool:

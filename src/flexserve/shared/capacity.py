@@ -22,10 +22,11 @@ which every gateway runs for each replica every ``interval`` seconds:
   leave free, and shrinks it no lower than what the caller has in flight.
 
 So the leases on a replica never sum past its capacity, and a gateway whose
-share fell gives slots back as its runs end. Each organization's part at
-this gateway also weighs its turns in the gateway's flex and batch queues
-(``FairQueue.weights``): an organization that spreads its requests over
-gateways gets its fair part of the engine, not a part on each. A replica's URL names it in
+share fell gives slots back as its runs end. An organization that asks on
+other gateways too has its turns in this gateway's flex and batch queues
+weighed by its part here against the others' (``FairQueue.weights``), so it
+gets its fair part of the engine, not a part on each; organizations that
+ask here only keep equal turns (one gateway's fairness, unchanged). A replica's URL names it in
 Redis: gateways must list the same replicas under the same URLs.
 """
 
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 
 # Lua: lease. KEYS: the gateways set, the replica's leases. ARGV: prefix,
 # holder, capacity, in use, then organization, want pairs. Returns the
-# caller's lease, then organization, share pairs (strings).
+# caller's lease, then for each of its organizations: the organization, its
+# part of the lease, and "1" if it asks for slots on other gateways too.
 _LEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -118,6 +120,7 @@ for org, want in pairs(mine) do
   if want > 0 then
     table.insert(answer, org)
     table.insert(answer, string.format('%.6f', part[org] * want / demand[org]))
+    table.insert(answer, demand[org] > want and '1' or '0')
   end
 end
 return answer
@@ -129,13 +132,13 @@ class SharedSlots:
 
     ``replicas`` gives, each round, each replica's name, its full capacity,
     what this gateway has in flight there and the slots it wants there per
-    organization; ``grant`` is told each replica's lease and each
-    organization's part of it."""
+    organization; ``grant`` is told each replica's lease, each
+    organization's part of it, and which of them ask on other gateways too."""
 
     def __init__(
         self, presence: Presence,
         replicas: Callable[[], list[tuple[str, int, int, dict[str, int]]]],
-        grant: Callable[[str, int, dict[str, float]], None],
+        grant: Callable[[str, int, dict[str, float], set[str]], None],
         *, interval: float = 0.2,
     ) -> None:
         self._presence = presence
@@ -165,8 +168,9 @@ class SharedSlots:
                                   args=args, client=pipe)
             answers = await pipe.execute()
         for (name, *_), answer in zip(replicas, answers, strict=True):
-            shares = {_text(answer[i]): float(answer[i + 1]) for i in range(1, len(answer), 2)}
-            self._grant(name, int(answer[0]), shares)
+            shares = {_text(answer[i]): float(answer[i + 1]) for i in range(1, len(answer), 3)}
+            spread = {_text(answer[i]) for i in range(1, len(answer), 3) if _text(answer[i + 2]) == "1"}
+            self._grant(name, int(answer[0]), shares, spread)
 
     async def _renew_forever(self) -> None:
         while True:
