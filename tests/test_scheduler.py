@@ -193,6 +193,28 @@ def test_fair_queue_weights_give_an_organization_more_of_each_turn() -> None:
     assert served.count("here") == 20 and served.count("spread") == 10
 
 
+async def test_asking_for_a_lease_holds_admission_to_what_runs_until_the_answer() -> None:
+    """Where gateways lease a replica's slots, a lease may come back shrunk
+    to what ran when it was asked for: nothing is admitted in between."""
+    engine = ScriptedEngine(capacity=4, token_time=0.01)
+    engine.shared = True  # a replica at a URL, as other gateways see it
+    scheduler = await make_scheduler(engine)
+    running = [asyncio.create_task(run(scheduler, f"r{i}", ServiceTier.DEFAULT, tokens=200))
+               for i in range(2)]
+    await until(lambda: len(engine.started) == 2)
+    [(name, full, in_use, wants)] = scheduler.slot_demand()
+    assert (full, in_use, wants) == (4, 2, {"org-a": 2})
+    late = asyncio.create_task(run(scheduler, "late", ServiceTier.DEFAULT))
+    await asyncio.sleep(0.05)
+    assert engine.started == ["r0", "r1"]  # held while the lease is asked for
+    scheduler.lease(name, 3, {"org-a": 3.0}, set())
+    await until(lambda: "late" in engine.started)
+    for task in [*running, late]:
+        task.cancel()
+    await asyncio.gather(*running, late, return_exceptions=True)
+    await scheduler.close()
+
+
 def test_turn_weights_hold_back_only_organizations_that_ask_on_other_gateways_too() -> None:
     from flexserve.scheduler.replicas import Replica
     from flexserve.scheduler.scheduler import turn_weights

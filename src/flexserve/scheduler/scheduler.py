@@ -234,7 +234,11 @@ class Scheduler:
         """Per replica other gateways may send to too (``Engine.shared``): its
         name, all it runs at once, what this gateway has in flight there, and
         the slots it wants there per organization (its runs, and its share of
-        the requests waiting for the models it serves)."""
+        the requests waiting for the models it serves).
+
+        Admission to each such replica is held to what runs now until the
+        answer comes back (``lease``): a lease may shrink to what runs, and a
+        run admitted meanwhile on the old one would then be past it."""
         waiting = {pool.model: pool.queue.waiting_by_org() for pool in self._pools.values()}
         demand = []
         for replica in self.replicas():
@@ -247,6 +251,7 @@ class Scheduler:
                 for org, count in waiting[pool.model].items():
                     wants[org] = wants.get(org, 0) + math.ceil(count / len(pool.replicas))
             demand.append((replica.name, replica.full_capacity, replica.num_in_flight, wants))
+            replica.capacity = min(replica.capacity, replica.num_in_flight)
         return demand
 
     def lease(self, name: str, slots: int, shares: dict[str, float], spread: set[str]) -> None:

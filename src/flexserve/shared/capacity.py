@@ -146,6 +146,8 @@ class SharedSlots:
         self._grant = grant
         self.interval = interval
         self._lease = presence.redis.register_script(_LEASE)
+        # What each replica's lease was last granted as.
+        self._granted: dict[str, tuple[int, dict[str, float], set[str]]] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _key(self, replica: str) -> str:
@@ -156,20 +158,30 @@ class SharedSlots:
         self._task = asyncio.create_task(self._renew_forever(), name="redis-slots")
 
     async def renew(self) -> None:
-        """Ask for this gateway's share of every replica now."""
+        """Ask for this gateway's share of every replica now. (Asking holds
+        admission to what runs until the answer: ``Scheduler.slot_demand``.)"""
         replicas = self._replicas()
         holder = self._presence.holder
-        async with self._presence.redis.pipeline(transaction=False) as pipe:
-            for name, capacity, in_use, wants in replicas:
-                args: list[str | int] = [self._presence.prefix, holder, capacity, in_use]
-                for org, want in wants.items():
-                    args += [org, want]
-                await self._lease(keys=[self._presence.gateways_key, self._key(name)],
-                                  args=args, client=pipe)
-            answers = await pipe.execute()
+        try:
+            async with self._presence.redis.pipeline(transaction=False) as pipe:
+                for name, capacity, in_use, wants in replicas:
+                    args: list[str | int] = [self._presence.prefix, holder, capacity, in_use]
+                    for org, want in wants.items():
+                        args += [org, want]
+                    await self._lease(keys=[self._presence.gateways_key, self._key(name)],
+                                      args=args, client=pipe)
+                answers = await pipe.execute()
+        except BaseException:
+            # No answer: the leases granted last stay in force (a call that
+            # timed out after Redis ran it may have shrunk one meanwhile: over
+            # by that much until the next renewal answers).
+            for name, granted in self._granted.items():
+                self._grant(name, *granted)
+            raise
         for (name, *_), answer in zip(replicas, answers, strict=True):
             shares = {_text(answer[i]): float(answer[i + 1]) for i in range(1, len(answer), 3)}
             spread = {_text(answer[i]) for i in range(1, len(answer), 3) if _text(answer[i + 2]) == "1"}
+            self._granted[name] = (int(answer[0]), shares, spread)
             self._grant(name, int(answer[0]), shares, spread)
 
     async def _renew_forever(self) -> None:
