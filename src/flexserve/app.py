@@ -14,7 +14,6 @@ one bare ASGI pipeline ahead of Starlette's middleware and routing
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -137,24 +136,12 @@ async def _shared_state(
 def _reload(services: Services) -> Callable[[], None]:
     """What a gateway does when told the database changed: forget the keys
     it knows and reload its policy now."""
-    reloads: set[asyncio.Task[None]] = set()
 
     def reload() -> None:
         services.keys.forget()
-        task = asyncio.create_task(services.gate.refresh())
-        reloads.add(task)
-        task.add_done_callback(_reloaded(reloads))
+        services.gate.refresh_soon()
 
     return reload
-
-
-def _reloaded(reloads: set[asyncio.Task[None]]) -> Callable[[asyncio.Task[None]], None]:
-    def done(task: asyncio.Task[None]) -> None:
-        reloads.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("reloading the policy on a change failed: %s", task.exception())
-
-    return done
 
 
 async def _start_engines(engines: list[Engine], stack: AsyncExitStack) -> list[Engine]:

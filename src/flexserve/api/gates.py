@@ -111,6 +111,8 @@ class Gate:
         self.limiter = limiter if limiter is not None else RateLimiter()
         self.policy = Policy()
         self._closing = asyncio.Event()
+        # Set to reload before the interval is up (a change announced).
+        self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -123,8 +125,13 @@ class Gate:
         await self.limiter.start()
         self._task = asyncio.create_task(self._refresh_forever(), name="policy-refresh")
 
+    def refresh_soon(self) -> None:
+        """Reload the policy now rather than at the end of the interval."""
+        self._wake.set()
+
     async def close(self) -> None:
         self._closing.set()
+        self._wake.set()
         task, self._task = self._task, None
         if task is not None:
             await asyncio.wait([task])
@@ -145,7 +152,8 @@ class Gate:
     async def _refresh_forever(self) -> None:
         while not self._closing.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._closing.wait(), self._refresh_interval)
+                await asyncio.wait_for(self._wake.wait(), self._refresh_interval)
+            self._wake.clear()
             if self._closing.is_set():
                 return
             try:
