@@ -222,3 +222,17 @@ async def test_a_scope_without_a_budget_takes_no_hold_but_its_cost_counts(
     await budgets.start()
     with pytest.raises(BudgetExceeded):
         await budgets.reserve([ORG], 50, whole=True)
+
+
+async def test_a_hold_made_where_no_scope_had_a_budget_is_carved_like_any(gateways: Gateways) -> None:
+    """A batch's hold taken before its organization had a budget holds nothing
+    in Redis; carving it still moves its amount down one line at a time."""
+    budgets = await gateways.start()
+    hold = await budgets.reserve([ORG], 600, whole=True)
+    assert hold.parts == ()
+    first = await budgets.carve(hold, 200)
+    assert (first.amount, hold.amount) == (200, 400)
+    budgets.set_limits({ORG: 10_000})
+    second = await budgets.carve(hold, 500)  # 400 from the hold, 100 held afresh
+    assert (second.amount, hold.amount) == (500, 0)
+    assert await budgets.committed(ORG) == (0, 100)

@@ -175,9 +175,6 @@ class LocalBudgets(Budgets):
         return Reservation(tuple(scopes), amount, month)
 
     async def carve(self, hold: Reservation, amount: int) -> Reservation:
-        return self.carve_now(hold, amount)
-
-    def carve_now(self, hold: Reservation, amount: int) -> Reservation:
         if amount < 0:
             raise ValueError(f"cannot reserve a negative amount: {amount}")
         taken = 0 if hold.settled else min(amount, hold.amount)

@@ -238,13 +238,14 @@ class RedisBudgets(Budgets):
     async def carve(self, hold: Reservation, amount: int) -> Reservation:
         if amount < 0:
             raise ValueError(f"cannot reserve a negative amount: {amount}")
-        # A hold made under a lease that has since lapsed was given back with it.
-        live = not hold.settled and hold.holder == self._presence.holder
+        # Holds made under a lease that has since lapsed were given back with it.
+        live = not hold.settled and (not hold.parts or hold.holder == self._presence.holder)
         taken = min(amount, hold.amount) if live else 0
         # The part the hold has moves over by reference (no round trip); the
         # part it lacks is reserved afresh.
         fresh = await self.reserve(hold.scopes, amount - taken) if taken < amount else None
         moved = _take_parts(hold, taken)
+        hold.amount -= taken
         if fresh is None:
             return Reservation(hold.scopes, amount, hold.month, holder=hold.holder, parts=moved)
         fresh.amount = amount
@@ -301,7 +302,8 @@ class RedisBudgets(Budgets):
 
 
 def _take_parts(hold: Reservation, amount: int) -> tuple[tuple[str, int], ...]:
-    """Move ``amount`` out of ``hold``'s parts (earliest first): the parts moved."""
+    """Move up to ``amount`` out of ``hold``'s parts in Redis (earliest first):
+    the parts moved. (A hold made where no scope had a budget has none.)"""
     moved: list[tuple[str, int]] = []
     left: list[tuple[str, int]] = []
     for ref, have in hold.parts:
@@ -312,7 +314,6 @@ def _take_parts(hold: Reservation, amount: int) -> tuple[tuple[str, int], ...]:
         if have - take:
             left.append((ref, have - take))
     hold.parts = tuple(left)
-    hold.amount = sum(have for _, have in left)
     return tuple(moved)
 
 
