@@ -634,7 +634,7 @@ async def test_workers_claiming_one_batch_at_once_never_claim_a_line_twice(tmp_d
 
         async def claimer() -> list[int]:
             mine: list[int] = []
-            while claimed := await store.claim("batch_race", 5):
+            while claimed := await store.claim("batch_race", 5, runner="r", lease_until=2**40):
                 mine.extend(line.line for line in claimed)
                 assert len(claimed) <= 5 and all(line.attempts == 1 for line in claimed)
             return mine
