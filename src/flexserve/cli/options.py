@@ -50,10 +50,12 @@ def settings_for(db: str | None, home: str | None) -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
-def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, prepare: bool = True) -> _T:
+def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, prepare: bool = True,
+           announce: bool = True) -> _T:
     """Run ``action`` against the database once its schema is ready
     (``Database.prepare``: SQLite migrated, PostgreSQL checked; not with
-    ``prepare=False``, for the commands that migrate), then close it."""
+    ``prepare=False``, for the commands that migrate), then close it; with
+    ``announce``, tell the gateways sharing ``redis`` (``_announce``)."""
     url = settings.database_url
 
     async def with_database() -> _T:
@@ -73,7 +75,8 @@ def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, p
         # The URL without its password: this message may end up in a CI log.
         shown = shown_url(url)
         raise click.ClickException(f"database {shown}: {exc}") from exc
-    _announce(settings)
+    if announce:
+        _announce(settings)
     return result
 
 

@@ -210,7 +210,8 @@ def serve(
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
     # Stops here, saying why, on a database whose schema this FlexServe cannot use.
-    key = run_db(settings, lambda database: _bootstrap_demo(database, settings))
+    # Not announced: a gateway starting would make every other forget its keys.
+    key = run_db(settings, lambda database: _bootstrap_demo(database, settings), announce=False)
     _check_redis(settings)
     if config_file:
         from flexserve.cli.prices import load_config_prices
