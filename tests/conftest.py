@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -32,7 +32,7 @@ from flexserve.engines.base import Engine
 from flexserve.store.database import Database
 from postgres import HOW_TO_ENABLE, PostgresServer, find_bin_dir
 from redis_server import HOW_TO_ENABLE as REDIS_HOW_TO_ENABLE
-from redis_server import RedisServer, find_redis_server
+from redis_server import Presences, RedisServer, find_redis_server
 
 T = TypeVar("T")
 # The suite's databases on PostgreSQL rather than SQLite files.
@@ -191,6 +191,14 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+async def presences(redis_server: RedisServer) -> AsyncIterator[Presences]:
+    """Gateways' leases on the session's Redis, under a prefix of the test's own."""
+    made = Presences(redis_server)
+    yield made
+    await made.close()
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,9 @@ import signal
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -78,3 +80,32 @@ class RedisServer:
                 self._process.wait(timeout=10)
         finally:
             shutil.rmtree(self._root, ignore_errors=True)
+
+
+class Presences:
+    """Gateways' leases (``flexserve.shared.presence``) on one Redis server,
+    under a key prefix of the test's own, each on a connection of its own as
+    separate gateway processes would be; all given back by ``close``."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self.server = server
+        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
+        self._open: list[Any] = []
+
+    async def new(self, *, ttl: float = 15.0, timeout: float = 5.0) -> Any:
+        """A started ``Presence``. ``timeout``: how long a call waits for Redis
+        (short where a test pauses it)."""
+        from redis.asyncio import Redis
+
+        from flexserve.shared.presence import Presence
+
+        client = Redis.from_url(self.server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        presence = Presence(client, prefix=self.prefix, ttl=ttl)
+        await presence.start()
+        self._open.append(presence)
+        return presence
+
+    async def close(self) -> None:
+        for presence in reversed(self._open):
+            await presence.close()
+            await presence.redis.aclose()

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -16,42 +15,34 @@ from redis.asyncio import Redis
 from flexserve.billing.budget import BudgetExceeded, Budgets, LocalBudgets, month_of
 from flexserve.errors import ServiceUnavailableError
 from flexserve.shared.budgets import RedisBudgets
-from flexserve.shared.presence import Presence
-from redis_server import RedisServer
+from redis_server import Presences, RedisServer
 
 ORG = "org:org-shared"
 
 
 class Gateways:
-    """Gateways sharing one Redis under a prefix of this test's own."""
+    """Gateways' budgets in one Redis, each on a lease and connection of its own."""
 
-    def __init__(self, server: RedisServer) -> None:
-        self.server = server
-        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
-        self._open: list[tuple[Presence, RedisBudgets, Redis]] = []
+    def __init__(self, presences: Presences) -> None:
+        self.presences = presences
+        self._open: list[RedisBudgets] = []
 
     async def start(self, ttl: float = 15.0, limits: dict[str, int] | None = None,
                     timeout: float = 5.0) -> RedisBudgets:
-        """``timeout``: how long a call waits for Redis (short where a test pauses it)."""
-        redis = Redis.from_url(self.server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        presence = Presence(redis, prefix=self.prefix, ttl=ttl)
-        await presence.start()
-        budgets = RedisBudgets(presence)
+        budgets = RedisBudgets(await self.presences.new(ttl=ttl, timeout=timeout))
         budgets.set_limits(limits or {})
         await budgets.start()
-        self._open.append((presence, budgets, redis))
+        self._open.append(budgets)
         return budgets
 
     async def close(self) -> None:
-        for presence, budgets, redis in reversed(self._open):
+        for budgets in reversed(self._open):
             await budgets.close()
-            await presence.close()
-            await redis.aclose()
 
 
 @pytest.fixture
-async def gateways(redis_server: RedisServer) -> AsyncIterator[Gateways]:
-    made = Gateways(redis_server)
+async def gateways(presences: Presences) -> AsyncIterator[Gateways]:
+    made = Gateways(presences)
     yield made
     await made.close()
 

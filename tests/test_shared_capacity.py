@@ -7,15 +7,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-import uuid
-from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
 
 from flexserve.shared.capacity import SharedSlots
 from flexserve.shared.presence import Presence
-from redis_server import RedisServer
+from redis_server import Presences
 
 REPLICA, CAPACITY = "upstream:http://10.0.0.1:8000", 8
 
@@ -23,9 +20,9 @@ REPLICA, CAPACITY = "upstream:http://10.0.0.1:8000", 8
 class Gateway:
     """What one gateway's scheduler says about the replica, and its lease."""
 
-    def __init__(self, presence: Presence, redis: Redis) -> None:
+    def __init__(self, presence: Presence) -> None:
         self.presence = presence
-        self.redis = redis
+        self.redis = presence.redis
         # What it wants per organization (``want``: all of it for one).
         self.wants: dict[str, int] = {}
         self.lease = 0
@@ -59,18 +56,8 @@ class Gateway:
 
 
 @pytest.fixture
-async def fleet(redis_server: RedisServer) -> AsyncIterator[list[Gateway]]:
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
-    made: list[Gateway] = []
-    for _ in range(3):
-        redis = Redis.from_url(redis_server.url, socket_timeout=5)
-        presence = Presence(redis, prefix=prefix, ttl=1.0)
-        await presence.start()
-        made.append(Gateway(presence, redis))
-    yield made
-    for gateway in made:
-        await gateway.presence.close()
-        await gateway.redis.aclose()
+async def fleet(presences: Presences) -> list[Gateway]:
+    return [Gateway(await presences.new(ttl=1.0)) for _ in range(3)]
 
 
 async def leases_in_redis(gateway: Gateway) -> dict[str, int]:

@@ -4,47 +4,41 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
 from collections.abc import AsyncIterator
 
 import pytest
-from redis.asyncio import Redis
 
 from flexserve.billing.ratelimit import RateLimit, RateLimiter, RateLimits
 from flexserve.errors import RateLimitError, ServiceUnavailableError
-from flexserve.shared.presence import Presence
 from flexserve.shared.ratelimit import RedisRateLimits
 from flexserve.tiers import ServiceTier
-from redis_server import RedisServer
+from redis_server import Presences, RedisServer
 
 FLEX = ServiceTier.FLEX
 
 
 class Limiters:
-    def __init__(self, server: RedisServer) -> None:
-        self.server = server
-        self.prefix = f"test-{uuid.uuid4().hex[:8]}"
-        self._open: list[tuple[Presence, RedisRateLimits, Redis]] = []
+    """Gateways' rate limits in one Redis, each on a lease and connection of its own."""
+
+    def __init__(self, presences: Presences) -> None:
+        self.presences = presences
+        self._open: list[RedisRateLimits] = []
 
     async def start(self, limit: RateLimit, timeout: float = 5.0) -> RedisRateLimits:
-        """``timeout``: how long a call waits for Redis (short where a test pauses it)."""
-        redis = Redis.from_url(self.server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        presence = Presence(redis, prefix=self.prefix)
-        limits = RedisRateLimits(presence)
+        limits = RedisRateLimits(await self.presences.new(timeout=timeout))
         limits.set_limits({("org-1", FLEX): limit})
         await limits.start()
-        self._open.append((presence, limits, redis))
+        self._open.append(limits)
         return limits
 
     async def close(self) -> None:
-        for _, limits, redis in reversed(self._open):
+        for limits in reversed(self._open):
             await limits.close()
-            await redis.aclose()
 
 
 @pytest.fixture
-async def limiters(redis_server: RedisServer) -> AsyncIterator[Limiters]:
-    made = Limiters(redis_server)
+async def limiters(presences: Presences) -> AsyncIterator[Limiters]:
+    made = Limiters(presences)
     yield made
     await made.close()
 
