@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,18 @@ HOW_TO_ENABLE = (
     "Redis is not installed: the tests of the state gateways share did not run. Install "
     "its server (Debian: apt-get install redis-server; .ci/run does) to run them."
 )
+
+
+def slot_leases(stored: Mapping[bytes, bytes]) -> dict[str, int]:
+    """Each holder's lease, from a replica's hash of leases (``HGETALL
+    {prefix}:slots:{replica}``, ``flexserve.shared.capacity``)."""
+    return {k.decode(): int(v) for k, v in stored.items() if b":" not in k}
+
+
+def flex_rooms(stored: Mapping[bytes, bytes]) -> dict[str, int]:
+    """Each holder's flex room, from the same hash."""
+    return {k.decode().removesuffix(":flex"): int(v) for k, v in stored.items()
+            if k.endswith(b":flex")}
 
 
 def find_redis_server() -> str | None:

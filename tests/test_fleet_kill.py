@@ -23,7 +23,7 @@ from conftest import ServerThread, serve_process, sql_rows, wait_for
 from flexserve.engines.sim import SimModel
 from flexserve.engines.sim.server import create_sim_app
 from postgres import PostgresServer
-from redis_server import RedisServer
+from redis_server import RedisServer, slot_leases
 
 TTL = 2.0  # redis_lease_ttl of these gateways
 
@@ -90,8 +90,7 @@ def test_a_gateway_killed_under_traffic_loses_nothing_and_its_slots_come_back(
                 killed_at = time.monotonic()
 
                 def survivor_has_every_slot() -> bool:
-                    leases = {k: int(v) for k, v in client.hgetall(slots_key).items()
-                              if not k.endswith(b":want")}
+                    leases = slot_leases(client.hgetall(slots_key))
                     return len(leases) == 1 and list(leases.values()) == [4]
 
                 wait_for(survivor_has_every_slot, TTL + 3)

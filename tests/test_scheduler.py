@@ -27,7 +27,7 @@ from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.fairness import FairQueue
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots
 from flexserve.scheduler.prefill import PrefillBudget
-from flexserve.scheduler.replicas import Replica, Running
+from flexserve.scheduler.replicas import Replica, Running, SlotLease
 from flexserve.scheduler.scheduler import Scheduler, Ticket
 from flexserve.tiers import ServiceTier
 
@@ -202,16 +202,41 @@ async def test_asking_for_a_lease_holds_admission_to_what_runs_until_the_answer(
     running = [asyncio.create_task(run(scheduler, f"r{i}", ServiceTier.DEFAULT, tokens=200))
                for i in range(2)]
     await until(lambda: len(engine.started) == 2)
-    [(name, full, in_use, wants)] = scheduler.slot_demand()
-    assert (full, in_use, wants) == (4, 2, {"org-a": 2})
+    [ask] = scheduler.slot_demand()
+    assert (ask.capacity, ask.flex_capacity, ask.in_use, ask.flex_in_use, ask.wants) == (
+        4, 3, 2, 0, {"org-a": 2})
     late = asyncio.create_task(run(scheduler, "late", ServiceTier.DEFAULT))
     await asyncio.sleep(0.05)
     assert engine.started == ["r0", "r1"]  # held while the lease is asked for
-    scheduler.lease(name, 3, {"org-a": 3.0}, set())
+    scheduler.lease(ask.replica, SlotLease(3, 2, {"org-a": 3.0}, set()))
     await until(lambda: "late" in engine.started)
     for task in [*running, late]:
         task.cancel()
     await asyncio.gather(*running, late, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_flex_starts_only_below_the_flex_room_its_lease_gives() -> None:
+    """Where gateways share a replica, the headroom kept for default is the
+    replica's, not one per lease: flex starts below the room the lease
+    gives (here 1 of a lease of 4), though one gateway alone would start 3."""
+    engine = ScriptedEngine(capacity=4, token_time=0.01)
+    engine.shared = True
+    scheduler = await make_scheduler(engine)
+    [ask] = scheduler.slot_demand()
+    scheduler.lease(ask.replica, SlotLease(4, 1, {}, set()))
+    flex = [asyncio.create_task(run(scheduler, f"f{i}", ServiceTier.FLEX, tokens=200))
+            for i in range(3)]
+    await until(lambda: len(engine.started) == 1)
+    await asyncio.sleep(0.1)
+    assert len(engine.started) == 1
+    [ask] = scheduler.slot_demand()
+    assert (ask.in_use, ask.flex_in_use) == (1, 1)
+    scheduler.lease(ask.replica, SlotLease(4, 3, {}, set()))
+    await until(lambda: len(engine.started) == 3)
+    for task in flex:
+        task.cancel()
+    await asyncio.gather(*flex, return_exceptions=True)
     await scheduler.close()
 
 

@@ -10,11 +10,13 @@ import time
 
 import pytest
 
+from flexserve.scheduler.replicas import SlotAsk, SlotLease
 from flexserve.shared.capacity import SharedSlots
 from flexserve.shared.presence import Presence
-from redis_server import Presences
+from redis_server import Presences, flex_rooms, slot_leases
 
-REPLICA, CAPACITY = "upstream:http://10.0.0.1:8000", 8
+# Eight slots, six of them flex may fill (a headroom of two kept for default).
+REPLICA, CAPACITY, FLEX_CAPACITY = "upstream:http://10.0.0.1:8000", 8, 6
 
 
 class Gateway:
@@ -26,6 +28,9 @@ class Gateway:
         # What it wants per organization (``want``: all of it for one).
         self.wants: dict[str, int] = {}
         self.lease = 0
+        self.flex_room = 0
+        # Of what it runs, the flex (or batch).
+        self.flex_running = 0
         self.shares: dict[str, float] = {}
         self.running: int | None = None
         self.spread: set[str] = set()
@@ -45,14 +50,16 @@ class Gateway:
         # says what it runs).
         return min(self.want, self.lease) if self.running is None else self.running
 
-    def demand(self) -> list[tuple[str, int, int, dict[str, int]]]:
-        return [(REPLICA, CAPACITY, self.in_use, self.wants)]
+    def demand(self) -> list[SlotAsk]:
+        return [SlotAsk(REPLICA, CAPACITY, FLEX_CAPACITY, self.in_use, self.flex_running,
+                        self.wants)]
 
-    def grant(self, name: str, slots: int, shares: dict[str, float], spread: set[str]) -> None:
+    def grant(self, name: str, lease: SlotLease) -> None:
         assert name == REPLICA
-        self.lease = slots
-        self.shares = shares
-        self.spread = spread
+        self.lease = lease.slots
+        self.flex_room = lease.flex_room
+        self.shares = lease.shares
+        self.spread = lease.spread
 
 
 @pytest.fixture
@@ -61,8 +68,11 @@ async def fleet(presences: Presences) -> list[Gateway]:
 
 
 async def leases_in_redis(gateway: Gateway) -> dict[str, int]:
-    stored = await gateway.redis.hgetall(f"{gateway.presence.prefix}:slots:{REPLICA}")
-    return {k.decode(): int(v) for k, v in stored.items() if not k.endswith(b":want")}
+    return slot_leases(await gateway.redis.hgetall(f"{gateway.presence.prefix}:slots:{REPLICA}"))
+
+
+async def rooms_in_redis(gateway: Gateway) -> dict[str, int]:
+    return flex_rooms(await gateway.redis.hgetall(f"{gateway.presence.prefix}:slots:{REPLICA}"))
 
 
 async def test_leases_never_sum_past_the_capacity_and_follow_demand(fleet: list[Gateway]) -> None:
@@ -138,3 +148,52 @@ async def test_an_organization_on_two_gateways_gets_its_part_not_a_part_on_each(
     assert both.shares == {"org-a": 2.0, "org-b": 4.0}
     assert other.shares == {"org-a": 2.0}
     assert both.spread == other.spread == {"org-a"}
+
+
+async def test_flex_rooms_never_sum_past_the_flex_capacity_and_none_is_lost(
+    fleet: list[Gateway],
+) -> None:
+    """The headroom kept for default is the replica's: the gateways' flex
+    rooms together never pass its capacity less that headroom, each stays
+    within its lease and no lower than the flex it runs, and shared between
+    two gateways no flex slot is lost to a headroom per lease (6, not 2 × 3)."""
+    rng = random.Random(5)
+    for _ in range(300):
+        gateway = rng.choice(fleet)
+        gateway.want = rng.choice([0, 1, 2, 5, 12])
+        gateway.flex_running = rng.randint(0, min(gateway.in_use, gateway.flex_room))
+        await gateway.slots.renew()
+        assert sum((await rooms_in_redis(gateway)).values()) <= FLEX_CAPACITY
+        assert gateway.flex_running <= gateway.flex_room <= gateway.lease
+    for gateway in fleet:
+        gateway.want, gateway.flex_running = 0, 0
+        await gateway.slots.renew()
+    first, second = fleet[0], fleet[1]
+    first.want = second.want = 4
+    for _ in range(3):
+        for gateway in fleet:
+            await gateway.slots.renew()
+    assert (first.lease, second.lease) == (4, 4)
+    assert first.flex_room + second.flex_room == FLEX_CAPACITY
+
+
+async def test_a_flex_room_shrinks_no_lower_than_the_flex_it_runs(fleet: list[Gateway]) -> None:
+    alone, newcomer = fleet[0], fleet[1]
+    alone.wants = {"org-a": 8}
+    await alone.slots.renew()
+    assert (alone.lease, alone.flex_room) == (8, 6)
+    alone.running = alone.flex_running = 6  # as one gateway would: flex up to the headroom
+    newcomer.wants = {"org-b": 4}
+    await newcomer.slots.renew()
+    assert (newcomer.lease, newcomer.flex_room) == (0, 0)  # nothing is free yet
+    alone.wants = {"org-a": 6}
+    await alone.slots.renew()
+    assert (alone.lease, alone.flex_room) == (6, 6)  # its six flex still run
+    await newcomer.slots.renew()
+    assert (newcomer.lease, newcomer.flex_room) == (2, 0)
+    alone.running, alone.flex_running = 4, 2  # four of them ended, two default started
+    alone.wants = {"org-a": 4}
+    await alone.slots.renew()
+    await newcomer.slots.renew()
+    assert (alone.lease, alone.flex_room) == (4, 4)
+    assert (newcomer.lease, newcomer.flex_room) == (4, 2)

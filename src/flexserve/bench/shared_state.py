@@ -20,6 +20,7 @@ from typing import Any
 
 from flexserve.billing.budget import Budgets, LocalBudgets
 from flexserve.billing.ratelimit import RateLimit, RateLimiter, RateLimits
+from flexserve.scheduler.replicas import SlotAsk
 from flexserve.tiers import ServiceTier
 
 ORG, PROJECT = "org:org-bench", "project:proj-bench"
@@ -90,7 +91,7 @@ async def _measure(config: SharedStateConfig) -> dict[str, Any]:
     limits.set_limits(rates)
     await budgets.start()
     await limits.start()
-    replicas = [(f"upstream:http://10.0.0.{i}:8000", 64, 3, {"org-a": 5, "org-b": 2})
+    replicas = [SlotAsk(f"upstream:http://10.0.0.{i}:8000", 64, 51, 3, 1, {"org-a": 5, "org-b": 2})
                 for i in range(config.replicas)]
     slots = SharedSlots(presence, lambda: replicas, lambda *_: None)
     try:

@@ -16,7 +16,7 @@ from flexserve.scheduler.estimates import (
     DrainTimeline,
     WaitEstimate,
 )
-from flexserve.scheduler.policy import SchedulerConfig, headroom_slots, predicted_tpot
+from flexserve.scheduler.policy import SchedulerConfig, flex_room, predicted_tpot
 from flexserve.scheduler.replicas import ModelPool, Replica, Running
 from flexserve.tiers import ServiceTier
 
@@ -60,7 +60,7 @@ def flex_limit(config: SchedulerConfig, replica: Replica, cost_tokens: float) ->
     more than decode at once on engines that pause flex between tokens."""
     if not config.tiers_enabled:
         return replica.capacity
-    limit = replica.capacity - headroom_slots(config, replica.capacity)
+    limit = flex_room(config, replica)
     if replica.engine.supports_pause:
         limit = min(limit, replica.engine.max_decoding)
     if config.tpot_slo > 0 and replica.engine.step_time_model() is not None:

@@ -71,6 +71,15 @@ def headroom_slots(config: SchedulerConfig, capacity: int) -> int:
     return min(capacity - 1, math.ceil(config.flex_headroom * capacity))
 
 
+def flex_room(config: SchedulerConfig, replica: Replica) -> int:
+    """Sequences in flight on ``replica`` below which flex may start: its
+    capacity less the headroom kept for default, or, where gateways share
+    it, this gateway's part of that (``Replica.flex_room``)."""
+    if replica.flex_room is not None:
+        return min(replica.flex_room, replica.capacity)
+    return replica.capacity - headroom_slots(config, replica.capacity)
+
+
 def predicted_tpot(
     replica: Replica, num_sequences: int, tokens_held: int, *, calibrated: bool = True
 ) -> float | None:
@@ -92,7 +101,7 @@ def can_admit(
         return False
     if not config.tiers_enabled or not tier.is_preemptible:
         return True
-    if replica.num_in_flight >= replica.capacity - headroom_slots(config, replica.capacity):
+    if replica.num_in_flight >= flex_room(config, replica):
         return False
     if now - replica.last_preempted_at < config.preempt_cooldown:
         return False
@@ -125,6 +134,6 @@ def spare_capacity(config: SchedulerConfig, replicas: list[Replica], now: float)
     spare = 0
     for replica in replicas:
         if can_admit(config, replica, ServiceTier.FLEX, now):
-            limit = replica.capacity - headroom_slots(config, replica.capacity)
+            limit = flex_room(config, replica)
             spare += max(0, limit - replica.num_in_flight)
     return spare / total

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from flexserve.engines.base import Engine, EngineLoad, Feature, SequenceControl
 from flexserve.scheduler.estimates import FlexHistory
@@ -13,6 +13,34 @@ from flexserve.scheduler.holds import HeldPlaces
 from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.queue import TierQueue
 from flexserve.tiers import ServiceTier
+
+
+class SlotAsk(NamedTuple):
+    """What a gateway asks of a replica other gateways send to too
+    (``flexserve.shared.capacity``)."""
+
+    replica: str
+    # Sequences the replica runs at once, and those of them flex may fill,
+    # whoever sends them.
+    capacity: int
+    flex_capacity: int
+    # This gateway's sequences in flight there, and the flex (or batch) ones.
+    in_use: int
+    flex_in_use: int
+    # The slots it wants there per organization.
+    wants: dict[str, int]
+
+
+class SlotLease(NamedTuple):
+    """What a gateway may run on a shared replica until its next ask."""
+
+    slots: int
+    # In flight below this, flex may start (part of ``SlotAsk.flex_capacity``).
+    flex_room: int
+    # Of ``slots``, the part meant for each organization's work.
+    shares: dict[str, float]
+    # The organizations that ask for slots on other gateways too.
+    spread: set[str]
 
 
 @dataclass(eq=False)
@@ -107,6 +135,11 @@ class Replica:
     org_shares: dict[str, float] = field(default_factory=dict)
     # ... and the organizations that ask for slots on other gateways too.
     orgs_spread: set[str] = field(default_factory=set)
+    # ... and the sequences this gateway may have in flight here and still
+    # start flex: its part of the replica's flex room (capacity less
+    # headroom), which the gateways' parts never exceed together. None: the
+    # replica is this gateway's alone (``capacity`` less headroom).
+    flex_room: int | None = None
 
     def __post_init__(self) -> None:
         self.full_capacity = self.full_capacity or self.capacity

@@ -58,9 +58,9 @@ from flexserve.scheduler.drain import (
 )
 from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
 from flexserve.scheduler.flex_waits import FlexWaits
-from flexserve.scheduler.policy import SchedulerConfig, can_admit, predicted_tpot
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
-from flexserve.scheduler.replicas import ModelPool, Replica, Running
+from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotAsk, SlotLease
 from flexserve.tiers import ServiceTier
 
 log = logging.getLogger(__name__)
@@ -230,17 +230,18 @@ class Scheduler:
 
     # --- slots shared with other gateways (flexserve.shared.capacity) ------------
 
-    def slot_demand(self) -> list[tuple[str, int, int, dict[str, int]]]:
-        """Per replica other gateways may send to too (``Engine.shared``): its
-        name, all it runs at once, what this gateway has in flight there, and
-        the slots it wants there per organization (its runs, and its share of
-        the requests waiting for the models it serves).
+    def slot_demand(self) -> list[SlotAsk]:
+        """What this gateway asks of each replica other gateways may send to
+        too (``Engine.shared``): all it runs at once and the part flex may
+        fill, what this gateway has in flight there, and the slots it wants
+        there per organization (its runs, and its share of the requests
+        waiting for the models it serves).
 
         Admission to each such replica is held to what runs now until the
         answer comes back (``lease``): a lease may shrink to what runs, and a
         run admitted meanwhile on the old one would then be past it."""
         waiting = {pool.model: pool.queue.waiting_by_org() for pool in self._pools.values()}
-        demand = []
+        asks = []
         for replica in self.replicas():
             if not replica.engine.shared:
                 continue  # in this process: its own, whoever else shares Redis
@@ -250,21 +251,27 @@ class Scheduler:
             for pool in self._pools_of(replica):
                 for org, count in waiting[pool.model].items():
                     wants[org] = wants.get(org, 0) + math.ceil(count / len(pool.replicas))
-            demand.append((replica.name, replica.full_capacity, replica.num_in_flight, wants))
+            full = replica.full_capacity
+            flex_in_use = sum(1 for run in replica.running if run.tier.is_preemptible)
+            asks.append(SlotAsk(replica.name, full, full - headroom_slots(self.config, full),
+                                replica.num_in_flight, flex_in_use, wants))
             replica.capacity = min(replica.capacity, replica.num_in_flight)
-        return demand
+        return asks
 
-    def lease(self, name: str, slots: int, shares: dict[str, float], spread: set[str]) -> None:
-        """This gateway may now run ``slots`` sequences on replica ``name``,
-        ``shares`` of them for each organization's work; the organizations
-        in ``spread`` ask on other gateways too, and their turns in flex and
-        batch are weighed by their share here (``turn_weights``)."""
+    def lease(self, name: str, lease: SlotLease) -> None:
+        """This gateway may now run ``lease.slots`` sequences on replica
+        ``name``, start flex there below ``lease.flex_room`` of them, and
+        meant ``lease.shares`` of them for each organization's work; the
+        organizations in ``lease.spread`` ask on other gateways too, and
+        their turns in flex and batch are weighed by their share here
+        (``turn_weights``)."""
         for replica in self.replicas():
             if replica.name != name:
                 continue
-            replica.org_shares = shares
-            replica.orgs_spread = spread
-            replica.capacity = min(slots, replica.full_capacity)
+            replica.org_shares = lease.shares
+            replica.orgs_spread = lease.spread
+            replica.capacity = min(lease.slots, replica.full_capacity)
+            replica.flex_room = lease.flex_room
             for pool in self._pools_of(replica):
                 pool.queue.set_weights(turn_weights(pool.replicas))
                 self._dispatch(pool)

@@ -19,10 +19,17 @@ which every gateway runs for each replica every ``interval`` seconds:
   and gives each gateway its organizations' parts as it asks for them; the
   rest is spread evenly, so that a burst on an idle gateway starts at once;
 - it grows the caller's lease toward its share only as far as the others
-  leave free, and shrinks it no lower than what the caller has in flight.
+  leave free, and shrinks it no lower than what the caller has in flight;
+- it gives the caller a *flex room* (``holder:flex``): in flight below it,
+  flex may start there. The rooms are parts of the replica's capacity less
+  the headroom kept for default; each is at most its holder's lease, grows
+  only into what the others' leave and shrinks no lower than the flex the
+  caller runs.
 
-So the leases on a replica never sum past its capacity, and a gateway whose
-share fell gives slots back as its runs end. An organization that asks on
+So the leases on a replica never sum past its capacity, the flex on it never
+past its flex room (as one gateway would hold it: a headroom per lease would
+keep one per gateway), and a gateway whose share fell gives slots back as its
+runs end. An organization that asks on
 other gateways too has its turns in this gateway's flex and batch queues
 weighed by its part here against the others' (``FairQueue.weights``), so it
 gets its fair part of the engine, not a part on each; organizations that
@@ -39,36 +46,40 @@ from collections.abc import Callable
 
 from redis.exceptions import RedisError
 
-from flexserve.shared.tasks import stop
-
+from flexserve.scheduler.replicas import SlotAsk, SlotLease
 from flexserve.shared.presence import Presence
+from flexserve.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 
 # Lua: lease. KEYS: the gateways set, the replica's leases. ARGV: prefix,
-# holder, capacity, in use, then organization, want pairs. Returns the
-# caller's lease, then for each of its organizations: the organization, its
-# part of the lease, and "1" if it asks for slots on other gateways too.
+# holder, capacity, flex capacity, in use, flex in use, then organization,
+# want pairs. Returns the caller's lease and flex room, then for each of its
+# organizations: the organization, its part of the lease, and "1" if it asks
+# for slots on other gateways too.
 _LEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local gateways, slots = KEYS[1], KEYS[2]
-local me, capacity, in_use = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local me, capacity, flex_capacity = ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local in_use, flex_in_use = tonumber(ARGV[5]), tonumber(ARGV[6])
 redis.call('ZREMRANGEBYSCORE', gateways, '-inf', now)
 local mine = {}
-for i = 5, #ARGV, 2 do mine[ARGV[i]] = tonumber(ARGV[i + 1]) end
+for i = 7, #ARGV, 2 do mine[ARGV[i]] = tonumber(ARGV[i + 1]) end
 redis.call('HSET', slots, me .. ':want', cjson.encode(mine))
-local leases, wants, holders = {}, {}, {}
+local leases, wants, rooms, holders = {}, {}, {}, {}
 local stored = redis.call('HGETALL', slots)
 for i = 1, #stored, 2 do
   local field, value = stored[i], stored[i + 1]
-  local holder = string.match(field, '^(.*):want$')
+  local holder, kind = string.match(field, '^(.*):(%a+)$')
   local name = holder or field
   if name ~= me and not redis.call('ZSCORE', gateways, name) then
     redis.call('HDEL', slots, field)
-  elseif holder then
+  elseif kind == 'want' then
     wants[holder] = holder == me and mine or cjson.decode(value)
     table.insert(holders, holder)
+  elseif kind == 'flex' then
+    rooms[holder] = tonumber(value)
   else
     leases[field] = tonumber(value)
   end
@@ -108,14 +119,18 @@ for i, holder in ipairs(holders) do
   share[holder] = share[holder] + each
   if i <= extra then share[holder] = share[holder] + 1 end
 end
-local others = 0
+local others, others_flex = 0, 0
 for holder, lease in pairs(leases) do
   if holder ~= me then others = others + lease end
 end
+for holder, room in pairs(rooms) do
+  if holder ~= me then others_flex = others_flex + room end
+end
 local lease = math.max(in_use, math.min(share[me], capacity - others))
-redis.call('HSET', slots, me, lease)
+local room = math.max(flex_in_use, math.min(lease, flex_capacity - others_flex))
+redis.call('HSET', slots, me, lease, me .. ':flex', room)
 redis.call('PEXPIRE', slots, 86400000)
-local answer = {lease}
+local answer = {lease, room}
 for org, want in pairs(mine) do
   if want > 0 then
     table.insert(answer, org)
@@ -130,15 +145,13 @@ return answer
 class SharedSlots:
     """Keeps this gateway's leases on every replica's slots up to date.
 
-    ``replicas`` gives, each round, each replica's name, its full capacity,
-    what this gateway has in flight there and the slots it wants there per
-    organization; ``grant`` is told each replica's lease, each
-    organization's part of it, and which of them ask on other gateways too."""
+    ``replicas`` gives, each round, what this gateway asks of each replica
+    (``SlotAsk``); ``grant`` is told each replica's name and lease."""
 
     def __init__(
         self, presence: Presence,
-        replicas: Callable[[], list[tuple[str, int, int, dict[str, int]]]],
-        grant: Callable[[str, int, dict[str, float], set[str]], None],
+        replicas: Callable[[], list[SlotAsk]],
+        grant: Callable[[str, SlotLease], None],
         *, interval: float = 0.2,
     ) -> None:
         self._presence = presence
@@ -147,7 +160,7 @@ class SharedSlots:
         self.interval = interval
         self._lease = presence.redis.register_script(_LEASE)
         # What each replica's lease was last granted as.
-        self._granted: dict[str, tuple[int, dict[str, float], set[str]]] = {}
+        self._granted: dict[str, SlotLease] = {}
         self._task: asyncio.Task[None] | None = None
 
     def _key(self, replica: str) -> str:
@@ -164,11 +177,12 @@ class SharedSlots:
         holder = self._presence.holder
         try:
             async with self._presence.redis.pipeline(transaction=False) as pipe:
-                for name, capacity, in_use, wants in replicas:
-                    args: list[str | int] = [self._presence.prefix, holder, capacity, in_use]
-                    for org, want in wants.items():
+                for ask in replicas:
+                    args: list[str | int] = [self._presence.prefix, holder, ask.capacity,
+                                             ask.flex_capacity, ask.in_use, ask.flex_in_use]
+                    for org, want in ask.wants.items():
                         args += [org, want]
-                    await self._lease(keys=[self._presence.gateways_key, self._key(name)],
+                    await self._lease(keys=[self._presence.gateways_key, self._key(ask.replica)],
                                       args=args, client=pipe)
                 answers = await pipe.execute()
         except BaseException:
@@ -176,13 +190,16 @@ class SharedSlots:
             # timed out after Redis ran it may have shrunk one meanwhile: over
             # by that much until the next renewal answers).
             for name, granted in self._granted.items():
-                self._grant(name, *granted)
+                self._grant(name, granted)
             raise
-        for (name, *_), answer in zip(replicas, answers, strict=True):
-            shares = {_text(answer[i]): float(answer[i + 1]) for i in range(1, len(answer), 3)}
-            spread = {_text(answer[i]) for i in range(1, len(answer), 3) if _text(answer[i + 2]) == "1"}
-            self._granted[name] = (int(answer[0]), shares, spread)
-            self._grant(name, int(answer[0]), shares, spread)
+        for ask, answer in zip(replicas, answers, strict=True):
+            orgs = range(2, len(answer), 3)
+            lease = SlotLease(
+                slots=int(answer[0]), flex_room=int(answer[1]),
+                shares={_text(answer[i]): float(answer[i + 1]) for i in orgs},
+                spread={_text(answer[i]) for i in orgs if _text(answer[i + 2]) == "1"})
+            self._granted[ask.replica] = lease
+            self._grant(ask.replica, lease)
 
     async def _renew_forever(self) -> None:
         while True:
@@ -199,9 +216,10 @@ class SharedSlots:
         await stop(task)
         with contextlib.suppress(RedisError):
             async with self._presence.redis.pipeline(transaction=False) as pipe:
-                for name, *_ in self._replicas():
-                    await pipe.hdel(self._key(name), self._presence.holder,
-                                    f"{self._presence.holder}:want")
+                for ask in self._replicas():
+                    holder = self._presence.holder
+                    await pipe.hdel(self._key(ask.replica), holder, f"{holder}:want",
+                                    f"{holder}:flex")
                 await pipe.execute()
 
 
