@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -278,3 +279,41 @@ def start_litellm(
     }
     server = start_server(stack, "litellm", argv, port, "/health/liveliness", log_dir, env)
     return server, master_key
+
+
+def start_redis(stack: ExitStack, log_dir: Path) -> str:
+    """A throwaway ``redis-server`` on a free loopback port, no persistence;
+    returns its URL. For benchmarks of gateways that share state."""
+    binary = shutil.which("redis-server") or next(
+        (str(p) for p in (Path("/usr/bin/redis-server"), Path("/usr/sbin/redis-server"))
+         if p.exists()), None)
+    if binary is None:
+        raise BenchError("redis-server is not installed (Debian: apt-get install redis-server), "
+                         "or give the gateways' Redis with --redis URL")
+    port = free_port()
+    data = log_dir / "redis-data"
+    data.mkdir(exist_ok=True)
+    log_path = log_dir / "redis.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+             "no", "--dir", str(data)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True)
+    server = Server("redis", process, f"redis://127.0.0.1:{port}", log_path)
+    stack.callback(server.stop)
+    deadline = time.monotonic() + _READY_TIMEOUT
+    while True:
+        if process.poll() is not None:
+            raise BenchError(f"redis-server exited with status {process.returncode}:\n"
+                             + server.log_tail())
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return server.url
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError("redis-server did not answer PING in time:\n" + server.log_tail())
+        time.sleep(0.05)

@@ -117,6 +117,17 @@ class TiersOptions:
     quick: bool = False
     log_dir: Path | None = None
     command: str = ""
+    # Sim only: a fleet of this many gateways in front of this many engines,
+    # against one in front of one (``bench/tiers_fleet.py``), sharing this
+    # Redis (None: a throwaway redis-server) and database (None: a SQLite file).
+    gateways: int = 1
+    engines: int = 1
+    redis: str | None = None
+    db: str | None = None
+
+    @property
+    def fleet(self) -> bool:
+        return self.gateways > 1 or self.engines > 1
 
     @property
     def warmup_seconds(self) -> float:
@@ -143,7 +154,7 @@ class TiersOptions:
         return max(60.0, self.duration)
 
 
-def _mixes(opts: TiersOptions, default: LengthMix, flex: LengthMix) -> tuple[LengthMix, LengthMix]:
+def mixes(opts: TiersOptions, default: LengthMix, flex: LengthMix) -> tuple[LengthMix, LengthMix]:
     """The length mixes of a run; a smoke run clips outputs so that its requests end quickly."""
     if not opts.quick:
         return default, flex
@@ -151,20 +162,27 @@ def _mixes(opts: TiersOptions, default: LengthMix, flex: LengthMix) -> tuple[Len
 
 
 @dataclass
-class _Scenario:
+class Scenario:
     """One scenario to run: where to send, what to send, what to read."""
 
     name: str
     description: str
-    target: Target
+    # Where requests go: in turn to each (several gateways, or engines).
+    targets: Sequence[Target]
     defaults: Sequence[Job]
     num_flex: int
     flex_stream: bool
-    engine_metrics: str | None
-    gateway_metrics: str | None
+    # Prometheus endpoints, summed: every engine's, every gateway's.
+    engine_metrics: Sequence[str]
+    gateway_metrics: Sequence[str]
     token_counter: str
     # Lines of a batch backlog sent through the gateway's Batch API (scenario F).
     batch_jobs: Sequence[Job] = ()
+    # Sequences each engine runs at once (the gateways' upstream capacity).
+    engine_capacity: int = 0
+
+    def target(self, number: int) -> Target:
+        return self.targets[number % len(self.targets)]
 
 
 def tiers_enabled_available() -> bool:
@@ -180,7 +198,7 @@ def check_settings(settings: Mapping[str, str]) -> None:
         raise BenchError(f"unknown gateway setting(s): {', '.join(unknown)}")
 
 
-async def _run_scenario(sc: _Scenario, opts: TiersOptions,
+async def _drive(sc: Scenario, opts: TiersOptions,
                         flex_lengths: LengthMix) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10)
@@ -189,30 +207,38 @@ async def _run_scenario(sc: _Scenario, opts: TiersOptions,
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         loop = FlexLoop(stream=sc.flex_stream)
         flex_tasks = [
-            asyncio.create_task(flex_client(session, sc.target,
+            asyncio.create_task(flex_client(session, sc.target(i),
                                             flex_jobs(opts.seed, i, flex_lengths), loop))
             for i in range(sc.num_flex)
         ]
-        backlog = await start_backlog(session, sc.target, sc.batch_jobs) if sc.batch_jobs else None
+        backlog = await start_backlog(session, sc.target(0), sc.batch_jobs) if sc.batch_jobs else None
+        watching = asyncio.Event()
+        watch = asyncio.create_task(_watch_engines(session, sc.engine_metrics, watching))
         try:
             if flex_tasks or backlog is not None:
                 await asyncio.sleep(opts.warmup_seconds)
             window, defaults = await _measure(session, sc, opts)
         finally:
+            watching.set()
             loop.stopping = True
             for task in flex_tasks:
                 task.cancel()
             await asyncio.gather(*flex_tasks, return_exceptions=True)
             if backlog is not None:
-                await stop_backlog(session, sc.target, backlog)
+                await stop_backlog(session, sc.target(0), backlog)
+        most = await watch
         drained_at = time.monotonic()
-        busy_url = sc.engine_metrics or sc.gateway_metrics
-        if busy_url is not None:
-            busy = _SIM_BUSY if sc.engine_metrics else _GATEWAY_BUSY
+        busy = _SIM_BUSY if sc.engine_metrics else _GATEWAY_BUSY
+        for busy_url in sc.engine_metrics or sc.gateway_metrics:
             if not await drain(session, busy_url, busy, timeout=60.0):
-                print(f"warning: scenario {sc.name}: the servers did not drain in 60 s",
+                print(f"warning: scenario {sc.name}: {busy_url} did not drain in 60 s",
                       file=sys.stderr)
     result = summarize(sc.name, sc.description, window, defaults, len(sc.defaults), loop.outcomes)
+    if sc.engine_metrics:
+        # Running + waiting in each engine, at its most: past the capacity,
+        # the gateways sent it more than it runs at once.
+        result["engine_sequences_max"] = most
+        result["engine_capacity"] = sc.engine_capacity
     if backlog is not None:
         result["batch_lines"] = backlog.num_lines
         result["batch_completed"] = backlog.completed_at_end
@@ -224,13 +250,13 @@ async def _run_scenario(sc: _Scenario, opts: TiersOptions,
     return result
 
 
-def _run(sc: _Scenario, opts: TiersOptions, flex_mix: LengthMix,
+def run_scenario(sc: Scenario, opts: TiersOptions, flex_mix: LengthMix,
          servers: Sequence[Server]) -> dict[str, Any]:
     """Run one scenario; a server that died on the way fails the run with its log's tail."""
     cpu_before = {server.name: _cpu_seconds(server.pid) for server in servers}
     own_before, wall_before = time.process_time(), time.monotonic()
     try:
-        result = asyncio.run(_run_scenario(sc, opts, flex_mix))
+        result = asyncio.run(_drive(sc, opts, flex_mix))
     except (aiohttp.ClientError, OSError) as exc:
         for server in servers:
             if server.process.poll() is not None:
@@ -258,21 +284,42 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def _scrape_or_empty(session: aiohttp.ClientSession, url: str | None) -> dict[str, float]:
-    return {} if url is None else await scrape(session, url)
+async def _scrape_all(session: aiohttp.ClientSession, urls: Sequence[str]) -> dict[str, float]:
+    """The samples of every endpoint in ``urls``, summed by name."""
+    total: dict[str, float] = {}
+    for samples in await asyncio.gather(*(scrape(session, url) for url in urls)):
+        for name, value in samples.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
 
 
-async def _measure(session: aiohttp.ClientSession, sc: _Scenario,
+async def _watch_engines(session: aiohttp.ClientSession, urls: Sequence[str],
+                         done: asyncio.Event) -> int:
+    """Until ``done``, read every engine's running and waiting sequences
+    every 0.25 s; return the most any one engine held (0 if never read)."""
+    most = 0
+    while urls and not done.is_set():
+        readings = await asyncio.gather(*(scrape(session, url) for url in urls),
+                                        return_exceptions=True)
+        for samples in readings:
+            if isinstance(samples, dict):
+                most = max(most, int(sum(samples.get(name, 0.0) for name in _SIM_BUSY)))
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(done.wait(), 0.25)
+    return most
+
+
+async def _measure(session: aiohttp.ClientSession, sc: Scenario,
                    opts: TiersOptions) -> tuple[Window, list[Outcome]]:
     """The measured window: default jobs on schedule; then wait for them to finish."""
-    engine_before = await _scrape_or_empty(session, sc.engine_metrics)
-    gateway_before = await _scrape_or_empty(session, sc.gateway_metrics)
+    engine_before = await _scrape_all(session, sc.engine_metrics)
+    gateway_before = await _scrape_all(session, sc.gateway_metrics)
     start = time.monotonic()
-    tasks = [asyncio.create_task(_send_at(session, sc.target, job, start + job.at))
-             for job in sc.defaults]
+    tasks = [asyncio.create_task(_send_at(session, sc.target(number), job, start + job.at))
+             for number, job in enumerate(sc.defaults)]
     await asyncio.sleep(max(0.0, start + opts.duration - time.monotonic()))
-    engine_after = await _scrape_or_empty(session, sc.engine_metrics)
-    gateway_after = await _scrape_or_empty(session, sc.gateway_metrics)
+    engine_after = await _scrape_all(session, sc.engine_metrics)
+    gateway_after = await _scrape_all(session, sc.gateway_metrics)
     end = time.monotonic()
     speed = opts.speed if opts.engine == "sim" else 1.0
     counter = ("vllm:generation_tokens_total" if sc.engine_metrics
@@ -295,7 +342,7 @@ async def _send_at(session: aiohttp.ClientSession, target: Target, job: Job,
     return await send_job(session, target, job, "default", stream=True, scheduled_at=when)
 
 
-def _model_id(url: str, api_key: str = "") -> str:
+def model_id(url: str, api_key: str = "") -> str:
     async def fetch() -> str:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         async with aiohttp.ClientSession() as session, session.get(
@@ -305,7 +352,8 @@ def _model_id(url: str, api_key: str = "") -> str:
     return asyncio.run(fetch())
 
 
-def _start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions) -> Server:
+def start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions,
+                     name: str = "sim-engine") -> Server:
     port = free_port()
     argv = flexserve_command(
         "sim-engine", "--port", str(port), "--profile", opts.profile, "--speed", str(opts.speed),
@@ -313,13 +361,16 @@ def _start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions) -> Se
         *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
           if opts.max_num_batched_tokens else ()),
     )
-    return start_server(stack, "sim-engine", argv, port, "/health", log_dir)
+    return start_server(stack, name, argv, port, "/health", log_dir)
 
 
-def _start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptions, *,
-                   tiers: bool, upstream: str | None, variant: Mapping[str, str] | None = None,
-                   name: str | None = None) -> Server:
-    """``flexserve serve`` in front of ``upstream`` (or the embedded engine)."""
+def start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptions, *,
+                  tiers: bool, upstreams: Sequence[str], variant: Mapping[str, str] | None = None,
+                  name: str | None = None, db_url: str | None = None,
+                  redis: str | None = None) -> Server:
+    """``flexserve serve`` in front of ``upstreams`` (none: the embedded
+    engine), on ``db_url`` (default: a SQLite file in ``home``), sharing
+    state with other gateways through ``redis`` if given."""
     port = free_port()
     env: dict[str, str | None] = {
         "FLEXSERVE_BOOTSTRAP_DEMO": "false",
@@ -328,25 +379,29 @@ def _start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOptio
     }
     # Batch lines in flight (scenario F): as many as B's closed-loop flex clients.
     env["FLEXSERVE_BATCH_WINDOW"] = str(opts.num_flex_clients)
-    if upstream is not None:
+    if upstreams:
         env["FLEXSERVE_UPSTREAM_CAPACITY"] = str(opts.max_num_seqs)
         env["FLEXSERVE_UPSTREAM_PRIORITY_HINT"] = "true"
-        engine_args = ["--engine", "upstream", "--upstream", upstream]
+        engine_args = ["--engine", "upstream"]
+        for upstream in upstreams:
+            engine_args += ["--upstream", upstream]
     else:
         engine_args = ["--engine", "embedded"]
+    if redis is not None:
+        env["FLEXSERVE_REDIS"] = redis
     settings = {**opts.settings, **(variant or {})}
     env.update({"FLEXSERVE_" + key.upper(): value for key, value in settings.items()})
     argv = flexserve_command("serve", *engine_args, "--port", str(port), "--home", str(home),
-                             "--db", _db_url(home))
+                             "--db", db_url or db_url_in(home))
     name = name or f"gateway-{'tiers' if tiers else 'fcfs'}"
     return start_server(stack, name, argv, port, "/healthz", log_dir, env)
 
 
-def _db_url(home: Path) -> str:
+def db_url_in(home: Path) -> str:
     return f"sqlite:///{home / 'flexserve.db'}"
 
 
-def _rate_for(opts: TiersOptions, max_tps_engine: float, lengths: LengthMix) -> tuple[float, float]:
+def rate_for(opts: TiersOptions, max_tps_engine: float, lengths: LengthMix) -> tuple[float, float]:
     """Default arrivals per second (engine time, wall time) at ``load`` of the maximum."""
     if max_tps_engine <= 0:
         raise BenchError("scenario D produced no output tokens in its window, so there is no "
@@ -359,29 +414,29 @@ def _rate_for(opts: TiersOptions, max_tps_engine: float, lengths: LengthMix) -> 
 def _run_sim(opts: TiersOptions, log_dir: Path,
              home: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     scenarios: dict[str, Any] = {}
-    default_mix, flex_mix = _mixes(opts, SHAREGPT_LENGTHS, FLEX_LENGTHS)
+    default_mix, flex_mix = mixes(opts, SHAREGPT_LENGTHS, FLEX_LENGTHS)
     with ExitStack() as stack:
-        engine = _start_sim_engine(stack, log_dir, opts)
-        model = _model_id(engine.url)
-        key = create_key(_db_url(home), home)
+        engine = start_sim_engine(stack, log_dir, opts)
+        model = model_id(engine.url)
+        key = create_key(db_url_in(home), home)
         gateway_target = Target(url="", model=model, api_key=key)
         direct = Target(engine.url, model, default_tier=None, flex_tier=None)
         engine_metrics = f"{engine.url}/metrics"
-        d = _Scenario("D", "flex backlog straight to the engine (no gateway)", direct, [],
-                      opts.num_flex_clients, True, engine_metrics, None,
+        d = Scenario("D", "flex backlog straight to the engine (no gateway)", [direct], [],
+                      opts.num_flex_clients, True, [engine_metrics], [],
                       "vllm:generation_tokens_total")
-        scenarios["D"] = _run(d, opts, flex_mix, [engine])
-        rate_engine, rate_wall = _rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
+        scenarios["D"] = run_scenario(d, opts, flex_mix, [engine])
+        rate_engine, rate_wall = rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
                                            default_mix)
         jobs = default_schedule(opts.seed, rate_wall, opts.duration, default_mix)
         # Extra: B's traffic straight to the engine, ordered only by its own priority queue
         # (vLLM's `priority` field, default 1 before flex 2, as the gateway's hint sends).
         by_priority = dataclasses.replace(direct, default_priority=1, flex_priority=2)
-        e = _Scenario("E", "default + flex backlog straight to the engine (its priority "
-                      "queue only, no gateway)", by_priority, jobs, opts.num_flex_clients, True,
-                      engine_metrics, None, "vllm:generation_tokens_total")
+        e = Scenario("E", "default + flex backlog straight to the engine (its priority "
+                      "queue only, no gateway)", [by_priority], jobs, opts.num_flex_clients, True,
+                      [engine_metrics], [], "vllm:generation_tokens_total")
         if "E" not in opts.skip:
-            scenarios["E"] = _run(e, opts, flex_mix, [engine])
+            scenarios["E"] = run_scenario(e, opts, flex_mix, [engine])
         gateways: list[tuple[bool, tuple[tuple[str, str, int], ...]]] = [
             (True, (("A", "default alone, tiered gateway", 0),
                     ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients),
@@ -398,27 +453,28 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
                                       opts.num_flex_clients),)))
         for tiers, plan in gateways:
             with ExitStack() as gateway_stack:
-                gateway = _start_gateway(gateway_stack, log_dir, home, opts, tiers=tiers,
-                                         upstream=engine.url)
+                gateway = start_gateway(gateway_stack, log_dir, home, opts, tiers=tiers,
+                                         upstreams=[engine.url])
                 target = dataclasses.replace(gateway_target, url=gateway.url)
                 for name, description, num_flex in plan:
-                    sc = _Scenario(name, description, target, jobs, num_flex, False,
-                                   engine_metrics, f"{gateway.url}/metrics",
+                    sc = Scenario(name, description, [target], jobs, num_flex, False,
+                                   [engine_metrics], [f"{gateway.url}/metrics"],
                                    "vllm:generation_tokens_total",
-                                   batch_jobs=batch_jobs if name == "F" else ())
-                    scenarios[name] = _run(sc, opts, flex_mix, [engine, gateway])
+                                   batch_jobs=batch_jobs if name == "F" else (),
+                                   engine_capacity=opts.max_num_seqs)
+                    scenarios[name] = run_scenario(sc, opts, flex_mix, [engine, gateway])
         for number, variant in enumerate(opts.variants, start=1):
             name = f"B{number}"
             with ExitStack() as gateway_stack:
-                gateway = _start_gateway(gateway_stack, log_dir, home, opts, tiers=True,
-                                         upstream=engine.url, variant=variant,
+                gateway = start_gateway(gateway_stack, log_dir, home, opts, tiers=True,
+                                         upstreams=[engine.url], variant=variant,
                                          name=f"gateway-{name}")
                 target = dataclasses.replace(gateway_target, url=gateway.url)
                 settings = ",".join(f"{k}={v}" for k, v in variant.items())
-                sc = _Scenario(name, f"B with {settings}", target, jobs, opts.num_flex_clients,
-                               False, engine_metrics, f"{gateway.url}/metrics",
-                               "vllm:generation_tokens_total")
-                scenarios[name] = {**_run(sc, opts, flex_mix, [engine, gateway]),
+                sc = Scenario(name, f"B with {settings}", [target], jobs, opts.num_flex_clients,
+                               False, [engine_metrics], [f"{gateway.url}/metrics"],
+                               "vllm:generation_tokens_total", engine_capacity=opts.max_num_seqs)
+                scenarios[name] = {**run_scenario(sc, opts, flex_mix, [engine, gateway]),
                                    "settings": dict(variant)}
     setup = {
         "profile": opts.profile,
@@ -438,21 +494,21 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
 def _run_embedded(opts: TiersOptions, log_dir: Path,
                   home: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     scenarios: dict[str, Any] = {}
-    default_mix, flex_mix = _mixes(opts, EMBEDDED_DEFAULT, EMBEDDED_FLEX)
-    key = create_key(_db_url(home), home)
+    default_mix, flex_mix = mixes(opts, EMBEDDED_DEFAULT, EMBEDDED_FLEX)
+    key = create_key(db_url_in(home), home)
     jobs: list[Job] = []
     rate_engine = 0.0
     for tiers in (False, True):
         with ExitStack() as stack:
-            gateway = _start_gateway(stack, log_dir, home, opts, tiers=tiers, upstream=None)
-            target = Target(gateway.url, _model_id(gateway.url, key), key, real_text=True)
+            gateway = start_gateway(stack, log_dir, home, opts, tiers=tiers, upstreams=[])
+            target = Target(gateway.url, model_id(gateway.url, key), key, real_text=True)
             metrics = f"{gateway.url}/metrics"
             counter = "flexserve_tokens_total|kind=completion"
             if not tiers:
-                d = _Scenario("D", "flex backlog through the tier-blind gateway", target, [],
-                              opts.num_flex_clients, False, None, metrics, counter)
-                scenarios["D"] = _run(d, opts, flex_mix, [gateway])
-                rate_engine, _ = _rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
+                d = Scenario("D", "flex backlog through the tier-blind gateway", [target], [],
+                              opts.num_flex_clients, False, [], [metrics], counter)
+                scenarios["D"] = run_scenario(d, opts, flex_mix, [gateway])
+                rate_engine, _ = rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
                                            default_mix)
                 jobs = default_schedule(opts.seed, rate_engine, opts.duration, default_mix)
                 plan: tuple[tuple[str, str, int], ...] = (
@@ -462,9 +518,9 @@ def _run_embedded(opts: TiersOptions, log_dir: Path,
                 plan = (("A", "default alone, tiered gateway", 0),
                         ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients))
             for name, description, num_flex in plan:
-                sc = _Scenario(name, description, target, jobs, num_flex, False, None, metrics,
+                sc = Scenario(name, description, [target], jobs, num_flex, False, [], [metrics],
                                counter)
-                scenarios[name] = _run(sc, opts, flex_mix, [gateway])
+                scenarios[name] = run_scenario(sc, opts, flex_mix, [gateway])
     setup = {
         "model": "SmolLM2-135M-Instruct (embedded, llama.cpp on the CPU)",
         "default_rate_per_second": round(rate_engine, 3),
@@ -496,6 +552,13 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
         raise BenchError("--variant runs on the sim engine only")
     if opts.skip and opts.engine != "sim":
         raise BenchError("--skip applies to the sim engine's scenarios only")
+    if opts.fleet:
+        if opts.engine != "sim" or opts.variants or opts.skip:
+            raise BenchError("--gateways/--engines run on the sim engine, without --variant or --skip")
+        if opts.gateways < 1 or opts.engines < 1:
+            raise BenchError("--gateways and --engines must be at least 1")
+    elif opts.redis or opts.db:
+        raise BenchError("--redis and --db are for a fleet (--gateways N or --engines M)")
     raise_nofile_limit()
     with contextlib.ExitStack() as stack:
         if opts.log_dir is not None:
@@ -505,14 +568,21 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
             log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tiers-")))
         home = log_dir / "gateway-home"
         home.mkdir(exist_ok=True)
+        if opts.fleet:
+            from flexserve.bench.tiers_fleet import run_fleet
+
+            report = run_fleet(opts, log_dir, stack)
+            report["host"] = _host()
+            opts.out.parent.mkdir(parents=True, exist_ok=True)
+            opts.out.write_text(json.dumps(report, indent=2) + "\n")
+            return report
         runner = _run_sim if opts.engine == "sim" else _run_embedded
         scenarios, setup = runner(opts, log_dir, home)
     report = {
         "benchmark": "tiers",
         "command": opts.command,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                 "load_average_1m": os.getloadavg()[0]},
+        "host": _host(),
         "setup": {
             "engine": opts.engine,
             "duration_seconds": opts.duration,
@@ -536,8 +606,17 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
     return report
 
 
+def _host() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "python": platform.python_version(),
+            "load_average_1m": os.getloadavg()[0]}
+
+
 def render(report: Mapping[str, Any], markdown: bool = False) -> str:
     """The printed table of a report."""
+    if "layouts" in report:
+        from flexserve.bench.tiers_fleet import render_fleet
+
+        return render_fleet(report, markdown=markdown)
     return format_table(report["scenarios"], report["ratios"], markdown=markdown)
 
 

@@ -249,6 +249,7 @@ _ROWS: tuple[tuple[str, str], ...] = (
     ("gateway queue time, default, mean (ms)", "gateway_default_queue_ms_mean"),
     ("sim clock pace (1 = on time)", "pace"),
     ("default send lateness p99 (ms)", "default_send_lateness_p99_ms"),
+    ("engine sequences, most in one (running + waiting)", "engine_sequences_max"),
 )
 
 
@@ -267,10 +268,7 @@ def format_table(scenarios: Mapping[str, Mapping[str, Any]], ratios: Sequence[Ma
     header = ["", *names]
     rows = [[label, *(_cell(scenarios[n].get(key)) for n in names)] for label, key in _ROWS]
     variants = [f"{n}: {scenarios[n].get('description', '')}" for n in _variants(scenarios)]
-    ratio_rows = [[r["ratio"], _cell(r["value"]), r.get("goal", ""),
-                   "" if "met" not in r else ("-" if r["met"] is None else
-                                              ("met" if r["met"] else "MISSED"))]
-                  for r in ratios]
+    ratio_rows = _ratio_rows(ratios)
     warnings = [f"scenario {n} disturbed: {reason}"
                 for n in names for reason in scenarios[n].get("disturbed") or ()]
     if markdown:
@@ -288,6 +286,21 @@ def format_table(scenarios: Mapping[str, Mapping[str, Any]], ratios: Sequence[Ma
     if warnings:
         text += "\n\n" + "\n".join(f"warning: {w}; rerun on a quieter host" for w in warnings)
     return text
+
+
+def _ratio_rows(ratios: Sequence[Mapping[str, Any]]) -> list[list[str]]:
+    return [[r["ratio"], _cell(r["value"]), r.get("goal", ""),
+             "" if "met" not in r else ("-" if r["met"] is None else
+                                        ("met" if r["met"] else "MISSED"))]
+            for r in ratios]
+
+
+def format_ratios(ratios: Sequence[Mapping[str, Any]], markdown: bool = False) -> str:
+    """Ratios alone, as a text (or Markdown) table."""
+    if markdown:
+        return "\n".join(["| ratio | value | goal | |", "| --- | --- | --- | --- |",
+                          *("| " + " | ".join(row) + " |" for row in _ratio_rows(ratios))])
+    return _aligned([["ratio", "value", "goal", ""], *_ratio_rows(ratios)])
 
 
 def _aligned(rows: Sequence[Sequence[str]]) -> str:

@@ -240,11 +240,19 @@ def ledger_kill(out: Path, **options: Any) -> None:
               help="JSON report path [reports/bench-tiers.json, -embedded.json].")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
               help="Keep the servers' logs here (default: a temporary directory).")
+@click.option("--gateways", type=int, default=1, show_default=True,
+              help="Sim only: D, A and B on this many gateways sharing Redis (and --engines), "
+              "against one gateway in front of one engine.")
+@click.option("--engines", type=int, default=1, show_default=True,
+              help="Sim only: this many sim engines behind the gateways, same traffic per engine.")
+@click.option("--redis", "redis_url", help="The fleet's Redis URL [a throwaway redis-server].")
+@click.option("--db", "db_url", help="The fleet's database URL [a SQLite file].")
 def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
           profile: str, speed: float, max_num_seqs: int, max_num_batched_tokens: int | None,
           flex_clients: int | None, load: float,
           settings: tuple[str, ...], variants: tuple[str, ...], skip: tuple[str, ...],
-          out: Path | None, log_dir: Path | None) -> None:
+          out: Path | None, log_dir: Path | None, gateways: int, engines: int,
+          redis_url: str | None, db_url: str | None) -> None:
     """Default latency under a flex backlog: scenarios A-E in one run.
 
     D: a saturating flex backlog straight to the engine (its maximum output
@@ -254,6 +262,10 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
     engine, ordered by its own priority queue; B1, B2, ...: B with each
     --variant's settings. Prints the table and the goal ratios
     (docs/benchmarks.md explains each figure and its clock).
+
+    With --gateways N or --engines M: D, A and B on one gateway in front of
+    one engine, then on N gateways in front of M engines, and the fleet's
+    ratios against the single pair's.
     """
     import sys
 
@@ -271,6 +283,7 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         flex_clients=flex_clients, load=load, settings=pairs, variants=sweep, skip=frozenset(skip),
         out=out or Path(default_out),
         quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),
+        gateways=gateways, engines=engines, redis=redis_url, db=db_url,
     )
     try:
         report = run_tiers(options)
