@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
 
 from flexserve.bench.traffic import FLEX_LENGTHS, SHAREGPT_LENGTHS, default_schedule, flex_jobs
+from redis_server import RedisServer
 
 FLEXSERVE = Path(sys.executable).parent / "flexserve"
 
@@ -110,3 +112,51 @@ def test_bench_tiers_refuses_skip_on_the_embedded_engine(tmp_path: Path) -> None
     )
     assert done.returncode != 0
     assert "--skip applies to the sim engine's scenarios only" in done.stderr
+
+
+@pytest.mark.timeout(150)
+def test_bench_tiers_on_a_fleet_runs_both_layouts_and_no_engine_gets_past_its_capacity(
+    tmp_path: Path, redis_server: RedisServer,
+) -> None:
+    """Two gateways sharing Redis in front of two engines, against one in
+    front of one: every scenario of both layouts ran, and through the
+    gateways no engine ever held more than its 8 slots (straight to the
+    engines, D's backlog of 16 clients each does: the watch sees it)."""
+    out = tmp_path / "fleet.json"
+    done = subprocess.run(
+        [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "8", "--gateways", "2",
+         "--engines", "2", "--redis", redis_server.url,
+         "--set", f"redis_prefix=bench-{uuid.uuid4().hex[:8]}", "--out", str(out)],
+        capture_output=True, text=True, timeout=140, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["layouts"]) == {"1x1", "2x2"}
+    fleet = report["layouts"]["2x2"]
+    assert (fleet["gateways"], fleet["engines"]) == (2, 2)
+    assert fleet["flex_clients"] == 2 * report["layouts"]["1x1"]["flex_clients"]
+    for layout in report["layouts"].values():
+        scenarios = layout["scenarios"]
+        assert set(scenarios) == {"A", "B", "D"}
+        for name in ("A", "B"):
+            assert scenarios[name]["default_completed"] > 0
+            assert 0 < scenarios[name]["engine_sequences_max"] <= 8
+        assert scenarios["B"]["flex_completed"] > 0
+        assert scenarios["D"]["engine_sequences_max"] > 8
+    assert {"2x2-gateway-0", "2x2-gateway-1", "2x2-sim-engine-1"} <= set(
+        fleet["scenarios"]["B"]["cpu_percent"])
+    rows = {row["ratio"]: row for row in report["ratios"]}
+    assert rows["most sequences in one engine, A and B (capacity 8)"]["met"] is True
+    scaling = rows["B engine output tokens/s, fleet over 1x1 (goal 0.9 x 2 engines)"]
+    assert scaling["value"] is not None
+    assert "fleet against 1x1" in done.stdout
+
+
+def test_bench_tiers_refuses_a_redis_without_a_fleet(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(FLEXSERVE), "bench", "tiers", "--quick", "--redis", "redis://127.0.0.1:1",
+         "--out", str(tmp_path / "x.json")],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode != 0
+    assert "--redis and --db are for a fleet" in done.stderr
