@@ -195,5 +195,5 @@ async def test_a_flex_room_shrinks_no_lower_than_the_flex_it_runs(fleet: list[Ga
     alone.wants = {"org-a": 4}
     await alone.slots.renew()
     await newcomer.slots.renew()
-    assert (alone.lease, alone.flex_room) == (4, 4)
-    assert (newcomer.lease, newcomer.flex_room) == (4, 2)
+    assert (alone.lease, alone.flex_room) == (4, 3)  # half the lease: half the room
+    assert (newcomer.lease, newcomer.flex_room) == (4, 3)

@@ -22,9 +22,10 @@ which every gateway runs for each replica every ``interval`` seconds:
   leave free, and shrinks it no lower than what the caller has in flight;
 - it gives the caller a *flex room* (``holder:flex``): in flight below it,
   flex may start there. The rooms are parts of the replica's capacity less
-  the headroom kept for default; each is at most its holder's lease, grows
-  only into what the others' leave and shrinks no lower than the flex the
-  caller runs.
+  the headroom kept for default; each is its lease's part of it (so that
+  each gateway keeps its part of the headroom for the default requests it
+  receives), grows only into what the others' rooms leave and shrinks no
+  lower than the flex the caller runs.
 
 So the leases on a replica never sum past its capacity, the flex on it never
 past its flex room (as one gateway would hold it: a headroom per lease would
@@ -127,7 +128,10 @@ for holder, room in pairs(rooms) do
   if holder ~= me then others_flex = others_flex + room end
 end
 local lease = math.max(in_use, math.min(share[me], capacity - others))
-local room = math.max(flex_in_use, math.min(lease, flex_capacity - others_flex))
+-- Flex room: the lease's own part of the flex capacity, so that each
+-- gateway keeps its part of the headroom for its default arrivals.
+local fair = math.floor(flex_capacity * lease / capacity + 0.5)
+local room = math.max(flex_in_use, math.min(lease, fair, flex_capacity - others_flex))
 redis.call('HSET', slots, me, lease, me .. ':flex', room)
 redis.call('PEXPIRE', slots, 86400000)
 local answer = {lease, room}
