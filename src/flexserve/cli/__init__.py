@@ -23,10 +23,11 @@ def _register() -> None:
     from flexserve.cli.batches import batches
     from flexserve.cli.bench import bench
     from flexserve.cli.db import db
+    from flexserve.cli.run import run
     from flexserve.cli.serve import serve
     from flexserve.cli.sim import sim_engine
 
-    for command in (serve, db, orgs, keys, sim_engine, bench, batches):
+    for command in (serve, db, orgs, keys, sim_engine, bench, batches, run):
         main.add_command(command)
     _register_billing()
 
