@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -463,3 +464,32 @@ def test_flex_refused_for_capacity_is_not_billed_and_a_disconnect_pays_what_it_g
     assert pico(only["amount"]["value"]) == (
         row["input_cost_pico"] + row["cached_input_cost_pico"] + row["output_cost_pico"]
     )
+
+
+def test_the_flex_client_takes_a_spent_budget_as_final_not_as_a_429_to_wait_out(
+    billed: Gateway, model: str, tmp_path: Path,
+) -> None:
+    """FlexServe refuses past a budget with 429 and `x-should-retry: false`:
+    the runner sends each such line once and files it with the reason."""
+    from flexserve.client import CallPolicy, RunOptions, run_job
+    from flexserve.client.jobs import Line
+
+    org = new_org(billed, "client-budget")
+    cli(billed.db_url, "orgs", "set-budget", "client-budget", "--monthly-usd", "0.000001")
+    wait_for_policy()
+    lines = [Line(f"b-{i}", "/v1/chat/completions", {"model": model, "max_tokens": 5,
+                                                      "messages": MESSAGES}) for i in range(4)]
+    attempts: list[int] = []
+
+    async def go() -> Any:
+        async with org.async_client() as client:
+            return await run_job(client, lines, out, RunOptions(
+                policy=CallPolicy(tier="default"), concurrency=1),
+                on_outcome=lambda line, outcome: attempts.append(outcome.attempts))
+
+    out = tmp_path / "client-budget.jsonl"
+    progress = asyncio.run(go())
+    assert (progress.done, progress.failed) == (1, 3)  # the first spends it
+    assert attempts == [1, 1, 1, 1] and progress.retries == 0
+    errors = [line for line in out.with_name("client-budget.errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 3 and all('"insufficient_quota"' in line for line in errors)

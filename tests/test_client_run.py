@@ -281,3 +281,38 @@ def test_map_requests_sync_answers_in_order(sim_gateway: Gateway) -> None:
         policy=CallPolicy(tier="flex"), on_progress=lambda done, total: seen.append(done))
     assert [o.body["usage"]["completion_tokens"] for o in outcomes] == [1, 2, 3, 4]
     assert seen == [1, 2, 3, 4]
+
+
+def test_the_example_runs_against_a_gateway(sim_gateway: Gateway) -> None:
+    example = Path(__file__).parent.parent / "examples" / "flex_client.py"
+    done = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                          timeout=60, check=False,
+                          env={**os.environ, "OPENAI_BASE_URL": sim_gateway.url + "/v1",
+                               "OPENAI_API_KEY": sim_gateway.api_key})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "served at flex" in done.stdout
+    assert "10 of 10 answered, 80 tokens" in done.stdout
+
+
+def test_the_pacer_halves_once_per_burst_of_refusals_and_grows_on_answers() -> None:
+    from flexserve.client.pacing import Pacer
+
+    async def go() -> None:
+        pacer = Pacer(start=8, cooldown=60.0)
+        for _ in range(4):
+            pacer.answered(0.1)  # slow start: one more per answer
+        assert pacer.allowed == 12
+        pacer.refused(429, 1.0)
+        pacer.refused(429, 1.0)  # the same burst: one cut
+        assert pacer.allowed == 6
+        for _ in range(6):
+            pacer.answered(0.1)  # after a refusal: about one more per round of answers
+        assert pacer.allowed == 6 and 6.9 < pacer.limit < 7
+        pacer.answered(5.0)  # far slower than the fastest: no growth
+        assert pacer.limit < 8
+        fixed = Pacer(fixed=4)
+        fixed.refused(429, None)
+        fixed.answered(0.01)
+        assert fixed.allowed == 4
+
+    asyncio.run(go())

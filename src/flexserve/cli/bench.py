@@ -293,6 +293,53 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
     click.echo(f"report: {options.out}", err=True)
 
 
+@bench.command("client")
+@click.option("--lines", type=int, default=2000, show_default=True, help="Lines of the flex job.")
+@click.option("--fixed", type=int, default=64, show_default=True,
+              help="In flight in the fixed-concurrency run (and the overhead run).")
+@click.option("--load", type=float, default=0.4, show_default=True,
+              help="Default traffic as a fraction of the engine's maximum output tokens/s.")
+@click.option("--speed", type=float, default=1.0, show_default=True, help="Sim engine speed-up.")
+@click.option("--flex-max-wait", type=float, default=5.0, show_default=True,
+              help="The gateway's flex_max_wait: longer estimated waits are refused (429).")
+@click.option("--overhead-lines", type=int, default=5000, show_default=True,
+              help="Lines of the runner-alone run against an instant engine.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("reports/bench-client.json"), show_default=True, help="JSON report path.")
+@click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Keep the servers' logs and the job outputs here (default: a temporary folder).")
+def client(lines: int, fixed: int, load: float, speed: float, flex_max_wait: float,
+           overhead_lines: int, out: Path, log_dir: Path | None) -> None:
+    """A flex job run by `flexserve run`'s runner: adaptive against fixed concurrency.
+
+    A sim engine and a gateway, default traffic at --load throughout, and a
+    job of --lines flex requests run to the end twice (adaptive, then
+    --fixed in flight): completion time and 429s of each; then the runner
+    alone against an instant engine: lines per second and per CPU second.
+    """
+    import sys
+    import tempfile
+
+    from flexserve.bench.client_job import ClientBenchConfig, format_report, run_client_bench
+    from flexserve.bench.processes import BenchError
+    from flexserve.bench.report import write_json
+    from flexserve.bench.tiers import command_line
+
+    config = ClientBenchConfig(lines=lines, fixed=fixed, load=load, speed=speed,
+                               flex_max_wait=flex_max_wait, overhead_lines=overhead_lines,
+                               command=command_line(sys.argv[1:]))
+    with tempfile.TemporaryDirectory(prefix="bench-client-") as temporary:
+        folder = log_dir or Path(temporary)
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            report = run_client_bench(config, folder)
+        except BenchError as exc:
+            raise click.ClickException(str(exc)) from exc
+    write_json(out, report)
+    click.echo(format_report(report))
+    click.echo(f"report: {out}", err=True)
+
+
 def _settings(items: Sequence[str], option: str) -> dict[str, str]:
     """``NAME=VALUE`` items as a dict of lower-case gateway setting names."""
     pairs: dict[str, str] = {}

@@ -5,7 +5,8 @@ decrease (AIMD, as TCP paces a connection), on the server's own signals:
 
 - every answered request raises the limit by 1/limit (one more per round of
   answers), while answers come no slower than ``latency_factor`` × the
-  fastest seen (a queue building up behind the limit is a signal too);
+  fastest seen (a queue building up behind the limit is a signal too); until
+  the first such signal, by 1 (slow start: the limit doubles each round);
 - a refusal (429, or a 5xx) halves it, at most once per ``cooldown`` seconds
   (the refusals of one burst are one signal, not many);
 - where the server publishes ``/v1/flex/status`` (FlexServe), it guides the
@@ -41,6 +42,7 @@ class Pacer(Events):
         # Set by the status guide: False while the server would refuse flex now.
         self.accepting = True
         self.may_grow = True
+        self.slow_start = True
         self._changed = asyncio.Condition()
 
     @property
@@ -69,6 +71,7 @@ class Pacer(Events):
         if self.fixed is not None:
             return
         now = time.monotonic()
+        self.slow_start = False
         if now - self.last_cut >= self.cooldown:
             self.limit = max(float(self.minimum), self.limit / 2)
             self.last_cut = now
@@ -78,9 +81,12 @@ class Pacer(Events):
             return
         self.fastest = seconds if self.fastest is None else min(self.fastest, seconds)
         slow = seconds > self.latency_factor * max(self.fastest, 0.05)
-        if self.may_grow and not slow:
-            self.limit = min(float(self.maximum), self.limit + 1.0 / self.limit)
-        asyncio.get_running_loop().create_task(self._notify())
+        if slow:
+            self.slow_start = False
+        elif self.may_grow:
+            step = 1.0 if self.slow_start else 1.0 / self.limit
+            self.limit = min(float(self.maximum), self.limit + step)
+        # The run's release wakes the waiters, under the new limit.
 
     async def follow_status(self, client: openai.AsyncOpenAI, model: str, max_wait: float | None,
                             every: float = 1.0) -> None:
