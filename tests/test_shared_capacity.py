@@ -75,6 +75,13 @@ async def rooms_in_redis(gateway: Gateway) -> dict[str, int]:
     return flex_rooms(await gateway.redis.hgetall(f"{gateway.presence.prefix}:slots:{REPLICA}"))
 
 
+async def held(gateway: Gateway) -> tuple[int, int]:
+    """The lease and flex room ``gateway`` holds in Redis (its grants may be less)."""
+    holder = gateway.presence.holder
+    return ((await leases_in_redis(gateway)).get(holder, 0),
+            (await rooms_in_redis(gateway)).get(holder, 0))
+
+
 async def test_leases_never_sum_past_the_capacity_and_follow_demand(fleet: list[Gateway]) -> None:
     rng = random.Random(3)
     for _ in range(300):
@@ -106,7 +113,8 @@ async def test_a_lease_shrinks_no_lower_than_what_runs(fleet: list[Gateway]) -> 
     await newcomer.slots.renew()
     assert newcomer.lease == 0  # nothing is free yet
     await busy.slots.renew()
-    assert busy.lease == 8  # its eight still run
+    assert await held(busy) == (8, 3)  # its eight still run (none of them flex)
+    assert busy.lease == 4  # but it admits no more than its half
     busy.want = 3  # five of its runs ended
     await busy.slots.renew()
     await newcomer.slots.renew()
@@ -164,7 +172,9 @@ async def test_flex_rooms_never_sum_past_the_flex_capacity_and_none_is_lost(
         gateway.flex_running = rng.randint(0, min(gateway.in_use, gateway.flex_room))
         await gateway.slots.renew()
         assert sum((await rooms_in_redis(gateway)).values()) <= FLEX_CAPACITY
-        assert gateway.flex_running <= gateway.flex_room <= gateway.lease
+        lease, room = await held(gateway)
+        assert gateway.flex_running <= room <= lease
+        assert gateway.flex_room <= gateway.lease <= lease
     for gateway in fleet:
         gateway.want, gateway.flex_running = 0, 0
         await gateway.slots.renew()
@@ -188,7 +198,8 @@ async def test_a_flex_room_shrinks_no_lower_than_the_flex_it_runs(fleet: list[Ga
     assert (newcomer.lease, newcomer.flex_room) == (0, 0)  # nothing is free yet
     alone.wants = {"org-a": 6}
     await alone.slots.renew()
-    assert (alone.lease, alone.flex_room) == (6, 6)  # its six flex still run
+    assert await held(alone) == (6, 6)  # its six flex still run
+    assert (alone.lease, alone.flex_room) == (4, 3)  # but it starts no more than its part
     await newcomer.slots.renew()
     assert (newcomer.lease, newcomer.flex_room) == (2, 0)
     alone.running, alone.flex_running = 4, 2  # four of them ended, two default started

@@ -20,6 +20,10 @@ which every gateway runs for each replica every ``interval`` seconds:
   rest is spread evenly, so that a burst on an idle gateway starts at once;
 - it grows the caller's lease toward its share only as far as the others
   leave free, and shrinks it no lower than what the caller has in flight;
+  the caller admits only up to its share (its *grant*), so a lease above
+  its share shrinks as its runs end, rather than being refilled by the
+  caller's own queue before the next renewal (which kept slots with the
+  gateway that first held them for as long as it had work waiting);
 - it gives the caller a *flex room* (``holder:flex``): in flight below it,
   flex may start there. The rooms are parts of the replica's capacity less
   the headroom kept for default; each is its lease's part of it (so that
@@ -55,9 +59,9 @@ log = logging.getLogger(__name__)
 
 # Lua: lease. KEYS: the gateways set, the replica's leases. ARGV: prefix,
 # holder, capacity, flex capacity, in use, flex in use, then organization,
-# want pairs. Returns the caller's lease and flex room, then for each of its
-# organizations: the organization, its part of the lease, and "1" if it asks
-# for slots on other gateways too.
+# want pairs. Returns what the caller may admit up to (its grant) and its
+# flex room's grant, then for each of its organizations: the organization,
+# its part of the lease, and "1" if it asks for slots on other gateways too.
 _LEASE = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -127,14 +131,18 @@ end
 for holder, room in pairs(rooms) do
   if holder ~= me then others_flex = others_flex + room end
 end
-local lease = math.max(in_use, math.min(share[me], capacity - others))
+-- What the caller may admit up to (its grant), and what it holds: no less
+-- than what it runs, so that a lease shrinks as its runs end, never under them.
+local grant = math.min(share[me], capacity - others)
+local lease = math.max(in_use, grant)
 -- Flex room: the lease's own part of the flex capacity, so that each
 -- gateway keeps its part of the headroom for its default arrivals.
-local fair = math.floor(flex_capacity * lease / capacity + 0.5)
-local room = math.max(flex_in_use, math.min(lease, fair, flex_capacity - others_flex))
+local fair = math.floor(flex_capacity * grant / capacity + 0.5)
+local room_grant = math.max(0, math.min(grant, fair, flex_capacity - others_flex))
+local room = math.max(flex_in_use, room_grant)
 redis.call('HSET', slots, me, lease, me .. ':flex', room)
 redis.call('PEXPIRE', slots, 86400000)
-local answer = {lease, room}
+local answer = {grant, room_grant}
 for org, want in pairs(mine) do
   if want > 0 then
     table.insert(answer, org)
