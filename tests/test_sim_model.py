@@ -46,6 +46,38 @@ def test_step_time_follows_the_formula() -> None:
     assert step_time(PROFILES["instant"], 8192, 400_000) == 0.0
 
 
+def test_step_time_calibrated_costs_a_steps_first_128_tokens() -> None:
+    """Vidur's figures: H100 5.6 ms for one token, 6.4 ms for 128; A100 9.7
+    and 13.2 ms; linear between, the same slope beyond as the flat model."""
+    assert step_time(H100, 1, 0, "calibrated") == pytest.approx(0.0056)
+    assert step_time(H100, 64, 0, "calibrated") == pytest.approx(0.0056 + 0.0008 * 63 / 127)
+    assert step_time(H100, 128, 0, "calibrated") == pytest.approx(0.0064)
+    assert step_time(H100, 128 + 4700, 0, "calibrated") == pytest.approx(0.0064 + 0.1)
+    assert step_time(H100, 64, 1_000_000, "calibrated") == pytest.approx(0.00600 + 0.044, rel=0.01)
+    a100 = PROFILES["a100-llama3-8b"]
+    assert step_time(a100, 1, 0, "calibrated") == pytest.approx(0.0097)
+    assert step_time(a100, 64, 0, "calibrated") == pytest.approx(0.0112, rel=0.03)  # Vidur: 11.2
+    assert step_time(a100, 128, 0, "calibrated") == pytest.approx(0.0132)
+    assert step_time(PROFILES["instant"], 8192, 400_000, "calibrated") == 0.0
+
+
+async def test_a_calibrated_engine_steps_as_its_cost_model_says_and_tells_the_gateway() -> None:
+    model = SimModel(H100, speed=FAST, cost_model="calibrated")
+    await collect(model, make_request("one", max_tokens=32))
+    # A lone sequence: its prompt's step, then 31 one-token decode steps.
+    prompt = model.num_prompt_tokens
+    expected = step_time(H100, prompt, prompt + 1, "calibrated") + sum(
+        step_time(H100, 1, prompt + 1 + k, "calibrated") for k in range(1, 32))
+    assert model.busy_seconds == pytest.approx(expected)
+    await model.close()
+    engine = SimEngine(H100, speed=4.0, cost_model="calibrated")
+    seen = engine.step_time_model()
+    assert seen.step_time(64, 10_000) == pytest.approx(step_time(H100, 64, 10_000, "calibrated") / 4)
+    assert SimEngine(H100).step_time_model().step_time(64, 0) == pytest.approx(0.006)
+    with pytest.raises(ValueError, match="cost_model must be one of flat, calibrated"):
+        SimModel(H100, cost_model="linear")
+
+
 def test_profiles_are_named_and_say_sim() -> None:
     assert set(PROFILES) == {"h100-llama3-8b", "a100-llama3-8b", "instant"}
     for name, profile in PROFILES.items():
@@ -347,3 +379,11 @@ async def test_step_budget_chunks_a_long_prompt(budget: int | None, steps: int) 
 def test_step_budget_must_hold_every_running_sequence() -> None:
     with pytest.raises(ValueError, match="max_num_batched_tokens"):
         SimModel(H100, max_num_seqs=64, max_num_batched_tokens=32)
+
+
+def test_an_unknown_cost_model_is_a_config_error() -> None:
+    from flexserve.config import ConfigError, load_settings
+
+    assert load_settings(overrides={"sim_cost_model": "calibrated"}, environ={}).sim_cost_model == "calibrated"
+    with pytest.raises(ConfigError, match="sim_cost_model.*not flat or calibrated"):
+        load_settings(overrides={"sim_cost_model": "linear"}, environ={})

@@ -44,7 +44,7 @@ from flexserve.billing.journal import UsageJournal
 from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
-from flexserve.engines.base import Engine, StepTimeModel
+from flexserve.engines.base import Engine
 from flexserve.errors import FlexServeError
 from flexserve.files import Files
 from flexserve.scheduler.policy import SchedulerConfig
@@ -94,7 +94,8 @@ def build_engines(settings: Settings) -> list[Engine]:
 
         return [
             SimEngine(
-                settings.sim_profile, speed=settings.sim_speed, max_num_seqs=settings.sim_max_num_seqs
+                settings.sim_profile, speed=settings.sim_speed, max_num_seqs=settings.sim_max_num_seqs,
+                cost_model=settings.sim_cost_model,
             )
         ]
     from flexserve.engines.upstream import UpstreamEngine
@@ -102,9 +103,10 @@ def build_engines(settings: Settings) -> list[Engine]:
     step_model = None
     if settings.upstream_profile:
         from flexserve.engines.sim import PROFILES
+        from flexserve.engines.sim.engine import step_time_model
 
         profile = PROFILES[settings.upstream_profile]
-        step_model = StepTimeModel(profile.t0, profile.a, profile.c)
+        step_model = step_time_model(profile, settings.sim_cost_model)
     return [
         UpstreamEngine(
             url,

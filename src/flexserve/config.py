@@ -104,6 +104,10 @@ class Settings:
     sim_profile: str = _opt("h100-llama3-8b", "Sim engine (in process): performance profile.")
     sim_speed: float = _opt(1.0, "Sim engine (in process): times faster than real time.")
     sim_max_num_seqs: int = _opt(64, "Sim engine (in process): sequences batched at once.")
+    sim_cost_model: str = _opt(
+        "flat", "Step-time cost model of the sim engine in process and of `upstream_profile`'s "
+        "predictions: flat or calibrated (docs/benchmarks.md)."
+    )
 
     # --- requests -------------------------------------------------------------
     max_body_bytes: int = _opt(4 * 1024 * 1024, "Largest request body accepted (else 413).")
@@ -275,6 +279,9 @@ def load_settings(
         values[key] = _coerce(key, raw, hints[key])
 
     settings = Settings(**values)
+    if settings.sim_cost_model not in ("flat", "calibrated"):
+        raise ConfigError(f"setting 'sim_cost_model': {settings.sim_cost_model!r} is not flat or "
+                          "calibrated")
     if settings.engine not in ("embedded", "sim", "upstream"):
         raise ConfigError(f"setting 'engine': {settings.engine!r} is not embedded, sim or upstream")
     if settings.engine == "upstream" and not settings.upstreams:

@@ -106,6 +106,8 @@ class TiersOptions:
     max_num_seqs: int = 32
     # Sim engine's step token budget (vLLM's --max-num-batched-tokens); None: the profile's.
     max_num_batched_tokens: int | None = None
+    # Sim engine's step-time cost model (flat, calibrated), and the gateways' predictions'.
+    cost_model: str = "flat"
     flex_clients: int | None = None
     load: float = 0.4
     settings: Mapping[str, str] = field(default_factory=dict)
@@ -358,6 +360,7 @@ def start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions,
     argv = flexserve_command(
         "sim-engine", "--port", str(port), "--profile", opts.profile, "--speed", str(opts.speed),
         "--max-num-seqs", str(opts.max_num_seqs), "--scheduling-policy", "priority",
+        "--cost-model", opts.cost_model,
         *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
           if opts.max_num_batched_tokens else ()),
     )
@@ -376,6 +379,7 @@ def start_gateway(stack: ExitStack, log_dir: Path, home: Path, opts: TiersOption
         "FLEXSERVE_BOOTSTRAP_DEMO": "false",
         "FLEXSERVE_LOG_LEVEL": "warning",
         "FLEXSERVE_TIERS_ENABLED": "true" if tiers else "false",
+        "FLEXSERVE_SIM_COST_MODEL": opts.cost_model,
     }
     # Batch lines in flight (scenario F): as many as B's closed-loop flex clients.
     env["FLEXSERVE_BATCH_WINDOW"] = str(opts.num_flex_clients)
@@ -481,6 +485,7 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
         "speed": opts.speed,
         "max_num_seqs": opts.max_num_seqs,
         "max_num_batched_tokens": opts.max_num_batched_tokens or "the profile's",
+        "cost_model": opts.cost_model,
         "scheduling_policy": "priority",
         "default_rate_per_engine_second": round(rate_engine, 3),
         "default_rate_per_wall_second": round(rate_wall, 3),

@@ -226,6 +226,8 @@ def ledger_kill(out: Path, **options: Any) -> None:
               help="Sim engine batch size, and the gateway's upstream capacity.")
 @click.option("--max-num-batched-tokens", type=int,
               help="Sim engine's step token budget (vLLM's flag) [the profile's: 8192 on H100].")
+@click.option("--cost-model", type=click.Choice(["flat", "calibrated"]), default="flat",
+              show_default=True, help="Sim engine's step-time cost model (sim-engine --cost-model).")
 @click.option("--flex-clients", type=int, help="Closed-loop flex clients [2x the engine's batch].")
 @click.option("--load", type=float, default=0.4, show_default=True,
               help="Default traffic as a fraction of D's output tokens/s.")
@@ -249,7 +251,7 @@ def ledger_kill(out: Path, **options: Any) -> None:
 @click.option("--db", "db_url", help="The fleet's database URL [a SQLite file].")
 def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
           profile: str, speed: float, max_num_seqs: int, max_num_batched_tokens: int | None,
-          flex_clients: int | None, load: float,
+          cost_model: str, flex_clients: int | None, load: float,
           settings: tuple[str, ...], variants: tuple[str, ...], skip: tuple[str, ...],
           out: Path | None, log_dir: Path | None, gateways: int, engines: int,
           redis_url: str | None, db_url: str | None) -> None:
@@ -279,7 +281,7 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         engine=engine, duration=duration or (
             (2.0 if engine == "sim" else 15.0) if quick else (60.0 if engine == "sim" else 45.0)),
         warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
+        max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
         flex_clients=flex_clients, load=load, settings=pairs, variants=sweep, skip=frozenset(skip),
         out=out or Path(default_out),
         quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),

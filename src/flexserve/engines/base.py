@@ -231,7 +231,10 @@ class EngineLoad:
 @dataclass(frozen=True, slots=True)
 class StepTimeModel:
     """A continuous-batching engine's step time:
-    ``t0 + a * max(0, step_tokens - 128) + c * kv_held`` seconds."""
+    ``t0 + a * max(0, step_tokens - 128) + c * kv_held`` seconds, where a
+    step's first 128 tokens cost ``t0`` flat, or, given ``t1`` and ``t128``,
+    from ``t1`` for one token rising linearly to ``t128`` at 128 (the sim's
+    ``calibrated`` cost model)."""
 
     # Seconds per step for up to 128 tokens.
     t0: float
@@ -239,9 +242,16 @@ class StepTimeModel:
     a: float
     # Seconds per KV-cache token held by the batch, per step (attention reads).
     c: float
+    # Seconds a step of one token, and of 128, takes; None: t0 for both.
+    t1: float | None = None
+    t128: float | None = None
 
     def step_time(self, step_tokens: int, kv_held: int) -> float:
-        return self.t0 + self.a * max(0, step_tokens - 128) + self.c * kv_held
+        if self.t1 is None or self.t128 is None:
+            small = self.t0
+        else:
+            small = self.t1 + (self.t128 - self.t1) * (max(1, min(step_tokens, 128)) - 1) / 127
+        return small + self.a * max(0, step_tokens - 128) + self.c * kv_held
 
 
 @dataclass(slots=True)

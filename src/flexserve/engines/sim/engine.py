@@ -47,6 +47,7 @@ class SimEngine(Engine):
         scheduling_policy: SchedulingPolicy = "priority",
         model_id: str | None = None,
         model: SimModel | None = None,
+        cost_model: str = "flat",
     ) -> None:
         # `model` lets a test share one SimModel between the engine and its own probes.
         self.model = model or SimModel(
@@ -56,6 +57,7 @@ class SimEngine(Engine):
             kv_tokens=kv_tokens,
             scheduling_policy=scheduling_policy,
             model_id=model_id,
+            cost_model=cost_model,
         )
         # Under fcfs the model ignores priority; say so rather than take hints in vain.
         self.accepts_priority = self.model.scheduling_policy == "priority"
@@ -80,7 +82,16 @@ class SimEngine(Engine):
         profile = self.model.profile
         # Wall-clock seconds: the model runs `speed` times faster than real time.
         speed = self.model.speed
-        return StepTimeModel(profile.t0 / speed, profile.a / speed, profile.c / speed)
+        return step_time_model(profile, self.model.cost_model, speed)
 
     async def read_load(self) -> EngineLoad:
         return self.model.load()
+
+
+def step_time_model(profile: SimProfile, cost_model: str, speed: float = 1.0) -> StepTimeModel:
+    """The gateway's view of ``profile``'s step time under ``cost_model``, in
+    wall-clock seconds of an engine ``speed`` times faster than real time."""
+    if cost_model == "calibrated" and profile.t128:
+        return StepTimeModel(profile.t0 / speed, profile.a / speed, profile.c / speed,
+                             profile.t1 / speed, profile.t128 / speed)
+    return StepTimeModel(profile.t0 / speed, profile.a / speed, profile.c / speed)

@@ -59,7 +59,7 @@ from flexserve.engines.sim.outputs import (
     filler_words,
     plan_choices,
 )
-from flexserve.engines.sim.profiles import PROFILES, SimProfile, step_time
+from flexserve.engines.sim.profiles import COST_MODELS, PROFILES, CostModel, SimProfile, step_time
 from flexserve.engines.sim.tokenizer import FILLER_WORDS, count_prompt_tokens
 from flexserve.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
@@ -132,7 +132,10 @@ class SimModel:
         scheduling_policy: SchedulingPolicy = "fcfs",
         model_id: str | None = None,
         max_num_batched_tokens: int | None = None,
+        cost_model: str = "flat",
     ) -> None:
+        if cost_model not in COST_MODELS:
+            raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
         if isinstance(profile, str):
             if profile not in PROFILES:
                 raise ValueError(f"unknown sim profile {profile!r}; known: {', '.join(PROFILES)}")
@@ -156,6 +159,7 @@ class SimModel:
                 f"scheduling_policy must be fcfs or priority, got {scheduling_policy!r}"
             )
         self.profile = profile
+        self.cost_model: CostModel = cost_model
         self.model_id = model_id or profile.model_id
         self.speed = speed
         self.max_num_seqs = max_num_seqs
@@ -506,7 +510,8 @@ class SimModel:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            t_step = step_time(self.profile, step_tokens, sum(s.kv_held for s, _, _ in scheduled))
+            t_step = step_time(self.profile, step_tokens, sum(s.kv_held for s, _, _ in scheduled),
+                               self.cost_model)
             self._clock_wall = time.monotonic()
             self._step_len = t_step
             now = self._clock_wall

@@ -1,10 +1,16 @@
 """Performance profiles of the simulated engine.
 
-A profile holds the constants of the step-time model
-``t_step = t0 + a * max(0, step_tokens - 128) + c * sum(KV tokens held)`` and
-the capacity limits of one GPU replica. The figures come from
-``reference/engine-calibration.md`` (Vidur's profiling data for the linear
-term, the HBM bandwidth bound for the attention term).
+A profile holds the constants of the step-time model and the capacity
+limits of one GPU replica. Two cost models (``COST_MODELS``):
+
+- ``flat``: ``t_step = t0 + a * max(0, step_tokens - 128) + c * sum(KV held)``:
+  the first 128 tokens of a step are free;
+- ``calibrated``: the same, but a step's first 128 tokens cost what Vidur
+  measured: ``t1`` for one token, rising linearly to ``t128`` at 128, then
+  ``a`` per token beyond: ``t1 + (t128 - t1) * (min(n, 128) - 1) / 127``.
+
+The figures come from ``reference/engine-calibration.md`` (Vidur's profiling
+data for the linear terms, the HBM bandwidth bound for the attention term).
 """
 
 from __future__ import annotations
@@ -12,6 +18,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal
+
+CostModel = Literal["flat", "calibrated"]
+COST_MODELS: tuple[CostModel, ...] = ("flat", "calibrated")
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,7 +32,7 @@ class SimProfile:
     name: str
     # Model id served; always contains "sim" so nobody mistakes it for a real model.
     model_id: str
-    # Seconds per step for up to 128 tokens: the weight-read floor plus overheads.
+    # Seconds per step for up to 128 tokens: the weight-read floor plus overheads (flat).
     t0: float
     # Seconds per token in a step beyond the first 128 (the compute-bound slope).
     a: float
@@ -37,6 +47,9 @@ class SimProfile:
     # Width of an embedding vector: the hidden size of Llama-3-8B, which is what
     # vLLM's pooling of this model returns. `dimensions` may ask for fewer.
     embedding_dim: int = 4096
+    # Seconds a step of one token, and of 128 tokens, takes (calibrated); 0: t0.
+    t1: float = 0.0
+    t128: float = 0.0
 
     @property
     def instant(self) -> bool:
@@ -59,6 +72,9 @@ H100_LLAMA3_8B = SimProfile(
     kv_tokens=420_000,
     # Llama-3-8B's context window.
     max_model_len=8192,
+    # Vidur, H100: 5.6 ms for 1 token, 6.4 ms for 128.
+    t1=0.0056,
+    t128=0.0064,
 )
 
 A100_LLAMA3_8B = SimProfile(
@@ -80,6 +96,9 @@ A100_LLAMA3_8B = SimProfile(
     kv_tokens=230_000,
     # Llama-3-8B's context window.
     max_model_len=8192,
+    # Vidur, A100: 9.7 ms for 1 token, 13.2 ms for 128.
+    t1=0.0097,
+    t128=0.0132,
 )
 
 INSTANT = SimProfile(
@@ -108,10 +127,19 @@ PROFILES: Mapping[str, SimProfile] = MappingProxyType(
 )
 
 
-def step_time(profile: SimProfile, step_tokens: int, kv_held: int) -> float:
-    """Seconds one engine step takes, from the calibrated linear model.
+def step_time(profile: SimProfile, step_tokens: int, kv_held: int,
+              cost_model: CostModel = "flat") -> float:
+    """Seconds one engine step takes, from the profile's linear model.
 
     ``step_tokens`` counts decodes (1 each) plus prefill chunk tokens;
     ``kv_held`` is the KV-cache tokens of the sequences in the step.
     """
-    return profile.t0 + profile.a * max(0, step_tokens - 128) + profile.c * kv_held
+    return (small_steps(profile, step_tokens, cost_model)
+            + profile.a * max(0, step_tokens - 128) + profile.c * kv_held)
+
+
+def small_steps(profile: SimProfile, step_tokens: int, cost_model: CostModel) -> float:
+    """The cost of a step's first 128 tokens (all of it for a step of up to 128)."""
+    if cost_model == "flat" or not profile.t128:
+        return profile.t0
+    return profile.t1 + (profile.t128 - profile.t1) * (max(1, min(step_tokens, 128)) - 1) / 127
