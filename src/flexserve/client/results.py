@@ -15,11 +15,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from flexserve.client.calls import Outcome
+from flexserve.client.jobs import Line
 
 
 def errors_path_for(output: Path) -> Path:
@@ -90,6 +91,30 @@ class ResultFile:
         if fd is not None:
             os.fsync(fd)
             os.close(fd)
+
+
+class JobFiles:
+    """A job's output and error files, as a run opens them."""
+
+    def __init__(self, output: Path) -> None:
+        self.results = ResultFile(output)
+        self.errors = ResultFile(errors_path_for(output))
+
+    def open(self, *, retry_errors: bool) -> None:
+        """Open both; with ``retry_errors``, drop the error file's lines first."""
+        self.results.open()
+        self.errors.open()
+        if retry_errors:
+            self.errors.forget(set(self.errors.ids))
+
+    def todo(self, lines: Sequence[Line]) -> list[Line]:
+        """The lines neither file holds yet."""
+        finished = self.results.ids | self.errors.ids
+        return [line for line in lines if line.custom_id not in finished]
+
+    def close(self) -> None:
+        self.results.close()
+        self.errors.close()
 
 
 def output_record(custom_id: str, outcome: Outcome) -> dict[str, Any]:

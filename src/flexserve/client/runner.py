@@ -23,7 +23,7 @@ from flexserve.client.calls import CallPolicy, Events, Outcome, send
 from flexserve.client.costs import Ledger, Prices, usage_tokens
 from flexserve.client.jobs import Line
 from flexserve.client.pacing import Pacer
-from flexserve.client.results import ResultFile, error_record, errors_path_for, output_record
+from flexserve.client.results import JobFiles, ResultFile, error_record, output_record
 
 
 @dataclass(frozen=True)
@@ -104,15 +104,12 @@ async def run_job(
     progress at the end. ``on_outcome`` is told what became of each line
     sent, as it ends (after its line is written)."""
     client = client.with_options(max_retries=0)
-    results, errors = ResultFile(output), ResultFile(errors_path_for(output))
-    results.open()
-    errors.open()
+    files = JobFiles(output)
+    files.open(retry_errors=options.retry_errors)
+    results, errors = files.results, files.errors
     progress = Progress(total=len(lines), prices_known=options.prices.known)
     try:
-        if options.retry_errors:
-            errors.forget(set(errors.ids))
-        finished = results.ids | errors.ids
-        todo = [line for line in lines if line.custom_id not in finished]
+        todo = files.todo(lines)
         progress.skipped = len(lines) - len(todo)
         pacer = Pacer(fixed=options.concurrency, maximum=options.max_concurrency)
         ledger = Ledger(options.prices, options.max_cost)
@@ -166,8 +163,7 @@ async def run_job(
             progress.limit = pacer.allowed
             on_progress(progress)
     finally:
-        results.close()
-        errors.close()
+        files.close()
     return progress
 
 

@@ -24,7 +24,7 @@ import openai
 
 from flexserve.client.costs import Ledger, usage_tokens
 from flexserve.client.jobs import JobError, Line
-from flexserve.client.results import ResultFile, errors_path_for
+from flexserve.client.results import JobFiles, ResultFile
 from flexserve.client.runner import Progress, RunOptions
 
 # Batch statuses after which nothing more will run.
@@ -46,16 +46,13 @@ async def run_batch_job(
     poll_every: float = 1.0,
 ) -> Progress:
     """Run the lines not yet in ``output`` as one batch; return the progress at the end."""
-    results, errors = ResultFile(output), ResultFile(errors_path_for(output))
-    results.open()
-    errors.open()
+    files = JobFiles(output)
+    files.open(retry_errors=options.retry_errors)
+    results, errors = files.results, files.errors
     progress = Progress(total=len(lines), prices_known=options.prices.known)
     ledger = Ledger(options.prices)
     try:
-        if options.retry_errors:
-            errors.forget(set(errors.ids))
-        finished = results.ids | errors.ids
-        todo = [line for line in lines if line.custom_id not in finished]
+        todo = files.todo(lines)
         progress.skipped = len(lines) - len(todo)
         saved_id = batch_id_path(output)
         batch_id = saved_id.read_text().strip() if saved_id.exists() else None
@@ -82,8 +79,7 @@ async def run_batch_job(
         if on_progress is not None:
             on_progress(progress)
     finally:
-        results.close()
-        errors.close()
+        files.close()
     return progress
 
 
