@@ -123,6 +123,8 @@ def test_estimates_are_sent_with_three_significant_digits() -> None:
     assert [format_seconds(s) for s in (0, 0.012345, 4.5678, 61.04, 1234.5)] == [
         "0", "0.0123", "4.57", "61", "1230",
     ]
+    # A tiny wait is still a wait (it was "0", which the metrics counted as one told).
+    assert [format_seconds(s) for s in (4.2137e-05, 1e-9, 1e-10)] == ["0.0000421", "0.000000001", "0"]
 
 
 # --- the estimator on scripted engines ------------------------------------------------

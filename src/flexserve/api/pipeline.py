@@ -253,13 +253,15 @@ def _with_estimate(reply_headers: Headers, ticket: Ticket) -> Headers:
 
 
 def format_seconds(seconds: float) -> str:
-    """Seconds to three significant digits, without an exponent: 0.0123, 4.56, 1230."""
-    if seconds <= 0:
+    """Seconds to three significant digits, without an exponent: 0.0123,
+    4.56, 1230, 0.0000421 ("0" below a nanosecond: a wait told as 0 is none)."""
+    if seconds < 1e-9:
         return "0"
     text = f"{seconds:.3g}"
-    if "e" in text:
-        return str(round(float(text)))
-    return text
+    if "e" not in text:
+        return text
+    value = float(text)
+    return str(round(value)) if value >= 1 else f"{value:.12f}".rstrip("0")
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
