@@ -114,6 +114,7 @@ async def send(
             tier, outcome.fell_back = policy.fallback_tier, True
         outcome.tier = tier
         headers: dict[str, str] = {}
+        # The next moment this request changes: its fallback, or the deadline.
         until = min((t for t in (deadline, fallback_at if not outcome.fell_back else None)
                      if t is not None), default=None)
         if tier == "flex" and until is not None:
@@ -143,10 +144,8 @@ async def send(
             events.refused(exc.status_code, asked)
             pause = asked if asked is not None else _backoff(outcome.attempts, policy.max_backoff)
             # Wake for the fallback or the deadline rather than sleep past them.
-            wake = min((t for t in (deadline, fallback_at if not outcome.fell_back else None)
-                        if t is not None), default=None)
-            if wake is not None:
-                pause = min(pause, max(0.0, wake - clock()))
+            if until is not None:
+                pause = min(pause, max(0.0, until - clock()))
             outcome.waits.append((asked, pause))
             await asyncio.sleep(pause)
             continue
