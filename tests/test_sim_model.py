@@ -139,6 +139,26 @@ async def test_chunked_prefill_respects_the_budget() -> None:
     await model.close()
 
 
+async def test_a_long_prefill_is_capped_per_step_by_the_threshold() -> None:
+    """vLLM V1's long_prefill_token_threshold: a 1,000-token prompt prefills
+    at most 300 tokens a step though the budget would take it all at once."""
+    model = SimModel(H100, speed=FAST, long_prefill_token_threshold=300)
+    [*_, last] = await collect(model, make_request("long", 994, max_tokens=2))
+    assert last.usage is not None and last.usage.prompt_tokens == 1000
+    # Chunks of 300, 300, 300, 100 (the last samples the first token), then one decode.
+    assert model.num_steps == 5
+    expected = sum(step_time(H100, n, kv)
+                   for n, kv in ((300, 300), (300, 600), (300, 900), (100, 1001)))
+    assert model.ttft.sum == pytest.approx(expected)
+    await model.close()
+    uncapped = SimModel(H100, speed=FAST)
+    await collect(uncapped, make_request("long", 994, max_tokens=2))
+    assert uncapped.num_steps == 2
+    await uncapped.close()
+    with pytest.raises(ValueError, match="long_prefill_token_threshold must be >= 0"):
+        SimModel(H100, long_prefill_token_threshold=-1)
+
+
 async def test_decodes_keep_running_during_a_long_prefill() -> None:
     profile = dataclasses.replace(H100, max_num_batched_tokens=256)
     model = SimModel(profile, speed=FAST)

@@ -133,6 +133,7 @@ class SimModel:
         model_id: str | None = None,
         max_num_batched_tokens: int | None = None,
         cost_model: str = "flat",
+        long_prefill_token_threshold: int = 0,
     ) -> None:
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
@@ -154,12 +155,18 @@ class SimModel:
             raise ValueError(f"kv_tokens must be >= 2, got {kv_tokens}")
         if not profile.instant and profile.max_num_batched_tokens < 1:
             raise ValueError("a timed profile needs max_num_batched_tokens >= 1")
+        if long_prefill_token_threshold < 0:
+            raise ValueError("long_prefill_token_threshold must be >= 0 (0: no cap), got "
+                             f"{long_prefill_token_threshold}")
         if scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs or priority, got {scheduling_policy!r}"
             )
         self.profile = profile
         self.cost_model: CostModel = cost_model
+        # vLLM's --long-prefill-token-threshold: most prompt tokens one
+        # sequence prefills in a step (0: as many as the budget leaves).
+        self.long_prefill_token_threshold = long_prefill_token_threshold
         self.model_id = model_id or profile.model_id
         self.speed = speed
         self.max_num_seqs = max_num_seqs
@@ -542,7 +549,7 @@ class SimModel:
                 break
             remaining = seq.prefill_target - seq.num_cached
             if remaining > 0:
-                chunk = min(remaining, budget)
+                chunk = self._chunk(remaining, budget)
                 sampled = len(seq.active) if chunk == remaining else 0
                 cost = chunk
             else:
@@ -568,7 +575,7 @@ class SimModel:
             while self._waiting[0][1].state is not _State.WAITING:
                 heapq.heappop(self._waiting)
             seq = self._waiting[0][1]
-            chunk = min(seq.prefill_target, budget)
+            chunk = self._chunk(seq.prefill_target, budget)
             sampled = len(seq.active) if chunk == seq.prefill_target else 0
             need = chunk + sampled
             if self._kv_used + need > self.kv_tokens:
@@ -582,6 +589,13 @@ class SimModel:
             scheduled.append((seq, chunk, sampled))
             budget -= chunk
         return scheduled, self.profile.max_num_batched_tokens - budget
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """Prompt tokens one sequence prefills this step: what is left of its
+        prompt, within the budget and, as vLLM V1 caps a long prefill, the threshold."""
+        chunk = min(remaining, budget)
+        threshold = self.long_prefill_token_threshold
+        return min(chunk, threshold) if threshold > 0 else chunk
 
     def _preempt(self, seq: _Seq) -> None:
         """Free a running sequence's KV and requeue it; it recomputes prompt and output."""
