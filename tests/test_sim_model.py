@@ -8,6 +8,7 @@ depend on the host's speed.
 from __future__ import annotations
 
 import asyncio
+import re
 import dataclasses
 
 import pytest
@@ -407,3 +408,59 @@ def test_an_unknown_cost_model_is_a_config_error() -> None:
     assert load_settings(overrides={"sim_cost_model": "calibrated"}, environ={}).sim_cost_model == "calibrated"
     with pytest.raises(ConfigError, match="sim_cost_model.*not flat or calibrated"):
         load_settings(overrides={"sim_cost_model": "linear"}, environ={})
+
+
+# --- prefix caching ----------------------------------------------------------------
+
+
+async def test_a_repeated_prompt_skips_the_prefill_its_cached_blocks_hold() -> None:
+    from flexserve.engines.sim.metrics import render_metrics
+
+    model = SimModel(H100, speed=FAST, enable_prefix_caching=True)
+    [*_, first] = await collect(model, make_request("first", 994, max_tokens=2))
+    assert first.usage is not None and first.usage.cached_tokens == 0
+    first_ttft = model.ttft.sum
+    [*_, again] = await collect(model, make_request("again", 994, max_tokens=2))
+    assert again.usage is not None
+    # 1,000 prompt tokens: 62 full blocks cached; the last token is always computed.
+    assert (again.usage.prompt_tokens, again.usage.cached_tokens) == (1000, 992)
+    # Its first step prefills the 8 tokens not cached, reading the 1,001 it holds.
+    assert model.ttft.sum - first_ttft == pytest.approx(step_time(H100, 8, 1001))
+    assert model.prefix_cache is not None
+    assert (model.prefix_cache.queries, model.prefix_cache.hits) == (2000, 992)
+    text = render_metrics(model)
+    assert re.search(r"^vllm:prefix_cache_hits_total\{[^}]*\} 992(\.0)?$", text, re.M)
+    assert re.search(r"^vllm:prefix_cache_queries_total\{[^}]*\} 2000(\.0)?$", text, re.M)
+    # A prompt that starts the same way finds the whole blocks they share:
+    # the message header (3 tokens) and 500 words, 31 blocks.
+    [*_, shorter] = await collect(model, make_request("shorter", 500, max_tokens=2))
+    assert shorter.usage is not None and shorter.usage.cached_tokens == 496
+    await model.close()
+    uncached = SimModel(H100, speed=FAST)
+    for name in ("one", "two"):
+        [*_, last] = await collect(uncached, make_request(name, 994, max_tokens=2))
+        assert last.usage is not None and last.usage.cached_tokens == 0
+    await uncached.close()
+
+
+async def test_cached_blocks_make_way_for_running_sequences_a_prompts_last_blocks_first() -> None:
+    model = SimModel(H100, speed=FAST, kv_tokens=1500, enable_prefix_caching=True)
+    await collect(model, make_request("a", 994, max_tokens=2))
+    assert model.prefix_cache is not None and model.prefix_cache.free_tokens == 992
+    other = EngineRequest.chat("x", "m", [{"role": "user", "content": " ".join(["x"] * 994)}],
+                               max_tokens=2)
+    [*_, last] = await collect(model, other)
+    assert last.usage is not None and last.usage.cached_tokens == 0  # nothing shared
+    # While it ran (1,001 KV tokens) only 499 were left: 31 of a's blocks were
+    # evicted, its last ones first.
+    [*_, again] = await collect(model, make_request("a-again", 994, max_tokens=2))
+    assert again.usage is not None and again.usage.cached_tokens == 31 * 16
+    await model.close()
+
+
+def test_usage_tells_the_cached_tokens_as_vllm_does() -> None:
+    from flexserve.engines.base import Usage
+    from flexserve.engines.sim.replies import usage_dict
+
+    assert usage_dict(Usage(10, 2, 8))["prompt_tokens_details"] == {"cached_tokens": 8}
+    assert "prompt_tokens_details" not in usage_dict(Usage(10, 2))

@@ -211,3 +211,29 @@ def test_whole_completion_asked_only_when_not_streamed_nor_preemptible(
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "two words"
     # Default and priority: one JSON body; flex (abortable) and a client's stream: SSE.
     assert seen == [False, False, True, True]
+
+
+def test_an_upstreams_prefix_cache_hits_reach_the_client_and_the_ledger(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    """The sim engine with vLLM's prefix caching behind the gateway: the same
+    prompt twice, and the second answer's cached tokens are told and recorded."""
+    from conftest import sql_rows, wait_for
+
+    model = SimModel("h100-llama3-8b", speed=50.0, enable_prefix_caching=True)
+    with ServerThread(create_sim_app(model)) as engine:
+        gateway = start_gateway(engine="upstream", upstreams=[engine.url], org="prefix-cache")
+        client = gateway.client()
+        model_id = sim_model_id(gateway)
+        messages = [{"role": "user", "content": " ".join(["same"] * 994)}]
+        answers = [client.chat.completions.create(model=model_id, messages=messages, max_tokens=2)
+                   for _ in range(2)]
+    cached = [a.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+              for a in answers]
+    assert cached == [0, 992]
+    def recorded() -> list[int]:
+        rows = sql_rows(gateway.db_url, "SELECT cached_tokens FROM usage_records ORDER BY id")
+        return [r["cached_tokens"] for r in rows]
+
+    wait_for(lambda: len(recorded()) == 2)
+    assert recorded() == [0, 992]

@@ -34,9 +34,13 @@ from flexserve.engines.sim.profiles import PROFILES
 @click.option("--long-prefill-token-threshold", default=0, show_default=True,
               type=click.IntRange(min=0), help="Most prompt tokens one sequence prefills in a "
               "step (vLLM's flag; 0: as many as the step budget leaves).")
+@click.option("--enable-prefix-caching", is_flag=True,
+              help="vLLM's automatic prefix caching: 16-token blocks, freed ones kept in an LRU; "
+              "usage's prompt_tokens_details.cached_tokens and the prefix-cache counters.")
 def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: int,
                kv_tokens: int | None, scheduling_policy: str, max_num_batched_tokens: int | None,
-               model_id: str | None, cost_model: str, long_prefill_token_threshold: int) -> None:
+               model_id: str | None, cost_model: str, long_prefill_token_threshold: int,
+               enable_prefix_caching: bool) -> None:
     """Serve a simulated vLLM-style engine for benchmarks, capacity planning and tests.
 
     An OpenAI-compatible server (GET /v1/models, POST /v1/chat/completions,
@@ -65,4 +69,5 @@ def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: i
     serve(host, port, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
           kv_tokens=kv_tokens, scheduling_policy=scheduling_policy, model_id=model_id,
           max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
-          long_prefill_token_threshold=long_prefill_token_threshold)
+          long_prefill_token_threshold=long_prefill_token_threshold,
+          enable_prefix_caching=enable_prefix_caching)

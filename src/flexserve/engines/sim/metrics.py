@@ -86,11 +86,13 @@ def render_metrics(model: SimModel) -> str:
     counter("vllm:num_preemptions", "Preemptions (KV cache full).", model.num_preemptions)
     counter("vllm:prompt_tokens", "Prefill tokens processed.", model.num_prompt_tokens)
     counter("vllm:generation_tokens", "Generation tokens produced.", model.num_generation_tokens)
-    # The sim keeps no prefix cache: every prompt token is looked up, none is
-    # found (vLLM's counters without prefix caching).
+    # Without prefix caching every prompt token is looked up and none found
+    # (vLLM's counters then).
+    cache = model.prefix_cache
     counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
-            model.num_prompt_tokens)
-    counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", 0)
+            model.num_prompt_tokens if cache is None else cache.queries)
+    counter("vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.",
+            0 if cache is None else cache.hits)
     histogram("vllm:time_to_first_token_seconds", "Time to first token (simulated seconds).",
               model.ttft)
     histogram("vllm:inter_token_latency_seconds", "Inter-token latency (simulated seconds).",

@@ -59,8 +59,14 @@ from flexserve.engines.sim.outputs import (
     filler_words,
     plan_choices,
 )
+from flexserve.engines.sim.prefix_cache import BLOCK, PrefixCache, block_hashes
 from flexserve.engines.sim.profiles import COST_MODELS, PROFILES, CostModel, SimProfile, step_time
-from flexserve.engines.sim.tokenizer import FILLER_WORDS, count_prompt_tokens
+from flexserve.engines.sim.tokenizer import (
+    FILLER_WORDS,
+    chat_token_ids,
+    count_prompt_tokens,
+    text_token_ids,
+)
 from flexserve.errors import EngineError, EngineUnavailableError, InvalidRequestError
 
 __all__ = ["FILLER_WORDS", "SimModel", "count_prompt_tokens", "step_time"]
@@ -85,9 +91,10 @@ class _State(enum.Enum):
 class _Seq:
     """One sequence in the engine; touched only by the step loop and its consumer."""
 
-    __slots__ = ("active", "arrival", "error", "generated", "key", "kv_held", "last_token_at",
-                 "num_cached", "num_generated", "output_lens", "prefill_target",
-                 "prompt_tokens", "ready", "request_id", "state")
+    __slots__ = ("active", "arrival", "blocks", "error", "generated", "held_blocks", "key",
+                 "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit",
+                 "output_lens", "prefill_target", "prompt_tokens", "ready", "request_id",
+                 "state")
 
     def __init__(self, request_id: str, key: tuple[int, int], prompt_tokens: int,
                  output_lens: list[int], arrival: float, ready: asyncio.Event) -> None:
@@ -114,6 +121,11 @@ class _Seq:
         # Shared by the sequences of one request: their consumer waits on it.
         self.ready = ready
         self.error: Exception | None = None
+        # Prefix caching: the prompt's block hashes, those this sequence holds,
+        # and the prompt tokens it found cached when it (last) started.
+        self.blocks: tuple[int, ...] = ()
+        self.held_blocks: tuple[int, ...] = ()
+        self.num_hit = 0
 
 
 _seq_key = attrgetter("key")
@@ -134,6 +146,7 @@ class SimModel:
         max_num_batched_tokens: int | None = None,
         cost_model: str = "flat",
         long_prefill_token_threshold: int = 0,
+        enable_prefix_caching: bool = False,
     ) -> None:
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
@@ -167,6 +180,9 @@ class SimModel:
         # vLLM's --long-prefill-token-threshold: most prompt tokens one
         # sequence prefills in a step (0: as many as the budget leaves).
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        # vLLM's automatic prefix caching (engines/sim/prefix_cache.py), for
+        # requests of one prompt and one choice; None: off.
+        self.prefix_cache = PrefixCache() if enable_prefix_caching else None
         self.model_id = model_id or profile.model_id
         self.speed = speed
         self.max_num_seqs = max_num_seqs
@@ -316,6 +332,8 @@ class SimModel:
                 return
             ready = asyncio.Event()
             seq = self._enqueue(request, prompt_tokens, [len(words)], ready)
+            if self.prefix_cache is not None:
+                seq.blocks = block_hashes(_prompt_ids(request, prompt_tokens))
             emitted = 0
             try:
                 while True:
@@ -326,12 +344,13 @@ class SimModel:
                     num_generated = seq.num_generated
                     text = "".join(words[emitted:num_generated])
                     emitted = num_generated
+                    usage = Usage(prompt_tokens, num_generated, seq.num_hit)
                     if seq.state is _State.FINISHED:
-                        yield Delta(text, finish_reason, Usage(prompt_tokens, num_generated))
+                        yield Delta(text, finish_reason, usage)
                         return
                     if text:
                         # Usage so far rides along, so that a stream cut short is billed exactly.
-                        yield Delta(text, usage=Usage(prompt_tokens, num_generated))
+                        yield Delta(text, usage=usage)
             finally:
                 if seq.state is _State.WAITING or seq.state is _State.RUNNING:
                     self._abort(seq)
@@ -451,6 +470,7 @@ class SimModel:
             del self._running[seq.key[1]]
             self._kv_used -= seq.kv_held
             seq.kv_held = 0
+            self._let_go(seq)
         elif seq.state is _State.WAITING:
             self._num_waiting -= 1  # its heap entry is skipped when reached
         seq.state = _State.ABORTED
@@ -495,6 +515,8 @@ class SimModel:
         self._waiting.clear()
         self._num_waiting = 0
         self._kv_used = 0
+        if self.prefix_cache is not None:
+            self.prefix_cache.clear()
         self._clock = self.sim_now()
         self._clock_wall = time.monotonic()
         self._idle = True
@@ -575,19 +597,28 @@ class SimModel:
             while self._waiting[0][1].state is not _State.WAITING:
                 heapq.heappop(self._waiting)
             seq = self._waiting[0][1]
-            chunk = self._chunk(seq.prefill_target, budget)
-            sampled = len(seq.active) if chunk == seq.prefill_target else 0
-            need = chunk + sampled
+            cache = self.prefix_cache
+            hit = cache.cached_tokens(seq.blocks, seq.prompt_tokens) if cache and seq.blocks else 0
+            chunk = self._chunk(seq.prefill_target - hit, budget)
+            sampled = len(seq.active) if chunk == seq.prefill_target - hit else 0
+            need = hit + chunk + sampled
             if self._kv_used + need > self.kv_tokens:
                 break
             heapq.heappop(self._waiting)
             self._num_waiting -= 1
             seq.state = _State.RUNNING
             self._running[seq.key[1]] = seq
+            if cache is not None and seq.blocks:
+                cache.count(seq.prompt_tokens, hit)
+                seq.num_hit = seq.num_cached = hit
+                seq.held_blocks = seq.blocks[:hit // BLOCK]
+                cache.take(seq.held_blocks)
             self._kv_used += need
             seq.kv_held += need
             scheduled.append((seq, chunk, sampled))
             budget -= chunk
+        if self.prefix_cache is not None:
+            self.prefix_cache.trim(self.kv_tokens - self._kv_used)
         return scheduled, self.profile.max_num_batched_tokens - budget
 
     def _chunk(self, remaining: int, budget: int) -> int:
@@ -602,6 +633,7 @@ class SimModel:
         del self._running[seq.key[1]]
         self._kv_used -= seq.kv_held
         seq.kv_held = 0
+        self._let_go(seq)
         seq.num_cached = 0
         seq.prefill_target = seq.prompt_tokens + seq.num_generated
         seq.state = _State.WAITING
@@ -620,6 +652,10 @@ class SimModel:
                 seq.num_cached += chunk
                 if seq.num_cached < seq.prefill_target:
                     continue
+                if self.prefix_cache is not None and len(seq.held_blocks) < len(seq.blocks):
+                    # Its whole prompt is computed: every full block is cached now.
+                    self.prefix_cache.take(seq.blocks[len(seq.held_blocks):])
+                    seq.held_blocks = seq.blocks
                 if not seq.active:
                     # Prefill only (an embedding): done once the prompt is in.
                     self.num_prompt_tokens += seq.prompt_tokens
@@ -665,4 +701,30 @@ class SimModel:
         del self._running[seq.key[1]]
         self._kv_used -= seq.kv_held
         seq.kv_held = 0
+        self._let_go(seq)
         seq.ready.set()
+
+    def _let_go(self, seq: _Seq) -> None:
+        """The sequence's cached blocks become free (kept for later prompts)."""
+        if self.prefix_cache is not None and seq.held_blocks:
+            self.prefix_cache.give_back(seq.held_blocks)
+            seq.held_blocks = ()
+
+
+def _prompt_ids(request: EngineRequest, prompt_tokens: int) -> list[int]:
+    """The token ids of a request's one prompt, as /tokenize gives them (none
+    if they do not count as usage does: then nothing is cached for it)."""
+    body = request.body
+    if request.op == "chat":
+        ids = chat_token_ids(body.get("messages") or (), body.get("tools") or ())
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and not isinstance(prompt[0], int):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            ids = text_token_ids(prompt)
+        elif isinstance(prompt, list) and all(isinstance(i, int) for i in prompt):
+            ids = list(prompt)
+        else:
+            ids = []
+    return ids if len(ids) == prompt_tokens else []
