@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -493,3 +494,34 @@ def test_the_flex_client_takes_a_spent_budget_as_final_not_as_a_429_to_wait_out(
     assert attempts == [1, 1, 1, 1] and progress.retries == 0
     errors = [line for line in out.with_name("client-budget.errors.jsonl").read_text().splitlines()]
     assert len(errors) == 3 and all('"insufficient_quota"' in line for line in errors)
+
+
+def test_models_publish_their_prices_and_the_flex_client_counts_with_them(
+    billed: Gateway, model: str, tmp_path: Path,
+) -> None:
+    import json
+    import subprocess
+    import sys
+
+    org = new_org(billed, "client-prices")
+    listed = org.get("/v1/models").json()["data"]
+    [entry] = [m for m in listed if m["id"] == model]
+    assert entry["pricing"]["default"] == {"input": "10.00", "cached_input": "2.50", "output": "40.00"}
+    assert entry["pricing"]["flex"]["output"] == "20.00"  # half, as billed
+    validate(org.get(f"/v1/models/{model}").json(), "Model")
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({
+        "custom_id": f"p-{i}", "method": "POST", "url": "/v1/chat/completions",
+        "body": {"model": model, "max_tokens": 10, "messages": MESSAGES}}) + "\n" for i in range(30)))
+    # No --price: the client counts with the prices the gateway publishes.
+    done = subprocess.run(
+        [sys.executable, "-m", "flexserve.cli", "run", str(source), "-o", str(tmp_path / "out.jsonl"),
+         "--base-url", billed.url + "/v1", "--api-key", org.key, "--concurrency", "2",
+         "--max-cost", "0.002", "--quiet"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "stopped: the next request could pass --max-cost" in done.stderr
+    answered = len((tmp_path / "out.jsonl").read_text().splitlines())
+    assert 0 < answered < 30
+    cost = Decimal(done.stderr.split("cost: $")[1].split(",")[0])
+    assert 0 < cost <= Decimal("0.002")

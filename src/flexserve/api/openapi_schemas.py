@@ -291,12 +291,23 @@ _RESPONSE_ITEM_LIST = object_of(
     has_more=BOOLEAN,
 )
 
+_PRICE = object_of(("input", "cached_input", "output"), input=STRING, cached_input=STRING,
+                   output=STRING)
+
 _MODEL = object_of(
     ("id", "object", "created", "owned_by"),
     id=STRING,
     object={"type": "string", "enum": ["model"]},
     created=INTEGER,
     owned_by=STRING,
+    pricing={
+        "type": "object",
+        "description": (
+            "FlexServe: what this gateway bills per tier, dollars per million tokens as "
+            "decimal strings; absent when the model has no price."
+        ),
+        "properties": {"priority": _PRICE, "default": _PRICE, "flex": _PRICE},
+    },
 )
 
 

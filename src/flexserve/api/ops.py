@@ -11,7 +11,9 @@ from starlette.responses import Response
 from flexserve.api.auth import authenticate
 from flexserve.api.pipeline import check_place
 from flexserve.api.state import Services
+from flexserve.billing.pricing import format_micro_usd
 from flexserve.errors import InvalidRequestError, ModelNotFoundError
+from flexserve.tiers import ServiceTier
 
 
 def _json(body: object, status_code: int = 200) -> Response:
@@ -21,7 +23,26 @@ def _json(body: object, status_code: int = 200) -> Response:
 def _model_object(services: Services, model: str) -> dict[str, object]:
     pool = services.scheduler.pools[model]
     card = next(c for r in pool.replicas for c in r.engine.models() if c.id == model)
-    return {"id": card.id, "object": "model", "created": card.created, "owned_by": card.owned_by}
+    out: dict[str, object] = {"id": card.id, "object": "model", "created": card.created,
+                              "owned_by": card.owned_by}
+    pricing = _pricing(services, model)
+    if pricing:
+        out["pricing"] = pricing
+    return out
+
+
+def _pricing(services: Services, model: str) -> dict[str, dict[str, str]]:
+    """The model's price per tier (dollars per million tokens, as decimal
+    strings), for clients that count their cost: what this gateway bills."""
+    prices = services.gate.policy.prices
+    out = {}
+    for tier in (ServiceTier.PRIORITY, ServiceTier.DEFAULT, ServiceTier.FLEX):
+        price = prices.price(model, tier)
+        if price is not None:
+            out[tier.value] = {"input": format_micro_usd(price.input),
+                               "cached_input": format_micro_usd(price.cached_input),
+                               "output": format_micro_usd(price.output)}
+    return out
 
 
 async def list_models(request: Request) -> Response:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -51,11 +52,11 @@ def parse_duration(text: str, option: str) -> float:
               help="A request still unanswered after --fallback-after is sent at this tier.")
 @click.option("--fallback-after", help="Per request, e.g. 30m (with --fallback-tier).")
 @click.option("--price", help="Default tier's price, INPUT/OUTPUT dollars per 1M tokens "
-              "(e.g. 10/40): counts cost and savings.")
+              "(e.g. 10/40): counts cost and savings [the endpoint's, where it publishes them].")
 @click.option("--flex-price", help="Flex price, INPUT/OUTPUT per 1M tokens [half of --price].")
 @click.option("--priority-price", help="Priority price, INPUT/OUTPUT per 1M tokens [--price].")
 @click.option("--max-cost", help="Dollars: no request starts whose worst case could pass it "
-              "(needs --price).")
+              "(needs prices: the endpoint's, or --price).")
 @click.option("--retry-errors", is_flag=True, help="Send again the lines in the error file.")
 @click.option("--via", type=click.Choice(["direct", "batch"]), default="direct", show_default=True,
               help="direct: requests one by one; batch: the server's Batch API.")
@@ -77,7 +78,7 @@ def run(input_path: Path, output: Path, base_url: str, api_key: str, model: str 
     import openai
 
     from flexserve.client.calls import CallPolicy
-    from flexserve.client.costs import Prices
+    from flexserve.client.costs import Prices, published_prices
     from flexserve.client.jobs import JobError, PromptFormat, read_lines
     from flexserve.client.progress import Reporter
     from flexserve.client.runner import Progress, RunOptions, run_job
@@ -92,8 +93,6 @@ def run(input_path: Path, output: Path, base_url: str, api_key: str, model: str 
         raise click.UsageError(str(exc)) from exc
     limit = None
     if max_cost is not None:
-        if not prices.known:
-            raise click.UsageError("--max-cost needs --price (the endpoint publishes no prices)")
         try:
             limit = Decimal(max_cost.lstrip("$"))
         except InvalidOperation as exc:
@@ -115,11 +114,18 @@ def run(input_path: Path, output: Path, base_url: str, api_key: str, model: str 
 
     async def go() -> Progress:
         async with openai.AsyncOpenAI(base_url=base_url, api_key=api_key or "none") as client:
+            job = options
+            models = {str(line.body.get("model")) for line in lines}
+            if not prices.known and len(models) == 1:
+                job = dataclasses.replace(options, prices=await published_prices(client, *models))
+            if limit is not None and not job.prices.known:
+                raise click.UsageError("--max-cost needs prices: the endpoint publishes none for "
+                                       f"{', '.join(sorted(models))}; give --price")
             if via == "batch":
                 from flexserve.client.via_batch import run_batch_job
 
-                return await run_batch_job(client, lines, output, options, reporter)
-            return await run_job(client, lines, output, options, reporter)
+                return await run_batch_job(client, lines, output, job, reporter)
+            return await run_job(client, lines, output, job, reporter)
 
     try:
         progress = asyncio.run(go())

@@ -1,8 +1,9 @@
 """What a job costs, counted exactly (``Decimal`` dollars) from each answer's usage.
 
-Prices are dollars per million input and output tokens at each tier;
-``Prices.parse`` reads ``--price 10/40`` (the default tier), and flex is
-half of it unless ``--flex-price`` says otherwise (OpenAI's discount).
+Prices are dollars per million input and output tokens at each tier:
+those the endpoint publishes (``published_prices``: FlexServe's model
+objects carry them), else ``Prices.parse`` of ``--price 10/40`` (the default
+tier), flex half of it unless ``--flex-price`` says otherwise (OpenAI's discount).
 ``--max-cost`` holds a request back unless its worst case fits: its prompt's
 UTF-8 bytes (no token is shorter than a byte) plus a margin for the chat
 template, and its ``max_tokens`` (``DEFAULT_MAX_OUTPUT`` where it has none).
@@ -15,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from typing import Any
+
+import openai
 
 MILLION = Decimal(1_000_000)
 # Output tokens a request without max_tokens is assumed to make, for --max-cost.
@@ -99,6 +102,30 @@ def worst_case_tokens(body: Mapping[str, Any]) -> tuple[int, int]:
     limit = next((body[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
                   if isinstance(body.get(k), int)), DEFAULT_MAX_OUTPUT)
     return prompt_bytes + TEMPLATE_TOKENS * num_messages, limit
+
+
+async def published_prices(client: openai.AsyncOpenAI, model: str) -> Prices:
+    """The prices an endpoint publishes for ``model`` (FlexServe: ``pricing``
+    on the model object, dollars per million tokens per tier); none where it
+    publishes none (OpenAI, vLLM) or the model is not found."""
+    try:
+        answer = await client.get(f"/models/{model}", cast_to=object)
+    except openai.APIError:
+        return Prices()
+    pricing = answer.get("pricing") if isinstance(answer, dict) else None
+    if not isinstance(pricing, dict):
+        return Prices()
+
+    def tier(name: str) -> Price | None:
+        entry = pricing.get(name)
+        if not isinstance(entry, dict):
+            return None
+        try:
+            return Price(Decimal(str(entry["input"])), Decimal(str(entry["output"])))
+        except (KeyError, InvalidOperation):
+            return None
+
+    return Prices(default=tier("default"), flex=tier("flex"), priority=tier("priority"))
 
 
 @dataclass
