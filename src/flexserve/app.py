@@ -102,11 +102,10 @@ def build_engines(settings: Settings) -> list[Engine]:
 
     step_model = None
     if settings.upstream_profile:
-        from flexserve.engines.sim import PROFILES
-        from flexserve.engines.sim.engine import step_time_model
+        from flexserve.engines.sim.profiles import PROFILES
+        from flexserve.engines.sim.profiles import step_model as profile_step_model
 
-        profile = PROFILES[settings.upstream_profile]
-        step_model = step_time_model(profile, settings.sim_cost_model)
+        step_model = profile_step_model(PROFILES[settings.upstream_profile], settings.sim_cost_model)
     return [
         UpstreamEngine(
             url,

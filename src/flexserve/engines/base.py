@@ -253,6 +253,13 @@ class StepTimeModel:
             small = self.t1 + (self.t128 - self.t1) * (max(1, min(step_tokens, 128)) - 1) / 127
         return small + self.a * max(0, step_tokens - 128) + self.c * kv_held
 
+    def scaled(self, factor: float) -> StepTimeModel:
+        """Every time times ``factor`` (a sim engine ``speed`` times faster: 1 / speed)."""
+        return StepTimeModel(
+            self.t0 * factor, self.a * factor, self.c * factor,
+            None if self.t1 is None else self.t1 * factor,
+            None if self.t128 is None else self.t128 * factor)
+
 
 @dataclass(slots=True)
 class ModelCard:

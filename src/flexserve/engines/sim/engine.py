@@ -79,19 +79,9 @@ class SimEngine(Engine):
         return self.model.generate(request)
 
     def step_time_model(self) -> StepTimeModel:
-        profile = self.model.profile
         # Wall-clock seconds: the model runs `speed` times faster than real time.
-        speed = self.model.speed
-        return step_time_model(profile, self.model.cost_model, speed)
+        return self.model.step_model.scaled(1 / self.model.speed)
 
     async def read_load(self) -> EngineLoad:
         return self.model.load()
 
-
-def step_time_model(profile: SimProfile, cost_model: str, speed: float = 1.0) -> StepTimeModel:
-    """The gateway's view of ``profile``'s step time under ``cost_model``, in
-    wall-clock seconds of an engine ``speed`` times faster than real time."""
-    if cost_model == "calibrated" and profile.t128:
-        return StepTimeModel(profile.t0 / speed, profile.a / speed, profile.c / speed,
-                             profile.t1 / speed, profile.t128 / speed)
-    return StepTimeModel(profile.t0 / speed, profile.a / speed, profile.c / speed)

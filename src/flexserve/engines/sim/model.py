@@ -60,7 +60,14 @@ from flexserve.engines.sim.outputs import (
     plan_choices,
 )
 from flexserve.engines.sim.prefix_cache import BLOCK, PrefixCache, block_hashes
-from flexserve.engines.sim.profiles import COST_MODELS, PROFILES, CostModel, SimProfile, step_time
+from flexserve.engines.sim.profiles import (
+    COST_MODELS,
+    PROFILES,
+    CostModel,
+    SimProfile,
+    step_model,
+    step_time,
+)
 from flexserve.engines.sim.tokenizer import (
     FILLER_WORDS,
     chat_token_ids,
@@ -177,6 +184,7 @@ class SimModel:
             )
         self.profile = profile
         self.cost_model: CostModel = cost_model
+        self.step_model = step_model(profile, cost_model)
         # vLLM's --long-prefill-token-threshold: most prompt tokens one
         # sequence prefills in a step (0: as many as the budget leaves).
         self.long_prefill_token_threshold = long_prefill_token_threshold
@@ -539,8 +547,8 @@ class SimModel:
                 wakeup.clear()
                 await wakeup.wait()
                 continue
-            t_step = step_time(self.profile, step_tokens, sum(s.kv_held for s, _, _ in scheduled),
-                               self.cost_model)
+            t_step = self.step_model.step_time(step_tokens,
+                                               sum(s.kv_held for s, _, _ in scheduled))
             self._clock_wall = time.monotonic()
             self._step_len = t_step
             now = self._clock_wall

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Literal
 
+from flexserve.engines.base import StepTimeModel
+
 CostModel = Literal["flat", "calibrated"]
 COST_MODELS: tuple[CostModel, ...] = ("flat", "calibrated")
 
@@ -127,19 +129,19 @@ PROFILES: Mapping[str, SimProfile] = MappingProxyType(
 )
 
 
+def step_model(profile: SimProfile, cost_model: str = "flat") -> StepTimeModel:
+    """The profile's step-time model under ``cost_model`` (the formula is
+    ``StepTimeModel.step_time``'s, the same the gateway predicts with)."""
+    if cost_model == "calibrated" and profile.t128:
+        return StepTimeModel(profile.t0, profile.a, profile.c, profile.t1, profile.t128)
+    return StepTimeModel(profile.t0, profile.a, profile.c)
+
+
 def step_time(profile: SimProfile, step_tokens: int, kv_held: int,
               cost_model: CostModel = "flat") -> float:
-    """Seconds one engine step takes, from the profile's linear model.
+    """Seconds one engine step takes.
 
     ``step_tokens`` counts decodes (1 each) plus prefill chunk tokens;
     ``kv_held`` is the KV-cache tokens of the sequences in the step.
     """
-    return (small_steps(profile, step_tokens, cost_model)
-            + profile.a * max(0, step_tokens - 128) + profile.c * kv_held)
-
-
-def small_steps(profile: SimProfile, step_tokens: int, cost_model: CostModel) -> float:
-    """The cost of a step's first 128 tokens (all of it for a step of up to 128)."""
-    if cost_model == "flat" or not profile.t128:
-        return profile.t0
-    return profile.t1 + (profile.t128 - profile.t1) * (max(1, min(step_tokens, 128)) - 1) / 127
+    return step_model(profile, cost_model).step_time(step_tokens, kv_held)
