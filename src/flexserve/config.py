@@ -279,9 +279,11 @@ def load_settings(
         values[key] = _coerce(key, raw, hints[key])
 
     settings = Settings(**values)
-    if settings.sim_cost_model not in ("flat", "calibrated"):
-        raise ConfigError(f"setting 'sim_cost_model': {settings.sim_cost_model!r} is not flat or "
-                          "calibrated")
+    from flexserve.engines.sim.profiles import COST_MODELS
+
+    if settings.sim_cost_model not in COST_MODELS:
+        raise ConfigError(f"setting 'sim_cost_model': {settings.sim_cost_model!r} is not "
+                          f"{' or '.join(COST_MODELS)}")
     if settings.engine not in ("embedded", "sim", "upstream"):
         raise ConfigError(f"setting 'engine': {settings.engine!r} is not embedded, sim or upstream")
     if settings.engine == "upstream" and not settings.upstreams:

@@ -9,6 +9,8 @@ from typing import Any
 
 import click
 
+from flexserve.engines.sim.profiles import COST_MODELS
+
 
 def _floats(text: str | None) -> tuple[float, ...] | None:
     if text is None:
@@ -226,7 +228,7 @@ def ledger_kill(out: Path, **options: Any) -> None:
               help="Sim engine batch size, and the gateway's upstream capacity.")
 @click.option("--max-num-batched-tokens", type=int,
               help="Sim engine's step token budget (vLLM's flag) [the profile's: 8192 on H100].")
-@click.option("--cost-model", type=click.Choice(["flat", "calibrated"]), default="flat",
+@click.option("--cost-model", type=click.Choice(COST_MODELS), default="flat",
               show_default=True, help="Sim engine's step-time cost model (sim-engine --cost-model).")
 @click.option("--flex-clients", type=int, help="Closed-loop flex clients [2x the engine's batch].")
 @click.option("--load", type=float, default=0.4, show_default=True,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from flexserve.engines.sim.profiles import PROFILES
+from flexserve.engines.sim.profiles import COST_MODELS, PROFILES
 
 
 @click.command("sim-engine")
@@ -28,7 +28,7 @@ from flexserve.engines.sim.profiles import PROFILES
               "--max-num-batched-tokens); default: the profile's. Smaller chunks long prompts "
               "over more steps.")
 @click.option("--model-id", default=None, help="Model id to serve; default: the profile's.")
-@click.option("--cost-model", type=click.Choice(["flat", "calibrated"]), default="flat",
+@click.option("--cost-model", type=click.Choice(COST_MODELS), default="flat",
               show_default=True, help="A step's first 128 tokens: free beyond the floor (flat), "
               "or as Vidur measured them (calibrated: H100 5.6 ms at 1 token to 6.4 at 128).")
 @click.option("--long-prefill-token-threshold", default=0, show_default=True,
