@@ -252,7 +252,8 @@ class Scheduler:
                 for org, count in waiting[pool.model].items():
                     wants[org] = wants.get(org, 0) + math.ceil(count / len(pool.replicas))
             full = replica.full_capacity
-            flex_in_use = sum(1 for run in replica.running if run.tier.is_preemptible)
+            by_tier = replica.num_in_flight_by_tier
+            flex_in_use = by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
             asks.append(SlotAsk(replica.name, full, full - headroom_slots(self.config, full),
                                 replica.num_in_flight, flex_in_use, wants))
             replica.capacity = min(replica.capacity, replica.num_in_flight)

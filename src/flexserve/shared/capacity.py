@@ -26,7 +26,7 @@ which every gateway runs for each replica every ``interval`` seconds:
   gateway that first held them for as long as it had work waiting);
 - it gives the caller a *flex room* (``holder:flex``): in flight below it,
   flex may start there. The rooms are parts of the replica's capacity less
-  the headroom kept for default; each is its lease's part of it (so that
+  the headroom kept for default; each is its grant's part of it (so that
   each gateway keeps its part of the headroom for the default requests it
   receives), grows only into what the others' rooms leave and shrinks no
   lower than the flex the caller runs.
@@ -135,7 +135,7 @@ end
 -- than what it runs, so that a lease shrinks as its runs end, never under them.
 local grant = math.min(share[me], capacity - others)
 local lease = math.max(in_use, grant)
--- Flex room: the lease's own part of the flex capacity, so that each
+-- Flex room: the grant's own part of the flex capacity, so that each
 -- gateway keeps its part of the headroom for its default arrivals.
 local fair = math.floor(flex_capacity * grant / capacity + 0.5)
 local room_grant = math.max(0, math.min(grant, fair, flex_capacity - others_flex))
