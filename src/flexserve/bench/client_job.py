@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime
-import os
 import random
 import time
 from contextlib import ExitStack
@@ -34,6 +33,7 @@ from flexserve.bench.processes import (
     free_port,
     start_server,
 )
+from flexserve.bench.report import host_info
 from flexserve.bench.tiers import (
     Scenario,
     TiersOptions,
@@ -132,7 +132,7 @@ def run_client_bench(config: ClientBenchConfig, log_dir: Path) -> dict[str, Any]
     report: dict[str, Any] = {
         "benchmark": "client", "command": config.command,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": {"cpus": os.cpu_count(), "load_average_1m": os.getloadavg()[0]},
+        "host": host_info(),
         "setup": {"lines": config.lines, "fixed": config.fixed, "load": config.load,
                   "speed": config.speed, "max_num_seqs": config.max_num_seqs,
                   "flex_max_wait": config.flex_max_wait,

@@ -34,7 +34,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -56,6 +55,7 @@ from flexserve.bench.processes import (
     raise_nofile_limit,
     start_server,
 )
+from flexserve.bench.report import host_info
 from flexserve.bench.tiers_batch import start_backlog, stop_backlog
 from flexserve.bench.tiers_load import (
     FlexLoop,
@@ -577,7 +577,7 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
             from flexserve.bench.tiers_fleet import run_fleet
 
             report = run_fleet(opts, log_dir, stack)
-            report["host"] = _host()
+            report["host"] = host_info()
             opts.out.parent.mkdir(parents=True, exist_ok=True)
             opts.out.write_text(json.dumps(report, indent=2) + "\n")
             return report
@@ -587,7 +587,7 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
         "benchmark": "tiers",
         "command": opts.command,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "host": _host(),
+        "host": host_info(),
         "setup": {
             "engine": opts.engine,
             "duration_seconds": opts.duration,
@@ -609,11 +609,6 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
     return report
-
-
-def _host() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "python": platform.python_version(),
-            "load_average_1m": os.getloadavg()[0]}
 
 
 def render(report: Mapping[str, Any], markdown: bool = False) -> str:
