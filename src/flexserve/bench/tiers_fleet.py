@@ -141,17 +141,17 @@ def fleet_ratios(single: Mapping[str, Mapping[str, Any]], fleet: Mapping[str, Ma
     rows: list[dict[str, Any]] = []
     for metric, label in (("default_ttft_p99_ms", "default TTFT p99"),
                           ("default_tpot_p99_ms", "default TPOT p99")):
-        one, many = _ratio(single, "B", "A", metric), _ratio(fleet, "B", "A", metric)
+        one = _ratio(single["B"], single["A"], metric)
+        many = _ratio(fleet["B"], fleet["A"], metric)
         rows.append({"ratio": f"B/A {label}: fleet, against 1x1's {_show(one)}", "value": many,
                      "goal": f"<= {_show(one)}",
                      "met": None if one is None or many is None else many <= one})
-    rows.append(_row("B/D engine output tokens/s, fleet", _ratio(fleet, "B", "D",
-                                                                 "engine_output_tps_engine"),
-                     0.85))
+    rows.append(_row("B/D engine output tokens/s, fleet",
+                     _ratio(fleet["B"], fleet["D"], "engine_output_tps_engine"), 0.85))
     for name in ("D", "B"):
         rows.append(_row(f"{name} engine output tokens/s, fleet over 1x1 (goal {SCALING_GOAL} x "
                          f"{num_engines} engines)",
-                         _across(fleet, single, name, "engine_output_tps_engine"),
+                         _ratio(fleet[name], single[name], "engine_output_tps_engine"),
                          SCALING_GOAL * num_engines))
     most = max((fleet[n].get("engine_sequences_max") or 0 for n in ("A", "B")), default=0)
     rows.append({"ratio": f"most sequences in one engine, A and B (capacity {capacity})",
@@ -159,15 +159,9 @@ def fleet_ratios(single: Mapping[str, Mapping[str, Any]], fleet: Mapping[str, Ma
     return rows
 
 
-def _ratio(scenarios: Mapping[str, Mapping[str, Any]], top: str, bottom: str,
-           metric: str) -> float | None:
-    num, den = scenarios.get(top, {}).get(metric), scenarios.get(bottom, {}).get(metric)
-    return None if num is None or not den else round(num / den, 3)
-
-
-def _across(fleet: Mapping[str, Mapping[str, Any]], single: Mapping[str, Mapping[str, Any]],
-            name: str, metric: str) -> float | None:
-    num, den = fleet.get(name, {}).get(metric), single.get(name, {}).get(metric)
+def _ratio(top: Mapping[str, Any], bottom: Mapping[str, Any], metric: str) -> float | None:
+    """``metric`` of one scenario over another's (None where either lacks it)."""
+    num, den = top.get(metric), bottom.get(metric)
     return None if num is None or not den else round(num / den, 3)
 
 
