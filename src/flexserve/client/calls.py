@@ -132,12 +132,12 @@ async def send(
             should = exc.response.headers.get("x-should-retry")
             retryable = should == "true" or (should != "false" and exc.status_code in RETRYABLE)
             if not retryable:
-                outcome.error, outcome.error_code = _error_message(exc), _error_code(exc)
+                outcome.error, outcome.error_code = _error(exc)
                 break
             refused = exc.status_code == 429
             failures = 0 if refused else failures + 1
             if failures >= MAX_FAILURES:
-                outcome.error, outcome.error_code = _error_message(exc), _error_code(exc)
+                outcome.error, outcome.error_code = _error(exc)
                 break
             asked = _retry_after(exc.response.headers)
             outcome.refusals += refused
@@ -201,15 +201,11 @@ def _json_or_none(response: Any) -> Any:
         return None
 
 
-def _error_message(exc: openai.APIStatusError) -> str:
+def _error(exc: openai.APIStatusError) -> tuple[str, str]:
+    """The reason an error is final, and its code (the server's, else ``http_<status>``)."""
     body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body) if isinstance(body, dict) else {}
-    message = error.get("message") if isinstance(error, dict) else None
-    return f"{exc.status_code}: {message or exc.message}"
-
-
-def _error_code(exc: openai.APIStatusError) -> str | None:
-    body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error", body) if isinstance(body, dict) else {}
-    code = error.get("code") if isinstance(error, dict) else None
-    return str(code) if code is not None else f"http_{exc.status_code}"
+    error = body.get("error", body)
+    error = error if isinstance(error, dict) else {}
+    message, code = error.get("message"), error.get("code")
+    return (f"{exc.status_code}: {message or exc.message}",
+            str(code) if code is not None else f"http_{exc.status_code}")

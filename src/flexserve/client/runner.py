@@ -133,20 +133,19 @@ async def run_job(
                 if on_outcome is not None:
                     on_outcome(line, outcome)
             finally:
-                progress.in_flight -= 1
                 await pacer.release()
 
+        hold_tier = _dearest(options)
         try:
             for line in todo:
                 await pacer.acquire()
                 if deadline is not None and time.monotonic() >= deadline:
                     progress.stopped = "deadline"
-                elif not ledger.hold(line.custom_id, line.body, _dearest(options)):
+                elif not ledger.hold(line.custom_id, line.body, hold_tier):
                     progress.stopped = "max_cost"
                 if progress.stopped:
                     await pacer.release()
                     break
-                progress.in_flight += 1
                 task = asyncio.create_task(one(line))
                 running.add(task)
                 task.add_done_callback(running.discard)
@@ -160,7 +159,7 @@ async def run_job(
         progress.spent, progress.saved = ledger.spent, ledger.saved
         progress.finished = True
         if on_progress is not None:
-            progress.limit = pacer.allowed
+            progress.limit, progress.in_flight = pacer.allowed, 0
             on_progress(progress)
     finally:
         files.close()
@@ -204,6 +203,6 @@ def _record(line: Line, outcome: Outcome, progress: Progress, ledger: Ledger,
 async def _report(progress: Progress, pacer: Pacer, on_progress: Callable[[Progress], None],
                   every: float) -> None:
     while True:
-        progress.limit = pacer.allowed
+        progress.limit, progress.in_flight = pacer.allowed, pacer.in_flight
         on_progress(progress)
         await asyncio.sleep(every)
