@@ -94,24 +94,18 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     assert "B1: B with flex_headroom=0.9" in done.stdout
 
 
-def test_bench_tiers_refuses_an_unknown_variant_setting(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("args", "message"), [
+    (["--variant", "no_such_setting=1"], "unknown gateway setting(s): no_such_setting"),
+    (["--engine", "embedded", "--skip", "C"], "--skip applies to the sim engine's scenarios only"),
+    (["--redis", "redis://127.0.0.1:1"], "--redis and --db are for a fleet"),
+])
+def test_bench_tiers_refuses_what_it_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
     done = subprocess.run(
-        [str(FLEXSERVE), "bench", "tiers", "--quick", "--variant", "no_such_setting=1",
-         "--out", str(tmp_path / "x.json")],
+        [str(FLEXSERVE), "bench", "tiers", "--quick", *args, "--out", str(tmp_path / "x.json")],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode != 0
-    assert "unknown gateway setting(s): no_such_setting" in done.stderr
-
-
-def test_bench_tiers_refuses_skip_on_the_embedded_engine(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(FLEXSERVE), "bench", "tiers", "--engine", "embedded", "--quick", "--skip", "C",
-         "--out", str(tmp_path / "x.json")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode != 0
-    assert "--skip applies to the sim engine's scenarios only" in done.stderr
+    assert message in done.stderr
 
 
 @pytest.mark.timeout(150)
@@ -151,12 +145,3 @@ def test_bench_tiers_on_a_fleet_runs_both_layouts_and_no_engine_gets_past_its_ca
     assert scaling["value"] is not None
     assert "fleet against 1x1" in done.stdout
 
-
-def test_bench_tiers_refuses_a_redis_without_a_fleet(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [str(FLEXSERVE), "bench", "tiers", "--quick", "--redis", "redis://127.0.0.1:1",
-         "--out", str(tmp_path / "x.json")],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert done.returncode != 0
-    assert "--redis and --db are for a fleet" in done.stderr
