@@ -4,9 +4,10 @@ the gateway's usage rows, and the one schema check OpenAI's document lacks."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -115,51 +116,53 @@ def unique_prompt(num_words: int) -> str:
 
 @contextmanager
 def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> Iterator[None]:
-    """``num_requests`` long streams sent straight to vLLM (outside the gateway)
+    """``num_requests`` long requests sent straight to vLLM (outside the gateway)
     that hold their sequences — running, or waiting once vLLM's batch is full —
-    until the block is left, when their connections close and vLLM aborts them.
+    until the block is left, when their connections close and vLLM aborts them
+    (its completions route cancels a request whose client disconnected).
 
     Each would generate until its context is full: far longer than a test
-    takes to look at vLLM while they run. Their output is read and dropped:
-    left unread, vLLM's server keeps merging it into one growing pending
-    output per stream (a copy per token), which over a 32,768-token context
-    starved its event loop until `/metrics` and other streams stalled for
-    tens of seconds.
+    takes to look at vLLM while they run. They are not streamed, and each is
+    a bare socket with its request written and nothing read: vLLM's server
+    then does no work per token for them. Streamed holders made it serialise
+    and send every token of every holder, which on two busy cores starved
+    its event loop until `/metrics` and the gateway's own streams stalled for
+    tens of seconds (a CI run saw a replica silent for 91 s).
     """
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def hold() -> None:
-        body = {"model": vllm.model, "prompt": unique_prompt(prompt_words), "stream": True,
-                "max_tokens": MAX_MODEL_LEN - prompt_words - 40, "ignore_eos": True}
-        try:
-            # No read timeout: a holder that waits in vLLM's queue receives
-            # nothing until it runs, however long the test looks at the queue.
-            with httpx.stream("POST", f"{vllm.url}/v1/completions", json=body,
-                              timeout=httpx.Timeout(30, read=None)) as response:
-                assert response.status_code == 200, response.read()
-                for _ in response.iter_raw():
-                    if stop.is_set():
-                        break
-        except BaseException as exc:  # re-raised below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=hold, daemon=True) for _ in range(num_requests)]
-    for thread in threads:
-        thread.start()
+    url = httpx.URL(vllm.url)
+    sockets: list[socket.socket] = []
     try:
+        for _ in range(num_requests):
+            body = json.dumps({"model": vllm.model, "prompt": unique_prompt(prompt_words),
+                               "max_tokens": MAX_MODEL_LEN - prompt_words - 40,
+                               "ignore_eos": True}).encode()
+            head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+            sock = socket.create_connection((url.host, url.port), timeout=30)
+            sockets.append(sock)
+            sock.sendall(head.encode() + body)
         yield
     except BaseException as exc:
-        # A holder that failed is most often why the test's wait did not end.
-        if errors:
-            raise AssertionError(f"{exc}; and a holder failed: {errors[0]!r}") from exc
+        # A holder vLLM refused (it answered at once) is most often why the
+        # test's wait did not end.
+        answered = [answer for answer in map(_early_answer, sockets) if answer]
+        if answered:
+            raise AssertionError(f"{exc}; and vLLM answered a holder: {answered[0][:500]!r}") from exc
         raise
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=300)
-    if errors:
-        raise errors[0]
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+
+def _early_answer(sock: socket.socket) -> bytes:
+    """What vLLM has already sent back on a holder's socket (nothing while it runs)."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(4096)
+    except (BlockingIOError, OSError):
+        return b""
 
 
 def usage_row(gateway: Gateway, request_id: str) -> sqlite3.Row | None:
