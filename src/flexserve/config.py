@@ -138,6 +138,10 @@ class Settings:
     tpot_slo: float = _opt(
         0.0, "Default-tier time per output token (seconds) flex admission must keep; 0: none."
     )
+    split_prefill_tokens: int = _opt(
+        0, "Flex prompts are warmed into the engine's prefix cache in pieces of this many tokens "
+        "(a multiple of its KV block size) before the request; 0: off."
+    )
     load_stale_after: float = _opt(
         0.5, "Load signals older than this many seconds count as saturated (for flex)."
     )

@@ -77,6 +77,10 @@ class _SchedulerCollector(Collector):
                 ("flex_refused", "Flex requests refused with 429 resource_unavailable."),
                 ("priority_downgrades", "Priority requests served (and billed) as default."),
                 ("failovers", "Requests a replica turned away (429, 503, no connection), sent elsewhere unbilled."),
+                ("split_prefill_runs", "Flex runs whose prompt was warmed into the engine's prefix cache in pieces."),
+                ("split_prefill_warmups", "Warm-up requests the gateway sent for split prefill (its own, never billed)."),
+                ("split_prefill_warmup_tokens", "Prompt tokens the engine computed for split-prefill warm-ups."),
+                ("split_prefill_misses", "Warmed pieces found evicted before the next piece or the request came."),
             )
         }
         spare = GaugeMetricFamily(
@@ -99,6 +103,10 @@ class _SchedulerCollector(Collector):
             events["flex_refused"].add_metric([model], pool.num_flex_refused)
             events["priority_downgrades"].add_metric([model], pool.num_downgraded)
             events["failovers"].add_metric([model], pool.num_failovers)
+            events["split_prefill_runs"].add_metric([model], pool.num_split_runs)
+            events["split_prefill_warmups"].add_metric([model], pool.num_warmups)
+            events["split_prefill_warmup_tokens"].add_metric([model], pool.num_warmup_tokens)
+            events["split_prefill_misses"].add_metric([model], pool.num_split_misses)
         for entry in self._scheduler.flex_status():
             spare.add_metric([entry["model"]], entry["spare_capacity"])
         load = {

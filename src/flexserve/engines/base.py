@@ -362,3 +362,9 @@ class Engine(abc.ABC):
     async def read_load(self) -> EngineLoad:
         """The replica's live load. Engines without signals report none."""
         return EngineLoad()
+
+    async def tokenize(self, request: EngineRequest) -> list[int] | None:
+        """The token ids the engine prefills for ``request``'s one prompt (a
+        chat's with its template applied), as its ``/tokenize`` gives them;
+        None where it cannot say (no such endpoint, several prompts)."""
+        return None

@@ -140,6 +140,11 @@ class Replica:
     # headroom), which the gateways' parts never exceed together. None: the
     # replica is this gateway's alone (``capacity`` less headroom).
     flex_room: int | None = None
+    # Whether the engine keeps prompts' prefixes cached for the gateway's
+    # split prefill (scheduler/split_prefill.py): None until a warm-up tells.
+    caches_prefixes: bool | None = None
+    # One flex prefill piece at a time on this replica.
+    warm_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def __post_init__(self) -> None:
         self.full_capacity = self.full_capacity or self.capacity
@@ -217,6 +222,13 @@ class ModelPool:
     # Requests a replica turned away before any output, sent on to another
     # replica or back to the queue (never billed for the refused attempt).
     num_failovers: int = 0
+    # Split prefill (scheduler/split_prefill.py): flex runs whose prompt was
+    # warmed in pieces, the warm-up requests, the prompt tokens they had the
+    # engine compute (the gateway's cost), and pieces found evicted.
+    num_split_runs: int = 0
+    num_warmups: int = 0
+    num_warmup_tokens: int = 0
+    num_split_misses: int = 0
 
     @property
     def capacity(self) -> int:

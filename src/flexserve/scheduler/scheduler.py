@@ -16,6 +16,9 @@ The API hands the scheduler a ``Ticket`` and an ``EngineRequest`` and iterates
   output has not reached its client is aborted and requeued at the head of its
   organization's flow, to be run again from scratch (never billed twice: only
   the run that finishes is metered);
+* on engines that cache prefixes, may warm a flex prompt into the cache in
+  small pieces before sending it (``split_prefill.py``), so that its prefill
+  never takes a long engine step beside default's decodes;
 * downgrades priority to default once priority holds its share of capacity;
 * fails over: a replica that turns a run away before any output (429, 503,
   a failed connection) is offered no work for a while (its own Retry-After,
@@ -44,7 +47,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexserve.engines.base import Delta, Engine, EngineRequest, NoLoadSignalsError
+from flexserve.engines.base import Delta, Engine, EngineRequest, Feature, NoLoadSignalsError
 from flexserve.errors import (
     EngineOverloadedError,
     EngineTimeoutError,
@@ -58,6 +61,7 @@ from flexserve.scheduler.drain import (
 )
 from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
 from flexserve.scheduler.flex_waits import FlexWaits
+from flexserve.scheduler.split_prefill import SplitPrefill
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotAsk, SlotLease
@@ -302,7 +306,11 @@ class Scheduler:
             held: list[Delta] | None = [] if abortable and not ticket.stream else None
             last: Delta | None = None
             try:
-                engine_deltas = replica.engine.generate(request, run.control)
+                if self._splits(replica, run, request):
+                    split = SplitPrefill(pool, replica, self.config.split_prefill_tokens)
+                    engine_deltas = split.generate(request, run.control)
+                else:
+                    engine_deltas = replica.engine.generate(request, run.control)
                 if abortable or not ticket.stream:
                     deltas = self._pumped(run, engine_deltas)
                 else:
@@ -367,6 +375,16 @@ class Scheduler:
                     calibration.observe(time.monotonic() - run.granted_at, run.expected_seconds)
                 if finished and preemptible:
                     history.observe_output(run.num_output, run.cost_tokens - run.prompt_tokens)
+
+    def _splits(self, replica: Replica, run: Running, request: EngineRequest) -> bool:
+        """Whether ``run``'s prompt is warmed in pieces first (split_prefill.py):
+        flex or batch, a prompt longer than one piece, on a replica that takes
+        token-id prompts and has not been found to cache nothing."""
+        piece = self.config.split_prefill_tokens
+        return (piece > 0 and self.config.tiers_enabled and run.tier.is_preemptible
+                and request.op != "embedding" and run.prompt_tokens > piece
+                and replica.caches_prefixes is not False
+                and Feature.TOKEN_PROMPTS in replica.engine.features)
 
     async def _pumped(self, run: Running, deltas: AsyncIterator[Delta]) -> AsyncIterator[Delta]:
         """Iterate ``deltas`` so that the scheduler can abort the run.

@@ -19,7 +19,7 @@ from flexserve.engines.base import (
     SequenceControl,
     StepTimeModel,
 )
-from flexserve.engines.sim.model import SchedulingPolicy, SimModel
+from flexserve.engines.sim.model import SchedulingPolicy, SimModel, prompt_token_ids
 from flexserve.engines.sim.profiles import SimProfile
 
 
@@ -48,6 +48,7 @@ class SimEngine(Engine):
         model_id: str | None = None,
         model: SimModel | None = None,
         cost_model: str = "flat",
+        enable_prefix_caching: bool = False,
     ) -> None:
         # `model` lets a test share one SimModel between the engine and its own probes.
         self.model = model or SimModel(
@@ -58,6 +59,7 @@ class SimEngine(Engine):
             scheduling_policy=scheduling_policy,
             model_id=model_id,
             cost_model=cost_model,
+            enable_prefix_caching=enable_prefix_caching,
         )
         # Under fcfs the model ignores priority; say so rather than take hints in vain.
         self.accepts_priority = self.model.scheduling_policy == "priority"
@@ -84,4 +86,7 @@ class SimEngine(Engine):
 
     async def read_load(self) -> EngineLoad:
         return self.model.load()
+
+    async def tokenize(self, request: EngineRequest) -> list[int] | None:
+        return prompt_token_ids(request) or None
 

@@ -341,7 +341,9 @@ class SimModel:
             ready = asyncio.Event()
             seq = self._enqueue(request, prompt_tokens, [len(words)], ready)
             if self.prefix_cache is not None:
-                seq.blocks = block_hashes(_prompt_ids(request, prompt_tokens))
+                ids = prompt_token_ids(request)
+                # Only ids that count as usage does are cached (else none are).
+                seq.blocks = block_hashes(ids) if len(ids) == prompt_tokens else ()
             emitted = 0
             try:
                 while True:
@@ -719,9 +721,9 @@ class SimModel:
             seq.held_blocks = ()
 
 
-def _prompt_ids(request: EngineRequest, prompt_tokens: int) -> list[int]:
+def prompt_token_ids(request: EngineRequest) -> list[int]:
     """The token ids of a request's one prompt, as /tokenize gives them (none
-    if they do not count as usage does: then nothing is cached for it)."""
+    for several prompts)."""
     body = request.body
     if request.op == "chat":
         ids = chat_token_ids(body.get("messages") or (), body.get("tools") or ())
@@ -735,4 +737,4 @@ def _prompt_ids(request: EngineRequest, prompt_tokens: int) -> list[int]:
             ids = list(prompt)
         else:
             ids = []
-    return ids if len(ids) == prompt_tokens else []
+    return ids

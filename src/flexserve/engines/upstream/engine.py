@@ -71,6 +71,9 @@ log = logging.getLogger(__name__)
 # How error messages, which clients read, call an upstream: never by its address.
 _LABEL = "The upstream"
 
+# Chat request fields that change the prompt vLLM's chat template renders.
+_CHAT_TEMPLATE_FIELDS = ("tools", "chat_template", "chat_template_kwargs", "add_generation_prompt",
+                         "continue_final_message", "documents")
 _PATHS = {"chat": "/v1/chat/completions", "completion": "/v1/completions", "embedding": "/v1/embeddings"}
 
 
@@ -114,6 +117,8 @@ class UpstreamEngine(Engine):
         self._models: list[ModelCard] = []
         # What the operator says this upstream's step time looks like (for TPOT SLOs).
         self._step_model = step_model
+        # False once the upstream answered /tokenize with 404.
+        self._can_tokenize = True
 
     @property
     def capacity(self) -> int:
@@ -244,6 +249,46 @@ class UpstreamEngine(Engine):
             return
         for delta in completion_deltas(_LABEL, body, op):
             yield delta
+
+    async def tokenize(self, request: EngineRequest) -> list[int] | None:
+        """vLLM's (and the sim engine's) ``POST /tokenize``: chat messages with
+        the chat template applied as its chat endpoint applies it, or one
+        completions prompt; token-id prompts are their own tokens."""
+        if not self._can_tokenize:
+            return None
+        body = request.body
+        payload: dict[str, Any] = {"model": body.get("model", request.model)}
+        if request.op == "chat":
+            payload["messages"] = body.get("messages") or []
+            payload.update((k, body[k]) for k in _CHAT_TEMPLATE_FIELDS if k in body)
+        elif request.op == "completion":
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+                prompt = prompt[0]
+            if isinstance(prompt, list) and prompt and all(isinstance(i, int) for i in prompt):
+                return list(prompt)
+            if not isinstance(prompt, str):
+                return None
+            payload["prompt"] = prompt
+        else:
+            return None
+        try:
+            async with self.session.post(f"{self.base_url}/tokenize", data=orjson.dumps(payload),
+                                         headers=self._headers,
+                                         timeout=aiohttp.ClientTimeout(total=10)) as response:
+                if response.status == 404:
+                    self._can_tokenize = False
+                    log.warning("upstream %s has no /tokenize: its prompts are not split", self.base_url)
+                    return None
+                if response.status != 200:
+                    return None
+                data = orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, orjson.JSONDecodeError):
+            return None
+        tokens = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            return None
+        return tokens
 
     def _log(self, request: EngineRequest, what: str) -> None:
         """The detail a client is not shown (the upstream's address), for the operator."""
