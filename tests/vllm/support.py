@@ -27,16 +27,17 @@ MODEL_ID = "tiny-llama"
 # full: that must outlast any test's waits on the fastest machine. This tiny
 # model generates hundreds of tokens a second even on two cores: a short
 # context ran out within a test's waits (which then waited in vain for a
-# batch already gone); this one lasts minutes.
-MAX_MODEL_LEN = 32768
+# batch already gone, or saw it leave mid-test); 32,768 tokens lasted about
+# 100 s once the holders were no longer streamed; this lasts minutes.
+MAX_MODEL_LEN = 131072
 # Few sequences at once, so that a handful of requests already queue inside vLLM.
 MAX_NUM_SEQS = 4
-# vLLM's CPU backend holds KV in blocks of 128 tokens. 1,280 of them hold the
+# vLLM's CPU backend holds KV in blocks of 128 tokens. 5,120 of them hold the
 # whole batch at full context with a fifth to spare (so vLLM never preempts
 # on its own), and keep KV use visible, where the default 1 GiB would hold a
 # million tokens of this model.
 KV_BLOCK_SIZE = 128
-NUM_KV_BLOCKS = 1280
+NUM_KV_BLOCKS = 5120
 
 # The gateways in front of vLLM: its /metrics can take seconds to answer
 # while it generates on two busy cores, which must not read as a hung replica.

@@ -149,10 +149,10 @@ def test_flex_is_held_while_vllms_kv_cache_is_above_the_threshold(
     start_gateway: Callable[..., Gateway], vllm: VllmServer
 ) -> None:
     """Nothing waits in vLLM here: KV-cache use alone holds flex back."""
-    threshold = 0.02
+    threshold = 0.005
     gateway = start_gateway(**GATEWAY, upstreams=[vllm.url], flex_kv_threshold=threshold,
                             flex_max_engine_waiting=100)
-    # A full batch of long prompts (ten of vLLM's 1,280 KV blocks each, more
+    # A full batch of long prompts (ten of vLLM's 5,120 KV blocks each, more
     # as they generate): all run, nothing waits.
     with holders(vllm, MAX_NUM_SEQS, prompt_words=1200):
         # On a busy machine the last holder may still be on its way.

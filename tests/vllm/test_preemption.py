@@ -49,7 +49,9 @@ def test_preempted_flex_is_freed_in_vllm_requeued_and_billed_once(
     # the slot flex holds.
     gateway = start_gateway(**GATEWAY, upstreams=[vllm.url], upstream_capacity=2,
                             flex_headroom=0.5)
-    flex_tokens, default_tokens = 3000, 1000
+    # Flex long enough to be running still when the defaults come, however
+    # slowly a busy machine lets the test look (3,000 tokens were done first once).
+    flex_tokens, default_tokens = 10000, 1000
     finished_before = ran_to_length(vllm)
     rows_before = num_usage_rows(gateway)
 
