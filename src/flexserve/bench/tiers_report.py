@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from flexserve.bench.bootstrap import ratio_interval
 from flexserve.bench.tiers_load import Outcome
 
 __all__ = ["GOALS", "Window", "disturbances", "format_table", "goal_ratios", "percentile",
@@ -127,6 +128,9 @@ def summarize(name: str, description: str, window: Window, defaults: Sequence[Ou
         "default_ttft_mean_ms": _ms(sum(ttfts) / len(ttfts) if ttfts else None),
         "default_tpot_p50_ms": _ms(percentile(tpots, 50)),
         "default_tpot_p99_ms": _ms(percentile(tpots, 99)),
+        # Every request's, for the ratios' confidence intervals (bootstrap.py).
+        "default_ttft_samples_ms": [round(t * 1000, 3) for t in ttfts],
+        "default_tpot_samples_ms": [round(t * 1000, 4) for t in tpots],
         "default_ttft_p50_engine_ms": _ms(percentile(ttfts, 50), speed),
         "default_ttft_p99_engine_ms": _ms(percentile(ttfts, 99), speed),
         "default_tpot_p50_engine_ms": _ms(percentile(tpots, 50), speed),
@@ -146,6 +150,9 @@ def summarize(name: str, description: str, window: Window, defaults: Sequence[Ou
         "gateway_preemptions": window.gateway_delta("flexserve_preemptions_total"),
         "gateway_flex_pauses": window.gateway_delta("flexserve_flex_pauses_total"),
         "gateway_flex_refused": window.gateway_delta("flexserve_flex_refused_total"),
+        "split_prefill_warmups": window.gateway_delta("flexserve_split_prefill_warmups_total"),
+        "split_prefill_misses": window.gateway_delta("flexserve_split_prefill_misses_total"),
+        "engine_prefix_cache_hit_ratio": _hit_ratio(window),
         "pace": _pace(window, [*defaults, *flex]),
         "gateway_default_queue_ms_mean": _mean_ms(window, "flexserve_queue_time_seconds",
                                                   "tier=default"),
@@ -153,6 +160,13 @@ def summarize(name: str, description: str, window: Window, defaults: Sequence[Ou
                                                "tier=flex"),
     }
     return out
+
+
+def _hit_ratio(window: Window) -> float | None:
+    """The engine's prefix-cache hits over lookups in the window (None: it has no cache)."""
+    queries = window.engine_delta("vllm:prefix_cache_queries_total")
+    hits = window.engine_delta("vllm:prefix_cache_hits_total")
+    return _round(hits / queries, 3) if queries and hits is not None else None
 
 
 def disturbances(result: Mapping[str, Any]) -> list[str]:
@@ -203,8 +217,14 @@ def _pace(window: Window, outcomes: Sequence[Outcome]) -> float | None:
 
 
 def _variants(scenarios: Mapping[str, Any]) -> list[str]:
-    """B1, B2, ...: the B scenarios run with --variant settings, in order."""
-    return sorted((n for n in scenarios if n[:1] == "B" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+    """B1, B2, ...: the B scenarios run with --variant settings, in order; then B-split."""
+    numbered = sorted((n for n in scenarios if n[:1] == "B" and n[1:].isdigit()), key=lambda n: int(n[1:]))
+    return numbered + [n for n in scenarios if n == "B-split"]
+
+
+# The per-request values behind a p99 metric, for its ratios' bootstrap intervals.
+_SAMPLES = {"default_ttft_p99_ms": "default_ttft_samples_ms",
+            "default_tpot_p99_ms": "default_tpot_samples_ms"}
 
 
 def goal_ratios(scenarios: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -220,6 +240,12 @@ def goal_ratios(scenarios: Mapping[str, Mapping[str, Any]]) -> list[dict[str, An
         den = scenarios.get(bottom, {}).get(metric)
         ratio = None if num is None or not den else round(num / den, 3)
         row: dict[str, Any] = {"ratio": label, "metric": metric, "value": ratio}
+        samples = _SAMPLES.get(metric)
+        if samples and ratio is not None:
+            interval = ratio_interval(scenarios[top].get(samples) or (),
+                                      scenarios[bottom].get(samples) or ())
+            if interval is not None:
+                row["ci95"] = [round(interval[0], 3), round(interval[1], 3)]
         if sense:
             row["goal"] = f"{'<=' if sense == 'le' else '>='} {goal:.2f}"
             row["met"] = None if ratio is None else (
@@ -246,6 +272,9 @@ _ROWS: tuple[tuple[str, str], ...] = (
     ("preemptions: gateway (aborts)", "gateway_preemptions"),
     ("preemptions: gateway (pauses)", "gateway_flex_pauses"),
     ("preemptions: engine", "engine_preemptions"),
+    ("split prefill: warm-ups (gateway)", "split_prefill_warmups"),
+    ("split prefill: pieces found evicted", "split_prefill_misses"),
+    ("engine prefix-cache hit ratio", "engine_prefix_cache_hit_ratio"),
     ("gateway queue time, default, mean (ms)", "gateway_default_queue_ms_mean"),
     ("sim clock pace (1 = on time)", "pace"),
     ("default send lateness p99 (ms)", "default_send_lateness_p99_ms"),
@@ -289,7 +318,8 @@ def format_table(scenarios: Mapping[str, Mapping[str, Any]], ratios: Sequence[Ma
 
 
 def _ratio_rows(ratios: Sequence[Mapping[str, Any]]) -> list[list[str]]:
-    return [[r["ratio"], _cell(r["value"]), r.get("goal", ""),
+    return [[r["ratio"], _cell(r["value"]) + (f" ({r['ci95'][0]:g}-{r['ci95'][1]:g})" if r.get("ci95") else ""),
+             r.get("goal", ""),
              "" if "met" not in r else ("-" if r["met"] is None else
                                         ("met" if r["met"] else "MISSED"))]
             for r in ratios]
