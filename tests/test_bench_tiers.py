@@ -77,13 +77,20 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     out = tmp_path / "sweep.json"
     done = subprocess.run(
         [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "16", "--skip", "C",
-         "--skip", "E", "--skip", "F", "--variant", "flex_headroom=0.9", "--out", str(out)],
-        capture_output=True, text=True, timeout=110, check=False,
+         "--skip", "E", "--skip", "F", "--variant", "flex_headroom=0.9", "--split-prefill", "64",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=140, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     scenarios = report["scenarios"]
-    assert set(scenarios) == {"A", "B", "D", "B1"}
+    assert set(scenarios) == {"A", "B", "D", "B1", "B-split"}
+    # B-split: the gateway warmed flex prompts into the engine's prefix cache.
+    assert report["setup"]["prefix_caching"] is True
+    assert scenarios["B-split"]["settings"] == {"split_prefill_tokens": "64"}
+    assert scenarios["B-split"]["split_prefill_warmups"] > 0
+    assert scenarios["B-split"]["engine_prefix_cache_hit_ratio"] > 0
+    assert scenarios["B"]["split_prefill_warmups"] == 0
     assert scenarios["B1"]["settings"] == {"flex_headroom": "0.9"}
     assert scenarios["B1"]["default_completed"] > 0
     # 90 % headroom leaves flex one slot of sixteen, and only while no default runs:
@@ -92,6 +99,7 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     goals = {row["ratio"]: row for row in report["ratios"]}
     assert goals["B1/A default TPOT p99"]["value"] is not None
     assert "B1: B with flex_headroom=0.9" in done.stdout
+    assert goals["B-split/A default TTFT p99"]["value"] is not None
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -113,6 +113,10 @@ class TiersOptions:
     settings: Mapping[str, str] = field(default_factory=dict)
     # Sim only: more B scenarios (B1, B2, ...), each with these settings on top of ``settings``.
     variants: Sequence[Mapping[str, str]] = ()
+    # Sim only: pieces of this many tokens for scenario B-split (B with the
+    # gateway's split prefill); the sim engine then caches prefixes in every
+    # scenario. 0: no B-split, no prefix cache.
+    split_prefill: int = 0
     # Contrast scenarios to leave out ("C", "E").
     skip: frozenset[str] = frozenset()
     out: Path = Path("reports/bench-tiers.json")
@@ -361,6 +365,7 @@ def start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions,
         "sim-engine", "--port", str(port), "--profile", opts.profile, "--speed", str(opts.speed),
         "--max-num-seqs", str(opts.max_num_seqs), "--scheduling-policy", "priority",
         "--cost-model", opts.cost_model,
+        *(("--enable-prefix-caching",) if opts.split_prefill else ()),
         *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
           if opts.max_num_batched_tokens else ()),
     )
@@ -467,8 +472,10 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
                                    batch_jobs=batch_jobs if name == "F" else (),
                                    engine_capacity=opts.max_num_seqs)
                     scenarios[name] = run_scenario(sc, opts, flex_mix, [engine, gateway])
-        for number, variant in enumerate(opts.variants, start=1):
-            name = f"B{number}"
+        extra = [(f"B{number}", variant) for number, variant in enumerate(opts.variants, start=1)]
+        if opts.split_prefill:
+            extra.append(("B-split", {"split_prefill_tokens": str(opts.split_prefill)}))
+        for name, variant in extra:
             with ExitStack() as gateway_stack:
                 gateway = start_gateway(gateway_stack, log_dir, home, opts, tiers=True,
                                          upstreams=[engine.url], variant=variant,
@@ -486,6 +493,7 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
         "max_num_seqs": opts.max_num_seqs,
         "max_num_batched_tokens": opts.max_num_batched_tokens or "the profile's",
         "cost_model": opts.cost_model,
+        "prefix_caching": bool(opts.split_prefill),
         "scheduling_policy": "priority",
         "default_rate_per_engine_second": round(rate_engine, 3),
         "default_rate_per_wall_second": round(rate_wall, 3),

@@ -191,7 +191,9 @@ def messages_for(job: Job, *, real_text: bool) -> list[dict[str, str]]:
     start = job.seed % len(_VOCABULARY)
     filler = islice(cycle(_VOCABULARY[start:] + _VOCABULARY[:start]), words)
     if not real_text:
-        return [{"role": "user", "content": " ".join(filler)}]
+        # A word of its own first (one sim token), so that no two prompts
+        # share a cached prefix on an engine that caches them.
+        return [{"role": "user", "content": " ".join((f"job{job.seed}", *islice(filler, words - 1)))}]
     topic = _TOPICS[job.seed % len(_TOPICS)]
     instruction = f"Using these notes, write a long and detailed story about {topic}."
     notes = " ".join(islice(filler, max(1, words - len(instruction.split()) - 2)))

@@ -238,6 +238,9 @@ def ledger_kill(out: Path, **options: Any) -> None:
 @click.option("--variant", "variants", multiple=True, metavar="NAME=VALUE[,NAME=VALUE...]",
               help="Sim only: one more B scenario (B1, B2, ...) with these gateway settings "
               "on top of --set, e.g. --variant tpot_slo=0.0075; repeatable: a sweep in one run.")
+@click.option("--split-prefill", type=int, default=0, show_default=True,
+              help="Sim only: scenario B-split, B with the gateway's split prefill in pieces of "
+              "this many tokens (the sim engine then caches prefixes in every scenario); 0: none.")
 @click.option("--skip", type=click.Choice(["C", "E", "F"]), multiple=True,
               help="Leave out a scenario (sim: C, E, F) to shorten a sweep; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -254,7 +257,8 @@ def ledger_kill(out: Path, **options: Any) -> None:
 def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
           profile: str, speed: float, max_num_seqs: int, max_num_batched_tokens: int | None,
           cost_model: str, flex_clients: int | None, load: float,
-          settings: tuple[str, ...], variants: tuple[str, ...], skip: tuple[str, ...],
+          settings: tuple[str, ...], variants: tuple[str, ...], split_prefill: int,
+          skip: tuple[str, ...],
           out: Path | None, log_dir: Path | None, gateways: int, engines: int,
           redis_url: str | None, db_url: str | None) -> None:
     """Default latency under a flex backlog: scenarios A-E in one run.
@@ -284,7 +288,8 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
             (2.0 if engine == "sim" else 15.0) if quick else (60.0 if engine == "sim" else 45.0)),
         warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
-        flex_clients=flex_clients, load=load, settings=pairs, variants=sweep, skip=frozenset(skip),
+        flex_clients=flex_clients, load=load, settings=pairs, variants=sweep,
+        split_prefill=split_prefill, skip=frozenset(skip),
         out=out or Path(default_out),
         quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),
         gateways=gateways, engines=engines, redis=redis_url, db=db_url,
