@@ -117,6 +117,9 @@ class TiersOptions:
     # gateway's split prefill); the sim engine then caches prefixes in every
     # scenario. 0: no B-split, no prefix cache.
     split_prefill: int = 0
+    # Sim only: scenario P, E's traffic on a sim engine with the flex-aware
+    # step policy letting flex prefill this many tokens a step (0: no P).
+    engine_policy: int = 0
     # Contrast scenarios to leave out ("C", "E").
     skip: frozenset[str] = frozenset()
     out: Path = Path("reports/bench-tiers.json")
@@ -359,12 +362,12 @@ def model_id(url: str, api_key: str = "") -> str:
 
 
 def start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions,
-                     name: str = "sim-engine") -> Server:
+                     name: str = "sim-engine", *extra: str) -> Server:
     port = free_port()
     argv = flexserve_command(
         "sim-engine", "--port", str(port), "--profile", opts.profile, "--speed", str(opts.speed),
         "--max-num-seqs", str(opts.max_num_seqs), "--scheduling-policy", "priority",
-        "--cost-model", opts.cost_model,
+        "--cost-model", opts.cost_model, *extra,
         *(("--enable-prefix-caching",) if opts.split_prefill else ()),
         *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
           if opts.max_num_batched_tokens else ()),
@@ -446,6 +449,17 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
                       [engine_metrics], [], "vllm:generation_tokens_total")
         if "E" not in opts.skip:
             scenarios["E"] = run_scenario(e, opts, flex_mix, [engine])
+        if opts.engine_policy:
+            with ExitStack() as policy_stack:
+                # Its own engine: the step policy is a flag of the engine process.
+                policed = start_sim_engine(policy_stack, log_dir, opts, "sim-engine-policy",
+                                           "--flex-prefill-budget", str(opts.engine_policy))
+                target = dataclasses.replace(by_priority, url=policed.url)
+                p = Scenario("P", "E on an engine with the flex-aware step policy (flex prefills "
+                             f"at most {opts.engine_policy} tokens a step, only while no default "
+                             "prompt is pending)", [target], jobs, opts.num_flex_clients, True,
+                             [f"{policed.url}/metrics"], [], "vllm:generation_tokens_total")
+                scenarios["P"] = run_scenario(p, opts, flex_mix, [policed])
         gateways: list[tuple[bool, tuple[tuple[str, str, int], ...]]] = [
             (True, (("A", "default alone, tiered gateway", 0),
                     ("B", "default + flex backlog, tiered gateway", opts.num_flex_clients),
@@ -494,6 +508,7 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
         "max_num_batched_tokens": opts.max_num_batched_tokens or "the profile's",
         "cost_model": opts.cost_model,
         "prefix_caching": bool(opts.split_prefill),
+        "engine_policy_flex_prefill_budget": opts.engine_policy or None,
         "scheduling_policy": "priority",
         "default_rate_per_engine_second": round(rate_engine, 3),
         "default_rate_per_wall_second": round(rate_wall, 3),

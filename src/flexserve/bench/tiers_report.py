@@ -38,6 +38,10 @@ GOALS: tuple[tuple[str, str, str, str, float, str], ...] = (
     ("C/A default TTFT p99 (contrast)", "C", "A", "default_ttft_p99_ms", 0.0, ""),
     ("C/A default TPOT p99 (contrast)", "C", "A", "default_tpot_p99_ms", 0.0, ""),
     ("C/D engine output tokens/s (contrast)", "C", "D", "engine_output_tps_engine", 0.0, ""),
+    ("P/A default TTFT p99 (engine-side step policy)", "P", "A", "default_ttft_p99_ms", 1.10, "le"),
+    ("P/A default TPOT p99 (engine-side step policy)", "P", "A", "default_tpot_p99_ms", 1.20, "le"),
+    ("P/D engine output tokens/s (engine-side step policy)", "P", "D", "engine_output_tps_engine",
+     0.85, "ge"),
     ("E/A default TTFT p99 (engine priority alone)", "E", "A", "default_ttft_p99_ms", 0.0, ""),
     ("E/A default TPOT p99 (engine priority alone)", "E", "A", "default_tpot_p99_ms", 0.0, ""),
     ("B/E engine output tokens/s (same mix)", "B", "E", "engine_output_tps_engine", 0.0, ""),
@@ -293,7 +297,7 @@ def _cell(value: Any) -> str:
 def format_table(scenarios: Mapping[str, Mapping[str, Any]], ratios: Sequence[Mapping[str, Any]],
                  markdown: bool = False) -> str:
     """The report as a text (or Markdown) table, then the goal ratios."""
-    names = [n for n in ("A", "B", "F", "C", "D", "E") if n in scenarios] + _variants(scenarios)
+    names = [n for n in ("A", "B", "F", "C", "D", "E", "P") if n in scenarios] + _variants(scenarios)
     header = ["", *names]
     rows = [[label, *(_cell(scenarios[n].get(key)) for n in names)] for label, key in _ROWS]
     variants = [f"{n}: {scenarios[n].get('description', '')}" for n in _variants(scenarios)]

@@ -241,6 +241,10 @@ def ledger_kill(out: Path, **options: Any) -> None:
 @click.option("--split-prefill", type=int, default=0, show_default=True,
               help="Sim only: scenario B-split, B with the gateway's split prefill in pieces of "
               "this many tokens (the sim engine then caches prefixes in every scenario); 0: none.")
+@click.option("--engine-policy", type=int, default=0, show_default=True,
+              help="Sim only: scenario P, E's traffic on a sim engine whose flex-aware step policy "
+              "lets flex prefill this many tokens a step, only while no default prompt is "
+              "pending (sim-engine --flex-prefill-budget); 0: none.")
 @click.option("--skip", type=click.Choice(["C", "E", "F"]), multiple=True,
               help="Leave out a scenario (sim: C, E, F) to shorten a sweep; repeatable.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
@@ -258,7 +262,7 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
           profile: str, speed: float, max_num_seqs: int, max_num_batched_tokens: int | None,
           cost_model: str, flex_clients: int | None, load: float,
           settings: tuple[str, ...], variants: tuple[str, ...], split_prefill: int,
-          skip: tuple[str, ...],
+          engine_policy: int, skip: tuple[str, ...],
           out: Path | None, log_dir: Path | None, gateways: int, engines: int,
           redis_url: str | None, db_url: str | None) -> None:
     """Default latency under a flex backlog: scenarios A-E in one run.
@@ -289,7 +293,7 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
         flex_clients=flex_clients, load=load, settings=pairs, variants=sweep,
-        split_prefill=split_prefill, skip=frozenset(skip),
+        split_prefill=split_prefill, engine_policy=engine_policy, skip=frozenset(skip),
         out=out or Path(default_out),
         quick=quick, log_dir=log_dir, command=command_line(sys.argv[1:]),
         gateways=gateways, engines=engines, redis=redis_url, db=db_url,

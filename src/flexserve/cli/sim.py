@@ -37,10 +37,15 @@ from flexserve.engines.sim.profiles import COST_MODELS, PROFILES
 @click.option("--enable-prefix-caching", is_flag=True,
               help="vLLM's automatic prefix caching: 16-token blocks, freed ones kept in an LRU; "
               "usage's prompt_tokens_details.cached_tokens and the prefix-cache counters.")
+@click.option("--flex-prefill-budget", default=0, show_default=True,
+              type=click.IntRange(min=0), help="A flex-aware step policy (needs --scheduling-policy "
+              "priority): requests of priority 2 or more (FlexServe's flex and batch) prefill at "
+              "most this many prompt tokens per step, only in steps where no other prompt is "
+              "pending (0: off, vLLM's own behaviour).")
 def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: int,
                kv_tokens: int | None, scheduling_policy: str, max_num_batched_tokens: int | None,
                model_id: str | None, cost_model: str, long_prefill_token_threshold: int,
-               enable_prefix_caching: bool) -> None:
+               enable_prefix_caching: bool, flex_prefill_budget: int) -> None:
     """Serve a simulated vLLM-style engine for benchmarks, capacity planning and tests.
 
     An OpenAI-compatible server (GET /v1/models, POST /v1/chat/completions,
@@ -70,4 +75,4 @@ def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: i
           kv_tokens=kv_tokens, scheduling_policy=scheduling_policy, model_id=model_id,
           max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
           long_prefill_token_threshold=long_prefill_token_threshold,
-          enable_prefix_caching=enable_prefix_caching)
+          enable_prefix_caching=enable_prefix_caching, flex_prefill_budget=flex_prefill_budget)

@@ -60,6 +60,7 @@ from flexserve.engines.sim.outputs import (
     plan_choices,
 )
 from flexserve.engines.sim.prefix_cache import BLOCK, PrefixCache, block_hashes
+from flexserve.engines.step_policy import FLEX_PRIORITY, StepSequence, prefill_allowance
 from flexserve.engines.sim.profiles import (
     COST_MODELS,
     PROFILES,
@@ -154,6 +155,7 @@ class SimModel:
         cost_model: str = "flat",
         long_prefill_token_threshold: int = 0,
         enable_prefix_caching: bool = False,
+        flex_prefill_budget: int = 0,
     ) -> None:
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
@@ -178,6 +180,11 @@ class SimModel:
         if long_prefill_token_threshold < 0:
             raise ValueError("long_prefill_token_threshold must be >= 0 (0: no cap), got "
                              f"{long_prefill_token_threshold}")
+        if flex_prefill_budget < 0:
+            raise ValueError(f"flex_prefill_budget must be >= 0 (0: off), got {flex_prefill_budget}")
+        if flex_prefill_budget and scheduling_policy != "priority":
+            raise ValueError("flex_prefill_budget needs scheduling_policy 'priority' "
+                             "(the policy tells flex by its priority)")
         if scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs or priority, got {scheduling_policy!r}"
@@ -188,6 +195,9 @@ class SimModel:
         # vLLM's --long-prefill-token-threshold: most prompt tokens one
         # sequence prefills in a step (0: as many as the budget leaves).
         self.long_prefill_token_threshold = long_prefill_token_threshold
+        # The flex-aware step policy (engines/step_policy.py): prompt tokens
+        # flex may prefill per step, only when no default prompt is pending; 0: off.
+        self.flex_prefill_budget = flex_prefill_budget
         # vLLM's automatic prefix caching (engines/sim/prefix_cache.py), for
         # requests of one prompt and one choice; None: off.
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
@@ -574,7 +584,9 @@ class SimModel:
         budget = self.profile.max_num_batched_tokens
         scheduled: list[tuple[_Seq, int, int]] = []
         preempted = False
-        for seq in sorted(self._running.values(), key=_seq_key):
+        running = sorted(self._running.values(), key=_seq_key)
+        caps = self._policy_caps(running) if self.flex_prefill_budget else None
+        for seq in running:
             # Victims are taken from the end of this order, so the first one met
             # marks the end of what still runs.
             if budget == 0 or seq.state is not _State.RUNNING:
@@ -582,6 +594,10 @@ class SimModel:
             remaining = seq.prefill_target - seq.num_cached
             if remaining > 0:
                 chunk = self._chunk(remaining, budget)
+                if caps is not None:
+                    chunk = min(chunk, caps.get(id(seq), 0))
+                    if chunk == 0:
+                        continue  # the policy holds its prefill this step
                 sampled = len(seq.active) if chunk == remaining else 0
                 cost = chunk
             else:
@@ -610,6 +626,10 @@ class SimModel:
             cache = self.prefix_cache
             hit = cache.cached_tokens(seq.blocks, seq.prompt_tokens) if cache and seq.blocks else 0
             chunk = self._chunk(seq.prefill_target - hit, budget)
+            if caps is not None:
+                chunk = min(chunk, caps.get(id(seq), 0))
+                if chunk == 0:
+                    break  # the policy holds it back this step (all after it rank no higher)
             sampled = len(seq.active) if chunk == seq.prefill_target - hit else 0
             need = hit + chunk + sampled
             if self._kv_used + need > self.kv_tokens:
@@ -630,6 +650,19 @@ class SimModel:
         if self.prefix_cache is not None:
             self.prefix_cache.trim(self.kv_tokens - self._kv_used)
         return scheduled, self.profile.max_num_batched_tokens - budget
+
+    def _policy_caps(self, running: list[_Seq]) -> dict[int, int]:
+        """Prompt tokens each sequence this step may look at (the running ones,
+        then the waiting ones there is room for) may prefill under the
+        flex-aware step policy, by id."""
+        room = self.max_num_seqs - len(running)
+        waiting = [seq for _, seq in heapq.nsmallest(room + 8, self._waiting)
+                   if seq.state is _State.WAITING][:room] if room > 0 else []
+        seqs = running + waiting
+        view = [StepSequence(seq.key[0], max(0, seq.prefill_target - seq.num_cached)) for seq in seqs]
+        caps = prefill_allowance(view, self.profile.max_num_batched_tokens,
+                                 flex_priority=FLEX_PRIORITY, flex_budget=self.flex_prefill_budget)
+        return {id(seq): cap for seq, cap in zip(seqs, caps, strict=True)}
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """Prompt tokens one sequence prefills this step: what is left of its
