@@ -78,13 +78,19 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     done = subprocess.run(
         [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "16", "--skip", "C",
          "--skip", "E", "--skip", "F", "--variant", "flex_headroom=0.9", "--split-prefill", "64",
-         "--out", str(out)],
-        capture_output=True, text=True, timeout=140, check=False,
+         "--engine-policy", "64", "--out", str(out)],
+        capture_output=True, text=True, timeout=170, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
     scenarios = report["scenarios"]
-    assert set(scenarios) == {"A", "B", "D", "B1", "B-split"}
+    assert set(scenarios) == {"A", "B", "D", "B1", "B-split", "P"}
+    # P: E's traffic on an engine stepping by the flex-aware policy.
+    assert report["setup"]["engine_policy_flex_prefill_budget"] == 64
+    assert scenarios["P"]["default_completed"] > 0 and scenarios["P"]["flex_completed"] > 0
+    # Every engine step counted by its size, in the window.
+    assert sum(scenarios["B"]["engine_step_tokens"].values()) > 0
+    assert 0 <= scenarios["B"]["engine_steps_over_256_ratio"] <= 1
     # B-split: the gateway warmed flex prompts into the engine's prefix cache.
     assert report["setup"]["prefix_caching"] is True
     assert scenarios["B-split"]["settings"] == {"split_prefill_tokens": "64"}
@@ -129,7 +135,7 @@ def test_bench_tiers_on_a_fleet_runs_both_layouts_and_no_engine_gets_past_its_ca
         [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "8", "--gateways", "2",
          "--engines", "2", "--redis", redis_server.url,
          "--set", f"redis_prefix=bench-{uuid.uuid4().hex[:8]}", "--out", str(out)],
-        capture_output=True, text=True, timeout=140, check=False,
+        capture_output=True, text=True, timeout=170, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())

@@ -150,3 +150,21 @@ def test_splitting_turns_off_for_an_engine_that_caches_nothing(
     assert metric(gateway, "flexserve_split_prefill_warmups_total") == 2
     assert first.choices[0].message.content == second.choices[0].message.content
     assert second.usage.prompt_tokens_details is None or second.usage.prompt_tokens_details.cached_tokens == 0
+
+
+@pytest.mark.parametrize("setting", [{"split_prefill_tokens": -16}, {"split_prefill_concurrency": 0}])
+def test_split_settings_out_of_range_are_refused(setting: dict[str, int]) -> None:
+    from flexserve.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="split_prefill"):
+        load_settings(overrides=setting, environ={})
+
+
+def test_two_pieces_in_flight_per_replica_warm_the_same_prompt_as_one(
+    start_gateway: Callable[..., Gateway], sim_server: Callable[..., ServerThread]
+) -> None:
+    gateway = start_gateway(engine="upstream", upstreams=[sim_server().url], split_prefill_tokens=PIECE,
+                            split_prefill_concurrency=2)
+    usage = ask(gateway).parse().usage
+    assert metric(gateway, "flexserve_split_prefill_warmups_total") == (usage.prompt_tokens - 1) // PIECE
+    assert metric(gateway, "flexserve_split_prefill_misses_total") == 0

@@ -66,6 +66,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         flex_max_engine_waiting=settings.flex_max_engine_waiting,
         tpot_slo=settings.tpot_slo,
         split_prefill_tokens=settings.split_prefill_tokens,
+        split_prefill_concurrency=settings.split_prefill_concurrency,
         load_stale_after=settings.load_stale_after,
         scrape_interval=settings.scrape_interval,
         preempt_cooldown=settings.preempt_cooldown,

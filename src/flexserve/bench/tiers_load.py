@@ -198,19 +198,28 @@ async def flex_client(session: aiohttp.ClientSession, target: Target, jobs: Iter
             await asyncio.sleep(0.2)  # a broken target must not be hammered in a tight loop
 
 
+# The engine's histogram of tokens per step, whose buckets the tiers report keeps.
+_STEP_BUCKETS = "vllm:iteration_tokens_total_bucket"
+
+
 async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
     """A Prometheus endpoint's samples, summed over labels by sample name.
 
     Histograms and counters keep their suffixes (``_total``, ``_sum``,
     ``_count``); bucket samples are left out. Samples whose name has a
     ``{tier="..."}``-style label are also summed per label value, as
-    ``name|label=value``.
+    ``name|label=value``; the engine's step-size histogram keeps its buckets
+    (``vllm:iteration_tokens_total_bucket|le=N``).
     """
     async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
         text = await response.text()
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
+            if sample.name == _STEP_BUCKETS:
+                key = f"{sample.name}|le={sample.labels.get('le')}"
+                out[key] = out.get(key, 0.0) + sample.value
+                continue
             if sample.name.endswith("_bucket") or sample.name.endswith("_created"):
                 continue
             out[sample.name] = out.get(sample.name, 0.0) + sample.value

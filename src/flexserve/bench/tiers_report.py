@@ -157,6 +157,8 @@ def summarize(name: str, description: str, window: Window, defaults: Sequence[Ou
         "split_prefill_warmups": window.gateway_delta("flexserve_split_prefill_warmups_total"),
         "split_prefill_misses": window.gateway_delta("flexserve_split_prefill_misses_total"),
         "engine_prefix_cache_hit_ratio": _hit_ratio(window),
+        "engine_step_tokens": (steps := _step_histogram(window)),
+        "engine_steps_over_256_ratio": _share_over(steps, 256),
         "pace": _pace(window, [*defaults, *flex]),
         "gateway_default_queue_ms_mean": _mean_ms(window, "flexserve_queue_time_seconds",
                                                   "tier=default"),
@@ -164,6 +166,30 @@ def summarize(name: str, description: str, window: Window, defaults: Sequence[Ou
                                                "tier=flex"),
     }
     return out
+
+
+def _step_histogram(window: Window) -> dict[str, int] | None:
+    """Engine steps in the window by tokens per step (bucket upper bound: steps),
+    from the engine's ``vllm:iteration_tokens_total`` histogram; None without one."""
+    prefix = "vllm:iteration_tokens_total_bucket|le="
+    bounds = [k.removeprefix(prefix) for k in window.engine_after if k.startswith(prefix)]
+    if not bounds:
+        return None
+    out: dict[str, int] = {}
+    below = 0
+    for bound in sorted(bounds, key=lambda b: float(b)):
+        cumulative = int(window.engine_delta(prefix + bound) or 0)
+        out[bound] = cumulative - below
+        below = cumulative
+    return out
+
+
+def _share_over(steps: Mapping[str, int] | None, tokens: float) -> float | None:
+    """The share of steps in ``steps`` (a step-size histogram) of more than ``tokens``."""
+    if not steps or not sum(steps.values()):
+        return None
+    over = sum(n for bound, n in steps.items() if float(bound) > tokens)
+    return round(over / sum(steps.values()), 4)
 
 
 def _hit_ratio(window: Window) -> float | None:
@@ -279,6 +305,7 @@ _ROWS: tuple[tuple[str, str], ...] = (
     ("split prefill: warm-ups (gateway)", "split_prefill_warmups"),
     ("split prefill: pieces found evicted", "split_prefill_misses"),
     ("engine prefix-cache hit ratio", "engine_prefix_cache_hit_ratio"),
+    ("engine steps of more than 256 tokens (share)", "engine_steps_over_256_ratio"),
     ("gateway queue time, default, mean (ms)", "gateway_default_queue_ms_mean"),
     ("sim clock pace (1 = on time)", "pace"),
     ("default send lateness p99 (ms)", "default_send_lateness_p99_ms"),

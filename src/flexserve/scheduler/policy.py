@@ -44,6 +44,9 @@ class SchedulerConfig:
     # Flex prompts are warmed into the engine's prefix cache in pieces of
     # this many tokens before the request itself (scheduler/split_prefill.py); 0: off.
     split_prefill_tokens: int = 0
+    # ... and at most this many pieces (or split requests' last pieces) in
+    # flight per replica at once.
+    split_prefill_concurrency: int = 1
     # Load signals older than this count as saturated (for flex).
     load_stale_after: float = 0.5
     # Seconds between reads of each replica's load signals.

@@ -143,8 +143,9 @@ class Replica:
     # Whether the engine keeps prompts' prefixes cached for the gateway's
     # split prefill (scheduler/split_prefill.py): None until a warm-up tells.
     caches_prefixes: bool | None = None
-    # One flex prefill piece at a time on this replica.
-    warm_gate: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Flex prefill pieces in flight on this replica at once (made on first
+    # use, ``split_prefill_concurrency`` wide).
+    warm_gate: asyncio.Semaphore | None = None
 
     def __post_init__(self) -> None:
         self.full_capacity = self.full_capacity or self.capacity

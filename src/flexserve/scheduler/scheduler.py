@@ -307,7 +307,8 @@ class Scheduler:
             last: Delta | None = None
             try:
                 if self._splits(replica, run, request):
-                    split = SplitPrefill(pool, replica, self.config.split_prefill_tokens)
+                    split = SplitPrefill(pool, replica, self.config.split_prefill_tokens,
+                                         self.config.split_prefill_concurrency)
                     engine_deltas = split.generate(request, run.control)
                 else:
                     engine_deltas = replica.engine.generate(request, run.control)

@@ -16,7 +16,8 @@ most ``piece`` tokens.
   chat endpoint does), so the pieces are exactly the request's own prefix.
   ``piece`` must be a multiple of the engine's KV block size (vLLM on GPU and
   the sim: 16; vLLM's CPU backend: 128): only whole blocks are cached.
-* **Pacing.** One piece at a time per replica (``Replica.warm_gate``), and
+* **Pacing.** At most ``width`` pieces in flight per replica
+  (``Replica.warm_gate``, ``split_prefill_concurrency``: one by default), and
   none while a default or priority run on the replica has not had its first
   output (its own prompt is being prefilled: a piece beside it would lengthen
   that step) or while default or priority waits at the gateway for the
@@ -92,10 +93,12 @@ def natural_cached(found: list[tuple[int, int]], final_cached: int) -> int:
 class SplitPrefill:
     """Runs one flex request on ``replica`` with its prompt warmed in pieces."""
 
-    def __init__(self, pool: ModelPool, replica: Replica, piece: int) -> None:
+    def __init__(self, pool: ModelPool, replica: Replica, piece: int, width: int = 1) -> None:
         self.pool = pool
         self.replica = replica
         self.piece = piece
+        if replica.warm_gate is None:
+            replica.warm_gate = asyncio.Semaphore(width)
 
     async def generate(
         self, request: EngineRequest, control: SequenceControl | None = None
@@ -185,6 +188,7 @@ class SplitPrefill:
     @contextlib.asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
         """This replica's one turn at prefill for flex, once no default prompt is pending."""
+        assert self.replica.warm_gate is not None
         async with self.replica.warm_gate:
             model = self.replica.engine.step_time_model()
             poll = max(_POLL, model.t0) if model is not None else _POLL
