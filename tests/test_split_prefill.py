@@ -168,3 +168,38 @@ def test_two_pieces_in_flight_per_replica_warm_the_same_prompt_as_one(
     usage = ask(gateway).parse().usage
     assert metric(gateway, "flexserve_split_prefill_warmups_total") == (usage.prompt_tokens - 1) // PIECE
     assert metric(gateway, "flexserve_split_prefill_misses_total") == 0
+
+
+def test_pieces_evicted_before_the_request_are_counted_and_it_is_still_served_and_billed_once(
+    start_gateway: Callable[..., Gateway], sim_server: Callable[..., ServerThread]
+) -> None:
+    """A default prompt that needs most of the engine's KV comes while a long
+    flex prompt is being warmed: the engine evicts the warmed pieces, the
+    next warm-up finds them gone, and the flex request goes on whole."""
+    import threading
+
+    model = SimModel("h100-llama3-8b", speed=1.0, max_num_seqs=8, kv_tokens=2600,
+                     enable_prefix_caching=True)
+    with ServerThread(create_sim_app(model)) as engine:
+        gateway = start_gateway(engine="upstream", upstreams=[engine.url], split_prefill_tokens=PIECE)
+        long_prompt = " ".join(["river"] * 2000)
+        answers: dict[str, Any] = {}
+
+        def send(tier: str, words: int, max_tokens: int) -> None:
+            answers[tier] = gateway.client().chat.completions.with_raw_response.create(
+                model=MODEL, messages=[{"role": "user", "content": f"{tier} " + " ".join(["stone"] * words)
+                                        if tier == "default" else long_prompt}],
+                max_tokens=max_tokens, service_tier=tier)  # type: ignore[arg-type]
+
+        flex = threading.Thread(target=send, args=("flex", 0, 8))
+        flex.start()
+        wait_for(lambda: metric(gateway, "flexserve_split_prefill_warmups_total") >= 2, timeout=30)
+        send("default", 2000, 200)
+        flex.join(timeout=60)
+    assert metric(gateway, "flexserve_split_prefill_misses_total") >= 1
+    usage = answers["flex"].parse().usage
+    assert usage.completion_tokens == 8 and usage.prompt_tokens > 2000
+    # Nothing of it was cached before the gateway began: the client is credited none.
+    assert usage.prompt_tokens_details is None or usage.prompt_tokens_details.cached_tokens == 0
+    row = usage_row(gateway, answers["flex"].headers["x-request-id"])
+    assert (row["served_tier"], row["cached_tokens"], row["prompt_tokens"]) == ("flex", 0, usage.prompt_tokens)

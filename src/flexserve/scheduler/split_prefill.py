@@ -130,9 +130,7 @@ class SplitPrefill:
             async for delta in deltas:
                 yield self._billed(delta, found) if found else delta
         finally:
-            aclose = getattr(deltas, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _close(deltas)
 
     async def _warm(self, request: EngineRequest, prefix: list[int], index: int) -> int | None:
         """Send one piece; the tokens the engine found cached for it (None: it failed)."""
@@ -142,14 +140,18 @@ class SplitPrefill:
                              "completion", request.priority, stream=False)
         cached = 0
         async with self._turn():
+            deltas = self.replica.engine.generate(warm)
             try:
-                async for delta in self.replica.engine.generate(warm):
+                async for delta in deltas:
                     if delta.usage is not None:
                         cached = delta.usage.cached_tokens
             except FlexServeError as exc:
                 logger.info("warming a prompt for %s on %s failed, sending it whole: %s",
                             request.request_id, self.replica.name, exc)
                 return None
+            finally:
+                # Closed however it ends (a preemption cancels it mid-piece).
+                await _close(deltas)
         self.pool.num_warmups += 1
         self.pool.num_warmup_tokens += len(prefix) - cached
         return cached
@@ -201,3 +203,10 @@ class SplitPrefill:
         if queue.num_waiting(ServiceTier.DEFAULT) or queue.num_waiting(ServiceTier.PRIORITY):
             return True
         return any(not run.tier.is_preemptible and run.num_output == 0 for run in self.replica.running)
+
+
+async def _close(deltas: AsyncIterator[Delta]) -> None:
+    """Close an engine's generator (which aborts its sequence if still running)."""
+    aclose = getattr(deltas, "aclose", None)
+    if aclose is not None:
+        await aclose()
