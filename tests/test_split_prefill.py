@@ -196,7 +196,8 @@ def test_pieces_evicted_before_the_request_are_counted_and_it_is_still_served_an
         wait_for(lambda: metric(gateway, "flexserve_split_prefill_warmups_total") >= 2, timeout=30)
         send("default", 2000, 200)
         flex.join(timeout=60)
-    assert metric(gateway, "flexserve_split_prefill_misses_total") >= 1
+    # Counted once for the request, however many of its pieces were gone.
+    assert metric(gateway, "flexserve_split_prefill_misses_total") == 1
     usage = answers["flex"].parse().usage
     assert usage.completion_tokens == 8 and usage.prompt_tokens > 2000
     # Nothing of it was cached before the gateway began: the client is credited none.

@@ -80,7 +80,7 @@ class _SchedulerCollector(Collector):
                 ("split_prefill_runs", "Flex runs whose prompt was warmed into the engine's prefix cache in pieces."),
                 ("split_prefill_warmups", "Warm-up requests the gateway sent for split prefill (its own, never billed)."),
                 ("split_prefill_warmup_tokens", "Prompt tokens the engine computed for split-prefill warm-ups."),
-                ("split_prefill_misses", "Warmed pieces found evicted before the next piece or the request came."),
+                ("split_prefill_misses", "Split flex requests that found a warmed piece evicted before using it."),
             )
         }
         spare = GaugeMetricFamily(

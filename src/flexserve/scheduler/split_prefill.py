@@ -97,6 +97,8 @@ class SplitPrefill:
         self.pool = pool
         self.replica = replica
         self.piece = piece
+        # Set once a miss was counted for this request (counted once).
+        self._missed = False
         if replica.warm_gate is None:
             replica.warm_gate = asyncio.Semaphore(width)
 
@@ -169,7 +171,7 @@ class SplitPrefill:
                       "(no prefix cache, no cached-token counts in its usage, or pieces that are "
                       "not whole KV blocks)")
         else:
-            self.pool.num_split_misses += 1
+            self._miss()
         return False
 
     def _billed(self, delta: Delta, found: list[tuple[int, int]]) -> Delta:
@@ -177,9 +179,15 @@ class SplitPrefill:
         usage = delta.usage
         if usage is not None:
             if usage.cached_tokens < found[-1][0] and self.replica.caches_prefixes:
-                self.pool.num_split_misses += 1
+                self._miss()
             usage.cached_tokens = min(usage.cached_tokens, natural_cached(found, usage.cached_tokens))
         return delta
+
+    def _miss(self) -> None:
+        """A warmed piece was gone when the next piece or the request came."""
+        if not self._missed:
+            self._missed = True
+            self.pool.num_split_misses += 1
 
     def _off(self, why: str) -> None:
         if self.replica.caches_prefixes is not False:
@@ -189,7 +197,7 @@ class SplitPrefill:
 
     @contextlib.asynccontextmanager
     async def _turn(self) -> AsyncIterator[None]:
-        """This replica's one turn at prefill for flex, once no default prompt is pending."""
+        """A turn at this replica's flex prefill (``warm_gate``), once no default prompt is pending."""
         assert self.replica.warm_gate is not None
         async with self.replica.warm_gate:
             model = self.replica.engine.step_time_model()
