@@ -41,7 +41,14 @@ NUM_KV_BLOCKS = 5120
 
 # The gateways in front of vLLM: its /metrics can take seconds to answer
 # while it generates on two busy cores, which must not read as a hung replica.
-GATEWAY: dict[str, Any] = {"engine": "upstream", "replica_silent_after": 60.0}
+# Each read costs vLLM's API server a render of all its metrics, on the core
+# it shares with its engine's scheduler, the gateways and the tests: the
+# gateways read twice a second (not ten times) and take what they read as
+# fresh for 5 s, and the tests poll vLLM five times a second (not twenty).
+# Reads at full rate were part of what starved that server in CI.
+GATEWAY: dict[str, Any] = {"engine": "upstream", "replica_silent_after": 60.0,
+                           "scrape_interval": 0.5, "load_stale_after": 5.0}
+POLL_SECONDS = 0.2
 
 # Greedy, so that the same request gives the same text directly and through
 # the gateway; vLLM's `ignore_eos`, so that every answer is exactly
@@ -84,7 +91,7 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() > deadline:
             seen = f"; {state()}" if state is not None else ""
             raise AssertionError(f"{what} (waited {timeout:.0f} s){seen}")
-        time.sleep(0.05)
+        time.sleep(POLL_SECONDS)
 
 
 def tokenize(vllm: VllmServer, **body: Any) -> list[int]:
