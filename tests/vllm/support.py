@@ -85,12 +85,22 @@ def scrape(url: str, **labels: str) -> dict[str, float]:
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
                state: Callable[[], object] | None = None) -> None:
     """Poll ``predicate`` until it holds; past ``timeout``, fail with ``what``
-    and, to show why, what ``state`` returns then."""
+    and, to show why, what ``state`` returns then.
+
+    A read that times out answers nothing either way: it is polled again
+    (and named in the failure if the time runs out)."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    timed_out: list[str] = []
+    while True:
+        try:
+            if predicate():
+                return
+        except httpx.TimeoutException as exc:
+            timed_out.append(f"{exc.request.method} {exc.request.url.path}")
         if time.monotonic() > deadline:
             seen = f"; {state()}" if state is not None else ""
-            raise AssertionError(f"{what} (waited {timeout:.0f} s){seen}")
+            slow = f"; reads timed out: {timed_out[-5:]}" if timed_out else ""
+            raise AssertionError(f"{what} (waited {timeout:.0f} s){seen}{slow}")
         time.sleep(POLL_SECONDS)
 
 

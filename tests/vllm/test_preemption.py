@@ -49,9 +49,11 @@ def test_preempted_flex_is_freed_in_vllm_requeued_and_billed_once(
     # the slot flex holds.
     gateway = start_gateway(**GATEWAY, upstreams=[vllm.url], upstream_capacity=2,
                             flex_headroom=0.5)
-    # Flex long enough to be running still when the defaults come, however
-    # slowly a busy machine lets the test look (3,000 tokens were done first once).
-    flex_tokens, default_tokens = 10000, 1000
+    # Each long enough to be running still when the test looks, however
+    # slowly a busy machine lets it look: 3,000 flex tokens were done first
+    # once, and 1,000-token defaults were both done before they were seen
+    # running side by side.
+    flex_tokens, default_tokens = 10000, 4000
     finished_before = ran_to_length(vllm)
     rows_before = num_usage_rows(gateway)
 
