@@ -237,6 +237,55 @@ async def test_fcfs_ignores_priority() -> None:
     await model.close()
 
 
+async def test_running_sequences_take_the_budget_in_the_order_they_were_admitted() -> None:
+    """vLLM V1's running queue: a flex prompt admitted first keeps its chunk of
+    each step before a default admitted after it, priority notwithstanding.
+
+    Budget 150, chunks of at most 100. Flex F (1,000 prompt tokens) is alone
+    for steps 1-2 (100 each). D (200 tokens) arrives during step 2: from
+    step 3 each step is F's 100, then D's 50, so D's prompt is complete (and
+    its one token sampled) at step 6, and F's (at 100 a step) at step 10.
+    Ordered by priority instead, D would take 100 first and finish at step 5.
+    """
+    profile = dataclasses.replace(H100, max_num_batched_tokens=150)
+    model = SimModel(profile, speed=FAST, scheduling_policy="priority", long_prefill_token_threshold=100)
+    done_at: dict[str, int] = {}
+
+    async def run(request: EngineRequest) -> None:
+        await collect(model, request)
+        done_at[request.request_id] = model.num_steps
+
+    flex = asyncio.create_task(run(make_request("F", 994, max_tokens=1, priority=2)))
+    while model.num_steps < 1:
+        await asyncio.sleep(0)
+    # Step 2 is under way: D waits for step 3.
+    await run(make_request("D", 194, max_tokens=1, priority=0))
+    await flex
+    assert done_at == {"D": 6, "F": 10}
+    # Steps 3-6 were full: 150 tokens each.
+    buckets = model.iteration_tokens.buckets
+    assert model.iteration_tokens.cumulative()[buckets.index(128)] == 6
+    await model.close()
+
+
+async def test_a_victim_scheduled_earlier_in_the_step_gives_its_tokens_back() -> None:
+    """Under the priority policy vLLM V1 preempts the lowest-priority running
+    sequence even when it was already scheduled in this step (it was admitted
+    first): its tokens return to the step's budget."""
+    model = SimModel(H100, speed=FAST, kv_tokens=300, scheduling_policy="priority")
+    low = model.generate(make_request("low", 44, max_tokens=200, priority=1))
+    await anext(low)  # admitted first, decoding
+    high = [make_request(f"high{i}", 44, max_tokens=120, priority=0) for i in range(2)]
+    results = await asyncio.gather(*(collect(model, r) for r in high))
+    for deltas in results:
+        assert deltas[-1].usage is not None and deltas[-1].usage.completion_tokens == 120
+    assert model.preemption_log[0] == "low"
+    rest = [delta async for delta in low]
+    assert rest[-1].usage is not None and rest[-1].usage.completion_tokens == 200
+    assert model.kv_cache_usage == 0.0
+    await model.close()
+
+
 # --- output text and usage -------------------------------------------------------------
 
 

@@ -1,10 +1,12 @@
 """SimModel: a continuous-batching engine simulated by its step time.
 
-No GPU and no HTTP: one asyncio task runs engine steps the way vLLM does
-(running sequences first, then waiting ones while ``max_num_seqs``, the step's
-token budget and the KV cache allow; chunked prefill; preemption of the
-lowest-priority, newest sequence when the KV cache is full) and sleeps each
-step's modelled duration, ``profiles.step_time``, divided by ``speed``.
+No GPU and no HTTP: one asyncio task runs engine steps the way vLLM V1 does
+(running sequences first, in the order they were admitted, then waiting ones
+by priority and arrival while ``max_num_seqs``, the step's token budget and
+the KV cache allow; chunked prefill; when the KV cache is full, preemption of
+the lowest-priority, newest sequence under the priority policy, of the last
+admitted under fcfs) and sleeps each step's modelled duration,
+``profiles.step_time``, divided by ``speed``.
 
 A request is one sequence per prompt (chat: one; completions: one per prompt;
 embeddings: one per input). A sequence with ``n`` choices has its prompt
@@ -34,7 +36,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import enum
 import heapq
 import logging
 import time
@@ -60,6 +61,7 @@ from flexserve.engines.sim.outputs import (
     plan_choices,
 )
 from flexserve.engines.sim.prefix_cache import BLOCK, PrefixCache, block_hashes
+from flexserve.engines.sim.sequence import Seq, SeqState
 from flexserve.engines.step_policy import FLEX_PRIORITY, StepSequence, prefill_allowance
 from flexserve.engines.sim.profiles import (
     COST_MODELS,
@@ -87,53 +89,6 @@ SchedulingPolicy = Literal["fcfs", "priority"]
 _MAX_LAG_SECONDS = 0.05
 # Most recent preempted request ids kept for benchmarks and tests.
 _PREEMPTION_LOG_LEN = 1000
-
-
-class _State(enum.Enum):
-    WAITING = 1
-    RUNNING = 2
-    FINISHED = 3
-    ABORTED = 4
-
-
-class _Seq:
-    """One sequence in the engine; touched only by the step loop and its consumer."""
-
-    __slots__ = ("active", "arrival", "blocks", "error", "generated", "held_blocks", "key",
-                 "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit",
-                 "output_lens", "prefill_target", "prompt_tokens", "ready", "request_id",
-                 "state")
-
-    def __init__(self, request_id: str, key: tuple[int, int], prompt_tokens: int,
-                 output_lens: list[int], arrival: float, ready: asyncio.Event) -> None:
-        self.request_id = request_id
-        # Scheduling order, lower first: (priority or 0 under fcfs, arrival number).
-        self.key = key
-        self.prompt_tokens = prompt_tokens
-        # Tokens each choice generates; none at all for a prefill-only sequence.
-        self.output_lens = output_lens
-        self.generated = [0] * len(output_lens)
-        # Choices still generating, in the order they take a step's tokens.
-        self.active = [j for j, length in enumerate(output_lens) if length > 0]
-        self.arrival = arrival  # simulated seconds
-        self.state = _State.WAITING
-        # Tokens whose KV is computed; reset to 0 on preemption (recomputed later).
-        self.num_cached = 0
-        # Tokens to prefill before decoding resumes: the prompt, plus output on recompute.
-        self.prefill_target = prompt_tokens
-        # KV tokens allocated to this sequence (num_cached plus this step's share).
-        self.kv_held = 0
-        # Tokens generated over all choices.
-        self.num_generated = 0
-        self.last_token_at = 0.0
-        # Shared by the sequences of one request: their consumer waits on it.
-        self.ready = ready
-        self.error: Exception | None = None
-        # Prefix caching: the prompt's block hashes, those this sequence holds,
-        # and the prompt tokens it found cached when it (last) started.
-        self.blocks: tuple[int, ...] = ()
-        self.held_blocks: tuple[int, ...] = ()
-        self.num_hit = 0
 
 
 _seq_key = attrgetter("key")
@@ -209,8 +164,9 @@ class SimModel:
         self.max_model_len = profile.max_model_len
         self.instant = profile.instant
 
-        self._waiting: list[tuple[tuple[int, int], _Seq]] = []  # heap; aborted entries linger
-        self._running: dict[int, _Seq] = {}  # by arrival number
+        self._waiting: list[tuple[tuple[int, int], Seq]] = []  # heap; aborted entries linger
+        # By arrival number, in the order admitted (vLLM V1's `running` list).
+        self._running: dict[int, Seq] = {}
         self._num_waiting = 0
         self._num_instant_running = 0
         self._kv_used = 0
@@ -365,14 +321,14 @@ class SimModel:
                     text = "".join(words[emitted:num_generated])
                     emitted = num_generated
                     usage = Usage(prompt_tokens, num_generated, seq.num_hit)
-                    if seq.state is _State.FINISHED:
+                    if seq.state is SeqState.FINISHED:
                         yield Delta(text, finish_reason, usage)
                         return
                     if text:
                         # Usage so far rides along, so that a stream cut short is billed exactly.
                         yield Delta(text, usage=usage)
             finally:
-                if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+                if seq.state is SeqState.WAITING or seq.state is SeqState.RUNNING:
                     self._abort(seq)
         plans = plan_choices(inputs, request.request_id, [limit - p for p in inputs.prompt_lens])
         if self.instant:
@@ -402,11 +358,11 @@ class SimModel:
                     return
         finally:
             for seq in seqs:
-                if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+                if seq.state is SeqState.WAITING or seq.state is SeqState.RUNNING:
                     self._abort(seq)
 
     @staticmethod
-    def _progress(seqs: list[_Seq], plans: list[list[ChoiceOutput]],
+    def _progress(seqs: list[Seq], plans: list[list[ChoiceOutput]],
                   prompt_tokens: int) -> tuple[list[Delta], bool]:
         """The deltas of what the step loop produced since the last call, and
         whether every choice has finished."""
@@ -419,7 +375,7 @@ class SimModel:
         deltas: list[Delta] = []
         done = True
         for seq, row in zip(seqs, plans, strict=True):
-            seq_finished = seq.state is _State.FINISHED
+            seq_finished = seq.state is SeqState.FINISHED
             for j, choice in enumerate(row):
                 if choice.done:
                     continue
@@ -439,7 +395,7 @@ class SimModel:
             seqs = [self._enqueue(request, num_tokens, [], ready)
                     for num_tokens in inputs.prompt_lens]
             try:
-                while any(seq.state is not _State.FINISHED for seq in seqs):
+                while any(seq.state is not SeqState.FINISHED for seq in seqs):
                     await ready.wait()
                     ready.clear()
                     for seq in seqs:
@@ -447,7 +403,7 @@ class SimModel:
                             raise seq.error
             finally:
                 for seq in seqs:
-                    if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+                    if seq.state is SeqState.WAITING or seq.state is SeqState.RUNNING:
                         self._abort(seq)
         width = inputs.dimensions or self.profile.embedding_dim
         data = [embedding_object(i, unit_vector(key, width), inputs.base64)
@@ -469,7 +425,7 @@ class SimModel:
         return total
 
     def _enqueue(self, request: EngineRequest, prompt_tokens: int, output_lens: list[int],
-                 ready: asyncio.Event) -> _Seq:
+                 ready: asyncio.Event) -> Seq:
         if self._idle:
             # Freeze the clock at this arrival: the first step starts now, not when
             # the loop task gets scheduled.
@@ -478,22 +434,22 @@ class SimModel:
             self._step_len = 0.0
         priority = request.priority if self.scheduling_policy == "priority" else 0
         self._num_arrivals += 1
-        seq = _Seq(request.request_id, (priority, self._num_arrivals), prompt_tokens,
+        seq = Seq(request.request_id, (priority, self._num_arrivals), prompt_tokens,
                    output_lens, self.sim_now(), ready)
         heapq.heappush(self._waiting, (seq.key, seq))
         self._num_waiting += 1
         self._ensure_loop().set()
         return seq
 
-    def _abort(self, seq: _Seq) -> None:
-        if seq.state is _State.RUNNING:
+    def _abort(self, seq: Seq) -> None:
+        if seq.state is SeqState.RUNNING:
             del self._running[seq.key[1]]
             self._kv_used -= seq.kv_held
             seq.kv_held = 0
             self._let_go(seq)
-        elif seq.state is _State.WAITING:
+        elif seq.state is SeqState.WAITING:
             self._num_waiting -= 1  # its heap entry is skipped when reached
-        seq.state = _State.ABORTED
+        seq.state = SeqState.ABORTED
 
     def _ensure_loop(self) -> asyncio.Event:
         task = self._loop_task
@@ -527,9 +483,9 @@ class SimModel:
     def _fail_all(self, make_error: Callable[[], Exception]) -> None:
         seqs = list(self._running.values()) + [s for _, s in self._waiting]
         for seq in seqs:
-            if seq.state is _State.WAITING or seq.state is _State.RUNNING:
+            if seq.state is SeqState.WAITING or seq.state is SeqState.RUNNING:
                 seq.error = make_error()
-                seq.state = _State.ABORTED
+                seq.state = SeqState.ABORTED
                 seq.ready.set()
         self._running.clear()
         self._waiting.clear()
@@ -552,10 +508,16 @@ class SimModel:
                 await wakeup.wait()
                 deadline = time.monotonic()
                 continue
+            num_preempted = self.num_preemptions
             scheduled, step_tokens = self._schedule()
             if not scheduled:
-                # Unreachable while validate() keeps every sequence within the KV
-                # cache; wait for a change rather than spin.
+                if self.num_preemptions > num_preempted:
+                    # The first running sequence was the victim of its own KV need
+                    # (vLLM V1 then schedules nothing else in that step): the KV is
+                    # freed, schedule again.
+                    continue
+                # Otherwise unreachable while validate() keeps every sequence
+                # within the KV cache; wait for a change rather than spin.
                 wakeup.clear()
                 await wakeup.wait()
                 continue
@@ -573,7 +535,7 @@ class SimModel:
             self.iteration_tokens.observe(step_tokens)
             self._advance(scheduled)
 
-    def _schedule(self) -> tuple[list[tuple[_Seq, int, int]], int]:
+    def _schedule(self) -> tuple[list[tuple[Seq, int, int]], int]:
         """Choose this step's batch and count its tokens.
 
         Each entry is (sequence, prompt tokens to prefill, tokens to sample).
@@ -582,15 +544,19 @@ class SimModel:
         vLLM), and every sampled token is held in the KV cache at once.
         """
         budget = self.profile.max_num_batched_tokens
-        scheduled: list[tuple[_Seq, int, int]] = []
+        scheduled: list[tuple[Seq, int, int]] = []
+        costs: dict[int, int] = {}  # budget tokens each scheduled sequence took, by id
         preempted = False
-        running = sorted(self._running.values(), key=_seq_key)
+        # vLLM V1 walks its running requests in the order they were admitted,
+        # whatever their priority: one admitted earlier takes its share of the
+        # budget first.
+        running = list(self._running.values())
         caps = self._policy_caps(running) if self.flex_prefill_budget else None
         for seq in running:
-            # Victims are taken from the end of this order, so the first one met
-            # marks the end of what still runs.
-            if budget == 0 or seq.state is not _State.RUNNING:
+            if budget == 0:
                 break
+            if seq.state is not SeqState.RUNNING:
+                continue  # a victim of this step's preemptions
             remaining = seq.prefill_target - seq.num_cached
             if remaining > 0:
                 chunk = self._chunk(remaining, budget)
@@ -606,21 +572,26 @@ class SimModel:
                 sampled = cost = num_active if num_active <= budget else budget
             need = chunk + sampled
             while self._kv_used + need > self.kv_tokens:
-                victim = max(self._running.values(), key=_seq_key)
-                self._preempt(victim)
+                victim = self._victim()
+                self._preempt(victim)  # frees its KV, this step's share included
                 preempted = True
                 if victim is seq:
                     break
-            if seq.state is not _State.RUNNING:
-                break  # it preempted itself: it was the last in order
+                if id(victim) in costs:
+                    # Scheduled earlier in this step: undone, its tokens back in the budget.
+                    budget += costs.pop(id(victim))
+                    scheduled = [entry for entry in scheduled if entry[0] is not victim]
+            if seq.state is not SeqState.RUNNING:
+                break  # it was the victim: like vLLM, no further running sequence this step
             self._kv_used += need
             seq.kv_held += need
             scheduled.append((seq, chunk, sampled))
+            costs[id(seq)] = cost
             budget -= cost
         # Like vLLM: no new admissions in a step that had to preempt.
         while (not preempted and self._num_waiting and budget > 0
                and len(self._running) < self.max_num_seqs):
-            while self._waiting[0][1].state is not _State.WAITING:
+            while self._waiting[0][1].state is not SeqState.WAITING:
                 heapq.heappop(self._waiting)
             seq = self._waiting[0][1]
             cache = self.prefix_cache
@@ -636,7 +607,7 @@ class SimModel:
                 break
             heapq.heappop(self._waiting)
             self._num_waiting -= 1
-            seq.state = _State.RUNNING
+            seq.state = SeqState.RUNNING
             self._running[seq.key[1]] = seq
             if cache is not None and seq.blocks:
                 cache.count(seq.prompt_tokens, hit)
@@ -651,13 +622,13 @@ class SimModel:
             self.prefix_cache.trim(self.kv_tokens - self._kv_used)
         return scheduled, self.profile.max_num_batched_tokens - budget
 
-    def _policy_caps(self, running: list[_Seq]) -> dict[int, int]:
+    def _policy_caps(self, running: list[Seq]) -> dict[int, int]:
         """Prompt tokens each sequence this step may look at (the running ones,
         then the waiting ones there is room for) may prefill under the
         flex-aware step policy, by id."""
         room = self.max_num_seqs - len(running)
         waiting = [seq for _, seq in heapq.nsmallest(room + 8, self._waiting)
-                   if seq.state is _State.WAITING][:room] if room > 0 else []
+                   if seq.state is SeqState.WAITING][:room] if room > 0 else []
         seqs = running + waiting
         view = [StepSequence(seq.key[0], max(0, seq.prefill_target - seq.num_cached)) for seq in seqs]
         caps = prefill_allowance(view, self.profile.max_num_batched_tokens,
@@ -671,7 +642,15 @@ class SimModel:
         threshold = self.long_prefill_token_threshold
         return min(chunk, threshold) if threshold > 0 else chunk
 
-    def _preempt(self, seq: _Seq) -> None:
+    def _victim(self) -> Seq:
+        """The running sequence to preempt, as vLLM V1 picks it: the lowest
+        priority and newest arrival under the priority policy, the last
+        admitted under fcfs."""
+        if self.scheduling_policy == "priority":
+            return max(self._running.values(), key=_seq_key)
+        return next(reversed(self._running.values()))
+
+    def _preempt(self, seq: Seq) -> None:
         """Free a running sequence's KV and requeue it; it recomputes prompt and output."""
         del self._running[seq.key[1]]
         self._kv_used -= seq.kv_held
@@ -679,17 +658,17 @@ class SimModel:
         self._let_go(seq)
         seq.num_cached = 0
         seq.prefill_target = seq.prompt_tokens + seq.num_generated
-        seq.state = _State.WAITING
+        seq.state = SeqState.WAITING
         heapq.heappush(self._waiting, (seq.key, seq))
         self._num_waiting += 1
         self.num_preemptions += 1
         self.preemption_log.append(seq.request_id)
 
-    def _advance(self, scheduled: list[tuple[_Seq, int, int]]) -> None:
+    def _advance(self, scheduled: list[tuple[Seq, int, int]]) -> None:
         """Apply a finished step: prefill progress, one token per choice sampled."""
         now = self._clock
         for seq, chunk, sampled in scheduled:
-            if seq.state is not _State.RUNNING:
+            if seq.state is not SeqState.RUNNING:
                 continue  # aborted during the step
             if chunk:
                 seq.num_cached += chunk
@@ -739,15 +718,15 @@ class SimModel:
                 seq.active = [j for j in seq.active if generated[j] < lengths[j]]
             seq.ready.set()
 
-    def _finish(self, seq: _Seq) -> None:
-        seq.state = _State.FINISHED
+    def _finish(self, seq: Seq) -> None:
+        seq.state = SeqState.FINISHED
         del self._running[seq.key[1]]
         self._kv_used -= seq.kv_held
         seq.kv_held = 0
         self._let_go(seq)
         seq.ready.set()
 
-    def _let_go(self, seq: _Seq) -> None:
+    def _let_go(self, seq: Seq) -> None:
         """The sequence's cached blocks become free (kept for later prompts)."""
         if self.prefix_cache is not None and seq.held_blocks:
             self.prefix_cache.give_back(seq.held_blocks)
