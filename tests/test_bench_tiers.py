@@ -78,7 +78,7 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     done = subprocess.run(
         [str(FLEXSERVE), "bench", "tiers", "--quick", "--max-num-seqs", "16", "--skip", "C",
          "--skip", "E", "--skip", "F", "--variant", "flex_headroom=0.9", "--split-prefill", "64",
-         "--engine-policy", "64", "--out", str(out)],
+         "--engine-policy", "64", "--kv-tokens", "200000", "--out", str(out)],
         capture_output=True, text=True, timeout=170, check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -87,6 +87,7 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     assert set(scenarios) == {"A", "B", "D", "B1", "B-split", "P"}
     # P: E's traffic on an engine stepping by the flex-aware policy.
     assert report["setup"]["engine_policy_flex_prefill_budget"] == 64
+    assert report["setup"]["kv_tokens"] == 200000
     assert scenarios["P"]["default_completed"] > 0 and scenarios["P"]["flex_completed"] > 0
     # Every engine step counted by its size, in the window.
     assert sum(scenarios["B"]["engine_step_tokens"].values()) > 0
@@ -112,6 +113,7 @@ def test_bench_tiers_variants_add_b_scenarios_with_their_settings(tmp_path: Path
     (["--variant", "no_such_setting=1"], "unknown gateway setting(s): no_such_setting"),
     (["--engine", "embedded", "--skip", "C"], "--skip applies to the sim engine's scenarios only"),
     (["--redis", "redis://127.0.0.1:1"], "--redis and --db are for a fleet"),
+    (["--engine", "embedded", "--kv-tokens", "4096"], "--kv-tokens sizes the sim engine's KV cache"),
 ])
 def test_bench_tiers_refuses_what_it_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
     done = subprocess.run(

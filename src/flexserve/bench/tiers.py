@@ -106,6 +106,8 @@ class TiersOptions:
     max_num_seqs: int = 32
     # Sim engine's step token budget (vLLM's --max-num-batched-tokens); None: the profile's.
     max_num_batched_tokens: int | None = None
+    # Sim engine's KV cache in tokens (sim-engine --kv-tokens); None: the profile's.
+    kv_tokens: int | None = None
     # Sim engine's step-time cost model (flat, calibrated), and the gateways' predictions'.
     cost_model: str = "flat"
     flex_clients: int | None = None
@@ -371,6 +373,7 @@ def start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions,
         *(("--enable-prefix-caching",) if opts.split_prefill else ()),
         *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
           if opts.max_num_batched_tokens else ()),
+        *(("--kv-tokens", str(opts.kv_tokens)) if opts.kv_tokens else ()),
     )
     return start_server(stack, name, argv, port, "/health", log_dir)
 
@@ -506,6 +509,7 @@ def _run_sim(opts: TiersOptions, log_dir: Path,
         "speed": opts.speed,
         "max_num_seqs": opts.max_num_seqs,
         "max_num_batched_tokens": opts.max_num_batched_tokens or "the profile's",
+        "kv_tokens": opts.kv_tokens or "the profile's",
         "cost_model": opts.cost_model,
         "prefix_caching": bool(opts.split_prefill),
         "engine_policy_flex_prefill_budget": opts.engine_policy or None,
@@ -580,6 +584,8 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
         raise BenchError("--variant runs on the sim engine only")
     if opts.skip and opts.engine != "sim":
         raise BenchError("--skip applies to the sim engine's scenarios only")
+    if opts.kv_tokens is not None and opts.engine != "sim":
+        raise BenchError("--kv-tokens sizes the sim engine's KV cache; the embedded engine has its own")
     if opts.fleet:
         if opts.engine != "sim" or opts.variants or opts.skip:
             raise BenchError("--gateways/--engines run on the sim engine, without --variant or --skip")

@@ -228,6 +228,9 @@ def ledger_kill(out: Path, **options: Any) -> None:
               help="Sim engine batch size, and the gateway's upstream capacity.")
 @click.option("--max-num-batched-tokens", type=int,
               help="Sim engine's step token budget (vLLM's flag) [the profile's: 8192 on H100].")
+@click.option("--kv-tokens", type=click.IntRange(min=2),
+              help="Sim engine's KV cache in tokens (sim-engine --kv-tokens) [the profile's: "
+              "420,000 on H100]; smaller, cached prompt blocks are evicted sooner.")
 @click.option("--cost-model", type=click.Choice(COST_MODELS), default="flat",
               show_default=True, help="Sim engine's step-time cost model (sim-engine --cost-model).")
 @click.option("--flex-clients", type=int, help="Closed-loop flex clients [2x the engine's batch].")
@@ -260,7 +263,7 @@ def ledger_kill(out: Path, **options: Any) -> None:
 @click.option("--db", "db_url", help="The fleet's database URL [a SQLite file].")
 def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool, seed: int,
           profile: str, speed: float, max_num_seqs: int, max_num_batched_tokens: int | None,
-          cost_model: str, flex_clients: int | None, load: float,
+          kv_tokens: int | None, cost_model: str, flex_clients: int | None, load: float,
           settings: tuple[str, ...], variants: tuple[str, ...], split_prefill: int,
           engine_policy: int, skip: tuple[str, ...],
           out: Path | None, log_dir: Path | None, gateways: int, engines: int,
@@ -291,7 +294,7 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         engine=engine, duration=duration or (
             (2.0 if engine == "sim" else 15.0) if quick else (60.0 if engine == "sim" else 45.0)),
         warmup=warmup, seed=seed, profile=profile, speed=speed, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
+        max_num_batched_tokens=max_num_batched_tokens, kv_tokens=kv_tokens, cost_model=cost_model,
         flex_clients=flex_clients, load=load, settings=pairs, variants=sweep,
         split_prefill=split_prefill, engine_policy=engine_policy, skip=frozenset(skip),
         out=out or Path(default_out),
