@@ -5,6 +5,7 @@ admission decisions out. The engine is a small scripted Engine implementation
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -23,6 +24,7 @@ from flexserve.engines.base import (
     Usage,
 )
 from flexserve.errors import EngineOverloadedError, ResourceUnavailableError
+from flexserve.observability.logs import REQUESTS_LOGGER
 from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.fairness import FairQueue
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots
@@ -86,6 +88,12 @@ class ScriptedEngine(Engine):
             raise
         self.finished.append(request.request_id)
         yield Delta("", finish_reason="length", usage=Usage(3, n))
+
+
+def decisions(caplog: pytest.LogCaptureFixture, event: str) -> list[str]:
+    """The request ids of the request log's ``event`` lines, in order."""
+    return [getattr(record, "request_id", "") for record in caplog.records
+            if getattr(record, "fields", {}).get("event") == event]
 
 
 async def make_scheduler(engine: ScriptedEngine, **config: Any) -> Scheduler:
@@ -464,7 +472,8 @@ async def test_waiter_whose_client_leaves_is_dropped() -> None:
     await scheduler.close()
 
 
-async def test_default_preempts_newest_restartable_flex() -> None:
+async def test_default_preempts_newest_restartable_flex(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUESTS_LOGGER)
     engine = ScriptedEngine(capacity=2, token_time=0.002)
     scheduler = await make_scheduler(engine, flex_headroom=0.0, preempt_cooldown=0.2)
     old = asyncio.create_task(run(scheduler, "old", ServiceTier.FLEX, tokens=100))
@@ -474,6 +483,7 @@ async def test_default_preempts_newest_restartable_flex() -> None:
     ticket, _ = await run(scheduler, "d1", ServiceTier.DEFAULT, tokens=5)
     assert ticket.served_tier is ServiceTier.DEFAULT
     assert engine.aborted == ["new"]  # the newest flex yielded, the older kept going
+    assert decisions(caplog, "preempted") == ["new"]  # in the request log, under its id
     new_ticket, text = await new
     assert new_ticket.num_preemptions == 1
     assert text.count("x") == 30  # restarted from scratch, output complete and not doubled
@@ -525,7 +535,8 @@ async def test_pausable_engine_pauses_flex_for_default() -> None:
     await scheduler.close()
 
 
-async def test_priority_over_its_share_is_served_as_default() -> None:
+async def test_priority_over_its_share_is_served_as_default(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger=REQUESTS_LOGGER)
     engine = ScriptedEngine(capacity=4)
     scheduler = await make_scheduler(engine, priority_share=0.5)
     tasks = [asyncio.create_task(run(scheduler, f"p{i}", ServiceTier.PRIORITY, tokens=20)) for i in range(3)]
@@ -533,6 +544,8 @@ async def test_priority_over_its_share_is_served_as_default() -> None:
     served = sorted(t.served_tier.value for t, _ in results)  # type: ignore[union-attr]
     assert served == ["default", "priority", "priority"]
     assert scheduler.pools[MODEL].num_downgraded == 1
+    [downgraded] = [t for t, _ in results if t.served_tier is ServiceTier.DEFAULT]
+    assert decisions(caplog, "priority_downgraded") == [downgraded.request_id]
     await scheduler.close()
 
 
@@ -551,7 +564,10 @@ async def test_flex_status_reports_queue_and_spare_capacity() -> None:
     await scheduler.close()
 
 
-async def test_shedding_walks_from_the_newest_flex_and_stops_at_one_that_can_wait() -> None:
+async def test_shedding_walks_from_the_newest_flex_and_stops_at_one_that_can_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=REQUESTS_LOGGER)
     engine = ScriptedEngine(capacity=1, token_time=10.0, step_model=StepTimeModel(0.05, 0.0, 0.0))
     scheduler = await make_scheduler(engine, flex_headroom=0.0)
     pool = scheduler.pools[MODEL]
@@ -583,6 +599,8 @@ async def test_shedding_walks_from_the_newest_flex_and_stops_at_one_that_can_wai
         if task.done() and not task.cancelled() and isinstance(task.exception(), ResourceUnavailableError)
     }
     assert refused == {"f7", "f9", "f11"}
+    # Decided in the scheduler's own pass, and logged under each request's id.
+    assert sorted(decisions(caplog, "flex_refused")) == ["f11", "f7", "f9"]
     assert pool.queue.num_waiting(ServiceTier.FLEX) == 7 and pool.num_flex_refused == 3
     for task in [*tasks.values(), blocker]:
         task.cancel()

@@ -49,6 +49,10 @@ class Settings:
         "", "Directory of uploaded files and batch output; empty: HOME/files. Gateways sharing a database share one (a shared volume)."
     )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
+    log_format: str = _opt("json", "Log lines as `json` (one object a line, the request id in each) or `text`.")
+    log_requests: bool = _opt(
+        True, "Write the request log: a line per inference request and per scheduler decision (refusal, preemption, downgrade), whatever `log_level` says."
+    )
     bootstrap_demo: bool = _opt(
         True, "On first start with an empty database, create a demo organization and key."
     )
@@ -302,6 +306,11 @@ def load_settings(
         raise ConfigError(f"setting 'redis': {settings.redis!r} is not a redis://, rediss:// or unix:// URL")
     if settings.redis_lease_ttl <= 0 or settings.redis_slots_interval <= 0:
         raise ConfigError("settings 'redis_lease_ttl' and 'redis_slots_interval' must be positive")
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError(f"setting 'log_format': {settings.log_format!r} is not json or text")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"setting 'log_level': {settings.log_level!r} is not debug, info, warning, "
+                          "error or critical")
     if settings.split_prefill_tokens < 0 or settings.split_prefill_concurrency < 1:
         raise ConfigError("settings 'split_prefill_tokens' must be 0 (off) or more and "
                           "'split_prefill_concurrency' 1 or more")

@@ -37,6 +37,7 @@ import orjson
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from flexserve.accounts.service import Principal
 from flexserve.api.asgi import (
     EVENT_STREAM,
     Headers,
@@ -51,6 +52,8 @@ from flexserve.api.body import receive_json
 from flexserve.api.drain import shutting_down
 from flexserve.api.inference import Call, Endpoint, Output, check_features
 from flexserve.api.request_id import new_request_id
+from flexserve.observability.logs import request_id_var
+from flexserve.observability.requests import log_refused, log_request
 from flexserve.api.state import Services
 from flexserve.billing.usage import UsageRecord
 from flexserve.engines.base import Delta, Usage
@@ -146,10 +149,15 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
     settings = services.settings
     arrived_at = time.monotonic()
     request_id = new_request_id()
+    # Every log line written while serving it carries its id (this task's
+    # context, and the tasks and timers it starts).
+    request_id_var.set(request_id)
     # On every answer, as RequestIdMiddleware adds it on the other routes.
     reply_headers: Headers = [(b"x-request-id", request_id.encode())]
     headers = dict(scope["headers"])
     model = ""
+    principal: Principal | None = None
+    tier: ServiceTier | None = None
     if services.drain.draining:
         await send_error(send, shutting_down(), reply_headers)
         return
@@ -192,6 +200,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         return  # gone while sending its body: nobody to answer
     except Exception as exc:
         _count_refusal(services, model, exc)
+        log_refused(request_id, model, exc, principal, tier.value if tier is not None else None)
         await send_error(send, exc, reply_headers)
         return
     if admission.headers:
@@ -210,6 +219,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         except Exception as exc:
             watch.stop()
             _count_refusal(services, model, exc)
+            log_refused(request_id, model, exc, principal, tier.value)
             await deltas.aclose()
             await send_error(send, exc, _with_estimate(reply_headers, ticket))
             return
@@ -500,4 +510,5 @@ def _finish(services: Services, call: Call, usage: Usage | None, status: str) ->
     # Costed at the served tier's price; the budget hold swapped for the cost.
     services.gate.settle(call.admission, record)
     services.usage.submit(record)
+    log_request(record)
     return record

@@ -15,6 +15,8 @@ import os
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flexserve.observability.logs import request_id_var
+
 
 def new_request_id() -> str:
     return "req_" + os.urandom(16).hex()
@@ -37,4 +39,8 @@ class RequestIdMiddleware:
                 message["headers"] = [*message.get("headers", ()), header]
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        token = request_id_var.set(request_id)  # on every log line written while serving it
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            request_id_var.reset(token)

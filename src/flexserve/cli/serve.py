@@ -14,6 +14,7 @@ import click
 
 from flexserve.cli.options import run_db
 from flexserve.config import ConfigError, Settings, load_settings
+from flexserve.observability.logs import configure as configure_logging
 
 if TYPE_CHECKING:
     import socket
@@ -204,9 +205,8 @@ def serve(
         settings = load_settings(config_file, overrides)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from exc
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format,
+                      log_requests=settings.log_requests)
     Path(settings.home).mkdir(parents=True, exist_ok=True)
     _raise_open_files_limit()
     # Stops here, saying why, on a database whose schema this FlexServe cannot use.
@@ -235,6 +235,8 @@ def serve(
         port=settings.port,
         loop="uvloop" if sys.platform != "win32" else "asyncio",
         log_level=settings.log_level,
+        # uvicorn's own lines go through the root handler above, in the same format.
+        log_config=None,
         access_log=False,
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace + END_MARGIN),
         **connections.uvicorn_options(),

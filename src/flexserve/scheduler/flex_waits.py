@@ -18,6 +18,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from flexserve.errors import ResourceUnavailableError
+from flexserve.observability.requests import log_decision
 from flexserve.scheduler.drain import build_timeline, estimate_for, observe, requests_ahead, wait_in_queue
 from flexserve.scheduler.estimates import NO_WAIT, DrainTimeline, WaitEstimate, retry_after
 from flexserve.scheduler.holds import HOLD_GRACE, READ_SECONDS, Hold
@@ -149,6 +150,9 @@ class FlexWaits:
             seconds = self.config.unknown_wait_retry_after * (1 + 0.01 * (len(pool.holds) % 10))
         else:
             seconds = retry_after(place, waiter.wait_limit)
+        log_decision("flex_refused", waiter.request_id, org_id=waiter.org_id, model=pool.model,
+                     retry_after_s=round(seconds, 3), deadline_s=round(waiter.wait_limit, 3),
+                     estimated_wait_p10_s=None if estimate is None else round(estimate.p10, 3))
         if waiter.key is None:  # nothing to claim it by: it only spreads the returns
             pool.holds.hold(
                 waiter.org_id, (), waiter.arrival, waiter.cost_tokens, now + seconds, returns_at=now + seconds

@@ -61,6 +61,8 @@ class Waiter:
     key: bytes | None = None
     # Of ``cost_tokens``, the prompt's (the rest is the output limit).
     prompt_tokens: int = 0
+    # For the request log (a refusal may be decided outside the request's task).
+    request_id: str = ""
 
     def leave(self) -> None:
         if self.timer is not None:

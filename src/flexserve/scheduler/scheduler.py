@@ -55,6 +55,7 @@ from flexserve.errors import (
     FlexServeError,
     ModelNotFoundError,
 )
+from flexserve.observability.requests import log_decision
 from flexserve.scheduler.drain import (
     estimate_for,
     expected_run_seconds,
@@ -345,6 +346,9 @@ class Scheduler:
                 return
             except _Preempted:
                 ticket.num_preemptions += 1
+                log_decision("preempted", ticket.request_id, org_id=ticket.org_id, model=ticket.model,
+                             replica=replica.name, tokens_lost=run.num_output,
+                             preemptions=ticket.num_preemptions)
                 ticket.first_token_at = None
                 requeue = True
             except _ReplicaHung:
@@ -446,7 +450,7 @@ class Scheduler:
         waiter = Waiter(
             tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run,
             wait_limit=self.waits.deadline(ticket), key=ticket.fingerprint,
-            prompt_tokens=min(ticket.prompt_tokens, ticket.cost_tokens),
+            prompt_tokens=min(ticket.prompt_tokens, ticket.cost_tokens), request_id=ticket.request_id,
         )
         in_place = False
         if self.config.tiers_enabled and tier.is_preemptible:
@@ -670,6 +674,8 @@ class Scheduler:
             ticket.served_tier = self.tier_to_serve(pool, ticket.tier)
         if ticket.served_tier is not ticket.tier:
             pool.num_downgraded += 1
+            log_decision("priority_downgraded", ticket.request_id, org_id=ticket.org_id, model=ticket.model,
+                         requested_tier=ticket.tier.value, served_tier=ticket.served_tier.value)
 
     def flex_deadline(self, ticket: Ticket) -> float:
         return self.waits.deadline(ticket)

@@ -1,0 +1,2 @@
+"""What FlexServe tells its operators besides metrics: structured logs
+(``logs.py``) and the request log (``requests.py``)."""
