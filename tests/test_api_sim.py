@@ -152,6 +152,21 @@ def test_metrics_count_requests_by_tier(sim_gateway: Gateway, model: str) -> Non
     assert sim_gateway.api_key not in text
 
 
+def test_metrics_count_refusals_without_a_series_per_made_up_model(sim_gateway: Gateway, model: str) -> None:
+    client = sim_gateway.client()
+    for name in ("no-such-model-1", "no-such-model-2"):
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model=name, messages=MESSAGES, max_tokens=2)
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=-1)
+    text = httpx.get(sim_gateway.url + "/metrics").text
+    assert "no-such-model" not in text
+    assert 'flexserve_requests_total{model="unknown",status="model_not_found",tier="none"}' in text
+    # Refused before its model was read: no model to name.
+    assert 'flexserve_requests_total{model="unknown",status="integer_below_min_value",tier="none"}' in text
+    assert 'tier=""' not in text
+
+
 def test_healthz(sim_gateway: Gateway, model: str) -> None:
     response = httpx.get(sim_gateway.url + "/healthz")
     assert response.status_code == 200

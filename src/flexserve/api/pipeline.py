@@ -345,8 +345,12 @@ def flex_wait_for_timeout(timeout: float) -> float:
 
 
 def _count_refusal(services: Services, model: str, exc: BaseException) -> None:
+    """A request refused before any engine ran it, in ``flexserve_requests``:
+    its model only if the gateway serves it (a client's made-up names would
+    each add a series), its tier ``none``, its status the error's code."""
     code = (exc.code or str(exc.status_code)) if isinstance(exc, FlexServeError) else "internal_error"
-    services.metrics.requests.labels(model, "", code).inc()
+    label = model if model in services.scheduler.pools else "unknown"
+    services.metrics.requests.labels(label, "none", code).inc()
 
 
 async def _complete(
