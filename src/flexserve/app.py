@@ -47,6 +47,7 @@ from flexserve.config import Settings
 from flexserve.engines.base import Engine
 from flexserve.errors import FlexServeError
 from flexserve.files import Files
+from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
@@ -248,6 +249,8 @@ def create_app(
             stack.push_async_callback(gate.close)
             hashes = HashPool(settings.hash_threads, settings.hash_queue)
             stack.callback(hashes.close)
+            tracing = Tracing(settings.otlp_endpoint, settings.otel_service_name)
+            stack.callback(tracing.close)
             app.state.services = Services(
                 settings=settings,
                 accounts=accounts,
@@ -262,6 +265,7 @@ def create_app(
                     settings.verification_submissions_per_minute, "identity-document submissions"
                 ),
                 files=Files(db, Path(settings.files_dir or Path(settings.home) / "files")),
+                tracing=tracing,
             )
             if shared is not None:
                 from flexserve.shared.connect import listen_for_changes

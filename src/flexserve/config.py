@@ -50,6 +50,10 @@ class Settings:
     )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
     log_format: str = _opt("json", "Log lines as `json` (one object a line, the request id in each) or `text`.")
+    otlp_endpoint: str = _opt(
+        "", "OpenTelemetry collector to send traces to over OTLP/HTTP (http://host:4318); empty: no traces. Needs the `otel` extra."
+    )
+    otel_service_name: str = _opt("flexserve", "The `service.name` of this gateway's traces.")
     log_requests: bool = _opt(
         True, "Write the request log: a line per inference request and per scheduler decision (refusal, preemption, downgrade), whatever `log_level` says."
     )

@@ -182,6 +182,8 @@ class Call:
     partial_usage: Usage | None = None
     # The gates' holds (budget, rate limit), settled or released exactly once.
     admission: Any = None
+    # time.monotonic() when it had passed the gates (for its trace).
+    gated_at: float = 0.0
 
     @property
     def served_tier(self) -> ServiceTier:

@@ -54,6 +54,13 @@ from flexserve.api.inference import Call, Endpoint, Output, check_features
 from flexserve.api.request_id import new_request_id
 from flexserve.observability.logs import request_id_var
 from flexserve.observability.requests import log_refused, log_request
+from flexserve.observability.tracing import (
+    current_span,
+    finish_request,
+    name_request,
+    operation_of,
+    refuse_request,
+)
 from flexserve.api.state import Services
 from flexserve.billing.usage import UsageRecord
 from flexserve.engines.base import Delta, Usage
@@ -146,12 +153,22 @@ class InferenceRoute:
 
 async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one inference request: an ASGI app, given the endpoint and the app's services."""
-    settings = services.settings
     arrived_at = time.monotonic()
     request_id = new_request_id()
     # Every log line written while serving it carries its id (this task's
     # context, and the tasks and timers it starts).
     request_id_var.set(request_id)
+    if not services.tracing.enabled:
+        await _serve(endpoint, services, scope, receive, send, request_id, arrived_at)
+        return
+    # Its span is current throughout: upstream calls carry its traceparent.
+    with services.tracing.request(operation_of(endpoint.path), arrived_at, request_id):
+        await _serve(endpoint, services, scope, receive, send, request_id, arrived_at)
+
+
+async def _serve(endpoint: Endpoint, services: Services, scope: Scope, receive: Receive, send: Send,
+                 request_id: str, arrived_at: float) -> None:
+    settings = services.settings
     # On every answer, as RequestIdMiddleware adds it on the other routes.
     reply_headers: Headers = [(b"x-request-id", request_id.encode())]
     headers = dict(scope["headers"])
@@ -195,12 +212,17 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
         inference.engine.stream = inference.stream or tier.is_preemptible
         if tier.is_preemptible:
             services.metrics.flex_wait_limit.observe(services.scheduler.flex_deadline(ticket))
-        call = Call(request_id, principal, inference, ticket, arrived_at, int(time.time()), admission=admission)
+        call = Call(request_id, principal, inference, ticket, arrived_at, int(time.time()), admission=admission,
+                    gated_at=time.monotonic())
+        if services.tracing.enabled:
+            span = current_span()
+            name_request(span, operation_of(endpoint.path), model, inference.engine.max_tokens,
+                         principal.org_id, principal.project_id)
+            services.tracing.child(span, "gates", arrived_at, call.gated_at)
     except ClientDisconnect:
         return  # gone while sending its body: nobody to answer
     except Exception as exc:
-        _count_refusal(services, model, exc)
-        log_refused(request_id, model, exc, principal, tier.value if tier is not None else None)
+        _refused(services, request_id, model, exc, principal, tier)
         await send_error(send, exc, reply_headers)
         return
     if admission.headers:
@@ -218,8 +240,7 @@ async def serve(endpoint: Endpoint, services: Services, scope: Scope, receive: R
             first = await anext(deltas)
         except Exception as exc:
             watch.stop()
-            _count_refusal(services, model, exc)
-            log_refused(request_id, model, exc, principal, tier.value)
+            _refused(services, request_id, model, exc, principal, tier)
             await deltas.aclose()
             await send_error(send, exc, _with_estimate(reply_headers, ticket))
             return
@@ -344,13 +365,18 @@ def flex_wait_for_timeout(timeout: float) -> float:
     return max(0.0, timeout - min(60.0, max(10.0, timeout / 10)))
 
 
-def _count_refusal(services: Services, model: str, exc: BaseException) -> None:
-    """A request refused before any engine ran it, in ``flexserve_requests``:
-    its model only if the gateway serves it (a client's made-up names would
-    each add a series), its tier ``none``, its status the error's code."""
+def _refused(services: Services, request_id: str, model: str, exc: BaseException,
+             principal: Principal | None, tier: ServiceTier | None) -> None:
+    """A request refused before any engine ran it: counted in
+    ``flexserve_requests`` (its model only if the gateway serves it: a
+    client's made-up names would each add a series; its tier ``none``; its
+    status the error's code), logged, and said on its span."""
     code = (exc.code or str(exc.status_code)) if isinstance(exc, FlexServeError) else "internal_error"
     label = model if model in services.scheduler.pools else "unknown"
     services.metrics.requests.labels(label, "none", code).inc()
+    log_refused(request_id, model, exc, principal, None if tier is None else tier.value)
+    if services.tracing.enabled:
+        refuse_request(current_span(), exc.status_code if isinstance(exc, FlexServeError) else 500, code)
 
 
 async def _complete(
@@ -515,4 +541,12 @@ def _finish(services: Services, call: Call, usage: Usage | None, status: str) ->
     services.gate.settle(call.admission, record)
     services.usage.submit(record)
     log_request(record)
+    if services.tracing.enabled:
+        span = current_span()
+        started_at = call.arrived_at + queue_time
+        services.tracing.child(span, "queue", call.gated_at or call.arrived_at, started_at,
+                               **{"flexserve.tier.served": tier})
+        services.tracing.child(span, "engine", started_at, now, **{"gen_ai.request.model": model})
+        services.tracing.child(span, "metering", now, time.monotonic())
+        finish_request(span, record)
     return record

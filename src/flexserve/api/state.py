@@ -15,6 +15,7 @@ from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.files import Files
+from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
 
@@ -41,5 +42,7 @@ class Services:
     files: Files
     # The requests in progress, ended cleanly when the server shuts down.
     drain: Drain = field(default_factory=Drain)
+    # Traces (observability/tracing.py): off unless an OTLP endpoint is configured.
+    tracing: Tracing = field(default_factory=Tracing)
     # The Batch API's service and runner (None until the lifespan starts it).
     batches: Batches | None = None

@@ -56,6 +56,7 @@ from flexserve.engines.base import (
 )
 from flexserve.engines.metrics import parse_vllm_load
 from flexserve.engines.upstream.relay import completion_deltas, embedding_delta, relay_sse
+from flexserve.observability.tracing import inject_trace_context
 from flexserve.errors import (
     EngineError,
     EngineOverloadedError,
@@ -194,6 +195,7 @@ class UpstreamEngine(Engine):
     ) -> AsyncIterator[Delta]:
         op = request.op
         headers = {**self._headers, "X-Request-Id": request.request_id}
+        inject_trace_context(headers)  # the request's traceparent, while tracing
         relayed = False
         silence = SilenceWatch(self._first_token_timeout, self._idle_timeout) if request.stream else None
         if silence is not None:
