@@ -49,7 +49,7 @@ def gateway_view(gateway: Gateway) -> tuple[float, float, float]:
     """What the gateway last read of its replica: running, waiting, KV use."""
     values = scrape(gateway.url)
     return (values["flexserve_engine_running"], values["flexserve_engine_waiting"],
-            values.get("flexserve_engine_kv_cache_usage", 0.0))
+            values.get("flexserve_engine_kv_cache_usage_ratio", 0.0))
 
 
 def gateway_state(gateway: Gateway) -> dict[str, float]:

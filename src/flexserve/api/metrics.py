@@ -11,12 +11,16 @@ import time
 from collections.abc import Iterator
 from typing import Generic, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.tiers import ServiceTier
+
+# No `_created` gauge beside every counter and histogram: a series per
+# series, of the process's start time, that no dashboard reads.
+disable_created_metrics()
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
@@ -84,7 +88,8 @@ class _SchedulerCollector(Collector):
             )
         }
         spare = GaugeMetricFamily(
-            "flexserve_flex_spare_capacity", "Fraction of slots flex could take now.", labels=["model"]
+            "flexserve_flex_spare_capacity_ratio", "Share (0-1) of the model's slots flex could take now.",
+            labels=["model"]
         )
         held = GaugeMetricFamily(
             "flexserve_flex_places_held",
@@ -114,7 +119,7 @@ class _SchedulerCollector(Collector):
             for name, help_text in (
                 ("running", "Requests the engine reports running."),
                 ("waiting", "Requests the engine reports waiting in its own queue."),
-                ("kv_cache_usage", "Engine KV-cache use, 0-1 (absent when not reported)."),
+                ("kv_cache_usage_ratio", "Engine KV-cache use, 0-1 (absent when not reported)."),
                 ("healthy", "1 while the replica answers its load probe."),
             )
         }
@@ -122,7 +127,7 @@ class _SchedulerCollector(Collector):
             load["running"].add_metric([replica.name], replica.load.num_running)
             load["waiting"].add_metric([replica.name], replica.load.num_waiting)
             if replica.load.kv_cache_usage is not None:
-                load["kv_cache_usage"].add_metric([replica.name], replica.load.kv_cache_usage)
+                load["kv_cache_usage_ratio"].add_metric([replica.name], replica.load.kv_cache_usage)
             load["healthy"].add_metric([replica.name], 1 if replica.healthy else 0)
         yield depth
         yield in_flight
