@@ -70,6 +70,11 @@ def test_bench_tiers_quick_writes_a_complete_report(tmp_path: Path) -> None:
                   "F/A default TTFT p99 (batch backlog)"):
         assert goals[label]["value"] is not None and "goal" in goals[label]
     assert "B/A default TTFT p99" in done.stdout
+    # Drawn beside the report, and announced as each scenario starts.
+    page = out.with_suffix(".html").read_text()
+    assert page.count("<svg") == 4 and ">B</text>" in page
+    assert f"plots: {out.with_suffix('.html')}" in done.stderr
+    assert "scenario B: started" in done.stderr
 
 
 @pytest.mark.timeout(120)

@@ -66,6 +66,7 @@ from flexserve.bench.tiers_load import (
     scrape,
     send_job,
 )
+from flexserve.bench.tiers_plots import write_plots
 from flexserve.bench.tiers_report import (
     Window,
     disturbances,
@@ -266,6 +267,8 @@ def run_scenario(sc: Scenario, opts: TiersOptions, flex_mix: LengthMix,
     """Run one scenario; a server that died on the way fails the run with its log's tail."""
     cpu_before = {server.name: _cpu_seconds(server.pid) for server in servers}
     own_before, wall_before = time.process_time(), time.monotonic()
+    print(f"scenario {sc.name}: started ({sc.description}); about "
+          f"{opts.warmup_seconds + opts.duration:.0f} s of traffic, then a drain", file=sys.stderr)
     try:
         result = asyncio.run(_drive(sc, opts, flex_mix))
     except (aiohttp.ClientError, OSError) as exc:
@@ -637,6 +640,7 @@ def run_tiers(opts: TiersOptions) -> dict[str, Any]:
     }
     opts.out.parent.mkdir(parents=True, exist_ok=True)
     opts.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_plots(report, opts.out)
     return report
 
 

@@ -307,6 +307,8 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
         raise click.ClickException(str(exc)) from exc
     click.echo(render(report))
     click.echo(f"report: {options.out}", err=True)
+    if not options.fleet:
+        click.echo(f"plots: {options.out.with_suffix('.html')}", err=True)
 
 
 @bench.command("client")
