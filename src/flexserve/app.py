@@ -47,6 +47,7 @@ from flexserve.config import Settings
 from flexserve.engines.base import Engine
 from flexserve.errors import FlexServeError
 from flexserve.files import Files
+from flexserve.dashboard.sessions import Sessions
 from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
@@ -266,6 +267,7 @@ def create_app(
                 ),
                 files=Files(db, Path(settings.files_dir or Path(settings.home) / "files")),
                 tracing=tracing,
+                sessions=Sessions(settings.dashboard_session_seconds),
             )
             if shared is not None:
                 from flexserve.shared.connect import listen_for_changes

@@ -49,6 +49,9 @@ class Settings:
         "", "Directory of uploaded files and batch output; empty: HOME/files. Gateways sharing a database share one (a shared volume)."
     )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
+    dashboard_session_seconds: float = _opt(
+        3600.0, "Seconds a /dashboard session lasts after signing in (signing out ends it at once)."
+    )
     log_format: str = _opt("json", "Log lines as `json` (one object a line, the request id in each) or `text`.")
     otlp_endpoint: str = _opt(
         "", "OpenTelemetry collector to send traces to over OTLP/HTTP (http://host:4318); empty: no traces. Needs the `otel` extra."

@@ -20,7 +20,7 @@ from flexserve.tiers import ServiceTier
 
 # No `_created` gauge beside every counter and histogram: a series per
 # series, of the process's start time, that no dashboard reads.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]  # untyped in prometheus_client
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 

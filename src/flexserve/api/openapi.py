@@ -389,6 +389,7 @@ def _operations() -> dict[tuple[str, str], Schema]:
                 **_errors("400"),
             },
         },
+        **_dashboard_operations(),
         ("get", "/openapi.json"): {
             "summary": "This document",
             "security": [],
@@ -396,6 +397,42 @@ def _operations() -> dict[tuple[str, str], Schema]:
                 "200": _ok({"type": "object"}, "FlexServe's OpenAPI document."),
                 **_errors("400"),
             },
+        },
+    }
+
+
+def _dashboard_operations() -> dict[tuple[str, str], Schema]:
+    """The organization's dashboard (dashboard/routes.py): HTML for a browser."""
+    html = _ok(STRING, "An HTML page.", media_type="text/html")
+    request_id = {"x-request-id": _ref_response_header("RequestId")}
+    redirect = {"description": "Done: on to /dashboard (with the session cookie set, or cleared).",
+                "headers": request_id}
+    refused = {"description": "A forged or expired form, or a key that is not an organization's admin key.",
+               "headers": request_id, "content": {"text/html": {"schema": STRING}}}
+
+    def form(*fields: str) -> Schema:
+        return {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+            "type": "object", "properties": dict.fromkeys(fields, STRING), "required": list(fields),
+            "additionalProperties": False}}}}
+
+    return {
+        ("get", "/dashboard"): {
+            "summary": "The dashboard: the sign-in form, or the organization's page for a session",
+            "security": [], "responses": {"200": html, **_errors("400")},
+        },
+        ("post", "/dashboard/login"): {
+            "summary": "Sign in with an admin key (a form, with its CSRF token)",
+            "security": [], "requestBody": form("key", "csrf"),
+            "responses": {"303": redirect, "403": refused, **_errors("400")},
+        },
+        ("post", "/dashboard/logout"): {
+            "summary": "Sign out (a form, with the session's CSRF token)",
+            "security": [], "requestBody": form("csrf"),
+            "responses": {"303": redirect, "403": refused, **_errors("400")},
+        },
+        ("get", "/dashboard/style.css"): {
+            "summary": "The dashboard's stylesheet",
+            "security": [], "responses": {"200": _ok(STRING, "CSS.", media_type="text/css"), **_errors("400")},
         },
     }
 

@@ -11,6 +11,7 @@ from flexserve.api.endpoints.completions import Completions
 from flexserve.api.endpoints.embeddings import Embeddings
 from flexserve.api.inference import Endpoint
 from flexserve.api.pipeline import InferenceRoute
+from flexserve.dashboard import routes as dashboard
 
 
 def inference_endpoints() -> list[Endpoint]:
@@ -44,6 +45,10 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
         Route("/v1/organization/flex/savings", admin.flex_savings, methods=["GET"]),
         Route("/v1/organization/verification", admin.submit_verification, methods=["POST"]),
         Route("/v1/organization/verification", admin.verification_status, methods=["GET"]),
+        Route("/dashboard", dashboard.dashboard, methods=["GET"]),
+        Route("/dashboard/login", dashboard.login, methods=["POST"]),
+        Route("/dashboard/logout", dashboard.logout, methods=["POST"]),
+        Route("/dashboard/style.css", dashboard.style, methods=["GET"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

@@ -14,6 +14,7 @@ from flexserve.api.metrics import GatewayMetrics
 from flexserve.billing.ratelimit import CallRate
 from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
+from flexserve.dashboard.sessions import Sessions
 from flexserve.files import Files
 from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.scheduler import Scheduler
@@ -44,5 +45,7 @@ class Services:
     drain: Drain = field(default_factory=Drain)
     # Traces (observability/tracing.py): off unless an OTLP endpoint is configured.
     tracing: Tracing = field(default_factory=Tracing)
+    # The dashboard's open sessions (dashboard/sessions.py).
+    sessions: Sessions = field(default_factory=lambda: Sessions(3600.0))
     # The Batch API's service and runner (None until the lifespan starts it).
     batches: Batches | None = None
