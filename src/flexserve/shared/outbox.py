@@ -85,9 +85,14 @@ class Outbox(Generic[T]):
         task, self._task = self._task, None
         await stop(task)
         deadline = time.monotonic() + grace
-        while self._items and time.monotonic() < deadline:
+        while self._items and (left := deadline - time.monotonic()) > 0:
             try:
-                await self.flush()
+                # Bounded: a connection left waiting for a reply that never
+                # comes (its last command cancelled midway) would hold the
+                # close for ever.
+                await asyncio.wait_for(self.flush(), left)
             except RedisError:
                 await asyncio.sleep(0.2)
+            except TimeoutError:
+                break
         return len(self._items)
