@@ -162,12 +162,25 @@ def refuse_request(span: Any, status: int, code: str | None) -> None:
         span.set_status(Status(StatusCode.ERROR))
 
 
+_otel_api: tuple[Any, Any] | None = None
+_otel_looked_up = False
+
+
 def inject_trace_context(headers: MutableMapping[str, str]) -> None:
     """Add the current span's ``traceparent`` to an upstream call's headers
     (nothing when no span is current, or OpenTelemetry is absent)."""
-    try:
-        from opentelemetry import propagate, trace
-    except ImportError:
+    global _otel_api, _otel_looked_up
+    if not _otel_looked_up:
+        # Once: a failed import is not cached by Python, and this runs per upstream call.
+        _otel_looked_up = True
+        try:
+            from opentelemetry import propagate, trace
+        except ImportError:
+            pass
+        else:
+            _otel_api = (propagate, trace)
+    if _otel_api is None:
         return
+    propagate, trace = _otel_api
     if trace.get_current_span().get_span_context().is_valid:
         propagate.inject(headers)
