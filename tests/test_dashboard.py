@@ -12,8 +12,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from billing_support import Org, cli, new_org
-from conftest import Gateway, sim_engine
+from billing_support import Org, cli, ledger, new_org
+from conftest import Gateway, sim_engine, wait_for
 
 MODEL = "llama3-8b-sim-h100"
 MESSAGES = [{"role": "user", "content": "Label this record."}]
@@ -24,6 +24,13 @@ def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     gateway = start_gateway(engines=[sim_engine()], engine="sim", dashboard_session_seconds=2.0,
                             policy_refresh_interval=0.1)
     cli(gateway.db_url, "prices", "set", MODEL, "--input", "10.00", "--output", "40.00")
+
+    def priced() -> bool:  # the gateway re-reads prices every policy_refresh_interval
+        with gateway.http() as http:
+            [entry] = [m for m in http.get("/v1/models").json()["data"] if m["id"] == MODEL]
+        return bool(entry.get("pricing"))
+
+    wait_for(priced)
     return gateway
 
 
@@ -49,6 +56,8 @@ def test_signing_in_opens_a_strict_session_and_the_page_shows_the_costs_apis_fig
     for tier in ("default", "flex"):
         org.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,
                                              service_tier=tier)  # type: ignore[arg-type]
+    wait_for(lambda: len(ledger(gateway, "org_id = (SELECT id FROM organizations WHERE name = ?)",
+                                "dash-a")) == 2)  # written by the usage writer, in the background
     with browser(gateway) as web:
         login_form = web.get("/dashboard")
         assert login_form.status_code == 200 and 'name="key"' in login_form.text

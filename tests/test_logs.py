@@ -46,6 +46,17 @@ def serve_sim(home: Path, **env: str) -> Any:
     return serve_process(home, "--engine", "sim", "--sim-speed", "50", env=env)
 
 
+def one_request(home: Path, **env: str) -> tuple[str, list[str]]:
+    """A `serve` with ``env`` answers one chat request of 4 tokens: its
+    request id, and the lines the server wrote."""
+    with serve_sim(home, **env) as (_, url, log):
+        key = (home / "demo_key").read_text().strip()
+        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(
+            model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=4)
+    return raw.headers["x-request-id"], log.read_text().splitlines()
+
+
 def test_serve_writes_a_json_line_per_request_as_the_ledger_has_it(tmp_path: Path) -> None:
     model = "llama3-8b-sim-h100"  # `serve --engine sim`'s, priced at o3's list price
     config = tmp_path / "flexserve.toml"
@@ -91,13 +102,7 @@ def test_serve_writes_a_json_line_per_request_as_the_ledger_has_it(tmp_path: Pat
 
 
 def test_text_lines_carry_the_request_id(tmp_path: Path) -> None:
-    with serve_sim(tmp_path, FLEXSERVE_LOG_FORMAT="text") as (_, url, log):
-        key = (tmp_path / "demo_key").read_text().strip()
-        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
-        raw = client.chat.completions.with_raw_response.create(
-            model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=4)
-    request_id = raw.headers["x-request-id"]
-    text = log.read_text().splitlines()
+    request_id, text = one_request(tmp_path, FLEXSERVE_LOG_FORMAT="text")
     [line] = [line for line in text if f"[{request_id}]" in line]
     assert " INFO flexserve.requests " in line and "event=request" in line
     assert "served_tier=default" in line and "status=completed" in line and "completion_tokens=4" in line
@@ -105,13 +110,9 @@ def test_text_lines_carry_the_request_id(tmp_path: Path) -> None:
 
 
 def test_the_request_log_can_be_turned_off(tmp_path: Path) -> None:
-    with serve_sim(tmp_path, FLEXSERVE_LOG_REQUESTS="false") as (_, url, log):
-        key = (tmp_path / "demo_key").read_text().strip()
-        client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
-        raw = client.chat.completions.with_raw_response.create(
-            model=client.models.list().data[0].id, messages=MESSAGES, max_tokens=4)
-    assert raw.headers["x-request-id"] not in log.read_text()
-    assert ledger(tmp_path, raw.headers["x-request-id"])["status"] == "completed"
+    request_id, text = one_request(tmp_path, FLEXSERVE_LOG_REQUESTS="false")
+    assert not any(request_id in line for line in text)
+    assert ledger(tmp_path, request_id)["status"] == "completed"
 
 
 def test_a_bad_log_format_is_refused_at_start(tmp_path: Path) -> None:
