@@ -5,6 +5,7 @@ the organization's page shows the costs API's figures and no one else's.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import Callable
@@ -109,6 +110,27 @@ def test_only_an_admin_key_opens_a_session_and_a_session_shows_only_its_organiza
         page = web.get("/dashboard").text
     assert "dash-c" in page and "dash-d" not in page
     assert page_total(page) == 0  # the other organization's spend is not here
+
+
+def test_the_page_lists_the_organizations_batches_with_their_progress(gateway: Gateway) -> None:
+    org = new_org(gateway, "dash-f")
+    lines = "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": MODEL, "messages": MESSAGES, "max_tokens": 2}}) + "\n"
+                    for i in range(2))
+    client = org.client()
+    uploaded = client.files.create(file=("in.jsonl", lines.encode()), purpose="batch")
+    batch = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+    wait_for(lambda: client.batches.retrieve(batch.id).status == "completed", timeout=60)
+    done = client.batches.retrieve(batch.id)
+    with browser(gateway) as web:
+        assert sign_in(web, org.key).status_code == 303
+        page = web.get("/dashboard").text
+    [row] = re.findall(rf"<tr><td>{batch.id}</td><td>(\w+)</td><td>(\d+) / (\d+)</td><td>(\d+)</td>"
+                       r'<td class="amount" data-pico="(\d+)">', page)
+    assert row[:4] == ("completed", "2", "2", "0")
+    assert done.request_counts is not None and done.request_counts.completed == 2
+    assert int(row[4]) > 0  # priced: the lines cost something
 
 
 def test_a_session_expires(gateway: Gateway) -> None:

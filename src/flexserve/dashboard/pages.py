@@ -25,6 +25,16 @@ td.amount { text-align: right; font-variant-numeric: tabular-nums; }
 """
 
 
+@dataclass(frozen=True, slots=True)
+class BatchRow:
+    id: str
+    status: str
+    total: int
+    completed: int
+    failed: int
+    cost_pico: int
+
+
 @dataclass
 class OrgView:
     """What an organization's page shows, for the last ``days`` UTC days."""
@@ -37,6 +47,8 @@ class OrgView:
     by_model_tier: list[tuple[str, str, int]] = field(default_factory=list)
     # (tier, charged, at list price)
     savings: list[tuple[str, int, int]] = field(default_factory=list)
+    # The latest batches, newest first.
+    batches: list[BatchRow] = field(default_factory=list)
 
     @property
     def total(self) -> int:
@@ -96,6 +108,10 @@ def org_page(view: OrgView, csrf: str) -> str:
     saved = "".join(
         f"<tr><td>{escape(tier)}</td>{_amount_cell(cost)}{_amount_cell(listed)}{_amount_cell(listed - cost)}</tr>"
         for tier, cost, listed in view.savings) or '<tr><td colspan="4">No flex or batch use yet.</td></tr>'
+    batches = "".join(
+        f"<tr><td>{escape(b.id)}</td><td>{escape(b.status)}</td><td>{b.completed} / {b.total}</td>"
+        f"<td>{b.failed}</td>{_amount_cell(b.cost_pico)}</tr>"
+        for b in view.batches) or '<tr><td colspan="5">No batches.</td></tr>'
     return _page(f"FlexServe: {view.org_name}", f"""
 <h1>{escape(view.org_name)}</h1>
 <form class="inline" method="post" action="/dashboard/logout">
@@ -106,4 +122,7 @@ def org_page(view: OrgView, csrf: str) -> str:
 <h2>By model and tier</h2>
 <table id="by-model-tier"><tr><th>model</th><th>tier</th><th>charged</th></tr>{rows}</table>
 <h2>Savings from flex and batch</h2>
-<table id="savings"><tr><th>tier</th><th>charged</th><th>at default price</th><th>saved</th></tr>{saved}</table>""")
+<table id="savings"><tr><th>tier</th><th>charged</th><th>at default price</th><th>saved</th></tr>{saved}</table>
+<h2>Batches (latest {len(view.batches)})</h2>
+<table id="batches"><tr><th>batch</th><th>status</th><th>done / lines</th><th>failed</th><th>cost so far</th></tr>
+{batches}</table>""")

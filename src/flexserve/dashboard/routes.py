@@ -12,12 +12,13 @@ import secrets
 import time
 from urllib.parse import parse_qs
 
+from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
 from flexserve.api.state import Services
 from flexserve.billing.reports import ReportQuery, cost_report, savings_report
-from flexserve.dashboard.pages import STYLE, OrgView, login_page, org_page
+from flexserve.dashboard.pages import STYLE, BatchRow, OrgView, login_page, org_page
 from flexserve.dashboard.sessions import (
     COOKIE_PATH,
     LOGIN_CSRF_COOKIE,
@@ -25,6 +26,7 @@ from flexserve.dashboard.sessions import (
     Session,
     same_token,
 )
+from flexserve.store.schema import batches as batches_table
 
 DAY = 86400
 DAYS = 30
@@ -130,4 +132,15 @@ async def org_view(services: Services, session: Session, now: float | None = Non
         org_name=session.org_name, days=DAYS, daily=sorted(per_day.items()),
         by_model_tier=[(m, t, p) for (m, t), p in sorted(by_model_tier.items())],
         savings=[(tier, cost, listed) for tier, (cost, listed) in sorted(savings.items())],
+        batches=await recent_batches(services, session.org_id),
     )
+
+
+async def recent_batches(services: Services, org_id: str, limit: int = 20) -> list[BatchRow]:
+    """The organization's latest batches, newest first, with their progress and cost so far."""
+    b = batches_table
+    statement = (select(b.c.id, b.c.status, b.c.total, b.c.completed, b.c.failed, b.c.cost_pico)
+                 .where(b.c.org_id == org_id).order_by(b.c.created_at.desc(), b.c.id).limit(limit))
+    async with services.db.engine.connect() as conn:
+        rows = (await conn.execute(statement)).all()
+    return [BatchRow(row.id, row.status, row.total, row.completed, row.failed, row.cost_pico) for row in rows]
