@@ -71,8 +71,19 @@ class VllmServer:
 
 def scrape(url: str, **labels: str) -> dict[str, float]:
     """A Prometheus endpoint's samples by name, summed over the label sets that
-    have ``labels``; histogram buckets left out."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    have ``labels``; histogram buckets left out.
+
+    A read whose connection is dropped before an answer is made again (twice
+    at most): reading metrics changes nothing, and on two saturated cores a
+    CI run once saw the gateway drop one."""
+    for attempt in range(3):
+        try:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            break
+        except (httpx.RemoteProtocolError, httpx.ConnectError):
+            if attempt == 2:
+                raise
+            time.sleep(POLL_SECONDS)
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -87,20 +98,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
     """Poll ``predicate`` until it holds; past ``timeout``, fail with ``what``
     and, to show why, what ``state`` returns then.
 
-    A read that times out answers nothing either way: it is polled again
-    (and named in the failure if the time runs out)."""
+    A read that fails at the transport (it timed out, or the connection was
+    closed before an answer: a CI run once saw the gateway drop one `/metrics`
+    read on two saturated cores) answers nothing either way: it is polled
+    again, and named in the failure if the time runs out."""
     deadline = time.monotonic() + timeout
-    timed_out: list[str] = []
+    failed: list[str] = []
     while True:
         try:
             if predicate():
                 return
-        except httpx.TimeoutException as exc:
-            timed_out.append(f"{exc.request.method} {exc.request.url.path}")
+        except httpx.TransportError as exc:
+            failed.append(f"{exc.request.method} {exc.request.url.path}: {type(exc).__name__}")
         if time.monotonic() > deadline:
             seen = f"; {state()}" if state is not None else ""
-            slow = f"; reads timed out: {timed_out[-5:]}" if timed_out else ""
-            raise AssertionError(f"{what} (waited {timeout:.0f} s){seen}{slow}")
+            lost = f"; reads failed: {failed[-5:]}" if failed else ""
+            raise AssertionError(f"{what} (waited {timeout:.0f} s){seen}{lost}")
         time.sleep(POLL_SECONDS)
 
 
