@@ -166,6 +166,19 @@ rate_limits = Table(
     Column("updated_at", BigInteger, nullable=False),
 )
 
+# Operators' keys (accounts.operators): they open the operator's dashboard.
+# Like API keys, stored as a SHA-256 hash; the key is shown once.
+operator_keys = Table(
+    "operator_keys",
+    metadata,
+    Column("id", String(40), primary_key=True),  # "opk_…"
+    Column("name", String(64), nullable=False),
+    Column("key_hash", String(64), nullable=False, unique=True),
+    Column("prefix", String(16), nullable=False),
+    Column("created_at", BigInteger, nullable=False),
+    Column("revoked_at", BigInteger, nullable=True),
+)
+
 # Identity documents submitted for verification (accounts.verification). The
 # document number is never stored: only a keyed hash that finds the same
 # document again (the one-organization-per-90-days rule).
