@@ -48,6 +48,7 @@ from flexserve.engines.base import Engine
 from flexserve.errors import FlexServeError
 from flexserve.files import Files
 from flexserve.dashboard.sessions import Sessions
+from flexserve.observability.history import LiveHistory
 from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
@@ -269,6 +270,10 @@ def create_app(
                 tracing=tracing,
                 sessions=Sessions(settings.dashboard_session_seconds),
             )
+            history = LiveHistory(scheduler, interval=settings.dashboard_sample_seconds)
+            app.state.services.history = history
+            history.start()
+            stack.push_async_callback(history.close)
             if shared is not None:
                 from flexserve.shared.connect import listen_for_changes
 

@@ -52,6 +52,9 @@ class Settings:
     dashboard_session_seconds: float = _opt(
         3600.0, "Seconds a /dashboard session lasts after signing in (signing out ends it at once)."
     )
+    dashboard_sample_seconds: float = _opt(
+        5.0, "Seconds between two samples of the engines and queue for the operator's dashboard (it keeps an hour)."
+    )
     log_format: str = _opt("json", "Log lines as `json` (one object a line, the request id in each) or `text`.")
     otlp_endpoint: str = _opt(
         "", "OpenTelemetry collector to send traces to over OTLP/HTTP (http://host:4318); empty: no traces. Needs the `otel` extra."
@@ -311,6 +314,8 @@ def load_settings(
         raise ConfigError("setting 'default_service_tier' must be default, flex or priority")
     if settings.redis and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"setting 'redis': {settings.redis!r} is not a redis://, rediss:// or unix:// URL")
+    if settings.dashboard_sample_seconds <= 0:
+        raise ConfigError("setting 'dashboard_sample_seconds' must be positive")
     if settings.redis_lease_ttl <= 0 or settings.redis_slots_interval <= 0:
         raise ConfigError("settings 'redis_lease_ttl' and 'redis_slots_interval' must be positive")
     if settings.log_format not in ("json", "text"):

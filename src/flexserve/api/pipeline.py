@@ -375,6 +375,11 @@ def _refused(services: Services, request_id: str, model: str, exc: BaseException
     label = model if model in services.scheduler.pools else "unknown"
     services.metrics.requests.labels(label, "none", code).inc()
     log_refused(request_id, model, exc, principal, None if tier is None else tier.value)
+    if services.history is not None:
+        services.history.observe_refused(
+            None if principal is None else principal.org_id, None if tier is None else tier.value,
+            exc.status_code if isinstance(exc, FlexServeError) else 500, code,
+        )
     if services.tracing.enabled:
         refuse_request(current_span(), exc.status_code if isinstance(exc, FlexServeError) else 500, code)
 
@@ -520,6 +525,11 @@ def _finish(services: Services, call: Call, usage: Usage | None, status: str) ->
     ttft = None if first_token_at is None else first_token_at - call.arrived_at
     if ttft is not None:
         metrics.ttft.labels(tier).observe(ttft)
+    if services.history is not None:
+        tpot = None
+        if first_token_at is not None and usage.completion_tokens > 1:
+            tpot = (now - first_token_at) / (usage.completion_tokens - 1)
+        services.history.observe(call.principal.org_id, tier, queue_time, ttft, tpot)
     record = UsageRecord(
         request_id=call.request_id,
         org_id=call.principal.org_id,

@@ -16,6 +16,7 @@ from flexserve.billing.usage import UsageWriter
 from flexserve.config import Settings
 from flexserve.dashboard.sessions import Sessions
 from flexserve.files import Files
+from flexserve.observability.history import LiveHistory
 from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.store.database import Database
@@ -47,5 +48,7 @@ class Services:
     tracing: Tracing = field(default_factory=Tracing)
     # The dashboard's open sessions (dashboard/sessions.py).
     sessions: Sessions = field(default_factory=lambda: Sessions(3600.0))
+    # The last hour the operator's dashboard plots (observability/history.py).
+    history: LiveHistory | None = None
     # The Batch API's service and runner (None until the lifespan starts it).
     batches: Batches | None = None
