@@ -402,13 +402,16 @@ def _operations() -> dict[tuple[str, str], Schema]:
 
 
 def _dashboard_operations() -> dict[tuple[str, str], Schema]:
-    """The organization's dashboard (dashboard/routes.py): HTML for a browser."""
+    """The dashboard (dashboard/routes.py): HTML for a browser."""
     html = _ok(STRING, "An HTML page.", media_type="text/html")
     request_id = {"x-request-id": _ref_response_header("RequestId")}
     redirect = {"description": "Done: on to /dashboard (with the session cookie set, or cleared).",
                 "headers": request_id}
-    refused = {"description": "A forged or expired form, or a key that is not an organization's admin key.",
+    refused = {"description": "A forged or expired form, or a key that is not an organization's admin "
+                              "key or an operator's key (or, for a decision, not an operator's session).",
                "headers": request_id, "content": {"text/html": {"schema": STRING}}}
+    decision_refused = {"description": "No such organization, nothing to decide, or no reason given.",
+                        "headers": request_id, "content": {"text/html": {"schema": STRING}}}
 
     def form(*fields: str) -> Schema:
         return {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
@@ -429,6 +432,16 @@ def _dashboard_operations() -> dict[tuple[str, str], Schema]:
             "summary": "Sign out (a form, with the session's CSRF token)",
             "security": [], "requestBody": form("csrf"),
             "responses": {"303": redirect, "403": refused, **_errors("400")},
+        },
+        ("post", "/dashboard/verification/approve"): {
+            "summary": "Approve an organization's verification (an operator's session; a form)",
+            "security": [], "requestBody": form("org", "csrf"),
+            "responses": {"303": redirect, "400": decision_refused, "403": refused, **_errors()},
+        },
+        ("post", "/dashboard/verification/reject"): {
+            "summary": "Reject an organization's verification, with a reason (an operator's session; a form)",
+            "security": [], "requestBody": form("org", "reason", "csrf"),
+            "responses": {"303": redirect, "400": decision_refused, "403": refused, **_errors()},
         },
         ("get", "/dashboard/style.css"): {
             "summary": "The dashboard's stylesheet",

@@ -49,6 +49,8 @@ def routes(endpoints: list[Endpoint]) -> list[Route]:
         Route("/dashboard/login", dashboard.login, methods=["POST"]),
         Route("/dashboard/logout", dashboard.logout, methods=["POST"]),
         Route("/dashboard/style.css", dashboard.style, methods=["GET"]),
+        Route("/dashboard/verification/approve", dashboard.decide_verification, methods=["POST"]),
+        Route("/dashboard/verification/reject", dashboard.decide_verification, methods=["POST"]),
         Route("/healthz", ops.healthz, methods=["GET"]),
         Route("/metrics", ops.metrics, methods=["GET"]),
         Route("/openapi.json", openapi.openapi_json, methods=["GET"]),

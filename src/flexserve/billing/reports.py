@@ -43,7 +43,7 @@ SAVING_TIERS = (ServiceTier.FLEX.value, ServiceTier.BATCH.value)
 class ReportQuery:
     """What a report covers."""
 
-    org_id: str
+    org_id: str | None  # None: every organization (the operator's reports)
     origin: int  # unix seconds where bucket 0 starts
     width: int  # bucket width, seconds
     start: int  # first second counted (inclusive)
@@ -70,9 +70,10 @@ def _bucket(query: ReportQuery) -> ColumnElement[Any]:
 
 
 def _filtered(statement: Select[Any], query: ReportQuery) -> Select[Any]:
+    if query.org_id is not None:
+        statement = statement.where(ur.c.org_id == query.org_id)
     statement = (
-        statement.where(ur.c.org_id == query.org_id)
-        .where(ur.c.created_at >= query.start)
+        statement.where(ur.c.created_at >= query.start)
         .where(ur.c.created_at < query.end)
         .where(ur.c.status.in_(BILLABLE_STATUSES))
     )
@@ -169,4 +170,21 @@ async def savings_report(db: Database, query: ReportQuery) -> list[ReportRow]:
             "num_model_requests": literal(1),
         },
         extra_where=[ur.c.served_tier.in_(SAVING_TIERS)],
+    )
+
+
+async def org_totals_report(db: Database, query: ReportQuery) -> list[ReportRow]:
+    """Per organization and served tier (every organization unless the query
+    names one): what was charged, what it would have cost at list price,
+    requests and tokens; bucketed as the other reports."""
+    return await _grouped(
+        db,
+        query,
+        {"org_id": ur.c.org_id, "service_tier": ur.c.served_tier},
+        {
+            "cost": ur.c.input_cost_pico + ur.c.cached_input_cost_pico + ur.c.output_cost_pico,
+            "list_cost": ur.c.list_cost_pico,
+            "num_model_requests": literal(1),
+            "tokens": ur.c.prompt_tokens + ur.c.completion_tokens,
+        },
     )

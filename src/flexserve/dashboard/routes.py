@@ -1,35 +1,37 @@
-"""``/dashboard``: an organization's page, after signing in with its admin key.
+"""``/dashboard``: an organization's page, after signing in with its admin
+key, or the operator's, after signing in with an operator's key.
 
-GET /dashboard shows the sign-in form, or the organization's page for a
-session; POST /dashboard/login opens a session (``sessions.py``); POST
-/dashboard/logout ends it. Every answer forbids caching, framing and any
-script (its Content-Security-Policy), and names no key.
+GET /dashboard shows the sign-in form, or the session's page; POST
+/dashboard/login opens a session (``sessions.py``); POST /dashboard/logout
+ends it; POST /dashboard/verification/approve and …/reject decide an
+organization's verification (operators only, audited as ``operator:NAME``).
+Every answer forbids caching, framing and any script (its
+Content-Security-Policy), and names no key.
 """
 
 from __future__ import annotations
 
 import secrets
-import time
+from html import escape
 from urllib.parse import parse_qs
 
-from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from flexserve.accounts import AccountError
+from flexserve.accounts.operators import Operators, is_operator_key
 from flexserve.api.state import Services
-from flexserve.billing.reports import ReportQuery, cost_report, savings_report
-from flexserve.dashboard.pages import STYLE, BatchRow, OrgView, login_page, org_page
+from flexserve.dashboard.operator import operator_view
+from flexserve.dashboard.operator_page import operator_page
+from flexserve.dashboard.org import org_view
+from flexserve.dashboard.pages import STYLE, login_page, org_page, page
 from flexserve.dashboard.sessions import (
     COOKIE_PATH,
     LOGIN_CSRF_COOKIE,
     SESSION_COOKIE,
-    Session,
     same_token,
 )
-from flexserve.store.schema import batches as batches_table
 
-DAY = 86400
-DAYS = 30
 MAX_FORM_BYTES = 4096
 HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; style-src 'self'; img-src 'self'; "
@@ -79,6 +81,8 @@ async def dashboard(request: Request) -> Response:
     session = services.sessions.get(request.cookies.get(SESSION_COOKIE))
     if session is None:
         return _login(request)
+    if session.operator is not None:
+        return _html(operator_page(await operator_view(services, session.operator), session.csrf))
     return _html(org_page(await org_view(services, session), session.csrf))
 
 
@@ -87,10 +91,17 @@ async def login(request: Request) -> Response:
     form = await _form(request)
     if not same_token(form.get("csrf"), request.cookies.get(LOGIN_CSRF_COOKIE)):
         return _login(request, "The form expired; sign in again.", 403)
-    principal = await services.keys.principal(form.get("key", "").strip())
-    if principal is None or not principal.is_admin:
-        return _login(request, "That is not an active admin key of an organization.", 403)
-    sid, session = services.sessions.open(principal.org_id, principal.org_name)
+    key = form.get("key", "").strip()
+    if is_operator_key(key):
+        operator = await Operators(services.db).authenticate(key)
+        if operator is None:
+            return _login(request, "That is not an active operator's key.", 403)
+        sid, session = services.sessions.open("", "", operator=operator)
+    else:
+        principal = await services.keys.principal(key)
+        if principal is None or not principal.is_admin:
+            return _login(request, "That is not an active admin key of an organization.", 403)
+        sid, session = services.sessions.open(principal.org_id, principal.org_name)
     response = RedirectResponse("/dashboard", status_code=303, headers=HEADERS)
     response.set_cookie(SESSION_COOKIE, sid, path=COOKIE_PATH, httponly=True, samesite="strict",
                         secure=_secure(request), max_age=int(services.sessions.ttl))
@@ -111,36 +122,24 @@ async def logout(request: Request) -> Response:
     return response
 
 
-async def org_view(services: Services, session: Session, now: float | None = None) -> OrgView:
-    """The organization's last ``DAYS`` UTC days, from the ledger (the costs API's figures)."""
-    today = int(now if now is not None else time.time()) // DAY * DAY
-    origin = today - (DAYS - 1) * DAY
-    query = ReportQuery(session.org_id, origin=origin, width=DAY, start=origin, end=today + DAY)
-    per_day = dict.fromkeys(range(origin, today + DAY, DAY), 0)
-    by_model_tier: dict[tuple[str, str], int] = {}
-    for row in await cost_report(services.db, query):
-        pico = row.sums["input_cost"] + row.sums["cached_input_cost"] + row.sums["output_cost"]
-        per_day[row.bucket_start] += pico
-        key = (str(row.keys["model"]), str(row.keys["service_tier"]))
-        by_model_tier[key] = by_model_tier.get(key, 0) + pico
-    savings: dict[str, tuple[int, int]] = {}
-    for row in await savings_report(services.db, query):
-        tier = str(row.keys["service_tier"])
-        cost, listed = savings.get(tier, (0, 0))
-        savings[tier] = (cost + row.sums["cost"], listed + row.sums["list_cost"])
-    return OrgView(
-        org_name=session.org_name, days=DAYS, daily=sorted(per_day.items()),
-        by_model_tier=[(m, t, p) for (m, t), p in sorted(by_model_tier.items())],
-        savings=[(tier, cost, listed) for tier, (cost, listed) in sorted(savings.items())],
-        batches=await recent_batches(services, session.org_id),
-    )
-
-
-async def recent_batches(services: Services, org_id: str, limit: int = 20) -> list[BatchRow]:
-    """The organization's latest batches, newest first, with their progress and cost so far."""
-    b = batches_table
-    statement = (select(b.c.id, b.c.status, b.c.total, b.c.completed, b.c.failed, b.c.cost_pico)
-                 .where(b.c.org_id == org_id).order_by(b.c.created_at.desc(), b.c.id).limit(limit))
-    async with services.db.engine.connect() as conn:
-        rows = (await conn.execute(statement)).all()
-    return [BatchRow(row.id, row.status, row.total, row.completed, row.failed, row.cost_pico) for row in rows]
+async def decide_verification(request: Request) -> Response:
+    """An operator's approval or rejection of an organization's verification,
+    from the verification queue's forms."""
+    services = _services(request)
+    session = services.sessions.get(request.cookies.get(SESSION_COOKIE))
+    form = await _form(request)
+    if session is None or session.operator is None or not same_token(form.get("csrf"), session.csrf):
+        return _html("<!doctype html><p>Refused: no operator's session, or a forged form.</p>", 403)
+    org, reason = form.get("org", "").strip(), form.get("reason", "").strip()
+    actor = f"operator:{session.operator}"
+    try:
+        if request.url.path.endswith("/approve"):
+            await services.verifications.verify(org, actor=actor)
+        elif reason:
+            await services.verifications.reject(org, reason, actor=actor)
+        else:
+            raise AccountError("A rejection needs a reason: the organization's admins are shown it.")
+    except AccountError as exc:
+        return _html(page("FlexServe: refused", f"<p class=\"error\">{escape(str(exc))}</p>"
+                          '<p><a href="/dashboard">Back to the dashboard</a></p>'), 400)
+    return RedirectResponse("/dashboard", status_code=303, headers=HEADERS)

@@ -1,10 +1,12 @@
 """Dashboard sessions: a key exchanged once for a cookie, CSRF tokens.
 
-Login takes an organization's admin key from a form (never a URL) and
+Login takes an organization's admin key, or an operator's key
+(``accounts.operators``), from a form (never a URL) and
 answers with a session cookie: ``HttpOnly`` (no script reads it),
 ``SameSite=Strict`` (no other site's page sends it), ``Secure`` when the
 request came over TLS, scoped to ``/dashboard``, expiring with the session.
-The key itself is not kept: the session holds the organization it opened.
+The key itself is not kept: the session holds the organization it opened,
+or the operator's name.
 
 Every form carries a CSRF token: before login, the double-submit kind (a
 random cookie the form repeats); after it, the session's own token. A
@@ -31,10 +33,15 @@ COOKIE_PATH = "/dashboard"
 
 @dataclass(frozen=True, slots=True)
 class Session:
-    org_id: str
+    org_id: str  # "" for an operator's session
     org_name: str
     csrf: str
     expires_at: float  # time.monotonic()
+    operator: str | None = None  # the operator's name: the operator's view
+
+    @property
+    def is_operator(self) -> bool:
+        return self.operator is not None
 
 
 class Sessions:
@@ -44,10 +51,11 @@ class Sessions:
         self.ttl = ttl
         self._open: dict[str, Session] = {}
 
-    def open(self, org_id: str, org_name: str) -> tuple[str, Session]:
+    def open(self, org_id: str, org_name: str, *, operator: str | None = None) -> tuple[str, Session]:
         self._forget_expired()
         sid = secrets.token_urlsafe(32)
-        session = Session(org_id, org_name, secrets.token_urlsafe(32), time.monotonic() + self.ttl)
+        session = Session(org_id, org_name, secrets.token_urlsafe(32), time.monotonic() + self.ttl,
+                          operator)
         self._open[sid] = session
         return sid, session
 
