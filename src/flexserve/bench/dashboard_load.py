@@ -2,8 +2,9 @@
 
 A gateway (``flexserve serve``, SQLite) whose ledger holds ``days`` days of
 ``per_day`` requests a day for each of ``orgs`` organizations; one
-organization's admin signs in and loads its page ``loads`` times. Reported:
-the page's load time (median, p90, max) and the ledger's size::
+organization's admin signs in and loads its page ``loads`` times, then an
+operator loads the operator's page (every organization) as often. Reported:
+each page's load time (median, p90, max) and the ledger's size::
 
     .venv/bin/python -m flexserve.bench.dashboard_load    # reports/dashboard-load.json
 """
@@ -65,26 +66,37 @@ def run(orgs: int, days: int, per_day: int, loads: int) -> dict[str, Any]:
             capture_output=True, text=True, check=True).stdout.strip()
         with sqlite3.connect(home / "flexserve.db") as db:
             (org_id,) = db.execute("SELECT id FROM organizations WHERE name = 'bench'").fetchone()
+        operator_key = subprocess.run(
+            flexserve_command("operators", "create", "bench-operator", "--db", db_url, "--home", str(home)),
+            capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
         num_rows = _fill(home / "flexserve.db", org_id, orgs, days, per_day)
-        with httpx.Client(base_url=gateway.url, timeout=60) as web:
-            form = web.get("/dashboard").text
-            csrf = re.search(r'name="csrf" value="([^"]+)"', form)
-            assert csrf is not None
-            signed_in = web.post("/dashboard/login", data={"key": admin_key, "csrf": csrf.group(1)})
-            assert signed_in.status_code == 303, signed_in.text
-            times = []
-            for _ in range(loads):
-                started = time.perf_counter()
-                page = web.get("/dashboard")
-                times.append(time.perf_counter() - started)
-                assert page.status_code == 200 and 'id="total"' in page.text
+        org_times = _loads(gateway.url, admin_key, loads, 'id="total"')
+        operator_times = _loads(gateway.url, operator_key, loads, 'id="revenue"')
     return {
         "benchmark": "dashboard-load",
         "host": host_info(),
         "setup": {"orgs": orgs, "days": days, "requests_per_org_per_day": per_day, "usage_rows": num_rows,
                   "loads": loads, "database": "SQLite"},
-        "page_load_ms": summary_ms(times),
+        "org_page_load_ms": summary_ms(org_times),
+        "operator_page_load_ms": summary_ms(operator_times),
     }
+
+
+def _loads(url: str, key: str, loads: int, marker: str) -> list[float]:
+    """Sign in with ``key`` and time ``loads`` loads of the page it opens."""
+    with httpx.Client(base_url=url, timeout=60) as web:
+        form = web.get("/dashboard").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', form)
+        assert csrf is not None
+        signed_in = web.post("/dashboard/login", data={"key": key, "csrf": csrf.group(1)})
+        assert signed_in.status_code == 303, signed_in.text
+        times = []
+        for _ in range(loads):
+            started = time.perf_counter()
+            page = web.get("/dashboard")
+            times.append(time.perf_counter() - started)
+            assert page.status_code == 200 and marker in page.text, page.text[:500]
+        return times
 
 
 def main() -> None:
@@ -97,7 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     report = run(args.orgs, args.days, args.per_day, args.loads)
     write_json(args.out, report)
-    print(report["setup"], report["page_load_ms"])
+    print(report["setup"], "organization:", report["org_page_load_ms"],
+          "operator:", report["operator_page_load_ms"])
 
 
 if __name__ == "__main__":
