@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -58,9 +59,13 @@ async def admitted_at_once(gateways: list[RateLimits], attempts: int, tokens: in
 
 async def test_a_minutes_requests_across_gateways_are_the_limit(limiters: Limiters) -> None:
     limit = RateLimit(requests_per_minute=30)
-    gateways: list[RateLimits] = [await limiters.start(limit) for _ in range(3)]
-    # Under a second: the buckets refill by at most half a request meanwhile.
-    assert await admitted_at_once(gateways, 200) == 30
+    # A patient client: on a loaded machine 200 scripts at once once took
+    # Redis past 5 s (a timeout answers 503, which is not what is tested here).
+    gateways: list[RateLimits] = [await limiters.start(limit, timeout=30.0) for _ in range(3)]
+    started = time.monotonic()
+    admitted = await admitted_at_once(gateways, 200)
+    # The bucket refills half a request a second meanwhile: at most that more.
+    assert 30 <= admitted <= 30 + int((time.monotonic() - started) * 0.5)
 
 
 async def test_gateways_each_with_limits_of_their_own_admit_the_limit_each() -> None:
