@@ -1,7 +1,7 @@
 """/dashboard over HTTP: signing in with an admin key, the session cookie's
 flags, CSRF on every form, the Content-Security-Policy, expiry and sign-out;
 the organization's page shows the costs API's figures and no one else's.
-(In a browser: not yet; see docs/dashboard.md.)"""
+(In a real browser: tests/test_dashboard_browser.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """/dashboard in a real browser (headless Chromium, tests/browser.py): signing
 in through the form, the organization's page against the costs API, the
-session cookie as the browser keeps it, a wrong key, signing out; and on
+session cookie as the browser keeps it, a wrong key, signing out; the
+operator's page, its charts and its verification decisions; and on
 every page, nothing in the console (no Content-Security-Policy violation,
 no script error). Skipped where Chromium is not installed."""
 
@@ -169,6 +170,72 @@ def test_signing_out_ends_the_session(gateway: Gateway, driver: Any) -> None:
     driver.add_cookie({"name": "fs_session", "value": cookie["value"], "path": "/dashboard"})
     driver.refresh()
     assert on_sign_in_form(driver) and "browser-d" not in driver.page_source
+    assert browser_problems(driver) == []
+
+
+@pytest.fixture(scope="module")
+def busy_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
+    """A slower sim engine, sampled often: the operator's charts have something to draw."""
+    gateway = start_gateway(engines=[sim_engine(speed=5.0, max_num_seqs=8)], engine="sim",
+                            policy_refresh_interval=0.1, dashboard_sample_seconds=0.25, org="ops-admin")
+    cli(gateway.db_url, "prices", "set", MODEL, "--input", "10.00", "--output", "40.00")
+    return gateway
+
+
+def test_an_operator_sees_the_engines_and_decides_verifications_in_the_browser(
+        busy_gateway: Gateway, driver: Any) -> None:
+    gateway = busy_gateway
+    orgs = [new_org(gateway, name) for name in ("acme-labs", "enrich-co")]
+    for org, number in zip(orgs, ("P1234567", "P7654321"), strict=True):
+        sent = org.post("/v1/organization/verification",
+                        {"document_type": "passport", "country": "FR", "number": number})
+        assert sent.status_code == 200, sent.text
+
+    def ask(org_index: int, tier: str, max_tokens: int) -> None:
+        orgs[org_index].client().chat.completions.create(
+            model=MODEL, messages=MESSAGES, max_tokens=max_tokens, service_tier=tier)  # type: ignore[arg-type]
+
+    # Default and flex side by side, for a few seconds: the engine chart's tiers.
+    work = [threading.Thread(target=ask, args=(i % 2, tier, 150 + 40 * i))
+            for i, tier in enumerate(["default", "flex"] * 6)]
+    for thread in work:
+        thread.start()
+        time.sleep(0.15)
+    for thread in work:
+        thread.join(timeout=120)
+    key = cli(gateway.db_url, "operators", "create", "alice").strip().splitlines()[-1]
+    sign_in(driver, gateway.url, key)
+    assert driver.find_element(By.TAG_NAME, "h1").text == "FlexServe operator (alice)"
+    # Each organization's row is its costs API's total.
+    for org in orgs:
+        [row] = [r for r in driver.find_elements(By.CSS_SELECTOR, "#orgs tr[data-org]")
+                 if r.find_element(By.TAG_NAME, "td").text == org.name]
+        charged = row.find_elements(By.TAG_NAME, "td")[4]
+        assert int(charged.get_attribute("data-pico")) == costs_api_total(gateway, org.key) > 0
+    # The engine's chart draws flex and default (areas with a tooltip each).
+    chart = driver.find_element(By.CSS_SELECTOR, '#engines svg[aria-label^="Sequences on"]')
+    tooltips = [t.get_attribute("textContent") for t in chart.find_elements(By.CSS_SELECTOR, "polygon title")]
+    peaks = {t.split(":")[0]: float(t.rsplit("peak ", 1)[1]) for t in tooltips}
+    assert peaks["default"] > 0 and peaks["flex"] > 0, peaks
+    assert "Flex waits, last hour (6 served)" in driver.page_source
+    screenshot(driver, "dashboard-operator")
+    assert browser_problems(driver) == []
+
+    # Approve the first document, reject the second with a reason typed in.
+    rows = driver.find_elements(By.CSS_SELECTOR, "#verifications tr")[1:]
+    assert [r.find_element(By.TAG_NAME, "td").text for r in rows] == ["acme-labs", "enrich-co"]
+    approve = rows[0].find_element(By.CSS_SELECTOR, 'form[action$="/approve"] button')
+    approve.click()
+    wait_for_page(driver, approve)
+    [row] = driver.find_elements(By.CSS_SELECTOR, "#verifications tr")[1:]
+    row.find_element(By.CSS_SELECTOR, 'input[name="reason"]').send_keys("the scan is unreadable")
+    reject = row.find_element(By.CSS_SELECTOR, 'form[action$="/reject"] button')
+    reject.click()
+    wait_for_page(driver, reject)
+    assert driver.find_element(By.ID, "verifications").text == "No document is waiting."
+    assert orgs[0].get("/v1/organization/verification").json()["status"] == "verified"
+    rejected = orgs[1].get("/v1/organization/verification").json()
+    assert rejected["status"] == "rejected" and "the scan is unreadable" in str(rejected)
     assert browser_problems(driver) == []
 
 

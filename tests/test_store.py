@@ -14,7 +14,7 @@ from flexserve.store import Database
 from flexserve.store.database import async_url
 from flexserve.store.schema import metadata
 
-TABLES = {"organizations", "projects", "api_keys", "usage_records", "stored_responses", "files"}
+TABLES = {"organizations", "projects", "api_keys", "usage_records", "stored_responses", "files", "operator_keys"}
 
 
 async def test_migrate_twice_creates_the_tables_once(tmp_path: Path) -> None:
@@ -28,7 +28,7 @@ async def test_migrate_twice_creates_the_tables_once(tmp_path: Path) -> None:
     finally:
         await db.close()
     assert tables >= TABLES
-    assert version == [("0010",)]
+    assert version == [("0011",)]
     assert (tmp_path / "nested" / "dir" / "fs.db").is_file()
 
 

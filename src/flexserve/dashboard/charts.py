@@ -33,7 +33,8 @@ def bars(label: str, points: Sequence[tuple[str, float]], show: Callable[[float]
     """One bar per point (label, value), the first and last labels below."""
     if not points:
         return ""
-    top = max(value for _, value in points) or 1
+    peak = max(value for _, value in points)
+    top = peak or 1
     step = width / len(points)
     plot = height - 20
     drawn = []
@@ -44,7 +45,7 @@ def bars(label: str, points: Sequence[tuple[str, float]], show: Callable[[float]
                      f'</title></rect>')
     drawn.append(f'<text x="0" y="{height - 4}">{escape(points[0][0])}</text>')
     drawn.append(f'<text x="{width}" y="{height - 4}" text-anchor="end">{escape(points[-1][0])}</text>')
-    drawn.append(f'<text x="{width}" y="10" text-anchor="end">max {escape(show(top))}</text>')
+    drawn.append(f'<text x="0" y="10">max {escape(show(peak))}</text>')
     return _svg(label, width, height, "".join(drawn))
 
 
@@ -58,7 +59,8 @@ def stacked(label: str, times: Sequence[float], series: Mapping[str, Sequence[fl
     t0, t1 = times[0], times[-1]
     span = (t1 - t0) or 1.0
     totals = [sum(values[i] for values in series.values()) for i in range(len(times))]
-    top = max([*totals, *(ceiling or ()), 1])
+    peak = max([*totals, *(ceiling or ())])
+    top = peak or 1
 
     def x(t: float) -> float:
         return width * (t - t0) / span
@@ -82,7 +84,7 @@ def stacked(label: str, times: Sequence[float], series: Mapping[str, Sequence[fl
                      f'<title>capacity {ceiling[-1]:g}</title></polyline>')
     drawn.append(f'<text x="0" y="{height - 4}">{clock_label(t0)}</text>')
     drawn.append(f'<text x="{width}" y="{height - 4}" text-anchor="end">{clock_label(t1)} UTC</text>')
-    drawn.append(f'<text x="{width}" y="10" text-anchor="end">max {top:g}</text>')
+    drawn.append(f'<text x="0" y="10">max {peak:g}</text>')
     return _svg(label, width, height, "".join(drawn))
 
 
