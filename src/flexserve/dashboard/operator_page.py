@@ -139,9 +139,12 @@ def _revenue(view: OperatorView) -> str:
     for _, tiers, _ in view.daily:
         for tier, pico in tiers.items():
             totals[tier] = totals.get(tier, 0) + pico
+    saved = bars("Saved by flex and batch per day", [(day_label(day), s) for day, _, s in view.daily],
+                 lambda pico: usd(int(pico)), height=110, colour=TIER_COLOURS["flex"])
     rows = "".join(f"<tr><td>{escape(tier)}</td>{amount_cell(pico)}</tr>"
                    for tier, pico in sorted(totals.items())) or '<tr><td colspan="2">Nothing yet.</td></tr>'
-    return f'{chart}<table id="revenue-by-tier"><tr><th>tier</th><th>charged</th></tr>{rows}</table>'
+    return (f'{chart}<p>Saved by flex and batch, per day:</p>{saved}'
+            f'<table id="revenue-by-tier"><tr><th>tier</th><th>charged</th></tr>{rows}</table>')
 
 
 def _orgs(view: OperatorView) -> str:
