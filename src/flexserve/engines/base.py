@@ -71,6 +71,13 @@ ALL_FEATURES: frozenset[Feature] = frozenset(Feature)
 EngineOp = Literal["chat", "completion", "embedding"]
 
 
+def monotonic_now() -> float:
+    """``time.monotonic()``, looked up when called: a dataclass field's
+    ``default_factory=time.monotonic`` would keep the function it saw at
+    import, and miss the planner's virtual clock (``plan/clock.py``)."""
+    return time.monotonic()
+
+
 @dataclass(slots=True)
 class EngineRequest:
     """One request for an engine: an OpenAI request body, validated by the API layer.
@@ -222,7 +229,7 @@ class EngineLoad:
     # Fraction of the KV cache in use, 0–1; None when the engine does not say.
     kv_cache_usage: float | None = None
     # time.monotonic() when these numbers were read; stale numbers mean saturated.
-    updated_at: float = field(default_factory=time.monotonic)
+    updated_at: float = field(default_factory=monotonic_now)
 
     def age(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.updated_at

@@ -18,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
-import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+from flexserve.engines.base import monotonic_now
 from flexserve.scheduler.fairness import FairQueue
 from flexserve.tiers import ServiceTier
 
@@ -41,7 +41,7 @@ class Waiter:
     org_id: str
     # Tokens this request is expected to cost (prompt + max output), for fair shares.
     cost_tokens: int
-    arrival: float = field(default_factory=time.monotonic)
+    arrival: float = field(default_factory=monotonic_now)
     # Resolved with the granted replica, or failed with the reason it was refused.
     future: asyncio.Future[Any] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()

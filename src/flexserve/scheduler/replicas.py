@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-from flexserve.engines.base import Engine, EngineLoad, Feature, SequenceControl
+from flexserve.engines.base import Engine, EngineLoad, Feature, SequenceControl, monotonic_now
 from flexserve.scheduler.estimates import FlexHistory
 from flexserve.scheduler.holds import HeldPlaces
 from flexserve.scheduler.prefill import PrefillBudget
@@ -55,7 +54,7 @@ class Running:
     stream: bool
     # Estimated prompt tokens, for the replica's prefill budget.
     prompt_tokens: int = 0
-    started_at: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=monotonic_now)
     # time.monotonic() when it was put on a replica, and the seconds it was
     # then predicted to hold its slot (flex: for wait estimates).
     granted_at: float = 0.0
