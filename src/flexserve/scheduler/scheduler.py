@@ -47,7 +47,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from flexserve.engines.base import Delta, Engine, EngineRequest, Feature, NoLoadSignalsError
+from flexserve.engines.base import Delta, Engine, EngineRequest, Feature, NoLoadSignalsError, monotonic_now
 from flexserve.errors import (
     EngineOverloadedError,
     EngineTimeoutError,
@@ -103,7 +103,7 @@ class Ticket:
     place: bytes | None = None
     # Filled in by the scheduler:
     served_tier: ServiceTier | None = None
-    enqueued_at: float = field(default_factory=time.monotonic)
+    enqueued_at: float = field(default_factory=monotonic_now)
     admitted_at: float | None = None
     replica_name: str | None = None
     num_preemptions: int = 0
@@ -374,7 +374,11 @@ class Scheduler:
             finally:
                 self._release(pool, replica, run)
                 if finished and run.tier is ServiceTier.DEFAULT and run.num_output > 2:
-                    self._calibrate(replica, run, run.seconds_per_delta)
+                    # Per token, not per delta: an engine may send several
+                    # tokens in one (vLLM's --stream-interval).
+                    per_delta = (last.usage.completion_tokens / run.num_output
+                                 if last is not None and last.usage is not None else replica.tokens_per_delta)
+                    self._calibrate(replica, run, run.seconds_per_delta / max(1.0, per_delta))
                 if finished and run.expected_seconds > 0:
                     calibration = history.calibration if preemptible else history.prior_calibration
                     calibration.observe(time.monotonic() - run.granted_at, run.expected_seconds)

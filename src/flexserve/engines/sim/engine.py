@@ -49,6 +49,7 @@ class SimEngine(Engine):
         model: SimModel | None = None,
         cost_model: str = "flat",
         enable_prefix_caching: bool = False,
+        stream_interval: int = 1,
     ) -> None:
         # `model` lets a test share one SimModel between the engine and its own probes.
         self.model = model or SimModel(
@@ -60,6 +61,7 @@ class SimEngine(Engine):
             model_id=model_id,
             cost_model=cost_model,
             enable_prefix_caching=enable_prefix_caching,
+            stream_interval=stream_interval,
         )
         # Under fcfs the model ignores priority; say so rather than take hints in vain.
         self.accepts_priority = self.model.scheduling_policy == "priority"

@@ -111,6 +111,7 @@ class SimModel:
         long_prefill_token_threshold: int = 0,
         enable_prefix_caching: bool = False,
         flex_prefill_budget: int = 0,
+        stream_interval: int = 1,
     ) -> None:
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
@@ -140,6 +141,8 @@ class SimModel:
         if flex_prefill_budget and scheduling_policy != "priority":
             raise ValueError("flex_prefill_budget needs scheduling_policy 'priority' "
                              "(the policy tells flex by its priority)")
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1, got {stream_interval}")
         if scheduling_policy not in ("fcfs", "priority"):
             raise ValueError(
                 f"scheduling_policy must be fcfs or priority, got {scheduling_policy!r}"
@@ -153,6 +156,9 @@ class SimModel:
         # The flex-aware step policy (engines/step_policy.py): prompt tokens
         # flex may prefill per step, only when no default prompt is pending; 0: off.
         self.flex_prefill_budget = flex_prefill_budget
+        # vLLM's --stream-interval: a request's consumer hears of new tokens
+        # every this many (and of its first and last at once); 1: each token.
+        self.stream_interval = stream_interval
         # vLLM's automatic prefix caching (engines/sim/prefix_cache.py), for
         # requests of one prompt and one choice; None: off.
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
@@ -716,7 +722,9 @@ class SimModel:
                     self._finish(seq)
                     continue
                 seq.active = [j for j in seq.active if generated[j] < lengths[j]]
-            seq.ready.set()
+            if seq.num_generated - seq.num_told >= self.stream_interval or seq.num_told == 0:
+                seq.num_told = seq.num_generated
+                seq.ready.set()
 
     def _finish(self, seq: Seq) -> None:
         seq.state = SeqState.FINISHED

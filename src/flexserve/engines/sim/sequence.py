@@ -18,7 +18,7 @@ class Seq:
     """One sequence in the engine; touched only by the step loop and its consumer."""
 
     __slots__ = ("active", "arrival", "blocks", "error", "generated", "held_blocks", "key",
-                 "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit",
+                 "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit", "num_told",
                  "output_lens", "prefill_target", "prompt_tokens", "ready", "request_id",
                  "state")
 
@@ -43,6 +43,8 @@ class Seq:
         self.kv_held = 0
         # Tokens generated over all choices.
         self.num_generated = 0
+        # Of those, how many its consumer was woken for (stream_interval).
+        self.num_told = 0
         self.last_token_at = 0.0
         # Shared by the sequences of one request: their consumer waits on it.
         self.ready = ready
