@@ -24,11 +24,12 @@ def _register() -> None:
     from flexserve.cli.bench import bench
     from flexserve.cli.db import db
     from flexserve.cli.operators import operators
+    from flexserve.cli.plan import plan
     from flexserve.cli.run import run
     from flexserve.cli.serve import serve
     from flexserve.cli.sim import sim_engine
 
-    for command in (serve, db, orgs, keys, operators, sim_engine, bench, batches, run):
+    for command in (serve, db, orgs, keys, operators, sim_engine, bench, batches, run, plan):
         main.add_command(command)
     _register_billing()
 
