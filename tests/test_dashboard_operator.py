@@ -171,3 +171,16 @@ def test_the_organizations_page_shows_its_budget_rate_limit_headroom_and_flex_ho
     assert re.search(r'of a budget of <span class="amount" data-pico="2500000000000">', page)
     assert "<tr><td>default</td><td>2 / 2</td><td>0</td>" in page  # no request left this minute
     assert re.search(r'<table id="flex-hour">.*?<tr><td>3</td><td>0</td><td>0%</td>', page, re.S)
+
+
+def test_the_operators_page_shows_the_last_plan_written_to_the_gateways_home(gateway: Gateway) -> None:
+    with browser(gateway) as web:
+        assert sign_in(web, operator_key(gateway, "ops-dave")).status_code == 303
+        assert "No plan yet" in web.get("/dashboard").text
+        out = cli(gateway.db_url, "plan", "--home", gateway.settings.home, "--max-num-seqs", "8", "--window", "3",
+                  "--warmup", "1", "--levels", "1", "--peak-rps", "1", "--trough", "1")
+        assert "report:" in out
+        page = web.get("/dashboard").text
+    planned = re.search(r'<span id="plan-flex">([\d,]+)</span>', page)
+    assert planned is not None and int(planned.group(1).replace(",", "")) > 0
+    assert 'aria-label="Flex output tokens sellable per hour"' in page

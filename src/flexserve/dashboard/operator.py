@@ -8,6 +8,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
 
 from sqlalchemy import select
 
@@ -68,6 +72,8 @@ class OperatorView:
     pending: list[PendingVerification] = field(default_factory=list)
     batches: list[BatchRow] = field(default_factory=list)
     org_names: dict[str, str] = field(default_factory=dict)
+    # The last `flexserve plan` written to <home>/plan (plan/report.py), if any.
+    plan: dict[str, Any] | None = None
 
     @property
     def revenue(self) -> int:
@@ -86,6 +92,7 @@ async def operator_view(services: Services, operator: str, now: float | None = N
     view.batches = await recent_batches(services, None, limit=50, in_flight=True)
     history = services.history
     view.spare = services.scheduler.flex_status()
+    view.plan = latest_plan(Path(services.settings.home) / "plan" / "plan.json")
     if history is not None:
         view.samples = list(history.samples)
         finished = history.finished()
@@ -139,6 +146,17 @@ async def pending_verifications(services: Services) -> list[PendingVerification]
     async with services.db.engine.connect() as conn:
         rows = (await conn.execute(statement)).all()
     return [PendingVerification(r.name, r.document_type, r.country, r.submitted_at) for r in rows]
+
+
+def latest_plan(path: Path) -> dict[str, Any] | None:
+    """The planner's last report in the gateway's home, if it wrote one there."""
+    try:
+        document = orjson.loads(path.read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(document, dict) or document.get("report") != "flexserve-plan":
+        return None
+    return document
 
 
 def per_minute(samples: list[Sample], refused_at: list[float], now: float) -> list[tuple[int, int, int]]:

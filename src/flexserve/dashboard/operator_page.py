@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 from html import escape
+from typing import Any
 
 from flexserve.dashboard.charts import TIER_COLOURS, bars, clock_label, day_label, legend, stacked
 from flexserve.dashboard.operator import Latency, OperatorView
@@ -42,7 +43,26 @@ saved by flex and batch: <span class="amount" data-pico="{view.saved}">{usd(view
 <h2>Verification queue ({len(view.pending)})</h2>
 {_pending(view, csrf)}
 <h2>Batches in flight ({len(view.batches)})</h2>
-{_batches(view)}""")
+{_batches(view)}
+<h2>Capacity plan</h2>
+{_plan(view.plan)}""")
+
+
+def _plan(plan: dict[str, Any] | None) -> str:
+    """The last `flexserve plan` run into this gateway's home (docs/plan.md)."""
+    if plan is None:
+        return ('<p id="plan">No plan yet: <code>flexserve plan</code> writes one here '
+                "(docs/plan.md).</p>")
+    summary, model = plan["summary"], plan["model"]
+    sold = bars("Flex output tokens sellable per hour",
+                [(f"{h['hour']:02d}:00", h["flex_output_tokens"]) for h in plan["hours"]],
+                lambda v: f"{v:,.0f} tokens", height=110, colour=TIER_COLOURS["flex"])
+    revenue = ", ".join(f"{escape(t)} ${escape(v)}" for t, v in summary["revenue_per_day_usd"].items())
+    return (f'<div id="plan"><p>{escape(str(plan.get("created", "")))}: {model["replicas"]} × '
+            f'{escape(model["profile"])}; {escape(plan["traffic"])}.</p>'
+            f'<p>Within the SLO all day: {"yes" if summary["within_slo_all_day"] else "no"}; flex sellable: '
+            f'<span id="plan-flex">{summary["flex_output_tokens_per_day"]:,}</span> output tokens a day'
+            f'{"; revenue a day: " + revenue if revenue else ""}.</p>{sold}</div>')
 
 
 def _engines(samples: list[Sample]) -> str:
