@@ -12,7 +12,7 @@ import httpx
 import openai
 from click.testing import CliRunner
 
-from conftest import Gateway
+from conftest import Gateway, sim_engine, wait_for
 from flexserve.cli import main
 
 
@@ -101,3 +101,22 @@ def pico(value: float) -> int:
 
 def results(page: dict[str, Any]) -> list[dict[str, Any]]:
     return [result for bucket in page["data"] for result in bucket["results"]]
+
+
+SIM_MODEL = "llama3-8b-sim-h100"
+
+
+def priced_sim_gateway(start: Any, *, speed: float = 50.0, max_num_seqs: int = 16, **overrides: Any) -> Gateway:
+    """A gateway (``start``: the ``start_gateway`` fixture) on an in-process sim
+    engine whose model costs $10/$40 per 1M tokens, once it has read the price."""
+    gateway: Gateway = start(engines=[sim_engine(speed=speed, max_num_seqs=max_num_seqs)], engine="sim",
+                             policy_refresh_interval=0.1, **overrides)
+    cli(gateway.db_url, "prices", "set", SIM_MODEL, "--input", "10.00", "--output", "40.00")
+
+    def priced() -> bool:  # the gateway re-reads prices every policy_refresh_interval
+        with gateway.http() as http:
+            [entry] = [m for m in http.get("/v1/models").json()["data"] if m["id"] == SIM_MODEL]
+        return bool(entry.get("pricing"))
+
+    wait_for(priced)
+    return gateway

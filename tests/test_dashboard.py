@@ -13,8 +13,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from billing_support import Org, cli, ledger, new_org
-from conftest import Gateway, sim_engine, wait_for
+from billing_support import priced_sim_gateway, Org, cli, ledger, new_org
+from conftest import Gateway, wait_for
 
 MODEL = "llama3-8b-sim-h100"
 MESSAGES = [{"role": "user", "content": "Label this record."}]
@@ -22,17 +22,7 @@ MESSAGES = [{"role": "user", "content": "Label this record."}]
 
 @pytest.fixture(scope="module")
 def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
-    gateway = start_gateway(engines=[sim_engine()], engine="sim", dashboard_session_seconds=2.0,
-                            policy_refresh_interval=0.1)
-    cli(gateway.db_url, "prices", "set", MODEL, "--input", "10.00", "--output", "40.00")
-
-    def priced() -> bool:  # the gateway re-reads prices every policy_refresh_interval
-        with gateway.http() as http:
-            [entry] = [m for m in http.get("/v1/models").json()["data"] if m["id"] == MODEL]
-        return bool(entry.get("pricing"))
-
-    wait_for(priced)
-    return gateway
+    return priced_sim_gateway(start_gateway, dashboard_session_seconds=2.0)
 
 
 def browser(gateway: Gateway) -> httpx.Client:

@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
-from billing_support import cli, new_org
+from billing_support import priced_sim_gateway, cli, new_org
 from browser import browser_problems, forget_everything, new_driver, screenshot, sign_in, wait_for_page
-from conftest import Gateway, sim_engine, sql_rows, wait_for
+from conftest import Gateway, sql_rows, wait_for
 from flexserve.dashboard.routes import HEADERS
 
 try:
@@ -33,16 +33,7 @@ NOT_AN_ADMIN_KEY = "That is not an active admin key of an organization."
 
 @pytest.fixture(scope="module")
 def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
-    gateway = start_gateway(engines=[sim_engine()], engine="sim", policy_refresh_interval=0.1)
-    cli(gateway.db_url, "prices", "set", MODEL, "--input", "10.00", "--output", "40.00")
-
-    def priced() -> bool:  # the gateway re-reads prices every policy_refresh_interval
-        with gateway.http() as http:
-            [entry] = [m for m in http.get("/v1/models").json()["data"] if m["id"] == MODEL]
-        return bool(entry.get("pricing"))
-
-    wait_for(priced)
-    return gateway
+    return priced_sim_gateway(start_gateway)
 
 
 @pytest.fixture(scope="session")
@@ -176,10 +167,8 @@ def test_signing_out_ends_the_session(gateway: Gateway, driver: Any) -> None:
 @pytest.fixture(scope="module")
 def busy_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     """A slower sim engine, sampled often: the operator's charts have something to draw."""
-    gateway = start_gateway(engines=[sim_engine(speed=5.0, max_num_seqs=8)], engine="sim",
-                            policy_refresh_interval=0.1, dashboard_sample_seconds=0.25, org="ops-admin")
-    cli(gateway.db_url, "prices", "set", MODEL, "--input", "10.00", "--output", "40.00")
-    return gateway
+    return priced_sim_gateway(start_gateway, speed=5.0, max_num_seqs=8, dashboard_sample_seconds=0.25,
+                              org="ops-admin")
 
 
 def test_an_operator_sees_the_engines_and_decides_verifications_in_the_browser(

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from billing_support import Org, cli, ledger, new_org
-from conftest import Gateway, sim_engine, wait_for
+from billing_support import priced_sim_gateway, Org, cli, ledger, new_org
+from conftest import Gateway, wait_for
 from test_dashboard import MESSAGES, MODEL, browser, page_total, sign_in
 
 DAY = 86400
@@ -23,17 +23,7 @@ DAY = 86400
 @pytest.fixture(scope="module")
 def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     """A gateway of the module's own: the operator's page shows every organization in its database."""
-    gateway = start_gateway(engines=[sim_engine()], engine="sim", dashboard_sample_seconds=0.2,
-                            policy_refresh_interval=0.1)
-    cli(gateway.db_url, "prices", "set", MODEL, "--input", "10.00", "--output", "40.00")
-
-    def priced() -> bool:
-        with gateway.http() as http:
-            [entry] = [m for m in http.get("/v1/models").json()["data"] if m["id"] == MODEL]
-        return bool(entry.get("pricing"))
-
-    wait_for(priced)
-    return gateway
+    return priced_sim_gateway(start_gateway, dashboard_sample_seconds=0.2)
 
 
 def operator_key(gateway: Gateway, name: str = "ops-alice") -> str:
