@@ -216,3 +216,18 @@ def test_a_window_is_replayed_the_same_each_time() -> None:
 
     first, second = simulate(window), simulate(window)
     assert first.output_tokens == second.output_tokens and first.default_ttft == second.default_ttft
+
+
+def test_sizing_for_flex_revenue_answers_a_fleet_that_earns_it(tmp_path: Path) -> None:
+    # One replica of 16 sequences sells about $3,200 of flex a day at $10/$40 list prices.
+    args = ["plan", "--home", str(tmp_path), "--peak-rps", "6", "--trough", "0.5", "--max-num-seqs", "16",
+            "--window", "8", "--warmup", "2", "--levels", "2", "--price-input", "10", "--price-output", "40"]
+    result = CliRunner().invoke(main, [*args, "--target-flex-revenue-per-day", "5000"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    replicas = report["sizing"]["replicas"]
+    assert replicas == report["model"]["replicas"] >= 2
+    assert report["summary"]["revenue_per_day_pico"]["flex"] >= 5000 * 10**12
+    assert f"sizing: {replicas} replica(s) for $5,000.00 of flex a day" in result.output
+    both = CliRunner().invoke(main, [*args, "--target-flex-revenue-per-day", "1", "--target-flex-tokens-per-day", "1"])
+    assert both.exit_code == 2 and "not both" in both.output

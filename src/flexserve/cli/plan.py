@@ -9,12 +9,13 @@ import dataclasses
 import datetime
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from flexserve.billing.pricing import PriceCatalog, PriceEntry
+from flexserve.billing.pricing import PICO_PER_USD, PriceCatalog, PriceEntry
 from flexserve.cli.options import database_options, settings_for
 from flexserve.engines.sim.profiles import PROFILES
 from flexserve.plan import report as plan_report
@@ -82,6 +83,8 @@ def _day(text: str) -> int:
 @click.option("--price-output", help="List price, USD per 1M output tokens.")
 @click.option("--target-flex-tokens-per-day", type=float,
               help="Size the fleet: the fewest replicas that sell this many flex output tokens a day within the SLO.")
+@click.option("--target-flex-revenue-per-day", type=float, metavar="USD",
+              help="Size the fleet: the fewest replicas whose flex sells this many USD a day within the SLO.")
 @click.option("--max-replicas", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--sweep", "sweep_spec", metavar="tpot_slo=MS,MS,…",
               help="Plan once per TPOT p99 goal: the flex each SLO setting sells.")
@@ -103,16 +106,30 @@ def plan(**options: Any) -> None:
     catalog, model = _prices(options, settings.database_url, profile)
     levels = options["levels"]
     sizing = sweep = None
-    if options["target_flex_tokens_per_day"] is not None:
-        found, tried = size_fleet(traffic, window, slo, options["target_flex_tokens_per_day"], levels,
-                                  options["max_replicas"])
-        sizing = {"target_flex_tokens_per_day": options["target_flex_tokens_per_day"],
+    tokens_target, usd_target = options["target_flex_tokens_per_day"], options["target_flex_revenue_per_day"]
+    if tokens_target is not None and usd_target is not None:
+        raise click.UsageError("size for flex tokens or for flex revenue, not both")
+    if tokens_target is not None or usd_target is not None:
+        measure: Callable[[DayPlan], float] | None = None
+        if usd_target is not None:
+            if catalog.price(model, ServiceTier.FLEX) is None:
+                raise click.ClickException(f"no price for {model}: give --price-input and --price-output")
+            target, what = usd_target * PICO_PER_USD, f"${usd_target:,.2f} of flex a day"
+
+            def flex_revenue(day: DayPlan) -> float:
+                return plan_report.revenue(day, catalog, model).get("flex", 0)
+
+            measure = flex_revenue
+        else:
+            target, what = tokens_target, f"{tokens_target:,.0f} flex tokens/day"
+        found, tried = size_fleet(traffic, window, slo, target, levels, options["max_replicas"],
+                                  measure=measure)
+        sizing = {"target_flex_tokens_per_day": tokens_target, "target_flex_revenue_per_day_usd": usd_target,
                   "replicas": None if found is None else found.replicas,
                   "tried": [day_summary(p) for p in tried]}
         result = found or tried[-1]
         click.echo(f"sizing: {'no fleet of up to ' + str(options['max_replicas']) if found is None else found.replicas} "
-                   f"replica(s) for {options['target_flex_tokens_per_day']:,.0f} flex tokens/day "
-                   f"(tried {', '.join(str(p.replicas) for p in tried)})")
+                   f"replica(s) for {what} (tried {', '.join(str(p.replicas) for p in tried)})")
     else:
         result = plan_day(traffic, replicas, window, slo, levels)
     if options["sweep_spec"]:

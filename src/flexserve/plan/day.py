@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,12 +208,15 @@ def _hour(hour: int, rate: float, replicas: int, point: _Point, slo: Slo) -> Hou
     )
 
 
-def size_fleet(traffic: Traffic, window: Window, slo: Slo, target_flex_tokens: float,
-               levels: int = 6, max_replicas: int = 64) -> tuple[DayPlan | None, list[DayPlan]]:
-    """The smallest fleet within the SLO all day that sells ``target_flex_tokens``
-    flex output tokens a day (None if ``max_replicas`` do not), and every plan
-    tried. Both grow with the fleet, so the search doubles then bisects."""
+def size_fleet(traffic: Traffic, window: Window, slo: Slo, target: float, levels: int = 6,
+               max_replicas: int = 64, *, measure: Callable[[DayPlan], float] | None = None,
+               ) -> tuple[DayPlan | None, list[DayPlan]]:
+    """The smallest fleet within the SLO all day whose ``measure`` (by default
+    the flex output tokens it sells a day; the flex revenue, say) reaches
+    ``target`` (None if ``max_replicas`` do not), and every plan tried. Both
+    grow with the fleet, so the search doubles then bisects."""
     tried: dict[int, DayPlan] = {}
+    measure = measure or (lambda day: day.flex_tokens_per_day)
 
     def plan(n: int) -> DayPlan:
         if n not in tried:
@@ -221,7 +225,7 @@ def size_fleet(traffic: Traffic, window: Window, slo: Slo, target_flex_tokens: f
 
     def enough(n: int) -> bool:
         result = plan(n)
-        return result.within_slo and result.flex_tokens_per_day >= target_flex_tokens
+        return result.within_slo and measure(result) >= target
 
     low, high = 0, 1
     while not enough(high):
