@@ -231,3 +231,48 @@ def test_sizing_for_flex_revenue_answers_a_fleet_that_earns_it(tmp_path: Path) -
     assert f"sizing: {replicas} replica(s) for $5,000.00 of flex a day" in result.output
     both = CliRunner().invoke(main, [*args, "--target-flex-revenue-per-day", "1", "--target-flex-tokens-per-day", "1"])
     assert both.exit_code == 2 and "not both" in both.output
+
+
+def _measured_steps(path: Path, profile: str = "a100-llama3-8b") -> list[tuple[int, int, float]]:
+    """Steps 'measured' on an engine that behaves as ``profile`` says, with ±3 % noise."""
+    import random
+
+    from flexserve.engines.sim import PROFILES, step_time
+
+    rng = random.Random(7)
+    steps = []
+    for tokens in (1, 8, 32, 64, 100, 128, 256, 512, 1024, 2048):
+        for kv in (0, 10_000, 50_000, 120_000, 200_000):
+            steps.append((tokens, kv, step_time(PROFILES[profile], tokens, kv, "calibrated") * rng.uniform(0.97, 1.03)))
+    path.write_text("\n".join(json.dumps({"step_tokens": t, "kv_tokens": k, "seconds": s}) for t, k, s in steps))
+    return steps
+
+
+def test_a_profile_fitted_to_measured_steps_recovers_the_engines_costs(tmp_path: Path) -> None:
+    from flexserve.engines.sim import PROFILES
+    from flexserve.plan.fit import fitted_profile
+
+    _measured_steps(tmp_path / "steps.jsonl")
+    fitted = fitted_profile(tmp_path / "steps.jsonl", "h100-llama3-8b")  # the base gives only its limits
+    truth = PROFILES["a100-llama3-8b"]
+    for name in ("t1", "t128", "a", "c"):
+        assert getattr(fitted.profile, name) == pytest.approx(getattr(truth, name), rel=0.10), name
+    assert fitted.profile.kv_tokens == PROFILES["h100-llama3-8b"].kv_tokens
+    assert fitted.num_steps == 50 and fitted.rms_seconds < 0.005
+
+
+def test_the_plan_command_plans_on_a_fitted_profile_and_says_so(tmp_path: Path) -> None:
+    _measured_steps(tmp_path / "steps.jsonl")
+    result = CliRunner().invoke(main, [
+        "plan", "--home", str(tmp_path), "--fit-steps", str(tmp_path / "steps.jsonl"), "--max-num-seqs", "16",
+        "--window", "4", "--warmup", "1", "--levels", "1", "--peak-rps", "1", "--trough", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "plan" / "plan.json").read_text())
+    assert report["model"]["profile"] == "fitted-steps"
+    assert report["model"]["profile_calibration"].startswith("fitted to 50 measured steps (steps.jsonl)")
+    (tmp_path / "few.jsonl").write_text('{"step_tokens": 1, "kv_tokens": 0, "seconds": 0.01}\n')
+    few = CliRunner().invoke(main, ["plan", "--home", str(tmp_path), "--fit-steps", str(tmp_path / "few.jsonl")])
+    assert few.exit_code == 1 and "at least 4 are needed" in few.output
+    (tmp_path / "bad.jsonl").write_text('{"tokens": 1}\n')
+    bad = CliRunner().invoke(main, ["plan", "--home", str(tmp_path), "--fit-steps", str(tmp_path / "bad.jsonl")])
+    assert bad.exit_code == 1 and "bad.jsonl:1: not a step line" in bad.output

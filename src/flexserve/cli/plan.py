@@ -58,6 +58,9 @@ def _day(text: str) -> int:
 @click.option("--cost-model", type=click.Choice(["flat", "calibrated"]), default="calibrated", show_default=True,
               help="The sim engine's cost of small steps (engines/sim/profiles.py).")
 @click.option("--prefix-caching/--no-prefix-caching", default=False, show_default=True)
+@click.option("--fit-steps", "steps_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A real engine's measured steps (JSONL: step_tokens, kv_tokens, seconds): the --fleet "
+                   "profile's step costs are fitted to them (docs/plan.md).")
 @click.option("--peak-rps", type=float, default=3.0, show_default=True,
               help="Synthetic traffic: default requests/s for the fleet at the busiest hour.")
 @click.option("--trough", type=click.FloatRange(0, 1), default=0.4, show_default=True,
@@ -103,6 +106,16 @@ def plan(**options: Any) -> None:
     traffic = _traffic(options, settings.database_url)
     slo = Slo(_seconds(options["ttft_p99"]), _seconds(options["tpot_p99"]))
     window = _window(options, profile, slo)
+    if options["steps_path"] is not None:
+        from flexserve.plan.fit import fitted_profile
+
+        try:
+            fitted = fitted_profile(options["steps_path"], profile)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from exc
+        click.echo(f"profile {fitted.describe()}")
+        window = dataclasses.replace(window, replica=dataclasses.replace(
+            window.replica, profile=fitted.profile, cost_model="calibrated", calibration=fitted.describe()))
     catalog, model = _prices(options, settings.database_url, profile)
     levels = options["levels"]
     sizing = sweep = None

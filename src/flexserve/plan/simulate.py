@@ -22,7 +22,7 @@ from typing import Any
 
 from flexserve.bench.traffic import FLEX_LENGTHS, SHAREGPT_LENGTHS, Job, LengthMix, messages_for
 from flexserve.engines.base import EngineRequest
-from flexserve.engines.sim import SimEngine
+from flexserve.engines.sim import SimEngine, SimProfile
 from flexserve.errors import FlexServeError
 from flexserve.plan import clock
 from flexserve.scheduler.policy import SchedulerConfig
@@ -39,7 +39,7 @@ LengthDraw = Callable[[random.Random], tuple[int, int]]
 class Replica:
     """One engine replica as the sim engine models it."""
 
-    profile: str = "h100-llama3-8b"
+    profile: str | SimProfile = "h100-llama3-8b"  # a sim profile's name, or one fitted (fit.py)
     max_num_seqs: int = 256
     cost_model: str = "flat"
     kv_tokens: int | None = None
@@ -47,6 +47,12 @@ class Replica:
     # Tokens between two wake-ups of a request's reader (vLLM's --stream-interval):
     # fewer wake-ups, a faster plan; first tokens and ends are told at once.
     stream_interval: int = 16
+    # Where a fitted profile's costs come from, for the report.
+    calibration: str = ""
+
+    @property
+    def profile_name(self) -> str:
+        return self.profile if isinstance(self.profile, str) else self.profile.name
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ def comparison(window: Window, measured: dict[str, Any], outcome: Outcome) -> di
                                 _ms(quantile(outcome.default_tpot, 0.99))),
     }
     return {
-        "profile": window.replica.profile, "cost_model": window.replica.cost_model,
+        "profile": window.replica.profile_name, "cost_model": window.replica.cost_model,
         "default_rate": window.default_rate, "window_seconds": window.duration,
         "wall_seconds": round(outcome.wall_seconds, 2),
         "figures": {name: {"measured": _round(m), "predicted": _round(p),
