@@ -592,3 +592,35 @@ def flex_gauge(gateway: Gateway, name: str, model: str) -> float:
             if sample.name == name and sample.labels == {"model": model, "tier": "flex"}:
                 return float(sample.value)
     return 0.0
+
+
+def test_under_a_tpot_slo_a_deep_backlogs_waits_are_estimated_as_they_drain(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `tpot_slo`, the prefill budget paces flex starts. The drain must
+    be paced at the rate the budget settles at, not at the rate it would give
+    with every flex slot full (then the SLO leaves prefill almost nothing,
+    and 128 sequences' waits were estimated 3x too long; 256's, 100x, and
+    most of the backlog was refused). On the planner's virtual clock: a
+    sim replica, default at 1.5/s, a backlog of 128 flex clients."""
+    from flexserve.plan import simulate as plan
+
+    tickets: list[Any] = []
+    make = plan._Run._request
+
+    def keep(run: Any, job: Any, tier: Any, name: str) -> Any:
+        ticket, request = make(run, job, tier, name)
+        tickets.append(ticket)
+        return ticket, request
+
+    monkeypatch.setattr(plan._Run, "_request", keep)
+    window = plan.Window(plan.Replica(max_num_seqs=128, cost_model="calibrated"), default_rate=1.5,
+                         duration=30, warmup=10, flex_clients=128,
+                         scheduler=SchedulerConfig(tpot_slo=0.015))
+    outcome = plan.simulate(window)
+    ratios = sorted(
+        (t.admitted_at - t.enqueued_at) / t.estimated_wait.p50 for t in tickets
+        if t.tier is ServiceTier.FLEX and t.estimated_wait is not None and t.admitted_at is not None
+        and t.estimated_wait.p50 > 1.0
+    )
+    assert len(ratios) > 300 and outcome.flex_refused == 0
+    assert 0.67 < ratios[len(ratios) // 2] < 1.5, ratios[len(ratios) // 2]

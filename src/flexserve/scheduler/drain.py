@@ -188,7 +188,7 @@ def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> Drai
         num_slots_total += num_slots
         urgent_total += urgent
         if paced:
-            start_rate_cap += _prefill_start_rate(config, replica, prompt, limit, cost)
+            start_rate_cap += _prefill_start_rate(config, replica, prompt, output, limit, cost, scale)
     if num_slots_total == 0:
         return DrainTimeline([], 0.0)
     guessed = _guessed(pool)
@@ -210,16 +210,34 @@ def build_timeline(pool: ModelPool, config: SchedulerConfig, now: float) -> Drai
 
 
 def _prefill_start_rate(
-    config: SchedulerConfig, replica: Replica, prompt: float, limit: int, cost: float
+    config: SchedulerConfig, replica: Replica, prompt: float, output: float, limit: int, cost: float,
+    scale: float = 1.0,
 ) -> float:
     """Flex starts per second the prefill budget allows on ``replica``
-    (``scheduler/prefill.py``); unbounded is returned as a large rate."""
+    (``scheduler/prefill.py``); unbounded is returned as a large rate.
+
+    The budget earns ``1 - step(n) / tpot_slo`` of each second, ``step(n)``
+    the TPOT of the ``n`` sequences running: the fewer run, the faster flex
+    starts. It settles where starts at that rate, each running for its
+    service time, keep ``n`` running (Little's law): the largest ``n`` up to
+    ``limit`` the rate at ``n`` sustains. (The rate at ``limit`` alone, where
+    the SLO leaves prefill almost nothing, made waits 10-100x too long.)"""
     seconds = replica.prefill_seconds(int(prompt))
-    step = predicted_tpot(replica, max(1, limit), int(max(1, limit) * cost))
-    if seconds <= 0 or step is None:
+    if seconds <= 0 or predicted_tpot(replica, 1, int(cost)) is None:
         return 1e9
-    share = max(0.0, 1.0 - step / config.tpot_slo)
-    return share / seconds
+
+    def rate(n: int) -> float:
+        step = predicted_tpot(replica, n, int(n * cost)) or 0.0
+        return max(0.0, 1.0 - step / config.tpot_slo) / seconds
+
+    low, high = 1, max(1, limit)
+    while low < high:
+        middle = (low + high + 1) // 2
+        if rate(middle) * service_seconds(replica, prompt, output, middle) * scale >= middle:
+            low = middle
+        else:
+            high = middle - 1
+    return rate(low)
 
 
 def observe(pool: ModelPool, config: SchedulerConfig, now: float) -> None:
