@@ -41,7 +41,8 @@ VLLM_PIP        := $(VLLM_VENV)/bin/python -m pip
 # binaries are installed (Debian: apt-get install postgresql; .ci/run does).
 PG_TESTS ?= tests/test_store.py tests/test_accounts.py tests/test_usage_writer.py \
 	tests/test_billing_api.py tests/test_budgets_and_limits.py tests/test_batches.py \
-	tests/test_responses.py tests/test_verification_api.py tests/test_shared_gateways.py
+	tests/test_responses.py tests/test_verification_api.py tests/test_shared_gateways.py \
+	tests/test_shared_files.py
 PG_FOUND := $(shell command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && echo yes)
 
 .PHONY: run test test-sqlite test-postgres test-vllm install install-test lint clean

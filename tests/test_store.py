@@ -28,7 +28,7 @@ async def test_migrate_twice_creates_the_tables_once(tmp_path: Path) -> None:
     finally:
         await db.close()
     assert tables >= TABLES
-    assert version == [("0011",)]
+    assert version == [("0012",)]
     assert (tmp_path / "nested" / "dir" / "fs.db").is_file()
 
 

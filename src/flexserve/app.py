@@ -266,7 +266,8 @@ def create_app(
                 verification_rate=CallRate(
                     settings.verification_submissions_per_minute, "identity-document submissions"
                 ),
-                files=Files(db, Path(settings.files_dir or Path(settings.home) / "files")),
+                files=Files(db, Path(settings.files_dir or Path(settings.home) / "files"),
+                            in_database=settings.files_in_database),
                 tracing=tracing,
                 sessions=Sessions(settings.dashboard_session_seconds),
             )

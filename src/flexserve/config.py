@@ -48,6 +48,9 @@ class Settings:
     files_dir: str = _opt(
         "", "Directory of uploaded files and batch output; empty: HOME/files. Gateways sharing a database share one (a shared volume)."
     )
+    files_in_database: bool = _opt(
+        False, "Keep files' bytes in the database too, so that every gateway sharing it reads them (no shared volume needed)."
+    )
     log_level: str = _opt("warning", "Python log level for FlexServe's own loggers.")
     dashboard_session_seconds: float = _opt(
         3600.0, "Seconds a /dashboard session lasts after signing in (signing out ends it at once)."

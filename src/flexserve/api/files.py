@@ -208,7 +208,7 @@ async def file_content(request: Request) -> Response:
     files, principal = await _caller(request)
     record: FileRecord = await files.get(principal.org_id, request.path_params["file_id"])
     try:
-        handle = await anyio.to_thread.run_sync(open, files.path(record), "rb")
+        handle = await anyio.to_thread.run_sync(open, await files.local_path(record), "rb")
     except FileNotFoundError:
         # Deleted between the lookup and the open.
         raise not_found(record.id) from None

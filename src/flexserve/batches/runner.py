@@ -246,7 +246,7 @@ class BatchRunner:
         batch_id = row["id"]
         try:
             record = await self._files.get(row["org_id"], row["input_file_id"])
-            path = self._files.path(record)
+            path = await self._files.local_path(record)
         except FlexServeError as exc:
             await self._fail(batch_id, [{"code": "invalid_file", "message": exc.message,
                                          "param": "input_file_id", "line": None}])

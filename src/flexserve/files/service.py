@@ -30,6 +30,7 @@ from sqlalchemy import and_, delete, insert, or_, select
 
 from flexserve.errors import InvalidRequestError, NotFoundError
 from flexserve.store.database import Database
+from flexserve.store.schema import file_contents
 from flexserve.store.schema import files as files_table
 
 # OpenAI's limits on a batch input file.
@@ -43,6 +44,8 @@ MIN_TTL, MAX_TTL = 3600, 30 * 24 * 3600
 _WRITE_BUFFER = 1024 * 1024
 # Expired files deleted per listing.
 _SWEEP_BATCH = 100
+# Bytes per row of a file's content in the database (``in_database``).
+_DB_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,15 +129,50 @@ class LineCounter:
 
 class Files:
     """The files service: ``create``, ``get``, ``list``, ``delete``, and the
-    path of a file's content for the code that reads it (the batch runner)."""
+    path of a file's content for the code that reads it (the batch runner).
 
-    def __init__(self, db: Database, root: Path, *, clock: Callable[[], float] = time.time) -> None:
+    The bytes live under ``root``. With ``in_database`` they are also written
+    to the database (``file_contents``, 1 MiB chunks) in the transaction that
+    records the file, and a gateway that lacks a file under its own root
+    fetches it from there on first read: gateways sharing a database then
+    share files without a shared volume."""
+
+    def __init__(self, db: Database, root: Path, *, clock: Callable[[], float] = time.time,
+                 in_database: bool = False) -> None:
         self._db = db
         self._root = Path(root)
         self._clock = clock
+        self.in_database = in_database
 
-    def path(self, record: FileRecord) -> Path:
-        return self._root / record.id
+    async def local_path(self, record: FileRecord) -> Path:
+        """Where the file's bytes are on this gateway (fetched from the
+        database first when they are only there); 404 if nowhere."""
+        path = self._root / record.id
+        if await anyio.to_thread.run_sync(path.exists) or not self.in_database:
+            return path
+        partial = self._root / f".{record.id}.{secrets.token_hex(4)}.fetch"
+        await anyio.to_thread.run_sync(lambda: self._root.mkdir(parents=True, exist_ok=True))
+        found = False
+        try:
+            with open(partial, "wb") as out:
+                seq = 0
+                while True:
+                    async with self._db.engine.connect() as conn:
+                        data = (await conn.execute(
+                            select(file_contents.c.data).where(file_contents.c.file_id == record.id,
+                                                               file_contents.c.seq == seq))).scalar_one_or_none()
+                    if data is None:
+                        break
+                    found = True
+                    await anyio.to_thread.run_sync(out.write, bytes(data))
+                    seq += 1
+            if not found and record.bytes:
+                raise not_found(record.id)
+            await anyio.to_thread.run_sync(os.replace, partial, path)
+        finally:
+            with contextlib.suppress(OSError):
+                partial.unlink()
+        return path
 
     def _now(self) -> int:
         return int(self._clock())
@@ -202,7 +240,7 @@ class Files:
             raise
         record = FileRecord(file_id, org_id, purpose, filename, size, created_at, expires_at)
         try:
-            await self._insert(record)
+            await self._insert(record, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 final.unlink()
@@ -224,15 +262,22 @@ class Files:
         size = await anyio.to_thread.run_sync(move)
         record = FileRecord(file_id, org_id, purpose, filename, size, self._now(), expires_at)
         try:
-            await self._insert(record)
+            await self._insert(record, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 final.unlink()
             raise
         return record
 
-    async def _insert(self, record: FileRecord) -> None:
+    async def _insert(self, record: FileRecord, path: Path) -> None:
+        """Record the file (and, ``in_database``, its bytes) in one transaction."""
         async with self._db.engine.begin() as conn:
+            if self.in_database:
+                with open(path, "rb") as source:
+                    seq = 0
+                    while data := await anyio.to_thread.run_sync(source.read, _DB_CHUNK):
+                        await conn.execute(insert(file_contents).values(file_id=record.id, seq=seq, data=data))
+                        seq += 1
             await conn.execute(
                 insert(files_table).values(
                     id=record.id,
@@ -271,6 +316,8 @@ class Files:
                     files_table.c.id == file_id, files_table.c.org_id == org_id
                 )
             )
+            if result.rowcount:
+                await conn.execute(delete(file_contents).where(file_contents.c.file_id == file_id))
         if not result.rowcount:
             raise not_found(file_id)
         await anyio.to_thread.run_sync(self._unlink, file_id)
@@ -345,6 +392,7 @@ class Files:
     async def _remove(self, ids: Sequence[str]) -> None:
         async with self._db.engine.begin() as conn:
             await conn.execute(delete(files_table).where(files_table.c.id.in_(ids)))
+            await conn.execute(delete(file_contents).where(file_contents.c.file_id.in_(ids)))
 
         def unlink_all() -> None:
             for file_id in ids:

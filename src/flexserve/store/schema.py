@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -253,6 +254,17 @@ files = Table(
     Column("expires_at", BigInteger, nullable=True),
     Index("ix_files_org_id_created_at", "org_id", "created_at"),
     Index("ix_files_expires_at", "expires_at"),
+)
+
+# Files' bytes, where the gateways keep them in the database (the setting
+# `files_in_database`): 1 MiB chunks in order, so that every gateway of a
+# fleet reads what any other stored. Without it, only files_dir holds them.
+file_contents = Table(
+    "file_contents",
+    metadata,
+    Column("file_id", String(40), primary_key=True),
+    Column("seq", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
 )
 
 # Batches (`/v1/batches`): the batch object, and each input line's durable
