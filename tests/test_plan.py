@@ -165,12 +165,13 @@ def test_the_plan_command_reads_a_trace_from_the_ledger_and_writes_its_report(
     result = CliRunner().invoke(main, [
         "plan", "--ledger", today, tomorrow, "--db", gateway.db_url, "--max-num-seqs", "16",
         "--window", "5", "--warmup", "1", "--levels", "1", "--price-input", "10", "--price-output", "40",
-        "--out", str(tmp_path / "plan")])
+        "--ttft-p99", "2000", "--out", str(tmp_path / "plan")])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "plan" / "plan.json").read_text())
     # Three default requests in the ledger (the flex one is what is planned, not traffic).
     assert report["traffic"].startswith("usage ledger") and "from its 3 requests" in report["traffic"]
-    assert (tmp_path / "plan" / "plan.html").read_text().count("<svg") >= 4
+    html = (tmp_path / "plan" / "plan.html").read_text()
+    assert html.count("<svg") >= 4 and "<title>SLO: 2000.0 ms</title>" in html  # TTFT's goal, drawn
     summary = report["summary"]
     # Revenue is the day's whole tokens at the list price and flex's half price, exactly.
     flex_out = sum(h["output_tokens_per_second"].get("flex", 0) for h in report["hours"])

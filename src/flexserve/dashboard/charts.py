@@ -29,12 +29,14 @@ def clock_label(unix_seconds: float) -> str:
 
 
 def bars(label: str, points: Sequence[tuple[str, float]], show: Callable[[float], str],
-         *, width: int = 720, height: int = 160, colour: str = "#1f77b4") -> str:
-    """One bar per point (label, value), the first and last labels below."""
+         *, width: int = 720, height: int = 160, colour: str = "#1f77b4",
+         goal: tuple[str, float] | None = None) -> str:
+    """One bar per point (label, value), the first and last labels below;
+    ``goal`` (its name, its value), such as an SLO, as a dashed line."""
     if not points:
         return ""
     peak = max(value for _, value in points)
-    top = peak or 1
+    top = max(peak, goal[1] if goal else 0) or 1
     step = width / len(points)
     plot = height - 20
     drawn = []
@@ -43,6 +45,10 @@ def bars(label: str, points: Sequence[tuple[str, float]], show: Callable[[float]
         drawn.append(f'<rect x="{i * step + 1:.1f}" y="{plot - h:.1f}" width="{max(step - 2, 1):.1f}" '
                      f'height="{h:.1f}" fill="{colour}"><title>{escape(name)}: {escape(show(value))}'
                      f'</title></rect>')
+    if goal is not None:
+        y = plot - plot * goal[1] / top
+        drawn.append(f'<line x1="0" y1="{y:.1f}" x2="{width}" y2="{y:.1f}" stroke="#d62728" '
+                     f'stroke-dasharray="5 3"><title>{escape(goal[0])}: {escape(show(goal[1]))}</title></line>')
     drawn.append(f'<text x="0" y="{height - 4}">{escape(points[0][0])}</text>')
     drawn.append(f'<text x="{width}" y="{height - 4}" text-anchor="end">{escape(points[-1][0])}</text>')
     drawn.append(f'<text x="0" y="10">max {escape(show(peak))}</text>')

@@ -122,10 +122,13 @@ def page(document: dict[str, Any], plan: DayPlan) -> str:
             labels, [h.output_tps.get(tier, 0.0) for h in hours], strict=True)),
             lambda v: f"{v:,.0f} tokens/s", height=110, colour=TIER_COLOURS[tier])
         for tier in ("default", "flex"))
+    slo_ttft, slo_tpot = document["slo"]["ttft_p99_ms"], document["slo"]["tpot_p99_ms"]
     ttft = bars("Default TTFT p99 per hour", list(zip(labels, [(h.ttft_p99 or 0) * 1000 for h in hours],
-                strict=True)), lambda v: f"{v:.1f} ms", height=110, colour=TIER_COLOURS["default"])
+                strict=True)), lambda v: f"{v:.1f} ms", height=110, colour=TIER_COLOURS["default"],
+                goal=None if slo_ttft is None else ("SLO", slo_ttft))
     tpot = bars("Default TPOT p99 per hour", list(zip(labels, [(h.tpot_p99 or 0) * 1000 for h in hours],
-                strict=True)), lambda v: f"{v:.2f} ms", height=110, colour=TIER_COLOURS["default"])
+                strict=True)), lambda v: f"{v:.2f} ms", height=110, colour=TIER_COLOURS["default"],
+                goal=None if slo_tpot is None else ("SLO", slo_tpot))
     summary = document["summary"]
     rows = "".join(f"<tr><td>{html.escape(t)}</td><td>${html.escape(v)}</td></tr>"
                    for t, v in summary["revenue_per_day_usd"].items())
@@ -142,7 +145,7 @@ Flex sellable: <b>{summary['flex_output_tokens_per_day']:,}</b> output tokens a 
 {html.escape(model['cost_model'])}; {html.escape(model['how'])}.</p>
 <h2>Flex sold per hour</h2>{flex}
 <h2>Output tokens/s by tier (the fleet)</h2>{legend(("default", "flex"))}{tokens}
-<h2>Default latency per hour</h2>{ttft}{tpot}
+<h2>Default latency per hour (dashed: the SLO)</h2><h3>TTFT p99</h3>{ttft}<h3>TPOT p99</h3>{tpot}
 <h2>Revenue per day</h2><table><tr><th>tier</th><th>USD</th></tr>{rows}</table>
 <p>Flex's share of revenue: {summary['flex_share_of_revenue']}</p>
 </body></html>
