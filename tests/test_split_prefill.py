@@ -178,7 +178,11 @@ def test_pieces_evicted_before_the_request_are_counted_and_it_is_still_served_an
     next warm-up finds them gone, and the flex request goes on whole."""
     import threading
 
-    model = SimModel("h100-llama3-8b", speed=1.0, max_num_seqs=8, kv_tokens=2600,
+    # A tenth of real time: the flex prompt's ~31 warm-ups take seconds, so
+    # the default arrives among them however slowly a loaded machine lets the
+    # test look (at full speed a CI run once saw them all done first, and
+    # nothing left to evict).
+    model = SimModel("h100-llama3-8b", speed=0.1, max_num_seqs=8, kv_tokens=2600,
                      enable_prefix_caching=True)
     with ServerThread(create_sim_app(model)) as engine:
         gateway = start_gateway(engine="upstream", upstreams=[engine.url], split_prefill_tokens=PIECE)
@@ -193,8 +197,10 @@ def test_pieces_evicted_before_the_request_are_counted_and_it_is_still_served_an
 
         flex = threading.Thread(target=send, args=("flex", 0, 8))
         flex.start()
-        wait_for(lambda: metric(gateway, "flexserve_split_prefill_warmups_total") >= 2, timeout=30)
-        send("default", 2000, 200)
+        # Twelve pieces (768 tokens) cached: the default's ~2,030 tokens do not
+        # fit beside them in the 2,600 the engine has, so it evicts some.
+        wait_for(lambda: metric(gateway, "flexserve_split_prefill_warmups_total") >= 12, timeout=30)
+        send("default", 2000, 20)
         flex.join(timeout=60)
     # Counted once for the request, however many of its pieces were gone.
     assert metric(gateway, "flexserve_split_prefill_misses_total") == 1
