@@ -22,6 +22,7 @@ from typing import Any
 
 from flexserve.bench.bootstrap import ratio_interval
 from flexserve.bench.tiers_load import Outcome
+from flexserve.stats import percentile
 
 __all__ = ["GOALS", "Window", "disturbances", "format_table", "goal_ratios", "percentile",
            "summarize"]
@@ -82,17 +83,6 @@ class Window:
         if name not in self.gateway_after:
             return None
         return self.gateway_after[name] - self.gateway_before.get(name, 0.0)
-
-
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """The q-th percentile (0-100), linear between closest ranks; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
 def _ms(value: float | None, factor: float = 1.0) -> float | None:

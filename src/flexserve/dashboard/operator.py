@@ -17,9 +17,10 @@ from sqlalchemy import select
 
 from flexserve.api.state import Services
 from flexserve.billing.reports import SAVING_TIERS, ReportQuery, org_totals_report
-from flexserve.dashboard.org import DAY, DAYS, quantile, recent_batches
+from flexserve.dashboard.org import DAY, DAYS, recent_batches
 from flexserve.dashboard.pages import BatchRow
 from flexserve.observability.history import Sample
+from flexserve.stats import percentile
 from flexserve.store.schema import organizations, verification_requests
 from flexserve.tiers import ServiceTier
 
@@ -98,11 +99,11 @@ async def operator_view(services: Services, operator: str, now: float | None = N
         finished = history.finished()
         view.flex_waits = [f.queue_time for f in finished if f.tier == ServiceTier.FLEX.value]
         defaults = [f for f in finished if f.tier == ServiceTier.DEFAULT.value]
-        ttfts = sorted(f.ttft for f in defaults if f.ttft is not None)
-        tpots = sorted(f.tpot for f in defaults if f.tpot is not None)
+        ttfts = [f.ttft for f in defaults if f.ttft is not None]
+        tpots = [f.tpot for f in defaults if f.tpot is not None]
         tpot_slo = services.settings.tpot_slo or None
-        view.latency = [Latency("TTFT", len(ttfts), quantile(ttfts, 0.5), quantile(ttfts, 0.99), None),
-                        Latency("TPOT", len(tpots), quantile(tpots, 0.5), quantile(tpots, 0.99), tpot_slo)]
+        view.latency = [Latency("TTFT", len(ttfts), percentile(ttfts, 50), percentile(ttfts, 99), None),
+                        Latency("TPOT", len(tpots), percentile(tpots, 50), percentile(tpots, 99), tpot_slo)]
         view.minutes = per_minute(view.samples, [r.at for r in history.refused() if r.status == 429], now)
     return view
 

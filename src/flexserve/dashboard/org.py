@@ -4,7 +4,6 @@ gateway's last hour of its flex requests (``observability.history``)."""
 
 from __future__ import annotations
 
-import statistics
 import time
 
 from sqlalchemy import select
@@ -14,6 +13,7 @@ from flexserve.billing.budget import month_start, org_scope
 from flexserve.billing.reports import ReportQuery, cost_report, org_totals_report, savings_report
 from flexserve.dashboard.pages import BatchRow, FlexHour, OrgView, RateRow
 from flexserve.dashboard.sessions import Session
+from flexserve.stats import percentile
 from flexserve.store.schema import batches as batches_table
 from flexserve.store.schema import rate_limits
 
@@ -88,19 +88,10 @@ def flex_hour(services: Services, org_id: str) -> FlexHour:
     history = services.history
     if history is None:
         return FlexHour(0, 0, None, None)
-    waits = sorted(f.queue_time for f in history.finished() if f.org_id == org_id and f.tier == "flex")
+    waits = [f.queue_time for f in history.finished() if f.org_id == org_id and f.tier == "flex"]
     refused = sum(1 for r in history.refused()
                   if r.org_id == org_id and r.tier == "flex" and r.status == 429)
-    return FlexHour(len(waits), refused, quantile(waits, 0.5), quantile(waits, 0.9))
-
-
-def quantile(ordered: list[float], q: float) -> float | None:
-    """The ``q`` quantile of sorted values (None when there are none)."""
-    if not ordered:
-        return None
-    if len(ordered) == 1:
-        return ordered[0]
-    return statistics.quantiles(ordered, n=100, method="inclusive")[round(q * 100) - 1]
+    return FlexHour(len(waits), refused, percentile(waits, 50), percentile(waits, 90))
 
 
 async def recent_batches(services: Services, org_id: str | None, limit: int = 20,

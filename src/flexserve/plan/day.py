@@ -28,6 +28,7 @@ from typing import Any
 
 from flexserve.plan.simulate import Outcome, Window, simulate
 from flexserve.plan.traffic import HOUR, Traffic
+from flexserve.stats import percentile
 
 HEADROOMS = (0.2, 0.4, 0.6, 0.8, 0.95)
 
@@ -40,16 +41,10 @@ class Slo:
     tpot_p99: float | None = None
 
     def holds(self, outcome: Outcome) -> bool:
-        ttft = _p99(outcome.default_ttft)
-        tpot = _p99(outcome.default_tpot)
+        ttft = percentile(outcome.default_ttft, 99)
+        tpot = percentile(outcome.default_tpot, 99)
         return ((self.ttft_p99 is None or ttft is None or ttft <= self.ttft_p99)
                 and (self.tpot_p99 is None or tpot is None or tpot <= self.tpot_p99))
-
-
-def _p99(values: list[float]) -> float | None:
-    from flexserve.plan.simulate import quantile
-
-    return quantile(values, 0.99)
 
 
 @dataclass
@@ -161,15 +156,13 @@ class _Point:
 
 
 def _point(level: Level) -> _Point:
-    from flexserve.plan.simulate import quantile
-
     o = level.outcome
     return _Point(
         level.within_slo, level.headroom,
         {t: o.per_second(o.output_tokens, t) for t in o.output_tokens},
         {t: o.per_second(o.prompt_tokens, t) for t in o.prompt_tokens},
-        (quantile(o.default_ttft, 0.5), quantile(o.default_ttft, 0.99)),
-        (quantile(o.default_tpot, 0.5), quantile(o.default_tpot, 0.99)),
+        (percentile(o.default_ttft, 50), percentile(o.default_ttft, 99)),
+        (percentile(o.default_tpot, 50), percentile(o.default_tpot, 99)),
         o.busy_ratio,
     )
 

@@ -20,7 +20,7 @@ from flexserve.billing.pricing import PriceCatalog
 from flexserve.dashboard.charts import TIER_COLOURS, bars, legend
 from flexserve.engines.sim.profiles import PROFILES
 from flexserve.plan.day import DayPlan, day_summary
-from flexserve.plan.simulate import _ms
+from flexserve.plan.simulate import ms
 from flexserve.tiers import ServiceTier
 
 TIERS = ("priority", "default", "flex")
@@ -77,7 +77,7 @@ def report(plan: DayPlan, catalog: PriceCatalog, model: str, command: str,
                     f"{window.duration:g} s measured; hours between levels interpolated"),
         },
         "traffic": plan.traffic.describe(),
-        "slo": {"ttft_p99_ms": _ms(plan.slo.ttft_p99), "tpot_p99_ms": _ms(plan.slo.tpot_p99)},
+        "slo": {"ttft_p99_ms": ms(plan.slo.ttft_p99), "tpot_p99_ms": ms(plan.slo.tpot_p99)},
         "flex_policy": {"flex_headroom": window.scheduler.flex_headroom, "tpot_slo": window.scheduler.tpot_slo,
                         "flex_clients": window.flex_clients},
         "summary": {
@@ -92,8 +92,8 @@ def report(plan: DayPlan, catalog: PriceCatalog, model: str, command: str,
             "flex_headroom": h.headroom,
             "flex_output_tokens": round(h.flex_tokens),
             "output_tokens_per_second": {t: round(v, 1) for t, v in sorted(h.output_tps.items())},
-            "default_ttft_p50_ms": _ms(h.ttft_p50), "default_ttft_p99_ms": _ms(h.ttft_p99),
-            "default_tpot_p50_ms": _ms(h.tpot_p50), "default_tpot_p99_ms": _ms(h.tpot_p99),
+            "default_ttft_p50_ms": ms(h.ttft_p50), "default_ttft_p99_ms": ms(h.ttft_p99),
+            "default_tpot_p50_ms": ms(h.tpot_p50), "default_tpot_p99_ms": ms(h.tpot_p99),
             "engine_busy_ratio": round(h.busy_ratio, 3),
         } for h in plan.hours],
         "levels": [{"per_replica_rate": round(level.rate, 4), "flex_headroom": level.headroom,

@@ -27,6 +27,7 @@ from flexserve.errors import FlexServeError
 from flexserve.plan import clock
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler, Ticket
+from flexserve.stats import percentile
 from flexserve.tiers import ServiceTier
 
 # Longest a refused flex client waits before it asks again, seconds.
@@ -107,10 +108,10 @@ class Outcome:
         return {
             "default_rate": self.window.default_rate,
             "default_requests": self.default_requests,
-            "default_ttft_p50_ms": _ms(quantile(self.default_ttft, 0.5)),
-            "default_ttft_p99_ms": _ms(quantile(self.default_ttft, 0.99)),
-            "default_tpot_p50_ms": _ms(quantile(self.default_tpot, 0.5)),
-            "default_tpot_p99_ms": _ms(quantile(self.default_tpot, 0.99)),
+            "default_ttft_p50_ms": ms(percentile(self.default_ttft, 50)),
+            "default_ttft_p99_ms": ms(percentile(self.default_ttft, 99)),
+            "default_tpot_p50_ms": ms(percentile(self.default_tpot, 50)),
+            "default_tpot_p99_ms": ms(percentile(self.default_tpot, 99)),
             "output_tokens_per_second": {t: round(self.per_second(self.output_tokens, t), 1)
                                          for t in sorted(self.output_tokens)},
             "prompt_tokens_per_second": {t: round(self.per_second(self.prompt_tokens, t), 1)
@@ -121,15 +122,8 @@ class Outcome:
         }
 
 
-def quantile(values: list[float], q: float) -> float | None:
-    """The ``q`` quantile (nearest rank on the sorted values); None if empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
-
-
-def _ms(seconds: float | None) -> float | None:
+def ms(seconds: float | None) -> float | None:
+    """Seconds as milliseconds, to the hundredth, for reports."""
     return None if seconds is None else round(seconds * 1000, 2)
 
 

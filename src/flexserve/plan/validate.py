@@ -15,7 +15,8 @@ from typing import Any
 
 import orjson
 
-from flexserve.plan.simulate import Outcome, Replica, Window, quantile, simulate
+from flexserve.plan.simulate import Outcome, Replica, Window, ms, simulate
+from flexserve.stats import percentile
 from flexserve.scheduler.policy import SchedulerConfig
 
 
@@ -65,9 +66,9 @@ def comparison(window: Window, measured: dict[str, Any], outcome: Outcome) -> di
         "flex_output_tps": (measured["flex_output_tokens"] / engine_seconds, outcome.flex_output_tps),
         "default_output_tps": (measured["default_output_tokens"] / engine_seconds, outcome.default_output_tps),
         "default_ttft_p99_ms": (measured["default_ttft_p99_engine_ms"],
-                                _ms(quantile(outcome.default_ttft, 0.99))),
+                                ms(percentile(outcome.default_ttft, 99))),
         "default_tpot_p99_ms": (measured["default_tpot_p99_engine_ms"],
-                                _ms(quantile(outcome.default_tpot, 0.99))),
+                                ms(percentile(outcome.default_tpot, 99))),
     }
     return {
         "profile": window.replica.profile_name, "cost_model": window.replica.cost_model,
@@ -77,10 +78,6 @@ def comparison(window: Window, measured: dict[str, Any], outcome: Outcome) -> di
                            "error": None if not m or p is None else round(p / m - 1, 4)}
                     for name, (m, p) in rows.items()},
     }
-
-
-def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000
 
 
 def _round(value: float | None) -> float | None:
