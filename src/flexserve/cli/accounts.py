@@ -7,14 +7,13 @@ reported on stderr with exit status 1.
 
 from __future__ import annotations
 
-import datetime
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import click
 
 from flexserve.accounts import Accounts
-from flexserve.cli.options import database_options, run_db, settings_for
+from flexserve.cli.options import database_options, run_db, settings_for, utc_text
 from flexserve.config import Settings
 
 _T = TypeVar("_T")
@@ -56,7 +55,7 @@ def list_orgs(db: str | None, home: str | None) -> None:
         click.echo("No organizations yet: create one with `flexserve orgs create NAME`.", err=True)
         return
     rows = [("ID", "NAME", "VERIFICATION", "CREATED (UTC)")] + [
-        (org.id, org.name, org.verification_status, _utc(org.created_at)) for org in found
+        (org.id, org.name, org.verification_status, utc_text(org.created_at)) for org in found
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -113,8 +112,3 @@ def revoke_key(key_id: str, db: str | None, home: str | None) -> None:
     """Revoke the key with id KEY_ID (key_…); requests with it are refused."""
     _run(settings_for(db, home), lambda accounts: accounts.revoke_key(key_id))
     click.echo(f"Revoked key {key_id}.")
-
-
-def _utc(unix_seconds: int) -> str:
-    moment = datetime.datetime.fromtimestamp(unix_seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S")

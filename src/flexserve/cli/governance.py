@@ -7,7 +7,6 @@ change is written to the audit log with the shell's user as the actor.
 
 from __future__ import annotations
 
-import datetime
 import json
 
 import click
@@ -16,7 +15,7 @@ from sqlalchemy import select
 from flexserve.accounts import AccountError
 from flexserve.accounts.verification import Verifications
 from flexserve.billing.controls import Controls
-from flexserve.cli.options import cli_actor, database_options, echo_table, run_db, settings_for
+from flexserve.cli.options import cli_actor, database_options, echo_table, run_db, settings_for, utc_text
 from flexserve.cli.projects import budget_micro, describe_budget
 from flexserve.store.audit import AuditEntry, read_audit
 from flexserve.store.database import Database
@@ -111,7 +110,7 @@ def audit(name: str | None, limit: int, db: str | None, home: str | None) -> Non
     entries = run_db(settings_for(db, home), lambda database: _audit(database, name, limit))
     rows = [
         (
-            _utc(e.created_at),
+            utc_text(e.created_at),
             e.actor,
             e.action,
             e.org_id or "-",
@@ -132,11 +131,6 @@ async def _audit(database: Database, name: str | None, limit: int) -> list[Audit
             if org_id is None:
                 raise AccountError(f"no organization named {name!r}")
         return await read_audit(conn, org_id=org_id, limit=limit)
-
-
-def _utc(unix_seconds: int) -> str:
-    moment = datetime.datetime.fromtimestamp(unix_seconds, tz=datetime.UTC)
-    return moment.strftime("%Y-%m-%d %H:%M:%S")
 
 
 ORG_COMMANDS = (reject_org, set_org_budget, set_rate_limit, audit)

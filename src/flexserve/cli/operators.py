@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import datetime
 
 import click
 
 from flexserve.accounts.operators import Operators
-from flexserve.cli.options import database_options, echo_table, run_db, settings_for
+from flexserve.cli.options import database_options, echo_table, run_db, settings_for, utc_text
 
 
 @click.group()
@@ -36,7 +35,7 @@ def list_operators(db: str | None, home: str | None) -> None:
         click.echo("No operator keys yet: make one with `flexserve operators create NAME`.", err=True)
         return
     echo_table(("ID", "NAME", "KEY", "CREATED (UTC)", "REVOKED (UTC)"), [
-        (k.id, k.name, k.prefix, _utc(k.created_at), _utc(k.revoked_at) if k.revoked_at else "-")
+        (k.id, k.name, k.prefix, utc_text(k.created_at), utc_text(k.revoked_at) if k.revoked_at else "-")
         for k in found
     ])
 
@@ -48,7 +47,3 @@ def revoke_operator(key_id: str, db: str | None, home: str | None) -> None:
     """Revoke operator key KEY_ID (opk_…): it opens no new dashboard session."""
     run_db(settings_for(db, home), lambda database: Operators(database).revoke(key_id))
     click.echo(f"Revoked operator key {key_id}.")
-
-
-def _utc(unix_seconds: int) -> str:
-    return datetime.datetime.fromtimestamp(unix_seconds, datetime.UTC).strftime("%Y-%m-%d %H:%M")

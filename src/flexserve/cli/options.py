@@ -8,6 +8,7 @@ message on stderr and exit status 1.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import getpass
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -109,3 +110,9 @@ def echo_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     widths = [max(len(row[i]) for row in every) for i in range(len(header))]
     for row in every:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def utc_text(unix_seconds: int) -> str:
+    """A moment as the CLI's tables show it: ``2026-12-03 07:20:16`` (UTC)."""
+    moment = datetime.datetime.fromtimestamp(unix_seconds, tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S")
