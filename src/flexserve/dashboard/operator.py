@@ -72,9 +72,12 @@ class OperatorView:
     orgs: list[OrgRow] = field(default_factory=list)
     pending: list[PendingVerification] = field(default_factory=list)
     batches: list[BatchRow] = field(default_factory=list)
-    org_names: dict[str, str] = field(default_factory=dict)
     # The last `flexserve plan` written to <home>/plan (plan/report.py), if any.
     plan: dict[str, Any] | None = None
+
+    @property
+    def org_names(self) -> dict[str, str]:
+        return {org.org_id: org.name for org in self.orgs}
 
     @property
     def revenue(self) -> int:
@@ -130,7 +133,6 @@ async def _ledger(services: Services, view: OperatorView, now: float) -> None:
     o = organizations.c
     async with services.db.engine.connect() as conn:
         orgs = (await conn.execute(select(o.id, o.name, o.verification_status).order_by(o.name))).all()
-    view.org_names = {org.id: org.name for org in orgs}
     view.orgs = sorted(
         (OrgRow(org.id, org.name, org.verification_status, *per_org.get(org.id, (0, 0, 0, 0)))
          for org in orgs),
