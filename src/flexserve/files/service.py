@@ -148,24 +148,23 @@ class Files:
         """Where the file's bytes are on this gateway (fetched from the
         database first when they are only there); 404 if nowhere."""
         path = self._root / record.id
-        if await anyio.to_thread.run_sync(path.exists) or not self.in_database:
+        if not self.in_database or await anyio.to_thread.run_sync(path.exists):
             return path
         partial = self._root / f".{record.id}.{secrets.token_hex(4)}.fetch"
         await anyio.to_thread.run_sync(lambda: self._root.mkdir(parents=True, exist_ok=True))
         found = False
         try:
             with open(partial, "wb") as out:
-                seq = 0
-                while True:
-                    async with self._db.engine.connect() as conn:
-                        data = (await conn.execute(
+                async with self._db.engine.connect() as conn:
+                    seq = 0
+                    # A row at a time: a file may be larger than memory should hold.
+                    while (data := (await conn.execute(
                             select(file_contents.c.data).where(file_contents.c.file_id == record.id,
                                                                file_contents.c.seq == seq))).scalar_one_or_none()
-                    if data is None:
-                        break
-                    found = True
-                    await anyio.to_thread.run_sync(out.write, bytes(data))
-                    seq += 1
+                           ) is not None:
+                        found = True
+                        await anyio.to_thread.run_sync(out.write, bytes(data))
+                        seq += 1
             if not found and record.bytes:
                 raise not_found(record.id)
             await anyio.to_thread.run_sync(os.replace, partial, path)
