@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from typing import Any
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,16 +56,22 @@ def test_the_virtual_clock_jumps_to_the_next_timer_and_gives_time_back() -> None
 
 
 async def test_the_sim_engine_tells_its_reader_every_stream_interval_tokens() -> None:
-    model = SimModel("h100-llama3-8b", speed=1000.0, stream_interval=8)
-    try:
-        request = EngineRequest.chat("r", "m", [{"role": "user", "content": "w w w"}], max_tokens=30)
-        deltas = [d async for d in model.generate(request)]
-    finally:
-        await model.close()
-    counts = [d.usage.completion_tokens for d in deltas if d.usage is not None]
+    async def deltas(interval: int) -> list[Any]:
+        model = SimModel("h100-llama3-8b", speed=1000.0, stream_interval=interval)
+        try:
+            request = EngineRequest.chat("r", "m", [{"role": "user", "content": "w w w"}], max_tokens=30,
+                                         seed=7)
+            return [d async for d in model.generate(request)]
+        finally:
+            await model.close()
+
+    grouped, single = await deltas(8), await deltas(1)
+    counts = [d.usage.completion_tokens for d in grouped if d.usage is not None]
     # The first token at once, then eight at a time, and the end when it comes.
     assert counts == [1, 9, 17, 25, 30]
-    assert "".join(d.text for d in deltas).count(" ") + 1 >= 30 - 1
+    assert len(single) == 30
+    # The same text either way, only cut differently.
+    assert "".join(d.text for d in grouped) == "".join(d.text for d in single)
 
 
 def test_the_scheduler_learns_tpot_per_token_when_deltas_carry_several() -> None:
