@@ -16,7 +16,7 @@ import pytest
 from conftest import Gateway, sim_engine, sim_model_id, wait_for
 from flexserve.engines.base import StepTimeModel
 from flexserve.errors import ResourceUnavailableError
-from flexserve.scheduler.drain import build_timeline
+from flexserve.scheduler.drain import build_timeline, wait_in_queue
 from flexserve.scheduler.flex_waits import place_key
 from flexserve.scheduler.holds import HeldPlaces
 from flexserve.scheduler.scheduler import Scheduler, Ticket
@@ -50,11 +50,15 @@ def test_only_the_places_due_back_by_a_given_time_count_when_asked() -> None:
     places.hold("org-a", (b"later",), arrival=2.0, cost_tokens=20, until=90.0, returns_at=60.0)
     places.hold("org-a", (b"after",), arrival=5.0, cost_tokens=40, until=90.0, returns_at=25.0)
     places.hold("org-a", (b"read",), arrival=6.0, cost_tokens=80, until=35.0, returns_at=30.0, read=True)
-    # Every place counts, unless only those whose clients are due back by a time do.
-    assert places.tokens_ahead("org-a", now=30.0) == 150
-    assert places.tokens_ahead("org-a", now=30.0, before=3.0) == 30
-    assert places.tokens_ahead("org-a", now=30.0, before=3.0, due_by=40.0) == 10
-    assert places.tokens_ahead("org-a", now=30.0, due_by=30.0) == 130  # a read's client is due at once
+    # Every place counts, unless only those whose clients are due back by a time do
+    # (and are not long overdue: those have likely given up).
+    assert places.tokens_ahead("org-a", now=21.0) == 150
+    assert places.tokens_ahead("org-a", now=21.0, before=3.0) == 30
+    assert places.tokens_ahead("org-a", now=21.0, before=3.0, due_by=40.0) == 10  # 1 s late: still due
+    assert places.tokens_ahead("org-a", now=21.0, due_by=30.0) == 130  # a read's client is due at once
+    assert places.tokens_ahead("org-a", now=30.0, before=3.0) == 30  # held all the same
+    assert places.tokens_ahead("org-a", now=30.0, before=3.0, due_by=40.0) == 0  # 10 s late
+    assert places.tokens_ahead("org-a", now=30.0, due_by=30.0) == 80  # 5 and 10 s late; the read counts
 
 
 def test_places_expire_and_those_without_keys_count_but_cannot_be_claimed() -> None:
@@ -105,22 +109,17 @@ async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | No
     pool = scheduler.pools[MODEL]
     first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
-    # Refused (its wait of 20 s is too likely past 10 s: p10 11.5 s), and told to come back
-    # before the request sent after it would start: its place counts for that one.
+    # Refused (its wait of 20 s is too likely past 10 s: p10 11.5 s).
     await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=10, fingerprint=fingerprint))
-    ahead_of_later = build_timeline(pool, scheduler.config, time.monotonic()).wait(2)
     later = asyncio.create_task(run(scheduler, "x", ServiceTier.FLEX, max_wait=600))
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 2)
     # The retry, patient this time (the same body, another deadline).
     retry = asyncio.create_task(run(scheduler, "r", ServiceTier.FLEX, max_wait=600, fingerprint=fingerprint))
-    (x_ticket, _), _, _, _ = await asyncio.gather(later, first, blocker, retry)
+    await asyncio.gather(later, first, blocker, retry)
     if fingerprint is None:
         assert engine.started == ["blocker", "q1", "x", "r"]  # nothing kept: the back of the queue
     else:
         assert engine.started == ["blocker", "q1", "r", "x"]  # ahead of the request sent after it
-        # x was told of the place held ahead of it: two ahead, not one.
-        assert ahead_of_later is not None and x_ticket.estimated_wait is not None
-        assert x_ticket.estimated_wait.p50 == pytest.approx(ahead_of_later.p50, rel=0.05)
     assert len(pool.holds) == (1 if fingerprint is None else 0)  # the anonymous one waits out its time
     await scheduler.close()
 
@@ -142,6 +141,62 @@ async def test_a_place_whose_client_returns_after_a_request_starts_does_not_coun
     later, _, _ = await asyncio.gather(run(scheduler, "x", ServiceTier.FLEX, max_wait=600), first, blocker)
     assert later[0].estimated_wait is not None
     assert later[0].estimated_wait.p50 == pytest.approx(not_counted.p50, rel=0.05)
+    await scheduler.close()
+
+
+async def test_a_refused_clients_place_is_due_back_when_its_retry_after_says() -> None:
+    engine, scheduler, blocker = await _one_slot_taken()
+    pool = scheduler.pools[MODEL]
+    first = asyncio.create_task(run(scheduler, "q1", ServiceTier.FLEX, max_wait=600))
+    await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 1)
+    before = time.monotonic()
+    refusal = await _refused(run(scheduler, "r", ServiceTier.FLEX, max_wait=10, fingerprint=b"r"))
+    after = time.monotonic()
+    told = int(refusal.headers["Retry-After"])
+    assert refusal.retry_after == told  # whole seconds, as the header has it
+    held = pool.holds.find("org-a", place_key(refusal.headers["x-flex-place"]), after)
+    assert held is not None and before + told <= held.returns_at <= after + told
+    await asyncio.gather(first, blocker)
+    await scheduler.close()
+
+
+async def test_held_places_count_only_for_a_request_their_clients_return_before() -> None:
+    # One slot: the blocker frees it in 10 s (as the model says), then each
+    # run holds it 10 s. A request with nothing queued ahead starts in 10 s,
+    # with one place ahead in 20 s, with two in 30 s.
+    engine, scheduler, blocker = await _one_slot_taken()
+    pool = scheduler.pools[MODEL]
+    now = time.monotonic()
+    timeline = build_timeline(pool, scheduler.config, now)
+    waits = [timeline.wait(n) for n in range(3)]
+    assert all(w is not None for w in waits)
+    p50 = [w.p50 for w in waits if w is not None]
+    assert p50[1] == pytest.approx(p50[0] + 10, rel=0.05) and p50[2] == pytest.approx(p50[0] + 20, rel=0.05)
+
+    def held(name: bytes, arrival: float, back_in: float) -> None:
+        pool.holds.hold("org-a", (name,), arrival=arrival, cost_tokens=100, until=now + 120,
+                        returns_at=now + back_in)
+
+    # Due back before the request would start: it goes ahead.
+    held(b"soon", now - 2, back_in=p50[0] / 2)
+    # Due back after the request starts behind the first one (20 s) though
+    # before it would start were it counted too (30 s): it finds the request
+    # gone, and does not count for it.
+    held(b"late", now - 1, back_in=(p50[1] + p50[2]) / 2)
+    told = wait_in_queue(timeline, pool, "org-a", 100, now)
+    assert told is not None and told.p50 == pytest.approx(p50[1], rel=0.01)
+    # Another place due back before 20 s: both are ahead, and then so is the late one.
+    held(b"also soon", now - 0.5, back_in=p50[0])
+    told = wait_in_queue(timeline, pool, "org-a", 100, now)
+    third = timeline.wait(3)
+    assert told is not None and third is not None and told.p50 == pytest.approx(third.p50, rel=0.01)
+    # A request at a place held from before them all has none of them ahead.
+    told = wait_in_queue(timeline, pool, "org-a", 100, now, before=now - 3)
+    assert told is not None and told.p50 == pytest.approx(p50[0], rel=0.01)
+    pool.holds.claim("org-a", b"soon", now)
+    pool.holds.claim("org-a", b"late", now)
+    pool.holds.claim("org-a", b"also soon", now)
+    await blocker
     await scheduler.close()
 
 

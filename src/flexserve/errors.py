@@ -114,8 +114,13 @@ class RequestTooLargeError(FlexServeError):
     code = "request_too_large"
 
 
+def told_retry_after(seconds: float) -> int:
+    """The whole seconds a ``Retry-After`` of ``seconds`` tells a client (at least 1)."""
+    return max(1, math.ceil(seconds))
+
+
 def _retry_after(seconds: float) -> dict[str, str]:
-    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+    return {"Retry-After": str(told_retry_after(seconds))}
 
 
 class RateLimitError(FlexServeError):

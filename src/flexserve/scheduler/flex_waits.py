@@ -17,7 +17,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Any
 
-from flexserve.errors import ResourceUnavailableError
+from flexserve.errors import ResourceUnavailableError, told_retry_after
 from flexserve.observability.requests import log_decision
 from flexserve.scheduler.drain import build_timeline, estimate_for, observe, requests_ahead, wait_in_queue
 from flexserve.scheduler.estimates import NO_WAIT, DrainTimeline, WaitEstimate, retry_after
@@ -150,6 +150,8 @@ class FlexWaits:
             seconds = self.config.unknown_wait_retry_after * (1 + 0.01 * (len(pool.holds) % 10))
         else:
             seconds = retry_after(place, waiter.wait_limit)
+        # The client is due back when Retry-After says, in whole seconds.
+        seconds = told_retry_after(seconds)
         log_decision("flex_refused", waiter.request_id, org_id=waiter.org_id, model=pool.model,
                      retry_after_s=round(seconds, 3), deadline_s=round(waiter.wait_limit, 3),
                      estimated_wait_p10_s=None if estimate is None else round(estimate.p10, 3))

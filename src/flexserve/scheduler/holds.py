@@ -17,8 +17,8 @@ Held places count as queued ahead of the later requests of their
 organization (its estimates include them): a retry coming back goes ahead
 of all those still waiting then — but only if it comes back before they
 start. So a place counts for a request only if its client is due back
-before that request would start with every place counted; one due later
-will most likely find it gone (``drain.wait_in_queue``). A read's place
+before that request starts; one due later will most likely find it gone
+(``drain.wait_in_queue`` steps forward in time to find that start). A read's place
 counts at once: its client is about to send.
 
 A read of ``/v1/flex/status`` for one model holds a place too, for
@@ -46,6 +46,9 @@ from dataclasses import dataclass
 HOLD_GRACE = 10.0
 # Seconds the place a status read reported is held for the request that follows it.
 READ_SECONDS = 5.0
+# Seconds past the time it was told that a refused request's client is
+# still counted on to come back (``due_by``): one later has likely given up.
+LATE_SECONDS = 2.0
 
 
 @dataclass(eq=False, slots=True)
@@ -145,13 +148,16 @@ class HeldPlaces:
     ) -> int:
         """Expected tokens of ``org_id``'s held places ahead of a request of
         its joining now (at a place held from ``before``): all those held from
-        earlier, or only those whose clients are due back by ``due_by``."""
+        earlier, or only those whose clients are due back by ``due_by`` and
+        are not more than ``LATE_SECONDS`` overdue (a read's, while it lasts)."""
         self.expire(now)
         if due_by is None and (before is None or before > self._latest.get(org_id, before)):
             return self._tokens.get(org_id, 0)
+        late = now - LATE_SECONDS
         return sum(
             h.cost_tokens for h in self._by_org.get(org_id, {}).values()
-            if (before is None or h.arrival < before) and (due_by is None or h.returns_at <= due_by)
+            if (before is None or h.arrival < before)
+            and (due_by is None or (h.returns_at <= due_by and (h.read or h.returns_at >= late)))
         )
 
     def expire(self, now: float) -> None:
