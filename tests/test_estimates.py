@@ -271,6 +271,28 @@ def test_the_output_flex_got_while_it_waited_is_learned_only_from_a_backlog() ->
     assert history.output_share == pytest.approx(0.5, rel=0.2)  # runs stop halfway
 
 
+def test_the_output_flex_got_is_a_mean_over_the_backlog_not_its_first_look() -> None:
+    history = FlexHistory()
+    history.observe_backlog(0.0, False, 0)
+    history.output_done += 100  # the first look of a burst: 10 ms, 100 tokens (10,000 a second)
+    history.observe_backlog(0.01, True, 0)
+    now = 0.01
+    while now < 16.0:  # then 1,000 tokens a second, looked at every half second
+        now += 0.5
+        history.output_done += 500
+        history.observe_backlog(now, True, 0)
+    cap = history.output_rate_cap()
+    assert cap is not None and cap == pytest.approx(1_000, rel=0.02)
+
+
+def saw_flex_get(history: FlexHistory, tokens_per_second: float, seconds: float = 60.0) -> None:
+    """``history`` saw flex get ``tokens_per_second`` over ``seconds`` of backlog, just now."""
+    now = time.monotonic()
+    history.observe_backlog(now - seconds, True, 0)
+    history.output_done += round(tokens_per_second * seconds)
+    history.observe_backlog(now, True, 0)
+
+
 async def test_the_queued_works_output_is_the_mean_of_its_output_limits() -> None:
     """Flex of 900 + 100 and 100 + 200 tokens (prompt + output limit) queued
     half and half: each of 10 slots restarts every 10 × 150 / 500 s once
@@ -291,7 +313,7 @@ async def test_the_queued_works_output_is_the_mean_of_its_output_limits() -> Non
     await until(lambda: pool.queue.num_waiting(ServiceTier.FLEX) == 20)
     assert pool.queue.flex_tokens() == (10 * 1000 + 10 * 300, 10 * 900 + 10 * 100, 20)
     history = pool.flex_history
-    history.saturated_tps, history.saturated_seconds = 500.0, 60.0
+    saw_flex_get(history, 500.0)
     timeline = build_timeline(pool, scheduler.config, time.monotonic())
     assert timeline.period == pytest.approx(10 * 150 / 500, rel=0.05)
     for task in tasks:
@@ -315,7 +337,7 @@ async def test_the_drain_is_no_faster_than_flex_was_seen_to_get() -> None:
     now = time.monotonic()
     model_only = build_timeline(pool, scheduler.config, now)
     history = pool.flex_history
-    history.saturated_tps, history.saturated_seconds = 500.0, 60.0
+    saw_flex_get(history, 500.0)
     capped = build_timeline(pool, scheduler.config, now)
     # Ten slots, each restarting every 10 × 5 / 500 s = 0.1 s.
     assert capped.period == pytest.approx(0.1, rel=0.05)

@@ -268,10 +268,10 @@ class FlexHistory:
 
     __slots__ = (
         "_backlog_seen_at", "_num_default_runs", "_num_preemptions_seen", "_output_seen",
-        "backlog_seconds",
+        "_saturated_output", "_saturated_time", "backlog_seconds",
         "calibration", "num_arrivals", "prior_calibration", "num_outputs", "output_done", "output_share",
         "preemption_rate",
-        "saturated_seconds", "saturated_tps", "typical_cost", "typical_prompt",
+        "saturated_seconds", "typical_cost", "typical_prompt",
     )
 
     def __init__(self) -> None:
@@ -295,13 +295,16 @@ class FlexHistory:
         self._num_preemptions_seen = 0
         # Output tokens of flex (and batch) runs, in all, counted as they are
         # generated; their rate while flex waits (what the engines give flex
-        # when it wants more than they have), and the seconds it was measured over.
+        # when it wants more than they have) as the tokens and seconds of
+        # backlog, each decayed over ``THROUGHPUT_WINDOW`` seconds of backlog;
+        # and the seconds of backlog it was measured over.
         self.output_done = 0
         self._output_seen = 0
+        self._saturated_output = 0.0
+        self._saturated_time = 0.0
         # What finished runs generated of their output limit (EWMA).
         self.output_share = 1.0
         self.num_outputs = 0
-        self.saturated_tps = 0.0
         self.saturated_seconds = 0.0
 
     def observe_backlog(self, now: float, backlog: bool, num_preemptions: int) -> None:
@@ -314,12 +317,13 @@ class FlexHistory:
             rate = (num_preemptions - self._num_preemptions_seen) / elapsed
             self.preemption_rate += weight * (rate - self.preemption_rate)
             self.backlog_seconds = min(10 * PREEMPTION_WINDOW, self.backlog_seconds + elapsed)
-            tps = (self.output_done - self._output_seen) / elapsed
-            if self.saturated_seconds == 0:
-                self.saturated_tps = tps
-            else:
-                weight = 1.0 - math.exp(-elapsed / THROUGHPUT_WINDOW)
-                self.saturated_tps += weight * (tps - self.saturated_tps)
+            # Tokens over seconds, both decayed alike: a mean over the last
+            # window of backlog, not swayed by how short a first look was.
+            # (An EWMA of each look's rate started from the first: a look of
+            # a few ms as a burst began read 0.6x the rate 15 s later.)
+            decay = math.exp(-elapsed / THROUGHPUT_WINDOW)
+            self._saturated_output = self._saturated_output * decay + (self.output_done - self._output_seen)
+            self._saturated_time = self._saturated_time * decay + elapsed
             self.saturated_seconds += elapsed
         self._backlog_seen_at = now
         self._num_preemptions_seen = num_preemptions
@@ -342,12 +346,19 @@ class FlexHistory:
             weight = max(1.0 / self.num_outputs, _MIN_WEIGHT)
             self.output_share += weight * (min(1.0, num_tokens / expected) - self.output_share)
 
+    @property
+    def saturated_tps(self) -> float:
+        """Output tokens per second flex got while it waited, over about the
+        last ``THROUGHPUT_WINDOW`` seconds of backlog (0 before any)."""
+        return self._saturated_output / self._saturated_time if self._saturated_time > 0 else 0.0
+
     def output_rate_cap(self) -> float | None:
         """Output tokens per second flex has been seen to get while it waited
         (None until a backlog has lasted ``THROUGHPUT_WINDOW`` seconds)."""
-        if self.saturated_seconds < THROUGHPUT_WINDOW or self.saturated_tps <= 0:
+        tps = self.saturated_tps
+        if self.saturated_seconds < THROUGHPUT_WINDOW or tps <= 0:
             return None
-        return self.saturated_tps
+        return tps
 
     def pause_rate(self) -> float:
         """Preemption pauses per second while flex waits. The EWMA starts at
