@@ -126,8 +126,8 @@ async def test_a_refused_request_comes_back_to_its_place(fingerprint: bytes | No
 
 async def test_a_place_whose_client_returns_after_a_request_starts_does_not_count_for_it() -> None:
     # As above, but refused with a 1 s deadline: told to come back in about
-    # 34 s, after the request sent next would start (20 s with the place
-    # counted, 30 s without): it will likely find that one gone, so that one
+    # 34 s, after the request sent next would start (30 s with the place
+    # counted, 20 s without): it will likely find that one gone, so that one
     # is told 20 s.
     engine, scheduler, blocker = await _one_slot_taken()
     pool = scheduler.pools[MODEL]
