@@ -108,12 +108,10 @@ class Presences:
     async def new(self, *, ttl: float = 15.0, timeout: float = 5.0) -> Any:
         """A started ``Presence``. ``timeout``: how long a call waits for Redis
         (short where a test pauses it)."""
-        from redis.asyncio import Redis
-
+        from flexserve.shared.connect import client
         from flexserve.shared.presence import Presence
 
-        client = Redis.from_url(self.server.url, socket_timeout=timeout, socket_connect_timeout=timeout)
-        presence = Presence(client, prefix=self.prefix, ttl=ttl)
+        presence = Presence(client(self.server.url, timeout=timeout), prefix=self.prefix, ttl=ttl)
         await presence.start()
         self._open.append(presence)
         return presence

@@ -8,9 +8,11 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from redis.asyncio import Redis
 
 from flexserve.billing.ratelimit import RateLimit, RateLimiter, RateLimits
 from flexserve.errors import RateLimitError, ServiceUnavailableError
+from flexserve.shared.connect import MAX_CONNECTIONS
 from flexserve.shared.ratelimit import RedisRateLimits
 from flexserve.tiers import ServiceTier
 from redis_server import Presences, RedisServer
@@ -66,6 +68,18 @@ async def test_a_minutes_requests_across_gateways_are_the_limit(limiters: Limite
     admitted = await admitted_at_once(gateways, 200)
     # The bucket refills half a request a second meanwhile: at most that more.
     assert 30 <= admitted <= 30 + int((time.monotonic() - started) * 0.5)
+
+
+async def test_a_burst_on_a_gateway_opens_no_more_connections_to_redis_than_its_pool(
+    limiters: Limiters, redis_server: RedisServer
+) -> None:
+    gateway = await limiters.start(RateLimit(requests_per_minute=100_000))
+    async with Redis.from_url(redis_server.url) as watcher:
+        before = (await watcher.info("clients"))["connected_clients"]
+        assert await admitted_at_once([gateway], 500) == 500
+        opened = (await watcher.info("clients"))["connected_clients"] - before
+    # 500 requests at once queue for MAX_CONNECTIONS connections, not one each.
+    assert 1 <= opened <= MAX_CONNECTIONS
 
 
 async def test_gateways_each_with_limits_of_their_own_admit_the_limit_each() -> None:
