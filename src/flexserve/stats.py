@@ -1,6 +1,6 @@
 """Percentiles, computed one way wherever FlexServe reports them (the
-planner, the dashboard, `bench tiers`): linear between the closest ranks,
-None when there is nothing to rank."""
+planner, the dashboard, every bench report and its bootstrap intervals):
+linear between the closest ranks, None when there is nothing to rank."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (0-100) of ``values`` (sorted or not); None when empty."""
     if not values:
         return None
-    ordered = sorted(values)
+    return ranked(sorted(values), q)
+
+
+def ranked(ordered: Sequence[float], q: float) -> float:
+    """``percentile`` of values already sorted (and not empty): for callers
+    that rank one sorted sample many times."""
     rank = (len(ordered) - 1) * q / 100
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)

@@ -10,19 +10,17 @@ each time, and returns the 2.5th and 97.5th percentiles of those ratios (a
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Sequence
+
+from flexserve import stats
 
 __all__ = ["quantile", "ratio_interval"]
 
 
 def quantile(values: Sequence[float], q: float) -> float:
     """The q-th percentile (0-100) of sorted ``values``, linear between closest ranks."""
-    rank = (len(values) - 1) * q / 100
-    low = math.floor(rank)
-    high = min(low + 1, len(values) - 1)
-    return values[low] + (values[high] - values[low]) * (rank - low)
+    return stats.ranked(values, q)
 
 
 def ratio_interval(num: Sequence[float], den: Sequence[float], q: float = 99.0, *,

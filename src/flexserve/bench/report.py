@@ -12,19 +12,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from flexserve import stats
+
 
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0–100), interpolated between the closest ranks.
 
     ``values`` need not be sorted; NaN when there are none.
     """
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    value = stats.percentile(values, q)
+    return math.nan if value is None else value
 
 
 def summary_ms(seconds: Sequence[float]) -> dict[str, float] | None:
