@@ -154,6 +154,15 @@ class Gateway:
         return run_async(_make_org(self.db_url, org, admin))[1]
 
 
+# Lines for the end of the run (the tail is what a CI log shows).
+_session_reports: list[str] = []
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    for line in _session_reports:
+        terminalreporter.write_line(line)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if ON_POSTGRES:
         skip = pytest.mark.skip(reason="about SQLite itself; the suite runs on PostgreSQL")
@@ -191,6 +200,7 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+    _session_reports.append(server.report)
 
 
 @pytest.fixture
@@ -201,11 +211,16 @@ async def presences(redis_server: RedisServer) -> AsyncIterator[Presences]:
     await made.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def start_gateway(
     tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[Callable[..., Gateway]]:
-    """Start gateways on demand; all are stopped at the end of the session."""
+    """Start gateways on demand; all are stopped at the end of the module.
+
+    Not later: a gateway left running polls its engines, renews its leases in
+    Redis and flushes its usage in this process while every later module's
+    tests run, and in front of an engine its module has stopped it does so
+    for nothing."""
     running: list[ServerThread] = []
 
     def start(engines: list[Engine] | None = None, *, org: str = "test-org", **overrides: Any) -> Gateway:
@@ -237,7 +252,7 @@ def sim_engine(speed: float = 50.0, max_num_seqs: int = 16, profile: str = "h100
     return SimEngine(profile, speed=speed, max_num_seqs=max_num_seqs)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def sim_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     """A gateway in front of an in-process sim engine (fast, deterministic)."""
     return start_gateway(engines=[sim_engine()], engine="sim")
