@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Mapping
@@ -44,14 +45,54 @@ def find_redis_server() -> str | None:
     )
 
 
+class StallWatch:
+    """A PING to the server every half second from a thread of the tests'
+    process: the slowest answer, and when. A stall seen here but not by the
+    server's own latency monitor was in this process (or the machine), not
+    in Redis. Pings while the server is paused on purpose are not counted."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.paused = False
+        self.slowest = 0.0
+        self.slowest_at = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _watch(self) -> None:
+        client = redis.Redis.from_url(self.url, socket_timeout=120)
+        while not self._stop.wait(0.5):
+            paused, started = self.paused, time.monotonic()
+            try:
+                client.ping()
+            except redis.exceptions.RedisError:
+                continue
+            took = time.monotonic() - started
+            if not paused and not self.paused and took > self.slowest:
+                self.slowest, self.slowest_at = took, time.strftime("%H:%M:%S")
+        client.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 class RedisServer:
-    """One running ``redis-server``; ``pause``/``resume`` freeze it (SIGSTOP/SIGCONT)."""
+    """One running ``redis-server``; ``pause``/``resume`` freeze it (SIGSTOP/SIGCONT).
+
+    ``report`` says, once it has stopped, how slow it was at its slowest:
+    as the tests' process saw it and as the server measured itself."""
 
     def __init__(self, binary: str, port: int) -> None:
         self.binary = binary
         self.port = port
         self._root = Path(tempfile.mkdtemp(prefix="flexserve-redis-"))
         self._process: subprocess.Popen[bytes] | None = None
+        self._watch = StallWatch(self.url)
+        self.report = ""
 
     @property
     def url(self) -> str:
@@ -61,7 +102,8 @@ class RedisServer:
         log = open(self._root / "redis.log", "wb")  # noqa: SIM115 - the server's for its life
         self._process = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self._root), "--protected-mode", "no"],
+             "--appendonly", "no", "--dir", str(self._root), "--protected-mode", "no",
+             "--latency-monitor-threshold", "100"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         log.close()
@@ -69,6 +111,7 @@ class RedisServer:
         while True:
             try:
                 if redis.Redis.from_url(self.url, socket_timeout=1).ping():
+                    self._watch.start()
                     return
             except redis.exceptions.ConnectionError:
                 pass
@@ -79,15 +122,31 @@ class RedisServer:
     def pause(self) -> None:
         """Freeze the server: connections stay open, nothing is answered."""
         assert self._process is not None
+        self._watch.paused = True
         os.kill(self._process.pid, signal.SIGSTOP)
 
     def resume(self) -> None:
         assert self._process is not None
         os.kill(self._process.pid, signal.SIGCONT)
+        self._watch.paused = False
+
+    def _latency_events(self) -> str:
+        """The server's own latency monitor: events of 100 ms or more."""
+        try:
+            events = redis.Redis.from_url(self.url, socket_timeout=5, decode_responses=True).latency_latest()
+        except redis.exceptions.RedisError as exc:
+            return f"unreadable ({exc})"
+        return ", ".join(f"{e[0]} max {e[3]} ms" for e in events) or "none"
 
     def stop(self) -> None:
         try:
+            self._watch.stop()
             if self._process is not None:
+                self.report = (
+                    f"Redis at its slowest: a PING from the tests took {self._watch.slowest:.2f} s"
+                    f" (at {self._watch.slowest_at or '-'}); the server's own stalls of 100 ms or more:"
+                    f" {self._latency_events()}"
+                )
                 os.kill(self._process.pid, signal.SIGCONT)
                 self._process.terminate()
                 self._process.wait(timeout=10)

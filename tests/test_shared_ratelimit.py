@@ -46,28 +46,39 @@ async def limiters(presences: Presences) -> AsyncIterator[Limiters]:
     await made.close()
 
 
-async def admitted_at_once(gateways: list[RateLimits], attempts: int, tokens: int = 10) -> int:
+async def admitted_at_once(gateways: list[RateLimits], attempts: int, tokens: int = 10,
+                           resent: list[int] | None = None) -> int:
     """Requests admitted out of ``attempts`` arriving together, spread over
-    ``gateways`` in turn."""
+    ``gateways`` in turn. A request answered 503 (Redis did not answer in
+    time) is sent again, as its client would; ``resent`` counts them."""
     async def one(i: int) -> bool:
-        try:
-            await gateways[i % len(gateways)].acquire("org-1", FLEX, tokens)
-        except RateLimitError:
-            return False
-        return True
+        for _ in range(3):
+            try:
+                await gateways[i % len(gateways)].acquire("org-1", FLEX, tokens)
+            except RateLimitError:
+                return False
+            except ServiceUnavailableError:
+                if resent is not None:
+                    resent.append(i)
+                continue
+            return True
+        raise AssertionError(f"request {i}: Redis did not answer three times")
 
     return sum(await asyncio.gather(*(one(i) for i in range(attempts))))
 
 
 async def test_a_minutes_requests_across_gateways_are_the_limit(limiters: Limiters) -> None:
     limit = RateLimit(requests_per_minute=30)
-    # A patient client: on a loaded machine 200 scripts at once once took
-    # Redis past 5 s (a timeout answers 503, which is not what is tested here).
-    gateways: list[RateLimits] = [await limiters.start(limit, timeout=30.0) for _ in range(3)]
+    # Patient clients: in CI a call of this burst has gone unanswered for
+    # 30 s (the session's report says whether Redis or this process stalled).
+    gateways: list[RateLimits] = [await limiters.start(limit, timeout=10.0) for _ in range(3)]
     started = time.monotonic()
-    admitted = await admitted_at_once(gateways, 200)
+    resent: list[int] = []
+    admitted = await admitted_at_once(gateways, 200, resent=resent)
     # The bucket refills half a request a second meanwhile: at most that more.
-    assert 30 <= admitted <= 30 + int((time.monotonic() - started) * 0.5)
+    # A call that timed out after Redis ran its script took a request unseen.
+    refilled = int((time.monotonic() - started) * 0.5)
+    assert 30 - len(resent) <= admitted <= 30 + refilled
 
 
 async def test_a_burst_on_a_gateway_opens_no_more_connections_to_redis_than_its_pool(
