@@ -50,3 +50,12 @@ def test_serve_rejects_a_bad_setting(tmp_path: Path) -> None:
     )
     assert result.returncode != 0
     assert "flex_headroom" in result.stderr
+
+
+def test_bound_to_every_address_the_welcome_names_one_a_client_can_use(tmp_path: Path) -> None:
+    """As in a container (the image binds 0.0.0.0): the commands it prints
+    go to 127.0.0.1, where they work, not to 0.0.0.0."""
+    with serve(tmp_path, "--host", "0.0.0.0") as (url, lines):
+        curl = next(line for line in lines if "curl " in line)
+        assert f"{url}/v1/chat/completions" in curl
+        assert not any("0.0.0.0:" in line and "listening" not in line for line in lines), lines

@@ -41,7 +41,9 @@ async def _bootstrap_demo(db: Database, settings: Settings) -> str | None:
 
 
 def _print_welcome(settings: Settings, key: str | None, model_hint: str) -> None:
-    base = f"http://{settings.host}:{settings.port}"
+    # Bound to every address (in a container, say): one a client can use.
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    base = f"http://{host}:{settings.port}"
     key_file = Path(settings.home) / "demo_key"
     if key is not None:
         key_file.parent.mkdir(parents=True, exist_ok=True)
