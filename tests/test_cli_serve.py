@@ -7,18 +7,23 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import openai
+import pytest
 
-from conftest import serve_process
+from conftest import free_port, serve_process
+from redis_server import HOW_TO_ENABLE as REDIS_HOW_TO_ENABLE
+from redis_server import RedisServer, find_redis_server
 
 
 @contextmanager
-def serve(home: Path, *args: str) -> Iterator[tuple[str, list[str]]]:
-    with serve_process(home, "--engine", "sim", "--sim-speed", "50", *args) as (_, url, log):
+def serve(home: Path, *args: str, env: dict[str, str] | None = None) -> Iterator[tuple[str, list[str]]]:
+    with serve_process(home, "--engine", "sim", "--sim-speed", "50", *args, env=env) as (_, url, log):
         yield url, log.read_text().splitlines()
 
 
@@ -59,3 +64,33 @@ def test_bound_to_every_address_the_welcome_names_one_a_client_can_use(tmp_path:
         curl = next(line for line in lines if "curl " in line)
         assert f"{url}/v1/chat/completions" in curl
         assert not any("0.0.0.0:" in line and "listening" not in line for line in lines), lines
+        assert any("listening on http://0.0.0.0:" in line for line in lines), lines
+
+
+def test_told_to_wait_a_gateway_starts_once_its_redis_does(tmp_path: Path) -> None:
+    """As in compose.yaml, where a gateway may start before Redis answers."""
+    binary = find_redis_server()
+    if binary is None:
+        if os.environ.get("FLEXSERVE_TEST_REDIS") == "required":
+            pytest.fail(REDIS_HOW_TO_ENABLE)
+        pytest.skip(REDIS_HOW_TO_ENABLE)
+    redis = RedisServer(binary, free_port())
+    late = threading.Timer(3.0, redis.start)
+    late.start()
+    try:
+        with serve(tmp_path, "--redis", redis.url, env={"FLEXSERVE_STARTUP_WAIT": "60"}) as (url, lines):
+            assert any("Waiting for Redis" in line for line in lines), lines
+            assert httpx.get(url + "/healthz", timeout=10).status_code == 200
+    finally:
+        late.join()
+        redis.stop()
+
+
+def test_not_told_to_wait_a_gateway_without_its_redis_stops_at_once_saying_why(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "flexserve.cli", "serve", "--home", str(tmp_path), "--engine", "sim",
+         "--redis", f"redis://127.0.0.1:{free_port()}/0"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert "cannot be reached" in result.stderr and "Waiting" not in result.stderr

@@ -65,6 +65,23 @@ def test_a_gateway_refuses_a_database_not_upgraded_and_serves_once_it_is(
     assert rows.strip().splitlines() == [f"flex|{answer.usage.completion_tokens}"]
 
 
+def test_told_to_wait_a_gateway_starts_once_the_schema_is_upgraded(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """As compose.yaml starts a gateway beside the service that upgrades."""
+    url = postgres.create_database(migrated=False)
+    upgrade = threading.Timer(3.0, lambda: _flexserve("db", "upgrade", "--db", url, home=tmp_path))
+    upgrade.start()
+    try:
+        with serve_process(tmp_path, "--engine", "sim", "--db", url,
+                           env={"FLEXSERVE_STARTUP_WAIT": "60"}) as (_, base, log):
+            said = log.read_text()
+            assert "Waiting for the database" in said and "flexserve db upgrade" in said
+            assert httpx.get(base + "/healthz", timeout=10).status_code == 200
+    finally:
+        upgrade.join()
+
+
 def test_a_database_at_a_newer_revision_is_refused_by_an_older_flexserve(
     postgres: PostgresServer, tmp_path: Path
 ) -> None:
@@ -80,6 +97,30 @@ def test_an_unreachable_database_is_named_without_a_traceback(tmp_path: Path) ->
     done = _flexserve("db", "upgrade", "--db", "postgresql://flexserve@127.0.0.1:1/none", home=tmp_path)
     assert done.returncode != 0
     assert "Traceback" not in done.stderr and "127.0.0.1:1/none" in done.stderr
+
+
+def test_upgrade_waits_for_a_server_still_starting_and_only_as_long_as_told(
+    postgres: PostgresServer, tmp_path: Path
+) -> None:
+    """As compose.yaml's migrate service runs it, beside a PostgreSQL that is
+    not up yet: ``--wait`` tries again until it is, then upgrades."""
+    url = postgres.create_database(migrated=False)
+    postgres.pause()
+    try:
+        started = time.monotonic()
+        refused = _flexserve("db", "upgrade", "--wait", "2", "--db", url, home=tmp_path)
+        assert refused.returncode != 0 and "Traceback" not in refused.stderr
+        assert 1.0 <= time.monotonic() - started < 30
+        waiting = subprocess.Popen([*FLEXSERVE, "db", "upgrade", "--wait", "60", "--db", url,
+                                    "--home", str(tmp_path)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)
+        assert waiting.poll() is None, waiting.communicate()
+    finally:
+        postgres.resume()
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert f"to revision {head_revision()}" in out
 
 
 def test_ten_seconds_without_the_database_lose_no_row_and_answer_no_500(

@@ -69,6 +69,9 @@ class Settings:
     bootstrap_demo: bool = _opt(
         True, "On first start with an empty database, create a demo organization and key."
     )
+    startup_wait: float = _opt(
+        0.0, "Seconds `serve` waits at start for its database (reachable, schema upgraded) and Redis, trying each second; 0: stops at once, saying why."
+    )
     shutdown_grace: float = _opt(
         10.0, "Seconds requests in flight get to finish on SIGTERM; then they are ended cleanly."
     )
@@ -317,6 +320,8 @@ def load_settings(
         raise ConfigError("setting 'default_service_tier' must be default, flex or priority")
     if settings.redis and not settings.redis.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(f"setting 'redis': {settings.redis!r} is not a redis://, rediss:// or unix:// URL")
+    if settings.startup_wait < 0:
+        raise ConfigError("setting 'startup_wait' must be 0 (do not wait) or more seconds")
     if settings.dashboard_sample_seconds <= 0:
         raise ConfigError("setting 'dashboard_sample_seconds' must be positive")
     if settings.redis_lease_ttl <= 0 or settings.redis_slots_interval <= 0:

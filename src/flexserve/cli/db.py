@@ -23,7 +23,11 @@ def db() -> None:
 
 @db.command("upgrade")
 @database_options
-def upgrade(db: str | None, home: str | None) -> None:
+@click.option("--wait", "wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              metavar="SECONDS",
+              help="Wait up to SECONDS for the database server to accept connections "
+                   "(started beside it, as in compose.yaml).")
+def upgrade(db: str | None, home: str | None, wait: float) -> None:
     """Upgrade the schema to this FlexServe's revision (a no-op when it is there)."""
 
     async def migrate(database: Database) -> tuple[str | None, str | None]:
@@ -31,7 +35,7 @@ def upgrade(db: str | None, home: str | None) -> None:
         await database.migrate()
         return before, await database.revision()
 
-    before, after = run_db(settings_for(db, home), migrate, prepare=False)
+    before, after = run_db(settings_for(db, home), migrate, prepare=False, wait=wait)
     if before == after:
         click.echo(f"Schema already at revision {after}.")
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import getpass
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -51,13 +52,33 @@ def settings_for(db: str | None, home: str | None) -> Settings:
         raise click.ClickException(str(exc)) from exc
 
 
+def _not_up_yet(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it wraps) says the database server cannot be
+    reached or is starting up, rather than that something was wrong."""
+    try:
+        from asyncpg.exceptions import CannotConnectNowError  # type: ignore[import-untyped]
+    except ImportError:  # no PostgreSQL driver: SQLite only
+        transient: tuple[type[BaseException], ...] = (OSError,)
+    else:
+        transient = (OSError, CannotConnectNowError)
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, transient):
+            return True
+        seen = getattr(seen, "orig", None) or seen.__cause__
+    return False
+
+
 def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, prepare: bool = True,
-           announce: bool = True) -> _T:
+           announce: bool = True, wait: float = 0.0) -> _T:
     """Run ``action`` against the database once its schema is ready
     (``Database.prepare``: SQLite migrated, PostgreSQL checked; not with
     ``prepare=False``, for the commands that migrate), then close it; with
-    ``announce``, tell the gateways sharing ``redis`` (``_announce``)."""
+    ``announce``, tell the gateways sharing ``redis`` (``_announce``). A
+    server that cannot be reached yet is tried again each second for up to
+    ``wait`` seconds."""
     url = settings.database_url
+    deadline = time.monotonic() + wait
 
     async def with_database() -> _T:
         database = Database.from_url(url)
@@ -68,14 +89,19 @@ def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, p
         finally:
             await database.close()
 
-    try:
-        result = asyncio.run(with_database())
-    except _EXPECTED as exc:
-        raise click.ClickException(str(exc)) from exc
-    except (SQLAlchemyError, OSError) as exc:
-        # The URL without its password: this message may end up in a CI log.
-        shown = shown_url(url)
-        raise click.ClickException(f"database {shown}: {exc}") from exc
+    while True:
+        try:
+            result = asyncio.run(with_database())
+            break
+        except _EXPECTED as exc:
+            raise click.ClickException(str(exc)) from exc
+        except (SQLAlchemyError, OSError) as exc:
+            if _not_up_yet(exc) and time.monotonic() + 1.0 < deadline:
+                time.sleep(1.0)
+                continue
+            # The URL without its password: this message may end up in a CI log.
+            shown = shown_url(url)
+            raise click.ClickException(f"database {shown}: {exc}") from exc
     if announce:
         _announce(settings)
     return result

@@ -7,8 +7,10 @@ import logging
 import math
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
 
@@ -71,7 +73,7 @@ def _print_welcome(settings: Settings, key: str | None, model_hint: str) -> None
         "messages=[{'role': 'user', 'content': 'Say hello in five words.'}]); "
         "print(r.service_tier, r.choices[0].message.content)\"",
         "",
-        f"FlexServe listening on {base}  (Ctrl-C to stop)",
+        f"FlexServe listening on http://{settings.host}:{settings.port}  (Ctrl-C to stop)",
     ]
     click.echo("\n".join(lines), err=True)
 
@@ -145,6 +147,27 @@ def _raise_open_files_limit() -> None:
             logging.getLogger(__name__).warning("could not raise the open-files limit from %d", soft)
 
 
+_T = TypeVar("_T")
+
+
+def _when_ready(what: str, deadline: float, step: Callable[[], _T]) -> _T:
+    """``step()``, tried again each second while it stops with a reason and
+    ``deadline`` (setting ``startup_wait``) is ahead: a gateway started
+    beside its database and Redis, before they answer or the schema is
+    upgraded. What it waits for is said once."""
+    said = False
+    while True:
+        try:
+            return step()
+        except click.ClickException as exc:
+            if time.monotonic() + 1.0 >= deadline:
+                raise
+            if not said:
+                click.echo(f"Waiting for {what} (setting startup_wait): {exc.message}", err=True)
+                said = True
+            time.sleep(1.0)
+
+
 def _check_redis(settings: Settings) -> None:
     """Stop, saying why, when the Redis the gateways share cannot be used."""
     if not settings.redis:
@@ -213,8 +236,10 @@ def serve(
     _raise_open_files_limit()
     # Stops here, saying why, on a database whose schema this FlexServe cannot use.
     # Not announced: a gateway starting would make every other forget its keys.
-    key = run_db(settings, lambda database: _bootstrap_demo(database, settings), announce=False)
-    _check_redis(settings)
+    deadline = time.monotonic() + settings.startup_wait
+    key = _when_ready("the database", deadline, lambda: run_db(
+        settings, lambda database: _bootstrap_demo(database, settings), announce=False))
+    _when_ready("Redis", deadline, lambda: _check_redis(settings))
     if config_file:
         from flexserve.cli.prices import load_config_prices
 
