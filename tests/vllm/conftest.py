@@ -230,9 +230,10 @@ def vllm_falls_idle(vllm: VllmServer) -> Iterator[None]:
     wait_until(vllm.is_idle, IDLE_TIMEOUT, "vLLM is still generating after the test")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def gateway(start_gateway: Callable[..., Gateway], vllm: VllmServer) -> Gateway:
-    """A FlexServe gateway in front of the vLLM server, with default settings."""
+    """A FlexServe gateway in front of the vLLM server, with default settings
+    (one a module, as every gateway the tests start: the session's vLLM stays)."""
     return start_gateway(**GATEWAY, upstreams=[vllm.url])
 
 
