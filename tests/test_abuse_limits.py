@@ -341,3 +341,37 @@ def test_one_authorization_header_still_works(gateway: Gateway) -> None:
     )
     assert response.status_code == 200
 
+
+
+# --- NUL in a query parameter ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [
+        ("/v1/files?purpose=batch%00x", "purpose"),
+        ("/v1/batches?after=batch_%00", "after"),
+        ("/v1/organization/usage/completions?start_time=1700000000&project_ids=p%00", "project_ids"),
+        ("/v1/organization/costs?start_time=1700000000&group_by=%00", "group_by"),
+        ("/v1/models?x%00y=1", "x%00y"),
+    ],
+)
+def test_a_nul_in_a_query_parameter_is_a_400_naming_it(gateway: Gateway, path: str, param: str) -> None:
+    """PostgreSQL refuses a NUL in any text: it answered 500 there
+    (schemathesis found it on `GET /v1/files?purpose=…`). Now a 400 on any
+    database, before any route."""
+    response = httpx.get(gateway.url + path, timeout=30,
+                         headers={"Authorization": f"Bearer {gateway.api_key}"})
+    error = assert_envelope(response, 400, param=param, code="invalid_value")
+    assert "NUL" in error["message"]
+    assert response.headers["x-request-id"]
+
+
+def test_a_query_without_a_nul_is_served_as_before(gateway: Gateway) -> None:
+    # An encoded zero digit is not a NUL; %0A is a newline (not a file id).
+    headers = {"Authorization": f"Bearer {gateway.api_key}"}
+    assert httpx.get(gateway.url + "/v1/files?purpose=batch%30", timeout=30,
+                     headers=headers).status_code == 200
+    newline = httpx.get(gateway.url + "/v1/files?after=%0A", timeout=30, headers=headers)
+    assert_envelope(newline, 400, param="after", code="invalid_value")
+    assert "no file with id" in newline.json()["error"]["message"]

@@ -37,6 +37,7 @@ from flexserve.api.inference import Endpoint
 from flexserve.api.metrics import GatewayMetrics
 from flexserve.api.request_id import RequestIdMiddleware, new_request_id
 from flexserve.api.pipeline import serve
+from flexserve.api.query import nul_in_query
 from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
 from flexserve.batches import Batches
@@ -178,10 +179,11 @@ class FlexServeApp(Starlette):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            ambiguous = ambiguous_authorization(scope["headers"])
-            if ambiguous is not None:
-                # Before any route: each would read a different copy of the header.
-                await send_error(send, ambiguous, [(b"x-request-id", new_request_id().encode())])
+            # Before any route: each would read a different copy of the header,
+            # or carry the NUL into a database that refuses it.
+            refused = ambiguous_authorization(scope["headers"]) or nul_in_query(scope["query_string"])
+            if refused is not None:
+                await send_error(send, refused, [(b"x-request-id", new_request_id().encode())])
                 return
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = self._endpoint(scope)
