@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import random
 
-from flexserve.bench.bootstrap import quantile, ratio_interval
+from flexserve.bench.bootstrap import ratio_interval
+from flexserve.stats import percentile, ranked
 
 
-def test_quantile_interpolates_between_closest_ranks() -> None:
-    assert quantile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
-    assert quantile([0.0, 10.0], 99) == 9.9
-    assert quantile([7.0], 99) == 7.0
+def test_percentiles_interpolate_between_closest_ranks() -> None:
+    """The one formula every report ranks with (``flexserve.stats``)."""
+    assert ranked([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
+    assert ranked([0.0, 10.0], 99) == 9.9
+    assert ranked([7.0], 99) == 7.0
+    assert percentile([10.0, 0.0], 99) == 9.9  # unsorted: sorted first
+    assert percentile([], 50) is None
 
 
 def test_interval_brackets_the_true_ratio_and_narrows_with_more_requests() -> None:

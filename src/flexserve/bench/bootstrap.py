@@ -15,12 +15,7 @@ from collections.abc import Sequence
 
 from flexserve import stats
 
-__all__ = ["quantile", "ratio_interval"]
-
-
-def quantile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) of sorted ``values``, linear between closest ranks."""
-    return stats.ranked(values, q)
+__all__ = ["ratio_interval"]
 
 
 def ratio_interval(num: Sequence[float], den: Sequence[float], q: float = 99.0, *,
@@ -33,12 +28,12 @@ def ratio_interval(num: Sequence[float], den: Sequence[float], q: float = 99.0, 
     rng = random.Random(seed)
     ratios = []
     for _ in range(resamples):
-        top = quantile(sorted(rng.choices(num, k=len(num))), q)
-        bottom = quantile(sorted(rng.choices(den, k=len(den))), q)
+        top = stats.ranked(sorted(rng.choices(num, k=len(num))), q)
+        bottom = stats.ranked(sorted(rng.choices(den, k=len(den))), q)
         if bottom > 0:
             ratios.append(top / bottom)
     if not ratios:
         return None
     ratios.sort()
     tail = (1 - level) / 2 * 100
-    return quantile(ratios, tail), quantile(ratios, 100 - tail)
+    return stats.ranked(ratios, tail), stats.ranked(ratios, 100 - tail)
