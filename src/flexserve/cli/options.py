@@ -69,6 +69,26 @@ def _not_up_yet(exc: BaseException) -> bool:
     return False
 
 
+def until_ready(step: Callable[[], _T], deadline: float, *,
+                retry: Callable[[click.ClickException], bool] = lambda _: True,
+                waiting: str = "") -> _T:
+    """``step()``, tried again each second while it stops with a reason
+    ``retry`` accepts and ``deadline`` (``time.monotonic()``) is ahead: for
+    commands started beside a database or Redis that is not ready yet.
+    ``waiting``, if given, is said once, with the first reason."""
+    said = False
+    while True:
+        try:
+            return step()
+        except click.ClickException as exc:
+            if time.monotonic() + 1.0 >= deadline or not retry(exc):
+                raise
+            if waiting and not said:
+                click.echo(f"{waiting}: {exc.message}", err=True)
+                said = True
+            time.sleep(1.0)
+
+
 def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, prepare: bool = True,
            announce: bool = True, wait: float = 0.0) -> _T:
     """Run ``action`` against the database once its schema is ready
@@ -78,7 +98,6 @@ def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, p
     server that cannot be reached yet is tried again each second for up to
     ``wait`` seconds."""
     url = settings.database_url
-    deadline = time.monotonic() + wait
 
     async def with_database() -> _T:
         database = Database.from_url(url)
@@ -89,19 +108,16 @@ def run_db(settings: Settings, action: Callable[[Database], Awaitable[_T]], *, p
         finally:
             await database.close()
 
-    while True:
+    def once() -> _T:
         try:
-            result = asyncio.run(with_database())
-            break
+            return asyncio.run(with_database())
         except _EXPECTED as exc:
             raise click.ClickException(str(exc)) from exc
         except (SQLAlchemyError, OSError) as exc:
-            if _not_up_yet(exc) and time.monotonic() + 1.0 < deadline:
-                time.sleep(1.0)
-                continue
             # The URL without its password: this message may end up in a CI log.
-            shown = shown_url(url)
-            raise click.ClickException(f"database {shown}: {exc}") from exc
+            raise click.ClickException(f"database {shown_url(url)}: {exc}") from exc
+
+    result = until_ready(once, time.monotonic() + wait, retry=_not_up_yet)
     if announce:
         _announce(settings)
     return result

@@ -8,13 +8,12 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import click
 
-from flexserve.cli.options import run_db
+from flexserve.cli.options import run_db, until_ready
 from flexserve.config import ConfigError, Settings, load_settings
 from flexserve.observability.logs import configure as configure_logging
 
@@ -147,27 +146,6 @@ def _raise_open_files_limit() -> None:
             logging.getLogger(__name__).warning("could not raise the open-files limit from %d", soft)
 
 
-_T = TypeVar("_T")
-
-
-def _when_ready(what: str, deadline: float, step: Callable[[], _T]) -> _T:
-    """``step()``, tried again each second while it stops with a reason and
-    ``deadline`` (setting ``startup_wait``) is ahead: a gateway started
-    beside its database and Redis, before they answer or the schema is
-    upgraded. What it waits for is said once."""
-    said = False
-    while True:
-        try:
-            return step()
-        except click.ClickException as exc:
-            if time.monotonic() + 1.0 >= deadline:
-                raise
-            if not said:
-                click.echo(f"Waiting for {what} (setting startup_wait): {exc.message}", err=True)
-                said = True
-            time.sleep(1.0)
-
-
 def _check_redis(settings: Settings) -> None:
     """Stop, saying why, when the Redis the gateways share cannot be used."""
     if not settings.redis:
@@ -236,10 +214,14 @@ def serve(
     _raise_open_files_limit()
     # Stops here, saying why, on a database whose schema this FlexServe cannot use.
     # Not announced: a gateway starting would make every other forget its keys.
+    # With startup_wait, each is tried again until it is ready (the schema
+    # upgraded, too): a gateway started beside them, as in compose.yaml.
     deadline = time.monotonic() + settings.startup_wait
-    key = _when_ready("the database", deadline, lambda: run_db(
-        settings, lambda database: _bootstrap_demo(database, settings), announce=False))
-    _when_ready("Redis", deadline, lambda: _check_redis(settings))
+    key = until_ready(
+        lambda: run_db(settings, lambda database: _bootstrap_demo(database, settings), announce=False),
+        deadline, waiting="Waiting for the database (setting startup_wait)")
+    until_ready(lambda: _check_redis(settings), deadline,
+                waiting="Waiting for Redis (setting startup_wait)")
     if config_file:
         from flexserve.cli.prices import load_config_prices
 
