@@ -50,6 +50,7 @@ from flexserve.errors import FlexServeError
 from flexserve.files import Files
 from flexserve.dashboard.sessions import Sessions
 from flexserve.observability.history import LiveHistory
+from flexserve.observability.loop_lag import LoopLag
 from flexserve.observability.tracing import Tracing
 from flexserve.scheduler.policy import SchedulerConfig
 from flexserve.scheduler.scheduler import Scheduler
@@ -273,6 +274,9 @@ def create_app(
                 tracing=tracing,
                 sessions=Sessions(settings.dashboard_session_seconds),
             )
+            lag = LoopLag(app.state.services.metrics.registry)
+            lag.start()
+            stack.push_async_callback(lag.close)
             history = LiveHistory(scheduler, interval=settings.dashboard_sample_seconds)
             app.state.services.history = history
             history.start()
