@@ -53,12 +53,17 @@ def gateway_view(gateway: Gateway) -> tuple[float, float, float]:
 
 
 def gateway_state(gateway: Gateway) -> dict[str, float]:
-    """The gateway's queues, runs, replica view and events, for failure messages."""
+    """The gateway's queues, runs, replica view and events, for failure
+    messages; and how often its event loop ran more than a second late (the
+    gateway starved of CPU, or blocked: then every stream it relays stalls)."""
     values = scrape(gateway.url)
     by_tier = {f"{kind}[{tier}]": scrape(gateway.url, tier=tier)[f"flexserve_{kind}"]
                for kind in ("queue_depth", "in_flight") for tier in ("default", "flex")}
+    lag = scrape(gateway.url, le="1.0")
+    late = values["flexserve_event_loop_lag_seconds_count"] - lag["flexserve_event_loop_lag_seconds_bucket"]
     return {**by_tier, **{name: value for name, value in values.items() if name.startswith(
-        ("flexserve_engine_", "flexserve_preemptions", "flexserve_flex_refused"))}}
+        ("flexserve_engine_", "flexserve_preemptions", "flexserve_flex_refused"))},
+        "loop_lag_over_1s": late, "loop_lag_seconds_sum": values["flexserve_event_loop_lag_seconds_sum"]}
 
 
 def gateway_queue(gateway: Gateway, tier: str) -> tuple[float, float]:
