@@ -343,7 +343,7 @@ def test_one_authorization_header_still_works(gateway: Gateway) -> None:
 
 
 
-# --- NUL in a query parameter ------------------------------------------------
+# --- NUL in the path or a query parameter ------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -365,6 +365,20 @@ def test_a_nul_in_a_query_parameter_is_a_400_naming_it(gateway: Gateway, path: s
     error = assert_envelope(response, 400, param=param, code="invalid_value")
     assert "NUL" in error["message"]
     assert response.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/files/file-%00"), ("DELETE", "/v1/responses/resp_%00x"),
+     ("POST", "/v1/batches/batch_%00/cancel"), ("GET", "/v1/models/m%00")],
+)
+def test_a_nul_in_the_path_is_a_400_naming_it(gateway: Gateway, method: str, path: str) -> None:
+    """Like a query parameter's, an id in the path carried the NUL into a
+    database lookup that PostgreSQL refused with a 500."""
+    response = httpx.request(method, gateway.url + path, timeout=30,
+                             headers={"Authorization": f"Bearer {gateway.api_key}"})
+    error = assert_envelope(response, 400, param=None, code="invalid_value")
+    assert f"'{path}'" in error["message"] and "NUL" in error["message"]
 
 
 def test_a_query_without_a_nul_is_served_as_before(gateway: Gateway) -> None:

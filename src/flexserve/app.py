@@ -37,7 +37,7 @@ from flexserve.api.inference import Endpoint
 from flexserve.api.metrics import GatewayMetrics
 from flexserve.api.request_id import RequestIdMiddleware, new_request_id
 from flexserve.api.pipeline import serve
-from flexserve.api.query import nul_in_query
+from flexserve.api.request_line import nul_in_request_line
 from flexserve.api.routes import inference_endpoints, routes
 from flexserve.api.state import Services
 from flexserve.batches import Batches
@@ -182,7 +182,8 @@ class FlexServeApp(Starlette):
         if scope["type"] == "http":
             # Before any route: each would read a different copy of the header,
             # or carry the NUL into a database that refuses it.
-            refused = ambiguous_authorization(scope["headers"]) or nul_in_query(scope["query_string"])
+            refused = ambiguous_authorization(scope["headers"]) or nul_in_request_line(
+                scope["path"], scope["query_string"])
             if refused is not None:
                 await send_error(send, refused, [(b"x-request-id", new_request_id().encode())])
                 return
