@@ -139,6 +139,7 @@ def test_every_bad_line_is_reported_with_its_line(gateway: Gateway, model: str) 
         chat_line("f", model, stream=True),                       # 7
         chat_line("g", model, max_tokens="many"),                 # 8 the endpoint refuses it
         {"method": "POST", "url": "/v1/chat/completions", "body": {}},  # 9 no custom_id
+        chat_line("h\x00", model),                                # 10 PostgreSQL cannot store it
     ]
     batch = client.batches.create(
         input_file_id=upload(client, jsonl(lines)), endpoint="/v1/chat/completions",
@@ -152,7 +153,8 @@ def test_every_bad_line_is_reported_with_its_line(gateway: Gateway, model: str) 
     found = {(e.code, e.line) for e in batch.errors.data}
     for expected in [("invalid_json_line", 2), ("duplicate_custom_id", 3),
                      ("mismatched_url", 4), ("invalid_method", 5), ("model_not_found", 6),
-                     ("stream_unsupported", 7), ("missing_custom_id", 9)]:
+                     ("stream_unsupported", 7), ("missing_custom_id", 9),
+                     ("invalid_custom_id", 10)]:
         assert expected in found, (expected, found)
     assert any(line == 8 for _, line in found)
     assert not any(line == 1 for _, line in found)
@@ -175,6 +177,10 @@ def test_empty_file_and_wrong_purpose(gateway: Gateway, model: str) -> None:
         client.batches.create(input_file_id=other, endpoint="/v1/chat/completions",
                               completion_window="24h")
     assert refused.value.code == "invalid_file_purpose"
+    # No file has a NUL in its id; PostgreSQL would not even look one up (a 500 once).
+    with pytest.raises(openai.NotFoundError):
+        client.batches.create(input_file_id=other + "\x00", endpoint="/v1/chat/completions",
+                              completion_window="24h")
     for kwargs, param in [
         ({"endpoint": "/v1/moderations"}, "endpoint"),
         ({"completion_window": "1w"}, "completion_window"),

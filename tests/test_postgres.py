@@ -14,10 +14,14 @@ from pathlib import Path
 
 import httpx
 import openai
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
 
-from conftest import Gateway, serve_process, sim_engine, sim_model_id, sql_rows, wait_for
+from conftest import Gateway, run_async, serve_process, sim_engine, sim_model_id, sql_rows, wait_for
 from postgres import PostgresServer, psql
-from flexserve.store.database import head_revision
+from flexserve.api.errors import error_parts
+from flexserve.store.database import Database, head_revision
+from flexserve.store.schema import files
 
 FLEXSERVE = [sys.executable, "-m", "flexserve.cli"]
 
@@ -175,3 +179,22 @@ def test_ten_seconds_without_the_database_lose_no_row_and_answer_no_500(
 
     wait_for(landed, timeout=60)
     assert sorted(rows) == sorted(served)  # each delivered response billed once, nothing else
+
+
+def test_a_nul_that_reaches_postgresql_is_the_clients_400_not_a_500(postgres: PostgresServer) -> None:
+    """The net under the checks made where values are read: PostgreSQL's own
+    refusal of a NUL, answered as the client's error."""
+    async def look_up() -> BaseException:
+        database = Database.from_url(postgres.create_database())
+        try:
+            async with database.engine.connect() as conn:
+                await conn.execute(select(files.c.id).where(files.c.id == "file-\x00"))
+        except DBAPIError as exc:
+            return exc
+        finally:
+            await database.close()
+        raise AssertionError("PostgreSQL took a NUL")
+
+    status, body, _ = error_parts(run_async(look_up()))
+    assert status == 400
+    assert b"NUL character" in body and b'"code":"invalid_value"' in body

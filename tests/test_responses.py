@@ -117,6 +117,16 @@ def test_another_organizations_response_is_not_found(sim_gateway: Gateway, model
     assert sim_gateway.client().responses.retrieve(mine.id).id == mine.id
 
 
+def test_a_previous_response_id_with_a_nul_is_not_found(sim_gateway: Gateway, model: str) -> None:
+    # PostgreSQL refuses to look such an id up: it was a 500 there.
+    with pytest.raises(openai.NotFoundError) as refused:
+        sim_gateway.client().responses.create(
+            model=model, input="continue", previous_response_id="resp_\x00", max_output_tokens=2,
+        )
+    assert isinstance(refused.value.body, dict)
+    assert refused.value.body["code"] == "previous_response_not_found"
+
+
 def test_delete_then_gone(sim_gateway: Gateway, model: str) -> None:
     client = sim_gateway.client()
     response = client.responses.create(model=model, input="ephemeral", max_output_tokens=2)

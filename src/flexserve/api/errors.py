@@ -13,6 +13,12 @@ not a bug but contention that passes: it is translated here, once for every
 route, into 503 ``service_unavailable`` with ``Retry-After``
 (``DATABASE_ERRORS``; the app registers them as handled exceptions, so they
 are answered without a traceback).
+
+PostgreSQL refuses text with a NUL character in it, where SQLite stores it.
+The request line is checked for NULs before any route (``request_line.py``)
+and the fields that are looked up or stored as sent are checked where they
+are read; a NUL that still reaches PostgreSQL is the client's value, and is
+answered 400, not 500.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
-from flexserve.errors import FlexServeError, ServiceUnavailableError
+from flexserve.errors import FlexServeError, InvalidRequestError, ServiceUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +46,9 @@ DATABASE_ERRORS: tuple[type[Exception], ...] = (
 # insufficient resources (53: too many connections), operator intervention
 # (57: shutting down, starting up).
 _UNAVAILABLE_SQLSTATES = ("08", "53", "57")
+# PostgreSQL's SQLSTATEs for text it cannot hold: a NUL (character not in
+# repertoire), or a character its encoding cannot translate.
+_UNSTORABLE_TEXT_SQLSTATES = ("22021", "22P05")
 # Seconds a client is asked to wait after one: about a busy writer's transaction.
 _DATABASE_RETRY_AFTER = 1.0
 
@@ -55,9 +64,18 @@ def database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, DATABASE_ERRORS):
         return True
     if isinstance(exc, DBAPIError):
-        state = getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None)
-        return exc.connection_invalidated or str(state or "")[:2] in _UNAVAILABLE_SQLSTATES
+        return exc.connection_invalidated or _sqlstate(exc)[:2] in _UNAVAILABLE_SQLSTATES
     return False
+
+
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+
+
+def unstorable_text(exc: BaseException) -> bool:
+    """Whether ``exc`` is the database refusing a value's characters (a NUL
+    sent to PostgreSQL): the request's fault, not the server's."""
+    return isinstance(exc, DBAPIError) and _sqlstate(exc) in _UNSTORABLE_TEXT_SQLSTATES
 
 
 def error_body(exc: FlexServeError) -> bytes:
@@ -69,6 +87,13 @@ def error_parts(exc: BaseException) -> tuple[int, bytes, dict[str, str]]:
     ASGI route, which builds no Response)."""
     if database_unavailable(exc):
         exc = _database_busy(exc)
+    elif unstorable_text(exc):
+        exc = InvalidRequestError(
+            "A value in this request contains a NUL character (\\u0000), which FlexServe "
+            "cannot store or look up.",
+            param=None,
+            code="invalid_value",
+        )
     if isinstance(exc, FlexServeError):
         return exc.status_code, error_body(exc), exc.headers
     if isinstance(exc, HTTPException):

@@ -157,6 +157,11 @@ def _check_line(
         checked.error("missing_custom_id", "Each line needs a non-empty string `custom_id`.",
                       number, "custom_id")
         custom_id = None
+    elif "\x00" in custom_id:
+        # The lines are stored as text, which PostgreSQL refuses with a NUL in it.
+        checked.error("invalid_custom_id",
+                      "The custom_id contains a NUL character (\\u0000), which a custom_id may "
+                      "not contain.", number, "custom_id")
     elif custom_id in seen:
         checked.error("duplicate_custom_id",
                       f"The custom_id {custom_id!r} is used by an earlier line.", number, "custom_id")

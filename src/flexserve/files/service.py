@@ -291,6 +291,8 @@ class Files:
 
     async def get(self, org_id: str, file_id: str) -> FileRecord:
         """The organization's file; 404 when it has none of that id (or it expired)."""
+        if "\x00" in file_id:  # never an id: and PostgreSQL would refuse to look it up
+            raise not_found(file_id)
         async with self._db.engine.connect() as conn:
             row = (
                 await conn.execute(

@@ -50,6 +50,8 @@ class ResponseStore:
             )
 
     async def get(self, org_id: str, response_id: str) -> StoredResponse | None:
+        if "\x00" in response_id:  # never an id: and PostgreSQL would refuse to look it up
+            return None
         async with self._db.engine.connect() as conn:
             row = (
                 await conn.execute(
