@@ -215,6 +215,30 @@ def test_other_organizations_batch_is_404(gateway: Gateway, model: str) -> None:
     wait_final(client, batch.id)
 
 
+def test_a_batch_that_cannot_be_taken_in_fails_rather_than_validating_for_ever(
+    gateway: Gateway, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An error that is not the database being busy would come back each time
+    the runner took the batch up again: the batch fails, saying so. (The
+    fault is made by hand: every input that caused one is refused by
+    validation now, a NUL in a custom_id on PostgreSQL the last.)"""
+    def unreadable(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("the file changed under the runner")
+
+    monkeypatch.setattr("flexserve.batches.runner.line_rows", unreadable)
+    client = gateway.client()
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl([chat_line("x", model)])),
+        endpoint="/v1/chat/completions", completion_window="24h",
+    )
+    failed = wait_final(client, batch.id)
+    assert failed.status == "failed"
+    assert failed.errors is not None and failed.errors.data is not None
+    assert [(e.code, e.message) for e in failed.errors.data] == [
+        ("validation_error", "The input file could not be taken in (ValueError).")]
+    assert failed.request_counts is not None and failed.request_counts.total == 0
+
+
 def _slow_batch_underway(
     start_gateway: Callable[..., Gateway], prefix: str
 ) -> tuple[Gateway, openai.OpenAI, Any]:

@@ -29,6 +29,7 @@ import orjson
 from sqlalchemy import select
 
 from flexserve.accounts import Principal
+from flexserve.api.errors import database_unavailable
 from flexserve.api.inference import Endpoint
 from flexserve.api.state import Services
 from flexserve.batches.lanes import BatchLanes
@@ -203,7 +204,21 @@ class BatchRunner:
         if row is None:
             return
         if row["status"] == "validating":
-            await self._validate(job, row)
+            try:
+                await self._validate(job, row)
+            except Exception as exc:
+                if database_unavailable(exc):
+                    raise  # contention that passes: taken up again
+                # Anything else fails the same way each time the batch is
+                # taken up again: it would stay validating for ever.
+                log.exception("batch %s could not be validated", job.batch_id)
+                await self._store.discard_lines(job.batch_id)
+                await self._fail(job.batch_id, [{
+                    "code": "validation_error",
+                    "message": f"The input file could not be taken in ({type(exc).__name__}).",
+                    "param": None, "line": None,
+                }])
+                return
             row = await store.get(None, job.batch_id)
             assert row is not None
         job.window = row["completion_window"]
