@@ -3,7 +3,6 @@ gateway's database, organizations with their own keys, admin API calls."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -12,7 +11,7 @@ import httpx
 import openai
 from click.testing import CliRunner
 
-from conftest import Gateway, sim_engine, wait_for
+from conftest import Gateway, sim_engine, sql_rows, wait_for
 from flexserve.cli import main
 
 
@@ -87,11 +86,9 @@ def new_org(gateway: Gateway, name: str) -> Org:
     return Org(name, gateway.new_key(name, admin=True), gateway)
 
 
-def ledger(gateway: Gateway, where: str = "1 = 1", *args: Any) -> list[sqlite3.Row]:
-    path = gateway.db_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute(f"SELECT * FROM usage_records WHERE {where}", args).fetchall()
+def ledger(gateway: Gateway, where: str = "1 = 1", **params: Any) -> list[dict[str, Any]]:
+    """The gateway's ledger rows that match ``where`` (named ``:params``)."""
+    return sql_rows(gateway.db_url, f"SELECT * FROM usage_records WHERE {where}", **params)
 
 
 def pico(value: float) -> int:

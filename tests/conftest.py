@@ -130,6 +130,19 @@ def sql_rows(db_url: str, statement: str, **params: Any) -> list[dict[str, Any]]
     return run_async(query())
 
 
+def usage_rows(gateway: Gateway, request_id: str) -> list[dict[str, Any]]:
+    """The gateway's ledger rows for one request, on whichever database it uses."""
+    return sql_rows(gateway.db_url, "SELECT * FROM usage_records WHERE request_id = :request_id",
+                    request_id=request_id)
+
+
+def billed(gateway: Gateway, request_id: str) -> dict[str, Any]:
+    """The one ledger row of a request, once the gateway has written it."""
+    wait_for(lambda: len(usage_rows(gateway, request_id)) == 1)
+    (row,) = usage_rows(gateway, request_id)
+    return row
+
+
 @dataclass
 class Gateway:
     """A running FlexServe gateway and a key to call it with."""

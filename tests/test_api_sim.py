@@ -3,13 +3,12 @@ gateway on loopback, in front of the in-process sim engine."""
 
 from __future__ import annotations
 
-import sqlite3
 
 import httpx
 import openai
 import pytest
 
-from conftest import Gateway, sim_model_id, wait_for
+from conftest import Gateway, sim_model_id, usage_rows, wait_for
 from openapi import validate
 
 MESSAGES = [{"role": "user", "content": "Tell me about flex processing."}]
@@ -18,13 +17,6 @@ MESSAGES = [{"role": "user", "content": "Tell me about flex processing."}]
 @pytest.fixture(scope="module")
 def model(sim_gateway: Gateway) -> str:
     return sim_model_id(sim_gateway)
-
-
-def usage_rows(gateway: Gateway, request_id: str) -> list[sqlite3.Row]:
-    path = gateway.db_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchall()
 
 
 @pytest.mark.parametrize(

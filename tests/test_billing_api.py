@@ -136,8 +136,8 @@ def test_usage_and_costs_per_tier_match_the_responses(billed: Gateway, model: st
     # Each ledger row keeps the served tier's price beside its cost.
     rows = ledger(
         billed,
-        "org_id = (SELECT org_id FROM api_keys WHERE prefix = ?)",
-        org.key[:8] + "…" + org.key[-4:],
+        "org_id = (SELECT org_id FROM api_keys WHERE prefix = :prefix)",
+        prefix=org.key[:8] + "…" + org.key[-4:],
     )
     assert len(rows) == 6
     for row in rows:
@@ -184,7 +184,7 @@ def test_a_refused_flex_request_adds_nothing(billed: Gateway, model: str) -> Non
     after = raw.parse()
     assert after.service_tier == "default" and after.usage is not None
     wait_for(lambda: num_requests(org) == served + 1)
-    assert ledger(billed, "request_id = ?", refused_id) == []
+    assert ledger(billed, "request_id = :rid", rid=refused_id) == []
     cost = after.usage.prompt_tokens * INPUT + after.usage.completion_tokens * OUTPUT
     assert total_cost(org) == before + cost
 
@@ -452,15 +452,15 @@ def test_flex_refused_for_capacity_is_not_billed_and_a_disconnect_pays_what_it_g
     refused_id = caught.value.response.headers["x-request-id"]
     stream.close()  # the client goes away mid-stream
 
-    wait_for(lambda: len(ledger(tiny, "request_id = ?", stream_id)) == 1)
-    (row,) = ledger(tiny, "request_id = ?", stream_id)
+    wait_for(lambda: len(ledger(tiny, "request_id = :rid", rid=stream_id)) == 1)
+    (row,) = ledger(tiny, "request_id = :rid", rid=stream_id)
     assert row["status"] == "client_disconnected" and row["served_tier"] == "default"
     assert 3 <= row["completion_tokens"] < 4000
     # It pays for the tokens generated so far, at the served tier's price.
     assert row["output_cost_pico"] == row["completion_tokens"] * OUTPUT
     assert row["input_cost_pico"] == row["prompt_tokens"] * INPUT
     assert row["prompt_tokens"] > 0  # the prompt was processed: it is billed too
-    assert ledger(tiny, "request_id = ?", refused_id) == []
+    assert ledger(tiny, "request_id = :rid", rid=refused_id) == []
     (only,) = results(org.costs())
     assert pico(only["amount"]["value"]) == (
         row["input_cost_pico"] + row["cached_input_cost_pico"] + row["output_cost_pico"]

@@ -47,8 +47,8 @@ def test_signing_in_opens_a_strict_session_and_the_page_shows_the_costs_apis_fig
     for tier in ("default", "flex"):
         org.client().chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=8,
                                              service_tier=tier)  # type: ignore[arg-type]
-    wait_for(lambda: len(ledger(gateway, "org_id = (SELECT id FROM organizations WHERE name = ?)",
-                                "dash-a")) == 2)  # written by the usage writer, in the background
+    wait_for(lambda: len(ledger(gateway, "org_id = (SELECT id FROM organizations WHERE name = :name)",
+                                name="dash-a")) == 2)  # written by the usage writer, in the background
     with browser(gateway) as web:
         login_form = web.get("/dashboard")
         assert login_form.status_code == 200 and 'name="key"' in login_form.text

@@ -153,7 +153,7 @@ def test_the_organizations_page_shows_its_budget_rate_limit_headroom_and_flex_ho
     with pytest.raises(Exception, match="429|rate"):
         ask(org, "default", 1)  # the third in a minute
     ask(org, "flex", 3)
-    wait_for(lambda: len(ledger(gateway, "org_id = (SELECT id FROM organizations WHERE name = ?)", "op-d")) == 5)
+    wait_for(lambda: len(ledger(gateway, "org_id = (SELECT id FROM organizations WHERE name = :name)", name="op-d")) == 5)
     with browser(gateway) as web:
         assert sign_in(web, org.key).status_code == 303
         page = web.get("/dashboard").text

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import threading
 from collections.abc import Callable
 
@@ -13,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import Gateway, wait_for
+from conftest import Gateway, usage_rows, wait_for
 from openapi import validate
 
 pytestmark = pytest.mark.embedded
@@ -28,12 +27,6 @@ def embedded_gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     # One decode at a time makes the contention (and so the pausing) certain.
     engine = EmbeddedEngine(num_slots=3, max_decoding=1, n_ctx=1024)
     return start_gateway(engines=[engine], engine="embedded", flex_headroom=0.34)
-
-
-def usage_rows(gateway: Gateway, request_id: str) -> list[sqlite3.Row]:
-    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchall()
 
 
 def test_real_completion_on_flex(embedded_gateway: Gateway) -> None:

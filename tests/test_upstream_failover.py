@@ -21,13 +21,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from conftest import Gateway, ServerThread, wait_for
+from conftest import Gateway, ServerThread, usage_rows, wait_for
 from flexserve.engines.base import EngineRequest
 from flexserve.engines.upstream import UpstreamEngine
 from flexserve.engines.upstream.engine import retry_after_seconds
 from flexserve.errors import EngineOverloadedError
 from test_error_shape import assert_envelope
-from test_upstream_relay import usage_rows
 
 MESSAGES = [{"role": "user", "content": "Say something."}]
 PROMPT_TOKENS, COMPLETION_TOKENS = 9, 2

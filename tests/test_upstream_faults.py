@@ -19,12 +19,11 @@ import httpx
 import orjson
 import pytest
 
-from conftest import Gateway, free_port, wait_for
+from conftest import Gateway, free_port, usage_rows, wait_for
 from flexserve.engines.base import EngineRequest
 from flexserve.engines.upstream import UpstreamEngine
 from flexserve.errors import EngineOverloadedError, EngineTimeoutError
 from test_error_shape import assert_envelope
-from test_upstream_relay import usage_rows
 
 MODEL = "frozen-sim"
 MESSAGES = [{"role": "user", "content": "Write at length."}]

@@ -9,7 +9,6 @@ official SDK."""
 from __future__ import annotations
 
 import base64
-import sqlite3
 import struct
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -22,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from conftest import Gateway, ServerThread, wait_for
+from conftest import Gateway, ServerThread, usage_rows, wait_for
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 TOOLS = [{
@@ -49,13 +48,6 @@ def text_pieces(index: int) -> list[str]:
 
 def vector(index: int) -> list[float]:
     return [0.5, -0.25, 0.125 * (index + 1)]
-
-
-def usage_rows(gateway: Gateway, request_id: str) -> list[sqlite3.Row]:
-    path = gateway.db_url.removeprefix("sqlite:///")
-    with sqlite3.connect(path) as conn:
-        conn.row_factory = sqlite3.Row
-        return conn.execute("SELECT * FROM usage_records WHERE request_id = ?", (request_id,)).fetchall()
 
 
 def _sse(chunks: list[dict[str, Any]]) -> StreamingResponse:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,7 +17,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Gateway
+from conftest import Gateway, sql_rows
 from openapi import validate
 
 # The vLLM server's settings (conftest.server_command), which tests reason with.
@@ -203,27 +202,8 @@ def _early_answer(sock: socket.socket) -> bytes:
         return b""
 
 
-def usage_row(gateway: Gateway, request_id: str) -> sqlite3.Row | None:
-    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
-        conn.row_factory = sqlite3.Row
-        row: sqlite3.Row | None = conn.execute(
-            "SELECT * FROM usage_records WHERE request_id = ?", (request_id,)
-        ).fetchone()
-        return row
-
-
 def num_usage_rows(gateway: Gateway) -> int:
-    with sqlite3.connect(gateway.db_url.removeprefix("sqlite:///")) as conn:
-        count: int = conn.execute("SELECT COUNT(*) FROM usage_records").fetchone()[0]
-        return count
-
-
-def billed(gateway: Gateway, request_id: str) -> sqlite3.Row:
-    """The request's one usage row, once the gateway's writer has flushed it."""
-    wait_until(lambda: usage_row(gateway, request_id) is not None, 10, "no usage row")
-    row = usage_row(gateway, request_id)
-    assert row is not None
-    return row
+    return int(sql_rows(gateway.db_url, "SELECT COUNT(*) AS n FROM usage_records")[0]["n"])
 
 
 def sse_chunks(response: httpx.Response) -> list[dict[str, Any]]:

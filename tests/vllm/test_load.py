@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import Gateway
+from conftest import Gateway, billed
 from flexserve.engines.base import EngineLoad
 from flexserve.engines.metrics import parse_vllm_load
 
@@ -24,7 +24,6 @@ from .support import (
     MAX_NUM_SEQS,
     NUM_KV_BLOCKS,
     VllmServer,
-    billed,
     holders,
     scrape,
     wait_until,

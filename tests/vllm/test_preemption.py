@@ -19,14 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from conftest import Gateway
+from conftest import Gateway, billed
 
 from .support import (
     GATEWAY,
     EXACT,
     MAX_NUM_SEQS,
     VllmServer,
-    billed,
     holders,
     num_usage_rows,
     scrape,

@@ -14,10 +14,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from conftest import Gateway
+from conftest import Gateway, billed
 from openapi import validate
 
-from .support import VllmServer, billed, sse_chunks
+from .support import VllmServer, sse_chunks
 
 MESSAGES = [{"role": "user", "content": "What is the weather in Lyon for the next three days?"}]
 WEATHER = {
