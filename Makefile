@@ -39,6 +39,8 @@ VLLM_PIP        := $(VLLM_VENV)/bin/python -m pip
 # The tests that are about what FlexServe stores, run a second time with every
 # database on a throwaway PostgreSQL server (tests/postgres.py) when its
 # binaries are installed (Debian: apt-get install postgresql; .ci/run does).
+# The whole suite runs there too (`make test-postgres PG_TESTS=tests`), in
+# as long again as on SQLite.
 PG_TESTS ?= tests/test_store.py tests/test_accounts.py tests/test_usage_writer.py \
 	tests/test_billing_api.py tests/test_budgets_and_limits.py tests/test_batches.py \
 	tests/test_responses.py tests/test_verification_api.py tests/test_shared_gateways.py \
