@@ -14,9 +14,10 @@ same thing). The cost is one wake-up per interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from prometheus_client import CollectorRegistry, Histogram
+
+from flexserve.shared.tasks import stop
 
 INTERVAL_SECONDS = 0.5
 # From a busy loop's milliseconds to the tens of seconds of a starved one.
@@ -41,11 +42,8 @@ class LoopLag:
         self._task = asyncio.get_running_loop().create_task(self._watch(), name="loop-lag")
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await stop(self._task)
+        self._task = None
 
     async def _watch(self) -> None:
         loop = asyncio.get_running_loop()
