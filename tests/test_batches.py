@@ -17,7 +17,9 @@ import pytest
 
 from billing_support import cli
 from flexserve.accounts import Accounts
+from flexserve.batches import runner
 from flexserve.batches.store import BatchStore
+from flexserve.shared.errors import shared_state_unavailable
 from flexserve.store.database import Database
 from conftest import Gateway, sim_engine, sim_model_id, sql_rows
 from openapi import validate
@@ -225,7 +227,7 @@ def test_a_batch_that_cannot_be_taken_in_fails_rather_than_validating_for_ever(
     def unreadable(*args: Any, **kwargs: Any) -> Any:
         raise ValueError("the file changed under the runner")
 
-    monkeypatch.setattr("flexserve.batches.runner.line_rows", unreadable)
+    monkeypatch.setattr(runner, "line_rows", unreadable)
     client = gateway.client()
     batch = client.batches.create(
         input_file_id=upload(client, jsonl([chat_line("x", model)])),
@@ -237,6 +239,32 @@ def test_a_batch_that_cannot_be_taken_in_fails_rather_than_validating_for_ever(
     assert [(e.code, e.message) for e in failed.errors.data] == [
         ("validation_error", "The input file could not be taken in (ValueError).")]
     assert failed.request_counts is not None and failed.request_counts.total == 0
+
+
+def test_a_batch_whose_take_in_meets_an_outage_is_taken_up_again(
+    gateway: Gateway, model: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The shared state unreachable once (Redis away, as the budgets report
+    it) is an outage that passes: the batch is taken in on the next try."""
+    real = runner.line_rows
+    outages: list[int] = []
+
+    def once_unreachable(*args: Any, **kwargs: Any) -> Any:
+        if not outages:
+            outages.append(1)
+            raise shared_state_unavailable(ConnectionError("Redis restarting"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "line_rows", once_unreachable)
+    client = gateway.client()
+    batch = client.batches.create(
+        input_file_id=upload(client, jsonl([chat_line("x", model), chat_line("y", model)])),
+        endpoint="/v1/chat/completions", completion_window="24h",
+    )
+    final = wait_final(client, batch.id)
+    assert outages == [1]
+    assert final.status == "completed", final.errors
+    assert final.request_counts is not None and final.request_counts.completed == 2
 
 
 def _slow_batch_underway(

@@ -38,7 +38,7 @@ from flexserve.batches.store import BatchStore, LineResult, PendingLine
 from flexserve.batches.validate import check_file, line_rows
 from flexserve.batches.webhooks import announcing
 from flexserve.billing.budget import Reservation
-from flexserve.errors import FlexServeError, InsufficientQuotaError
+from flexserve.errors import FlexServeError, InsufficientQuotaError, ServiceUnavailableError
 from flexserve.store.schema import organizations, projects
 from flexserve.tiers import ServiceTier
 
@@ -207,8 +207,8 @@ class BatchRunner:
             try:
                 await self._validate(job, row)
             except Exception as exc:
-                if database_unavailable(exc):
-                    raise  # contention that passes: taken up again
+                if _passes(exc):
+                    raise  # taken up again
                 # Anything else fails the same way each time the batch is
                 # taken up again: it would stay validating for ever.
                 log.exception("batch %s could not be validated", job.batch_id)
@@ -500,6 +500,13 @@ def output_line(batch_id: str, line: Any) -> bytes:
 
 def _hex(batch_id: str) -> str:
     return batch_id.removeprefix("batch_")
+
+
+def _passes(exc: BaseException) -> bool:
+    """Whether ``exc`` is an outage that passes (the database busy or away,
+    the shared state in Redis unreachable, a timeout), after which the same
+    step may succeed."""
+    return database_unavailable(exc) or isinstance(exc, (ServiceUnavailableError, TimeoutError))
 
 
 def _now() -> int:
