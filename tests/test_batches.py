@@ -220,7 +220,7 @@ def test_other_organizations_batch_is_404(gateway: Gateway, model: str) -> None:
 def test_a_batch_that_cannot_be_taken_in_fails_rather_than_validating_for_ever(
     gateway: Gateway, model: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An error that is not the database being busy would come back each time
+    """An error that is not an outage that passes would come back each time
     the runner took the batch up again: the batch fails, saying so. (The
     fault is made by hand: every input that caused one is refused by
     validation now, a NUL in a custom_id on PostgreSQL the last.)"""
