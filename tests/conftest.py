@@ -31,8 +31,7 @@ from flexserve.config import Settings, load_settings
 from flexserve.engines.base import Engine
 from flexserve.store.database import Database
 from postgres import HOW_TO_ENABLE, PostgresServer, find_bin_dir
-from redis_server import HOW_TO_ENABLE as REDIS_HOW_TO_ENABLE
-from redis_server import Presences, RedisServer, find_redis_server
+from redis_server import Presences, RedisServer, redis_server_or_skip
 
 T = TypeVar("T")
 # The suite's databases on PostgreSQL rather than SQLite files.
@@ -204,12 +203,7 @@ def postgres() -> Iterator[PostgresServer]:
 def redis_server() -> Iterator[RedisServer]:
     """A throwaway Redis server for the session (skipped, saying how to
     enable it, where redis-server is not installed)."""
-    binary = find_redis_server()
-    if binary is None:
-        if os.environ.get("FLEXSERVE_TEST_REDIS") == "required":  # .ci/run installs it
-            pytest.fail(REDIS_HOW_TO_ENABLE)
-        pytest.skip(REDIS_HOW_TO_ENABLE)
-    server = RedisServer(binary, free_port())
+    server = RedisServer(redis_server_or_skip(), free_port())
     server.start()
     yield server
     server.stop()

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 HOW_TO_ENABLE = (
@@ -43,6 +44,18 @@ def find_redis_server() -> str | None:
         (str(p) for p in (Path("/usr/bin/redis-server"), Path("/usr/sbin/redis-server")) if p.exists()),
         None,
     )
+
+
+def redis_server_or_skip() -> str:
+    """The installed ``redis-server``; where there is none, the test is
+    skipped, saying how to enable it (failed, where the run requires Redis:
+    FLEXSERVE_TEST_REDIS=required, as .ci/run sets, which installs it)."""
+    binary = find_redis_server()
+    if binary is None:
+        if os.environ.get("FLEXSERVE_TEST_REDIS") == "required":
+            pytest.fail(HOW_TO_ENABLE)
+        pytest.skip(HOW_TO_ENABLE)
+    return binary
 
 
 class StallWatch:

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 
 from conftest import free_port, serve_process
-from redis_server import HOW_TO_ENABLE as REDIS_HOW_TO_ENABLE
-from redis_server import RedisServer, find_redis_server
+from redis_server import RedisServer, redis_server_or_skip
 
 
 @contextmanager
@@ -69,12 +67,7 @@ def test_bound_to_every_address_the_welcome_names_one_a_client_can_use(tmp_path:
 
 def test_told_to_wait_a_gateway_starts_once_its_redis_does(tmp_path: Path) -> None:
     """As in compose.yaml, where a gateway may start before Redis answers."""
-    binary = find_redis_server()
-    if binary is None:
-        if os.environ.get("FLEXSERVE_TEST_REDIS") == "required":
-            pytest.fail(REDIS_HOW_TO_ENABLE)
-        pytest.skip(REDIS_HOW_TO_ENABLE)
-    redis = RedisServer(binary, free_port())
+    redis = RedisServer(redis_server_or_skip(), free_port())
     late = threading.Timer(3.0, redis.start)
     late.start()
     try:
