@@ -451,16 +451,15 @@ class BatchRunner:
                     num_err += 1
         files: dict[str, Any] = {}
         ttl = row["output_ttl"]
-        expires_at = None if ttl is None else _now() + ttl
         if num_out:
             record = await self._files.create_from_path(
                 row["org_id"], "batch_output", f"{batch_id}_output.jsonl", out_path,
-                expires_at=expires_at)
+                ttl=ttl)
             files["output_file_id"] = record.id
         if num_err:
             record = await self._files.create_from_path(
                 row["org_id"], "batch_output", f"{batch_id}_error.jsonl", err_path,
-                expires_at=expires_at)
+                ttl=ttl)
             files["error_file_id"] = record.id
         for path in (out_path, err_path):
             with contextlib.suppress(FileNotFoundError):

@@ -247,9 +247,10 @@ class Files:
         return record
 
     async def create_from_path(
-        self, org_id: str, purpose: str, filename: str, path: Path, *, expires_at: int | None = None
+        self, org_id: str, purpose: str, filename: str, path: Path, *, ttl: int | None = None
     ) -> FileRecord:
-        """Move a finished local file in (a batch's output or error file)."""
+        """Move a finished local file in (a batch's output or error file); it
+        expires ``ttl`` seconds after its creation, if given."""
         file_id = new_file_id()
         final = self._root / file_id
 
@@ -259,7 +260,9 @@ class Files:
             return final.stat().st_size
 
         size = await anyio.to_thread.run_sync(move)
-        record = FileRecord(file_id, org_id, purpose, filename, size, self._now(), expires_at)
+        created_at = self._now()
+        record = FileRecord(file_id, org_id, purpose, filename, size, created_at,
+                            None if ttl is None else created_at + ttl)
         try:
             await self._insert(record, final)
         except BaseException:
