@@ -36,15 +36,14 @@ VLLM_TORCH      ?= 2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 VLLM_PIP        := $(VLLM_VENV)/bin/python -m pip
 
-# The tests that are about what FlexServe stores, run a second time with every
-# database on a throwaway PostgreSQL server (tests/postgres.py) when its
-# binaries are installed (Debian: apt-get install postgresql; .ci/run does).
-# The whole suite runs there too (`make test-postgres PG_TESTS=tests`), in
-# as long again as on SQLite.
-PG_TESTS ?= tests/test_store.py tests/test_accounts.py tests/test_usage_writer.py \
-	tests/test_billing_api.py tests/test_budgets_and_limits.py tests/test_batches.py \
-	tests/test_responses.py tests/test_verification_api.py tests/test_shared_gateways.py \
-	tests/test_shared_files.py
+# The suite runs twice: on SQLite files, and with every database on a
+# throwaway PostgreSQL server (tests/postgres.py) when its binaries are
+# installed (Debian: apt-get install postgresql; .ci/run does). `make test`
+# runs the two side by side: most of a test's time is spent waiting on the
+# servers it starts, so the pair takes about as long as one on two cores.
+# Each run's output is shown whole when it ends. PG_TESTS narrows the
+# PostgreSQL run (e.g. PG_TESTS=tests/test_store.py).
+PG_TESTS ?= tests
 PG_FOUND := $(shell command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && echo yes)
 
 .PHONY: run test test-sqlite test-postgres test-vllm install install-test lint clean
@@ -52,7 +51,10 @@ PG_FOUND := $(shell command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/
 run: $(VENV)/.installed
 	$(BIN)/flexserve serve $(ARGS)
 
-test: test-sqlite test-postgres
+test: $(VENV)/.installed-test
+	@echo "Running the suite on SQLite and on PostgreSQL side by side (about 10 minutes on two cores);"
+	@echo "each run's output appears when it ends."
+	@$(MAKE) --no-print-directory -j2 --output-sync=target test-sqlite test-postgres
 
 test-sqlite: $(VENV)/.installed-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -61,7 +63,7 @@ test-postgres: $(VENV)/.installed-test
 ifeq ($(PG_FOUND),yes)
 	FLEXSERVE_TEST_DB=postgresql $(BIN)/python -m pytest $(PG_TESTS) $(PYTEST_ARGS)
 else
-	@echo "NOT RUN: the tests on PostgreSQL ($(PG_TESTS)) -- PostgreSQL is not installed."
+	@echo "NOT RUN: the suite on PostgreSQL ($(PG_TESTS)) -- PostgreSQL is not installed."
 	@echo "         Install its server (Debian: apt-get install postgresql) and run 'make test' again."
 endif
 
