@@ -239,3 +239,28 @@ async def test_gateways_sharing_a_replica_take_turns_in_flex_pacing(fleet: list[
     for gateway in fleet[1:]:
         await gateway.slots.renew()
     assert sorted(g.turn for g in fleet[1:]) == [(0, 2), (1, 2)]
+
+
+async def test_an_organizations_part_is_split_over_its_gateways_max_min_not_by_backlog(
+    fleet: list[Gateway],
+) -> None:
+    """One organization asks on two gateways for more than half the engine
+    each: each gets half, however their backlogs compare (split in
+    proportion, 30 against 10 waiting would give 6 and 2, and each change
+    in the backlogs would move slots from one gateway to the other: the
+    default requests of the one that lost them then preempt its flex)."""
+    first, second = fleet[0], fleet[1]
+    first.running = second.running = 0
+    for wants in ((30, 10), (10, 30), (25, 5)):
+        first.want, second.want = wants
+        for _ in range(3):
+            for gateway in (first, second):
+                await gateway.slots.renew()
+        assert (first.lease, second.lease) == (4, 4), wants
+        assert first.shares == second.shares == {"org-1": 4.0}
+    # One that asks for less than half gets what it asks; the other the rest.
+    first.want, second.want = 30, 2
+    for _ in range(3):
+        for gateway in (first, second):
+            await gateway.slots.renew()
+    assert (first.lease, second.lease) == (6, 2)

@@ -16,8 +16,9 @@ which every gateway runs for each replica every ``interval`` seconds:
   gateway that dies gives its slots back within ``redis_lease_ttl``);
 - it shares the capacity among organizations, max-min fair by what each
   asks for on all gateways together (its sequences in flight and waiting),
-  and gives each gateway its organizations' parts as it asks for them; the
-  rest is spread evenly, so that a burst on an idle gateway starts at once;
+  splits each organization's part over the gateways it asks on, max-min
+  fair by what it asks on each, and gives each gateway its parts; the rest
+  is spread evenly, so that a burst on an idle gateway starts at once;
 - it grows the caller's lease toward its share only as far as the others
   leave free, and shrinks it no lower than what the caller has in flight;
   the caller admits only up to its share (its *grant*), so a lease above
@@ -111,15 +112,36 @@ for i, org in ipairs(orgs) do
   part[org] = math.min(demand[org], left / (#orgs - i + 1))
   left = left - part[org]
 end
--- A gateway's share: its organizations' parts, as it asks for each of
--- them; whole slots, the rest spread evenly for bursts.
+-- Each organization's part split over the gateways it asks on, max-min
+-- fair by what it asks on each (not in proportion: gateways that all ask
+-- for more than their part get equal parts, which a backlog's ups and
+-- downs do not move from one gateway to another).
 table.sort(holders)
+local split = {}
+for _, holder in ipairs(holders) do split[holder] = {} end
+for _, org in ipairs(orgs) do
+  local askers = {}
+  for _, holder in ipairs(holders) do
+    local want = wants[holder][org]
+    if want and want > 0 then table.insert(askers, holder) end
+  end
+  table.sort(askers, function(a, b)
+    if wants[a][org] == wants[b][org] then return a < b end
+    return wants[a][org] < wants[b][org]
+  end)
+  local rest = part[org]
+  for i, holder in ipairs(askers) do
+    local given = math.min(wants[holder][org], rest / (#askers - i + 1))
+    split[holder][org] = given
+    rest = rest - given
+  end
+end
+-- A gateway's share: its organizations' parts on it; whole slots, the
+-- rest spread evenly for bursts.
 local share, spare = {}, capacity
 for _, holder in ipairs(holders) do
   local sum = 0
-  for org, want in pairs(wants[holder]) do
-    if want > 0 then sum = sum + part[org] * want / demand[org] end
-  end
+  for _, given in pairs(split[holder]) do sum = sum + given end
   share[holder] = math.floor(sum + 1e-9)
   spare = spare - share[holder]
 end
@@ -155,7 +177,7 @@ local answer = {grant, room_grant, turn, #holders}
 for org, want in pairs(mine) do
   if want > 0 then
     table.insert(answer, org)
-    table.insert(answer, string.format('%.6f', part[org] * want / demand[org]))
+    table.insert(answer, string.format('%.6f', split[me][org]))
     table.insert(answer, demand[org] > want and '1' or '0')
   end
 end
