@@ -111,3 +111,16 @@ def test_the_image_installs_extras_that_exist_and_builds_llama_cpp_as_the_makefi
     version = re.search(r"^LLAMA_VERSION \?= (\S+)$", makefile, re.M)[1]
     assert f'"llama-cpp-python=={version}"' in (ROOT / "pyproject.toml").read_text()
     assert f"ARG LLAMA_VERSION={version}\n" in dockerfile
+
+
+def test_the_load_balancer_runs_the_shipped_nginx_file_in_front_of_every_gateway() -> None:
+    services = compose()["services"]
+    lb = services["lb"]
+    [mount] = lb["volumes"]
+    source, target, _ = mount.split(":")
+    assert target == "/etc/nginx/conf.d/default.conf"
+    site = (ROOT / source).read_text()  # the file tests/test_load_balancer.py runs
+    gateways = sorted(name for name in services if name.startswith("gateway-"))
+    assert sorted(re.findall(r"^\s*server (gateway-\d+):8000\b", site, re.M)) == gateways
+    assert set(lb["depends_on"]) == set(gateways)
+    assert re.search(r"^\s*listen 8000;", site, re.M) and lb["ports"] == ["8000:8000"]
