@@ -33,7 +33,6 @@ class Gateway:
         self.shares: dict[str, float] = {}
         self.running: int | None = None
         self.spread: set[str] = set()
-        self.turn = (0, 1)
         self.slots = SharedSlots(presence, self.demand, self.grant, interval=3600)
 
     @property
@@ -60,7 +59,6 @@ class Gateway:
         self.flex_room = lease.flex_room
         self.shares = lease.shares
         self.spread = lease.spread
-        self.turn = lease.turn
 
 
 @pytest.fixture
@@ -224,21 +222,6 @@ async def test_a_flex_room_shrinks_no_lower_than_the_flex_it_runs(fleet: list[Ga
     await newcomer.slots.renew()
     assert (alone.lease, alone.flex_room) == (4, 3)  # half the lease: half the room
     assert (newcomer.lease, newcomer.flex_room) == (4, 3)
-
-
-async def test_gateways_sharing_a_replica_take_turns_in_flex_pacing(fleet: list[Gateway]) -> None:
-    for gateway in fleet:
-        await gateway.slots.renew()
-    for gateway in fleet:
-        await gateway.slots.renew()
-    # Each its own place among the three, by name: no two start flex in one slot.
-    by_name = sorted(fleet, key=lambda g: g.presence.holder)
-    assert [g.turn for g in by_name] == [(0, 3), (1, 3), (2, 3)]
-    await fleet[0].slots.close()
-    await fleet[0].presence.close()
-    for gateway in fleet[1:]:
-        await gateway.slots.renew()
-    assert sorted(g.turn for g in fleet[1:]) == [(0, 2), (1, 2)]
 
 
 async def test_an_organizations_part_is_split_over_its_gateways_max_min_not_by_backlog(

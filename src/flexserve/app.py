@@ -72,7 +72,6 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         tpot_slo=settings.tpot_slo,
         split_prefill_tokens=settings.split_prefill_tokens,
         split_prefill_concurrency=settings.split_prefill_concurrency,
-        flex_start_interval=settings.flex_start_interval,
         load_stale_after=settings.load_stale_after,
         scrape_interval=settings.scrape_interval,
         preempt_cooldown=settings.preempt_cooldown,

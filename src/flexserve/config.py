@@ -166,10 +166,6 @@ class Settings:
         1, "Split-prefill pieces in flight per replica at once (more: faster flex prefill, "
         "bigger engine steps beside default's decodes)."
     )
-    flex_start_interval: float = _opt(
-        0.0, "Flex starts on each replica are paced to one per this many seconds, gateways "
-        "sharing a replica taking turns by wall clock; 0: unpaced."
-    )
     load_stale_after: float = _opt(
         0.5, "Load signals older than this many seconds count as saturated (for flex)."
     )

@@ -21,7 +21,6 @@ may use only as fast as the SLO leaves room for (``prefill.PrefillBudget``).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 from flexserve.scheduler.replicas import Replica
@@ -48,10 +47,6 @@ class SchedulerConfig:
     # ... and at most this many pieces (or split requests' last pieces) in
     # flight per replica at once.
     split_prefill_concurrency: int = 1
-    # Flex starts on a replica are paced: at most one per slot of this many
-    # seconds of wall-clock time, and where gateways share the replica only
-    # in this gateway's turn of the slots (``flex_turn_open``); 0: unpaced.
-    flex_start_interval: float = 0.0
     # Load signals older than this count as saturated (for flex).
     load_stale_after: float = 0.5
     # Seconds between reads of each replica's load signals.
@@ -105,10 +100,9 @@ def predicted_tpot(
 
 
 def can_admit(
-    config: SchedulerConfig, replica: Replica, tier: ServiceTier, now: float, *, paced: bool = True
+    config: SchedulerConfig, replica: Replica, tier: ServiceTier, now: float
 ) -> bool:
-    """Whether a request of ``tier`` may start on ``replica`` now (``paced``
-    False: were it flex's turn there, a wait of a moment rather than of room)."""
+    """Whether a request of ``tier`` may start on ``replica`` now."""
     if not replica.healthy or replica.free_slots <= 0 or now < replica.backoff_until:
         return False
     if not config.tiers_enabled or not tier.is_preemptible:
@@ -125,8 +119,6 @@ def can_admit(
             return False
         if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
             return False
-    if paced and config.flex_start_interval > 0 and not flex_turn_open(config, replica, time.time()):
-        return False
     if config.tpot_slo > 0:
         step = predicted_tpot(
             replica, replica.num_in_flight + 1, replica.tokens_in_flight + replica.mean_cost_tokens()
@@ -140,33 +132,6 @@ def can_admit(
     return True
 
 
-def flex_slot(config: SchedulerConfig, wall: float) -> int:
-    """The pacing slot wall-clock time ``wall`` (``time.time()``) falls in."""
-    return math.floor(wall / config.flex_start_interval)
-
-
-def flex_turn_open(config: SchedulerConfig, replica: Replica, wall: float) -> bool:
-    """Whether this gateway may start flex on ``replica`` at ``wall``: the
-    slot is its turn (gateways sharing the replica take the slots in turn,
-    by wall clock, so that no two start flex prompts there in the same
-    slot) and it has started none there in this slot yet."""
-    slot = flex_slot(config, wall)
-    index, count = replica.flex_turn
-    return slot % count == index and replica.flex_started_slot != slot
-
-
-def next_flex_turn(config: SchedulerConfig, replica: Replica, wall: float) -> float:
-    """Seconds from ``wall`` until this gateway's next turn on ``replica`` opens."""
-    slot = flex_slot(config, wall)
-    index, count = replica.flex_turn
-    ahead = (index - slot) % count
-    if ahead == 0 and replica.flex_started_slot == slot:
-        ahead = count
-    if ahead == 0:
-        return 0.0
-    return max(0.0, (slot + ahead) * config.flex_start_interval - wall)
-
-
 def spare_capacity(config: SchedulerConfig, replicas: list[Replica], now: float) -> float:
     """Fraction (0–1) of the model's slots flex could take right now."""
     total = sum(r.capacity for r in replicas if r.healthy)
@@ -174,7 +139,7 @@ def spare_capacity(config: SchedulerConfig, replicas: list[Replica], now: float)
         return 0.0
     spare = 0
     for replica in replicas:
-        if can_admit(config, replica, ServiceTier.FLEX, now, paced=False):
+        if can_admit(config, replica, ServiceTier.FLEX, now):
             limit = flex_room(config, replica)
             spare += max(0, limit - replica.num_in_flight)
     return spare / total

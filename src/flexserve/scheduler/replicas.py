@@ -40,9 +40,6 @@ class SlotLease(NamedTuple):
     shares: dict[str, float]
     # The organizations that ask for slots on other gateways too.
     spread: set[str]
-    # This gateway's turn in flex pacing: its index among the gateways that
-    # share the replica, and their number.
-    turn: tuple[int, int] = (0, 1)
 
 
 @dataclass(eq=False)
@@ -142,11 +139,6 @@ class Replica:
     # headroom), which the gateways' parts never exceed together. None: the
     # replica is this gateway's alone (``capacity`` less headroom).
     flex_room: int | None = None
-    # Flex pacing (``policy.flex_turn_open``): this gateway's turn among the
-    # gateways sharing the replica (its index, their number), and the slot
-    # it last started flex here in.
-    flex_turn: tuple[int, int] = (0, 1)
-    flex_started_slot: int = -1
     # Whether the engine keeps prompts' prefixes cached for the gateway's
     # split prefill (scheduler/split_prefill.py): None until a warm-up tells.
     caches_prefixes: bool | None = None

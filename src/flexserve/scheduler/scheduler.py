@@ -63,14 +63,7 @@ from flexserve.scheduler.drain import (
 from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
 from flexserve.scheduler.flex_waits import FlexWaits
 from flexserve.scheduler.split_prefill import SplitPrefill
-from flexserve.scheduler.policy import (
-    SchedulerConfig,
-    can_admit,
-    flex_slot,
-    headroom_slots,
-    next_flex_turn,
-    predicted_tpot,
-)
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotAsk, SlotLease
 from flexserve.tiers import ServiceTier
@@ -140,8 +133,6 @@ class Scheduler:
         self._watchers: list[asyncio.Task[None]] = []
         # Per replica backing off: the timer that offers it work again.
         self._backoff_timers: dict[Replica, asyncio.TimerHandle] = {}
-        # Per model whose flex waits for a pacing turn: the timer that dispatches then.
-        self._turn_timers: dict[str, asyncio.TimerHandle] = {}
 
     @classmethod
     def from_engines(
@@ -184,9 +175,6 @@ class Scheduler:
         for timer in self._backoff_timers.values():
             timer.cancel()
         self._backoff_timers.clear()
-        for timer in self._turn_timers.values():
-            timer.cancel()
-        self._turn_timers.clear()
         for task in self._watchers:
             task.cancel()
         for task in self._watchers:
@@ -290,7 +278,6 @@ class Scheduler:
             replica.orgs_spread = lease.spread
             replica.capacity = min(lease.slots, replica.full_capacity)
             replica.flex_room = lease.flex_room
-            replica.flex_turn = lease.turn
             for pool in self._pools_of(replica):
                 pool.queue.set_weights(turn_weights(pool.replicas))
                 self._dispatch(pool)
@@ -462,7 +449,7 @@ class Scheduler:
             if replica is not None:
                 if tier is ServiceTier.FLEX and not front:
                     ticket.estimated_wait = NO_WAIT
-                self._start(replica, run, now)
+                replica.add(run, now)
                 return self._granted(pool, ticket, replica, run)
         waiter = Waiter(
             tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run,
@@ -541,34 +528,11 @@ class Scheduler:
             if replica is None:
                 if self.config.tiers_enabled and not waiter.tier.is_preemptible:
                     self._preempt_for(pool, now)
-                elif self.config.tiers_enabled and self.config.flex_start_interval > 0:
-                    self._wake_at_turn(pool)
                 return
             pool.queue.pop()
             # The slot is taken now, before the waiter's task wakes up to use it.
-            self._start(replica, waiter.run, now)
+            replica.add(waiter.run, now)
             waiter.future.set_result(replica)
-
-    def _start(self, replica: Replica, run: Running, now: float) -> None:
-        """Take a slot on ``replica`` for ``run`` (and, for flex, its pacing slot)."""
-        replica.add(run, now)
-        if self.config.flex_start_interval > 0 and run.tier.is_preemptible:
-            replica.flex_started_slot = flex_slot(self.config, time.time())
-
-    def _wake_at_turn(self, pool: ModelPool) -> None:
-        """Dispatch ``pool`` again when this gateway's next flex turn opens on
-        a replica where it is closed now (``policy.flex_turn_open``)."""
-        if pool.model in self._turn_timers:
-            return
-        wall = time.time()
-        delays = [d for r in pool.replicas if r.healthy and (d := next_flex_turn(self.config, r, wall)) > 0]
-        if delays:
-            self._turn_timers[pool.model] = asyncio.get_running_loop().call_later(
-                min(delays) + 0.001, self._turn_open, pool)
-
-    def _turn_open(self, pool: ModelPool) -> None:
-        del self._turn_timers[pool.model]
-        self._dispatch(pool)
 
     # --- preemption --------------------------------------------------------------
 

@@ -30,10 +30,7 @@ which every gateway runs for each replica every ``interval`` seconds:
   the headroom kept for default; each is its grant's part of it (so that
   each gateway keeps its part of the headroom for the default requests it
   receives), grows only into what the others' rooms leave and shrinks no
-  lower than the flex the caller runs;
-- it gives the caller its turn in flex pacing (``flex_start_interval``):
-  its place among the gateways that ask for the replica, by name, and
-  their number, so that they start flex there in turn.
+  lower than the flex the caller runs.
 
 So the leases on a replica never sum past its capacity, the flex on it never
 past its flex room (as one gateway would hold it: a headroom per lease would
@@ -63,9 +60,8 @@ log = logging.getLogger(__name__)
 
 # Lua: lease. KEYS: the gateways set, the replica's leases. ARGV: prefix,
 # holder, capacity, flex capacity, in use, flex in use, then organization,
-# want pairs. Returns what the caller may admit up to (its grant), its flex
-# room's grant, its index among the replica's holders and their number (its
-# turn in flex pacing), then for each of its organizations: the organization,
+# want pairs. Returns what the caller may admit up to (its grant) and its
+# flex room's grant, then for each of its organizations: the organization,
 # its part of the lease, and "1" if it asks for slots on other gateways too.
 _LEASE = """
 local t = redis.call('TIME')
@@ -168,12 +164,7 @@ local room_grant = math.max(0, math.min(grant, fair, flex_capacity - others_flex
 local room = math.max(flex_in_use, room_grant)
 redis.call('HSET', slots, me, lease, me .. ':flex', room)
 redis.call('PEXPIRE', slots, 86400000)
--- The caller's turn in flex pacing: its place among the replica's holders.
-local turn = 0
-for i, holder in ipairs(holders) do
-  if holder == me then turn = i - 1 end
-end
-local answer = {grant, room_grant, turn, #holders}
+local answer = {grant, room_grant}
 for org, want in pairs(mine) do
   if want > 0 then
     table.insert(answer, org)
@@ -236,12 +227,11 @@ class SharedSlots:
                 self._grant(name, granted)
             raise
         for ask, answer in zip(replicas, answers, strict=True):
-            orgs = range(4, len(answer), 3)
+            orgs = range(2, len(answer), 3)
             lease = SlotLease(
                 slots=int(answer[0]), flex_room=int(answer[1]),
                 shares={_text(answer[i]): float(answer[i + 1]) for i in orgs},
-                spread={_text(answer[i]) for i in orgs if _text(answer[i + 2]) == "1"},
-                turn=(int(answer[2]), max(1, int(answer[3]))))
+                spread={_text(answer[i]) for i in orgs if _text(answer[i + 2]) == "1"})
             self._granted[ask.replica] = lease
             self._grant(ask.replica, lease)
 
