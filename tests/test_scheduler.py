@@ -634,3 +634,24 @@ async def test_flex_whose_client_leaves_as_it_is_preempted_is_not_requeued() -> 
     assert ticket.queue_time < 1.0 and pool.num_preemptions == 1 and pool.num_preempting == 0
     assert pool.queue.num_waiting() == 0 and pool.num_in_flight == 0
     await scheduler.close()
+
+
+async def test_of_replicas_with_as_many_free_slots_the_least_loaded_engine_gets_the_request() -> None:
+    """Gateways sharing engines each see only their own runs: by free slots
+    alone two replicas tie, and every gateway chose the first listed. The
+    engines' own load readings (other gateways' work included) break it."""
+    busy, idle = ScriptedEngine(capacity=8), ScriptedEngine(capacity=8)
+    busy.name, idle.name = "busy", "idle"
+    busy.load, idle.load = EngineLoad(num_running=6), EngineLoad(num_running=1)
+    scheduler = Scheduler.from_engines([busy, idle], SchedulerConfig(scrape_interval=0.01))
+    await scheduler.start()
+    try:
+        await until(lambda: all(r.load.num_running for r in scheduler.replicas()))
+        await run(scheduler, "d1", ServiceTier.DEFAULT)
+        assert (busy.started, idle.started) == ([], ["d1"])
+        busy.load, idle.load = EngineLoad(num_running=0, num_waiting=1), EngineLoad(num_running=3)
+        await until(lambda: scheduler.replicas()[0].load.num_waiting == 1)
+        await run(scheduler, "d2", ServiceTier.DEFAULT)
+        assert busy.started == ["d2"]
+    finally:
+        await scheduler.close()

@@ -498,11 +498,16 @@ class Scheduler:
         return replica
 
     def _pick(self, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
-        """The admissible replica with the most free slots."""
+        """The admissible replica with the most free slots; of those with as
+        many, the one whose engine says it runs the fewest sequences (other
+        gateways' included, where they share it). Ties went to the first
+        listed: every gateway of a fleet sent its requests to the same
+        engines first, and default work piled onto them."""
         best: Replica | None = None
         for replica in pool.replicas:
             if can_admit(self.config, replica, tier, now):
-                if best is None or replica.free_slots > best.free_slots:
+                if best is None or replica.free_slots > best.free_slots or (
+                        replica.free_slots == best.free_slots and _engine_load(replica) < _engine_load(best)):
                     best = replica
         return best
 
@@ -745,6 +750,11 @@ def _cancelled_otherwise() -> bool:
     (the client leaving, the server shutting down) asked for one as well."""
     task = asyncio.current_task()
     return task is None or task.uncancel() > 0
+
+
+def _engine_load(replica: Replica) -> int:
+    """Sequences the replica's engine said it runs or queues, at its last reading."""
+    return replica.load.num_running + replica.load.num_waiting
 
 
 def _replica_label(pool: ModelPool, replica: Replica) -> str:
