@@ -290,25 +290,46 @@ def serve_process(
         )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.1)
+        wait_healthy(process, url, 60, log.read_text)
         yield process, url, log
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-        process.wait(timeout=30)
+        stop_process(process, 30)
+
+
+def wait_healthy(process: subprocess.Popen[bytes], url: str, timeout: float,
+                 why: Callable[[], str]) -> None:
+    """Wait until ``url``/healthz answers 200; fail, saying ``why()``, if
+    ``process`` exits first or ``timeout`` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert process.poll() is None, why()
+        assert time.monotonic() < deadline, why()
+        time.sleep(0.1)
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL after ``timeout`` seconds, unless it has ended."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    process.wait(timeout=timeout)
+
+
+def cli_admin_key(db_url: str, home: Path, org: str = "acme") -> str:
+    """A new organization's admin key, made by the CLI as an operator makes it."""
+    cli = [sys.executable, "-m", "flexserve.cli"]
+    subprocess.run([*cli, "orgs", "create", org, "--db", db_url, "--home", str(home)],
+                   check=True, capture_output=True)
+    return subprocess.run([*cli, "keys", "create", "--org", org, "--db", db_url, "--home", str(home)],
+                          check=True, capture_output=True, text=True).stdout.strip()
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> None:

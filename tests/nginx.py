@@ -8,15 +8,13 @@ import os
 import re
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, stop_process, wait_healthy
 
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx-flexserve.conf"
 HOW_TO_ENABLE = (
@@ -67,21 +65,14 @@ def nginx_in_front(gateways: Sequence[str], workdir: Path) -> Iterator[str]:
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
-            assert time.monotonic() < deadline, "nginx did not pass /healthz on within 30 s"
-            time.sleep(0.1)
+        wait_healthy(process, url, 30, lambda: _stderr(process) or "nginx did not pass /healthz on in 30 s")
         yield url
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        stop_process(process, 10)
+
+
+def _stderr(process: subprocess.Popen[bytes]) -> str:
+    """What nginx said, once it has exited (read before, the pipe would block)."""
+    if process.poll() is None or process.stderr is None:
+        return ""
+    return process.stderr.read().decode()

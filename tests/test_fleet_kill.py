@@ -7,8 +7,6 @@ exactly one ledger row."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,7 +17,7 @@ import openai
 import pytest
 import redis
 
-from conftest import ServerThread, serve_process, sql_rows, wait_for
+from conftest import ServerThread, cli_admin_key, serve_process, sql_rows, wait_for
 from flexserve.engines.sim import SimModel
 from flexserve.engines.sim.server import create_sim_app
 from postgres import PostgresServer
@@ -39,11 +37,7 @@ def test_a_gateway_killed_under_traffic_loses_nothing_and_its_slots_come_back(
 ) -> None:
     db_url = postgres.create_database()
     prefix = f"kill-{uuid.uuid4().hex[:8]}"
-    cli = [sys.executable, "-m", "flexserve.cli"]
-    subprocess.run([*cli, "orgs", "create", "acme", "--db", db_url, "--home", str(tmp_path)],
-                   check=True, capture_output=True)
-    key = subprocess.run([*cli, "keys", "create", "--org", "acme", "--db", db_url, "--home", str(tmp_path)],
-                         check=True, capture_output=True, text=True).stdout.strip()
+    key = cli_admin_key(db_url, tmp_path)
     env = {"FLEXSERVE_REDIS": redis_server.url, "FLEXSERVE_REDIS_PREFIX": prefix,
            "FLEXSERVE_REDIS_LEASE_TTL": str(TTL), "FLEXSERVE_UPSTREAM_CAPACITY": "4",
            "FLEXSERVE_BOOTSTRAP_DEMO": "false", "FLEXSERVE_USAGE_FLUSH_INTERVAL": "0.5"}

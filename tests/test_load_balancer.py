@@ -8,8 +8,6 @@ row per response)."""
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import ServerThread, serve_process, sql_rows
+from conftest import ServerThread, cli_admin_key, serve_process, sql_rows
 from flexserve.engines.sim import SimModel
 from flexserve.engines.sim.server import create_sim_app
 from nginx import nginx_in_front, nginx_or_skip
@@ -50,11 +48,7 @@ def test_gateways_behind_nginx_stream_share_and_survive_a_killed_one(
 ) -> None:
     nginx_or_skip()
     db_url = f"sqlite:///{tmp_path / 'flexserve.db'}"
-    cli = [sys.executable, "-m", "flexserve.cli"]
-    subprocess.run([*cli, "orgs", "create", "acme", "--db", db_url, "--home", str(tmp_path)],
-                   check=True, capture_output=True)
-    key = subprocess.run([*cli, "keys", "create", "--org", "acme", "--db", db_url, "--home", str(tmp_path)],
-                         check=True, capture_output=True, text=True).stdout.strip()
+    key = cli_admin_key(db_url, tmp_path)
     env = {"FLEXSERVE_BOOTSTRAP_DEMO": "false", "FLEXSERVE_UPSTREAM_CAPACITY": "8"}
     args = ("--engine", "upstream", "--upstream", engine.url, "--db", db_url)
     homes = [tmp_path / "a", tmp_path / "b"]
