@@ -82,6 +82,7 @@ def test_serve_writes_a_json_line_per_request_as_the_ledger_has_it(tmp_path: Pat
         line, row = by_id[request_id], ledger(tmp_path, request_id)
         assert (line["event"], line["requested_tier"], line["served_tier"], line["status"]) \
             == ("request", tier, tier, "completed")
+        assert line["replica"] == "sim"  # the replica that served it (`serve --engine sim`'s one)
         assert (line["prompt_tokens"], line["completion_tokens"]) \
             == (completion.usage.prompt_tokens, completion.usage.completion_tokens)
         # Who and what it cost, as the ledger holds them (never the key).

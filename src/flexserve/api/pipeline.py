@@ -550,7 +550,7 @@ def _finish(services: Services, call: Call, usage: Usage | None, status: str) ->
     # Costed at the served tier's price; the budget hold swapped for the cost.
     services.gate.settle(call.admission, record)
     services.usage.submit(record)
-    log_request(record)
+    log_request(record, call.ticket.replica_name)
     if services.tracing.enabled:
         span = current_span()
         started_at = call.arrived_at + queue_time

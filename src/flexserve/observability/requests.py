@@ -4,9 +4,10 @@ and one per scheduler decision worth knowing about a request.
 Every line has an ``event``:
 
 - ``request``: a request an engine took, when it ends: who (organization
-  and project ids; never a key), model, requested and served tier, status,
-  queue time, TTFT and total time (ms), tokens, and the cost it was billed
-  (integer pico-dollars, as the ledger holds it).
+  and project ids; never a key), model, requested and served tier, the
+  replica that served it (last, if it was moved), status, queue time, TTFT
+  and total time (ms), tokens, and the cost it was billed (integer
+  pico-dollars, as the ledger holds it).
 - ``refused``: a request answered with an error before any engine ran it
   (bad input, a gate, a full queue, a flex wait past its deadline): its
   HTTP status and error code.
@@ -37,8 +38,8 @@ def _ms(seconds: float | None) -> int | None:
     return None if seconds is None else round(seconds * 1000)
 
 
-def log_request(record: UsageRecord) -> None:
-    """The line of a request an engine took, costed."""
+def log_request(record: UsageRecord, replica: str | None = None) -> None:
+    """The line of a request an engine took, costed, and the replica that served it."""
     if not log.isEnabledFor(logging.INFO):
         return
     log.info("request", extra={"request_id": record.request_id, "fields": {
@@ -48,6 +49,7 @@ def log_request(record: UsageRecord) -> None:
         "model": record.model,
         "requested_tier": record.requested_tier,
         "served_tier": record.served_tier,
+        "replica": replica,
         "status": record.status,
         "queue_time_ms": _ms(record.queue_time),
         "ttft_ms": _ms(record.ttft),
