@@ -655,3 +655,28 @@ async def test_of_replicas_with_as_many_free_slots_the_least_loaded_engine_gets_
         assert busy.started == ["d2"]
     finally:
         await scheduler.close()
+
+
+async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_are_free() -> None:
+    """`first` runs three flex (one slot free), `second` one default (three
+    free). By free slots a default would join `second`; it goes to `first`,
+    where no default runs (a replica that draws the defaults keeps its flex
+    from starting again, and so goes on drawing them). Flex goes by free
+    slots, to `second`."""
+    first, second = ScriptedEngine(capacity=4), ScriptedEngine(capacity=4)
+    first.name, second.name = "first", "second"
+    scheduler = Scheduler.from_engines([first, second], SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0))
+    await scheduler.start()
+    await asyncio.sleep(0.03)
+    a, b = scheduler.replicas()
+    try:
+        now = time.monotonic()
+        for _ in range(3):
+            a.add(Running(ServiceTier.FLEX, "o", 100, stream=False), now)
+        b.add(Running(ServiceTier.DEFAULT, "o", 100, stream=False), now)
+        await run(scheduler, "d1", ServiceTier.DEFAULT)
+        assert (first.started, second.started) == (["d1"], [])
+        await run(scheduler, "f1", ServiceTier.FLEX)
+        assert (first.started, second.started) == (["d1"], ["f1"])
+    finally:
+        await scheduler.close()
