@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
-import pytest
+
+from installed import find_binary, unavailable
 
 HOW_TO_ENABLE = (
     "Chromium or its driver is not installed: the tests in a real browser did not run. "
@@ -35,8 +35,8 @@ NO_SELENIUM = "Selenium is not installed: the tests in a real browser did not ru
 
 def find_browser() -> tuple[str, str] | None:
     """(the browser, its driver), if both are installed."""
-    driver = shutil.which("chromedriver")
-    browser = next((found for name in BROWSERS if (found := shutil.which(name))), None)
+    driver = find_binary("chromedriver")
+    browser = next((found for name in BROWSERS if (found := find_binary(name))), None)
     return (browser, driver) if browser and driver else None
 
 
@@ -46,9 +46,7 @@ def require_browser() -> tuple[str, str]:
     missing = (HOW_TO_ENABLE if found is None
                else NO_SELENIUM if importlib.util.find_spec("selenium") is None else None)
     if missing is not None:
-        if os.environ.get("FLEXSERVE_TEST_BROWSER") == "required":
-            pytest.fail(missing)
-        pytest.skip(missing)
+        unavailable("BROWSER", missing)
     assert found is not None
     return found
 

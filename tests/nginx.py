@@ -4,17 +4,15 @@ its gateways' and its own addresses replaced by the test's."""
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
 
 from conftest import free_port, stop_process, wait_healthy
+from installed import find_binary, unavailable
 
 SHIPPED = Path(__file__).resolve().parent.parent / "deploy" / "nginx-flexserve.conf"
 HOW_TO_ENABLE = (
@@ -26,13 +24,7 @@ HOW_TO_ENABLE = (
 def nginx_or_skip() -> str:
     """The installed ``nginx``; skipped where there is none (failed where the
     run requires it: FLEXSERVE_TEST_NGINX=required, as .ci/run sets)."""
-    binary = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/bin/nginx") if Path(p).exists()), None)
-    if binary is None:
-        if os.environ.get("FLEXSERVE_TEST_NGINX") == "required":
-            pytest.fail(HOW_TO_ENABLE)
-        pytest.skip(HOW_TO_ENABLE)
-    return binary
+    return find_binary("nginx") or unavailable("NGINX", HOW_TO_ENABLE)
 
 
 def site_config(gateways: Sequence[str], port: int) -> str:

@@ -18,8 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
+
+from installed import find_binary, unavailable
 
 HOW_TO_ENABLE = (
     "Redis is not installed: the tests of the state gateways share did not run. Install "
@@ -39,23 +40,11 @@ def flex_rooms(stored: Mapping[bytes, bytes]) -> dict[str, int]:
             if k.endswith(b":flex")}
 
 
-def find_redis_server() -> str | None:
-    return shutil.which("redis-server") or next(
-        (str(p) for p in (Path("/usr/bin/redis-server"), Path("/usr/sbin/redis-server")) if p.exists()),
-        None,
-    )
-
-
 def redis_server_or_skip() -> str:
     """The installed ``redis-server``; where there is none, the test is
     skipped, saying how to enable it (failed, where the run requires Redis:
     FLEXSERVE_TEST_REDIS=required, as .ci/run sets, which installs it)."""
-    binary = find_redis_server()
-    if binary is None:
-        if os.environ.get("FLEXSERVE_TEST_REDIS") == "required":
-            pytest.fail(HOW_TO_ENABLE)
-        pytest.skip(HOW_TO_ENABLE)
-    return binary
+    return find_binary("redis-server") or unavailable("REDIS", HOW_TO_ENABLE)
 
 
 class StallWatch:

@@ -7,9 +7,7 @@ it: FLEXSERVE_TEST_PROMTOOL=required makes its absence a failure)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +18,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import Gateway, sim_engine
+from installed import find_binary, unavailable
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -83,11 +82,8 @@ def test_the_grafana_dashboard_reads_only_exposed_metrics(exposition: str) -> No
 
 
 def test_promtool_finds_nothing_to_fix(exposition: str) -> None:
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("FLEXSERVE_TEST_PROMTOOL") == "required":
-            pytest.fail("promtool is not installed (Debian: apt-get install prometheus)")
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus)")
+    promtool = find_binary("promtool") or unavailable(
+        "PROMTOOL", "promtool is not installed (Debian: apt-get install prometheus)")
     done = subprocess.run([promtool, "check", "metrics"], input=exposition, capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
