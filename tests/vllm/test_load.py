@@ -61,7 +61,7 @@ def gateway_state(gateway: Gateway) -> dict[str, float]:
     lag = scrape(gateway.url, le="1.0")
     late = values["flexserve_event_loop_lag_seconds_count"] - lag["flexserve_event_loop_lag_seconds_bucket"]
     return {**by_tier, **{name: value for name, value in values.items() if name.startswith(
-        ("flexserve_engine_", "flexserve_preemptions", "flexserve_flex_refused"))},
+        ("flexserve_engine_", "flexserve_preemptions", "flexserve_flex_refused", "flexserve_requests"))},
         "loop_lag_over_1s": late, "loop_lag_seconds_sum": values["flexserve_event_loop_lag_seconds_sum"]}
 
 
@@ -69,6 +69,13 @@ def gateway_queue(gateway: Gateway, tier: str) -> tuple[float, float]:
     """Requests of ``tier`` queued at the gateway, and in flight on engines."""
     values = scrape(gateway.url, tier=tier)
     return values["flexserve_queue_depth"], values["flexserve_in_flight"]
+
+
+def flex_state(gateway: Gateway, flex: list[Any]) -> str:
+    """For a failure message: the flex request's answer if it came (a refusal
+    says why), and the gateway's queues and view of vLLM."""
+    answer = repr(flex[0]) if flex else "no answer yet"
+    return f"flex: {answer}; gateway: {gateway_state(gateway)}"
 
 
 def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
@@ -131,7 +138,7 @@ def test_flex_is_held_while_vllm_reports_waiting_requests(gateway: Gateway, vllm
         wait_until(lambda: gateway_view(gateway)[1] == 2, 120, "the gateway never saw vLLM's queue")
         flex_thread, flex = in_thread(lambda: chat(gateway, vllm, "flex"))
         wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 30,
-                   "flex did not queue at the gateway")
+                   "flex did not queue at the gateway", state=lambda: flex_state(gateway, flex))
         default_thread, default = in_thread(lambda: chat(gateway, vllm, "default"))
         wait_until(lambda: gateway_queue(gateway, "default") == (0, 1), 30,
                    "default was held at the gateway")
@@ -166,9 +173,10 @@ def test_flex_is_held_while_vllms_kv_cache_is_above_the_threshold(
                    "the gateway never saw vLLM's KV use above the threshold")
         flex_thread, flex = in_thread(lambda: chat(gateway, vllm, "flex"))
         wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 30,
-                   "flex did not queue at the gateway")
+                   "flex did not queue at the gateway", state=lambda: flex_state(gateway, flex))
         load = vllm_view(vllm)
-        assert (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 0)  # flex is not in vLLM
+        # Flex is not in vLLM.
+        assert (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 0), flex_state(gateway, flex)
         assert load.kv_cache_usage is not None and load.kv_cache_usage >= threshold
     flex_thread.join(timeout=300)
     assert not isinstance(flex[0], BaseException), flex[0]

@@ -149,8 +149,12 @@ def test_priority_hint_schedules_default_before_flex_inside_vllm(
     lock = threading.Lock()
 
     def ask(tier: str) -> None:
+        # Default's runs long enough that a flex run cannot start in vLLM until
+        # they end: the first tokens' order then holds by a second or more, not
+        # the few milliseconds a client thread on a busy machine is late by.
+        max_tokens = 1000 if tier == "default" else 100
         chunks = gateway.client().chat.completions.create(
-            model=vllm.model, messages=MESSAGES, max_tokens=100, service_tier=tier,  # type: ignore[arg-type]
+            model=vllm.model, messages=MESSAGES, max_tokens=max_tokens, service_tier=tier,  # type: ignore[arg-type]
             stream=True, extra_body=EXACT,
         )
         for chunk in chunks:
