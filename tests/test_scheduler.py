@@ -657,6 +657,36 @@ async def test_of_replicas_with_as_many_free_slots_the_least_loaded_engine_gets_
         await scheduler.close()
 
 
+async def test_default_goes_where_the_fewest_prompt_tokens_wait_for_prefill_within_one_default_of_the_fewest() -> None:
+    """A prompt queues behind the prompts its engine is still prefilling.
+    `first` has a flex run whose 2,000-token prompt has had no output yet,
+    `second` one whose prompt is done: a default goes to `second`. Then
+    `second` runs two defaults more than `first`: past the spread of one, it
+    is not chosen however much `first` has to prefill."""
+    first, second = ScriptedEngine(capacity=8), ScriptedEngine(capacity=8)
+    first.name, second.name = "first", "second"
+    scheduler = Scheduler.from_engines([first, second], SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0))
+    await scheduler.start()
+    await asyncio.sleep(0.03)
+    a, b = scheduler.replicas()
+    try:
+        now = time.monotonic()
+        a.add(Running(ServiceTier.FLEX, "o", 2100, stream=False, prompt_tokens=2000), now)
+        prefilled = Running(ServiceTier.FLEX, "o", 2100, stream=False, prompt_tokens=2000)
+        prefilled.num_output = 5
+        b.add(prefilled, now)
+        await run(scheduler, "d1", ServiceTier.DEFAULT)
+        assert (first.started, second.started) == ([], ["d1"])
+        for _ in range(2):
+            done = Running(ServiceTier.DEFAULT, "o", 100, stream=False, prompt_tokens=50)
+            done.num_output = 1
+            b.add(done, now)
+        await run(scheduler, "d2", ServiceTier.DEFAULT)
+        assert (first.started, second.started) == (["d2"], ["d1"])
+    finally:
+        await scheduler.close()
+
+
 async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_are_free() -> None:
     """`first` runs three flex (one slot free), `second` one default (three
     free). By free slots a default would join `second`; it goes to `first`,

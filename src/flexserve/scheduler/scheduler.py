@@ -63,7 +63,8 @@ from flexserve.scheduler.drain import (
 from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
 from flexserve.scheduler.flex_waits import FlexWaits
 from flexserve.scheduler.split_prefill import SplitPrefill
-from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots, predicted_tpot
+from flexserve.scheduler.placement import pick_replica
+from flexserve.scheduler.policy import SchedulerConfig, headroom_slots, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotAsk, SlotLease
 from flexserve.tiers import ServiceTier
@@ -498,29 +499,8 @@ class Scheduler:
         return replica
 
     def _pick(self, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
-        """The admissible replica for a request of ``tier``.
-
-        Default and priority go where the fewest of them run. Flex fills what
-        they leave of each replica's flex room, so a replica with few of them
-        runs much flex, and a default request there decodes beside many flex
-        prefills. By free slots instead, a replica whose flex had just ended
-        drew the defaults, which kept its flex from starting again, which
-        kept it drawing them: one of four engines ran 146 default requests
-        in 30 s and another 37, whose time per output token was 18 % worse.
-
-        Flex goes where the most slots are free. Ties go to the replica whose
-        engine says it runs the fewest sequences (other gateways' included,
-        where they share it), not to the first listed."""
-        spread_default = self.config.tiers_enabled and not tier.is_preemptible
-        best: Replica | None = None
-        best_key: tuple[int, int, int] | None = None
-        for replica in pool.replicas:
-            if can_admit(self.config, replica, tier, now):
-                key = (-_default_runs(replica) if spread_default else 0, replica.free_slots,
-                       -_engine_load(replica))
-                if best_key is None or key > best_key:
-                    best, best_key = replica, key
-        return best
+        """The replica a request of ``tier`` goes to now (``placement.py``)."""
+        return pick_replica(self.config, pool, tier, now)
 
     def _release(self, pool: ModelPool, replica: Replica, run: Running) -> None:
         replica.discard(run)
@@ -761,17 +741,6 @@ def _cancelled_otherwise() -> bool:
     (the client leaving, the server shutting down) asked for one as well."""
     task = asyncio.current_task()
     return task is None or task.uncancel() > 0
-
-
-def _default_runs(replica: Replica) -> int:
-    """Default and priority sequences this gateway runs on the replica."""
-    by_tier = replica.num_in_flight_by_tier
-    return by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY]
-
-
-def _engine_load(replica: Replica) -> int:
-    """Sequences the replica's engine said it runs or queues, at its last reading."""
-    return replica.load.num_running + replica.load.num_waiting
 
 
 def _replica_label(pool: ModelPool, replica: Replica) -> str:
