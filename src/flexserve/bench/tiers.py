@@ -55,7 +55,6 @@ from flexserve.bench.processes import (
     raise_nofile_limit,
     start_server,
 )
-from flexserve.bench.flex_process import FlexProcess
 from flexserve.bench.report import host_info
 from flexserve.bench.tiers_batch import start_backlog, stop_backlog
 from flexserve.bench.tiers_load import (
@@ -63,6 +62,7 @@ from flexserve.bench.tiers_load import (
     Outcome,
     Target,
     drain,
+    flex_client,
     scrape,
     send_job,
 )
@@ -217,29 +217,25 @@ async def _drive(sc: Scenario, opts: TiersOptions,
     began = time.monotonic()
     load_start = round(os.getloadavg()[0], 2)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        # Flex in a process of its own, so that reading its streams does not
-        # delay the default requests timed here (bench/flex_process.py).
         loop = FlexLoop(stream=sc.flex_stream)
-        flex = None
-        if sc.num_flex:
-            flex = FlexProcess([sc.target(i) for i in range(sc.num_flex)], opts.seed, flex_lengths,
-                               stream=sc.flex_stream)
-            await flex.start()
+        flex_tasks = [
+            asyncio.create_task(flex_client(session, sc.target(i),
+                                            flex_jobs(opts.seed, i, flex_lengths), loop))
+            for i in range(sc.num_flex)
+        ]
         backlog = await start_backlog(session, sc.target(0), sc.batch_jobs) if sc.batch_jobs else None
         watching = asyncio.Event()
         watch = asyncio.create_task(_watch_engines(session, sc.engine_metrics, watching))
-        stopped = False
         try:
-            if flex is not None or backlog is not None:
+            if flex_tasks or backlog is not None:
                 await asyncio.sleep(opts.warmup_seconds)
             window, defaults = await _measure(session, sc, opts)
-            if flex is not None:
-                loop.outcomes = await flex.stop()
-                stopped = True
         finally:
             watching.set()
-            if flex is not None and not stopped:
-                flex.kill()
+            loop.stopping = True
+            for task in flex_tasks:
+                task.cancel()
+            await asyncio.gather(*flex_tasks, return_exceptions=True)
             if backlog is not None:
                 await stop_backlog(session, sc.target(0), backlog)
         most = await watch
