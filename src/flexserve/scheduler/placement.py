@@ -8,9 +8,9 @@ candidates. Then:
   gives each step's token budget to the sequences it admitted earlier first,
   so a prompt arriving behind flex prompts still being prefilled waits for
   their chunks: over one engine's 30 s of default and flex traffic, default
-  requests that found no prompt being prefilled had a first token in 13 ms
+  requests that found no prompt being prefilled had a first token in 15 ms
   (median), those that found 1,000-3,000 prompt tokens still to prefill in
-  40 ms, and the slowest all found some. So of the replicas running at most
+  40 ms. So of the replicas running at most
   one more default or priority sequence than the fewest do, the one with
   the fewest prompt tokens this gateway sent there and has had no output for
   yet (``unprefilled_tokens``); ties go where the fewest default and
