@@ -5,6 +5,7 @@ admission decisions out. The engine is a small scripted Engine implementation
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -663,13 +664,8 @@ async def test_default_goes_where_the_fewest_prompt_tokens_wait_for_prefill_with
     `second` one whose prompt is done: a default goes to `second`. Then
     `second` runs two defaults more than `first`: past the spread of one, it
     is not chosen however much `first` has to prefill."""
-    first, second = ScriptedEngine(capacity=8), ScriptedEngine(capacity=8)
-    first.name, second.name = "first", "second"
-    scheduler = Scheduler.from_engines([first, second], SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0))
-    await scheduler.start()
-    await asyncio.sleep(0.03)
-    a, b = scheduler.replicas()
-    try:
+    async with first_and_second(capacity=8) as (scheduler, first, second):
+        a, b = scheduler.replicas()
         now = time.monotonic()
         a.add(Running(ServiceTier.FLEX, "o", 2100, stream=False, prompt_tokens=2000), now)
         prefilled = Running(ServiceTier.FLEX, "o", 2100, stream=False, prompt_tokens=2000)
@@ -683,8 +679,6 @@ async def test_default_goes_where_the_fewest_prompt_tokens_wait_for_prefill_with
             b.add(done, now)
         await run(scheduler, "d2", ServiceTier.DEFAULT)
         assert (first.started, second.started) == (["d2"], ["d1"])
-    finally:
-        await scheduler.close()
 
 
 async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_are_free() -> None:
@@ -693,13 +687,8 @@ async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_
     where no default runs (a replica that draws the defaults keeps its flex
     from starting again, and so goes on drawing them). Flex goes by free
     slots, to `second`."""
-    first, second = ScriptedEngine(capacity=4), ScriptedEngine(capacity=4)
-    first.name, second.name = "first", "second"
-    scheduler = Scheduler.from_engines([first, second], SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0))
-    await scheduler.start()
-    await asyncio.sleep(0.03)
-    a, b = scheduler.replicas()
-    try:
+    async with first_and_second(capacity=4) as (scheduler, first, second):
+        a, b = scheduler.replicas()
         now = time.monotonic()
         for _ in range(3):
             a.add(Running(ServiceTier.FLEX, "o", 100, stream=False), now)
@@ -708,5 +697,18 @@ async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_
         assert (first.started, second.started) == (["d1"], [])
         await run(scheduler, "f1", ServiceTier.FLEX)
         assert (first.started, second.started) == (["d1"], ["f1"])
+
+
+@contextlib.asynccontextmanager
+async def first_and_second(capacity: int) -> AsyncIterator[tuple[Scheduler, ScriptedEngine, ScriptedEngine]]:
+    """A started scheduler over two scripted engines named `first` and
+    `second`, with no flex headroom; closed on leaving."""
+    first, second = ScriptedEngine(capacity=capacity), ScriptedEngine(capacity=capacity)
+    first.name, second.name = "first", "second"
+    scheduler = Scheduler.from_engines([first, second], SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0))
+    await scheduler.start()
+    try:
+        await asyncio.sleep(0.03)
+        yield scheduler, first, second
     finally:
         await scheduler.close()
