@@ -75,7 +75,11 @@ def flex_state(gateway: Gateway, flex: list[Any]) -> str:
     """For a failure message: the flex request's answer if it came (a refusal
     says why), and the gateway's queues and view of vLLM."""
     answer = repr(flex[0]) if flex else "no answer yet"
-    return f"flex: {answer}; gateway: {gateway_state(gateway)}"
+    try:
+        state: object = gateway_state(gateway)
+    except httpx.HTTPError as exc:  # the failure's own message must still be shown
+        state = f"unreadable ({type(exc).__name__})"
+    return f"flex: {answer}; gateway: {state}"
 
 
 def in_thread(call: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
