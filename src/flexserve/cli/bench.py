@@ -510,3 +510,24 @@ def shared_state(redis_url: str, num_requests: int, concurrency: int, out: Path)
     click.echo(markdown)
     click.echo(f"report: {out}", err=True)
 
+
+
+@bench.command("prefill-waits")
+@click.argument("log_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the figures as JSON here.")
+def prefill_waits(log_dir: Path, out: Path | None) -> None:
+    """What default's first token waited behind in a `bench tiers --log-dir` run:
+    scenario B's default requests by the prompt tokens pending on their replica
+    when they arrived (src/flexserve/bench/prefill_waits.py)."""
+    from flexserve.bench.prefill_waits import format_report, run
+    from flexserve.bench.report import write_json
+
+    layouts = run(log_dir)
+    if not layouts:
+        raise click.ClickException(f"no gateway request logs (*-gateway-*.log) in {log_dir}; "
+                                   "give the --log-dir of a `flexserve bench tiers` run")
+    click.echo(format_report(layouts))
+    if out is not None:
+        write_json(out, {"benchmark": "prefill-waits", "log_dir": str(log_dir), "layouts": layouts})
+        click.echo(f"report: {out}", err=True)

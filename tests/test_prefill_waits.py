@@ -1,0 +1,76 @@
+"""`flexserve bench prefill-waits`: what each default request of B found
+pending on its replica, read from request logs written as the gateway
+writes them."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from flexserve.bench.prefill_waits import b_defaults, read_logs, run
+
+FLEXSERVE = Path(sys.executable).parent / "flexserve"
+BASE = datetime.datetime(2026, 12, 3, 20, 0, tzinfo=datetime.UTC)
+
+
+def line(tier: str, replica: str, arrived: float, ttft_ms: int, total_ms: int,
+         prompt: int, cached: int = 0, queue_ms: int = 0) -> str:
+    """A request line as ``observability/requests.py`` logs it: ``ts`` is its end."""
+    ended = BASE + datetime.timedelta(seconds=arrived, milliseconds=total_ms)
+    return json.dumps({
+        "ts": ended.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "level": "info",
+        "logger": "flexserve.requests", "msg": "request", "event": "request",
+        "requested_tier": tier, "served_tier": tier, "replica": replica, "status": "completed",
+        "queue_time_ms": queue_ms, "ttft_ms": ttft_ms, "total_time_ms": total_ms,
+        "prompt_tokens": prompt, "cached_tokens": cached, "completion_tokens": 10,
+    })
+
+
+def write_fleet(log_dir: Path) -> None:
+    """Two gateways' logs of one layout. On r1 a flex prompt of 2,000 tokens
+    (500 cached) has no output from 0 s to 0.5 s; on r2 one's output starts
+    at 0.01 s. A default arrives on r1 at 0.2 s (1,500 tokens pending there,
+    none on r2), another on r2 at 0.3 s, and one in A, before any flex."""
+    first = [
+        line("default", "r1", -5.0, 12, 400, 50),
+        line("flex", "r1", 0.0, 500, 1000, 2000, cached=500),
+        json.dumps({"ts": "2026-12-03T20:00:01.000Z", "event": "flex_refused", "retry_after_s": 1}),
+        line("default", "r1", 0.2, 60, 900, 40),
+    ]
+    second = [
+        line("flex", "r2", 0.0, 10, 2000, 1500),
+        line("default", "r2", 0.3, 15, 700, 30),
+        line("flex", "r2", 3.0, 10, 500, 700),
+    ]
+    (log_dir / "3x4-gateway-0.log").write_text("\n".join(first) + "\n")
+    (log_dir / "3x4-gateway-1.log").write_text("\n".join(second) + "\n")
+
+
+def test_each_default_of_b_is_read_with_the_prompt_tokens_pending_on_its_replica_and_the_fewest(tmp_path: Path) -> None:
+    write_fleet(tmp_path)
+    arrivals = sorted(b_defaults(read_logs(sorted(tmp_path.glob("*.log")))), key=lambda a: a.ttft_ms)
+    assert [(a.ttft_ms, a.pending_here, a.pending_least) for a in arrivals] == [(15, 0, 0), (60, 1500, 0)]
+    summary = run(tmp_path)["3x4"]
+    assert (summary["b_default_requests"], summary["found_none_pending"],
+            summary["another_replica_had_fewer"]) == (2, 1, 1)
+    rows = {row["pending_tokens"]: (row["requests"], row["ttft_p50_ms"]) for row in summary["by_pending_tokens"]}
+    assert rows == {"none": (1, 15), "1-999": (0, None), "1000-2999": (1, 60), "3000+": (0, None)}
+
+
+def test_the_command_prints_each_layout_and_writes_its_report(tmp_path: Path) -> None:
+    write_fleet(tmp_path)
+    out = tmp_path / "waits.json"
+    done = subprocess.run([str(FLEXSERVE), "bench", "prefill-waits", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "3x4: 2 default requests in B; 1 found no prompt pending" in done.stdout
+    assert json.loads(out.read_text())["layouts"]["3x4"]["another_replica_had_fewer"] == 1
+
+
+def test_a_directory_without_gateway_logs_is_refused_by_name(tmp_path: Path) -> None:
+    done = subprocess.run([str(FLEXSERVE), "bench", "prefill-waits", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert "no gateway request logs" in done.stderr and str(tmp_path) in done.stderr
