@@ -51,6 +51,13 @@ def gateway_view(gateway: Gateway) -> tuple[float, float, float]:
             values.get("flexserve_engine_kv_cache_usage_ratio", 0.0))
 
 
+def replica_healthy(gateway: Gateway) -> bool:
+    """Whether the gateway takes its replica as answering. Its view of vLLM
+    keeps the last reading while it does not: a request sent then is refused
+    (503) rather than held, which is not what these tests are about."""
+    return scrape(gateway.url)["flexserve_engine_healthy"] == 1
+
+
 def gateway_state(gateway: Gateway) -> dict[str, float]:
     """The gateway's queues, runs, replica view and events, for failure
     messages; and how often its event loop ran more than a second late (the
@@ -139,7 +146,8 @@ def test_flex_is_held_while_vllm_reports_waiting_requests(gateway: Gateway, vllm
     """Default settings: flex is not released while the engine queues
     anything; default is."""
     with holders(vllm, MAX_NUM_SEQS + 2):
-        wait_until(lambda: gateway_view(gateway)[1] == 2, 120, "the gateway never saw vLLM's queue")
+        wait_until(lambda: gateway_view(gateway)[1] == 2 and replica_healthy(gateway), 120,
+                   "the gateway never saw vLLM's queue", state=lambda: gateway_state(gateway))
         flex_thread, flex = in_thread(lambda: chat(gateway, vllm, "flex"))
         wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 30,
                    "flex did not queue at the gateway", state=lambda: flex_state(gateway, flex))
@@ -173,7 +181,7 @@ def test_flex_is_held_while_vllms_kv_cache_is_above_the_threshold(
         # On a busy machine the last holder may still be on its way.
         wait_until(lambda: vllm_view(vllm).num_running == MAX_NUM_SEQS, 120,
                    "the holders never all ran", state=lambda: vllm_view(vllm))
-        wait_until(lambda: gateway_view(gateway)[2] >= threshold, 120,
+        wait_until(lambda: gateway_view(gateway)[2] >= threshold and replica_healthy(gateway), 120,
                    "the gateway never saw vLLM's KV use above the threshold")
         flex_thread, flex = in_thread(lambda: chat(gateway, vllm, "flex"))
         wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 30,
