@@ -10,11 +10,11 @@ candidates. Then:
   their chunks: over one engine's 30 s of default and flex traffic, default
   requests that found no prompt being prefilled had a first token in 15 ms
   (median), those that found 1,000-3,000 prompt tokens still to prefill in
-  40 ms. So of the replicas running at most
-  one more default or priority sequence than the fewest do, the one with
-  the fewest prompt tokens this gateway sent there and has had no output for
-  yet (``unprefilled_tokens``); ties go where the fewest default and
-  priority sequences run, then by free slots.
+  40 ms. So: of the replicas running at most one more default or priority
+  sequence than the fewest do, the one with the fewest prompt tokens this
+  gateway sent there and has had no output for yet
+  (``unprefilled_tokens``); ties go where the fewest default and priority
+  sequences run, then by free slots.
 
   The spread comes first for time per output token: flex fills what default
   leaves of each replica's flex room, so a replica with few default
