@@ -19,7 +19,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-
 from installed import find_binary, unavailable
 
 HOW_TO_ENABLE = (

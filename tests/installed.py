@@ -6,19 +6,13 @@ it (``FLEXSERVE_TEST_<PART>=required``, as .ci/run sets for what it installs).""
 from __future__ import annotations
 
 import os
-import shutil
-from pathlib import Path
 from typing import NoReturn
 
 import pytest
 
+from flexserve.bench.processes import find_binary
 
-def find_binary(name: str) -> str | None:
-    """``name`` on the PATH, or in the system directories a user's PATH may lack."""
-    return shutil.which(name) or next(
-        (str(path) for path in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if path.exists()),
-        None,
-    )
+__all__ = ["find_binary", "unavailable"]
 
 
 def unavailable(part: str, why: str) -> NoReturn:

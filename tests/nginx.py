@@ -10,7 +10,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-
 from conftest import free_port, stop_process, wait_healthy
 from installed import find_binary, unavailable
 

@@ -281,12 +281,19 @@ def start_litellm(
     return server, master_key
 
 
+def find_binary(name: str) -> str | None:
+    """``name`` on the PATH, or in the system directories a user's PATH may
+    lack (Debian puts servers such as nginx in /usr/sbin)."""
+    return shutil.which(name) or next(
+        (str(path) for path in (Path("/usr/sbin") / name, Path("/usr/bin") / name) if path.exists()),
+        None,
+    )
+
+
 def start_redis(stack: ExitStack, log_dir: Path) -> str:
     """A throwaway ``redis-server`` on a free loopback port, no persistence;
     returns its URL. For benchmarks of gateways that share state."""
-    binary = shutil.which("redis-server") or next(
-        (str(p) for p in (Path("/usr/bin/redis-server"), Path("/usr/sbin/redis-server"))
-         if p.exists()), None)
+    binary = find_binary("redis-server")
     if binary is None:
         raise BenchError("redis-server is not installed (Debian: apt-get install redis-server), "
                          "or give the gateways' Redis with --redis URL")

@@ -511,7 +511,6 @@ def shared_state(redis_url: str, num_requests: int, concurrency: int, out: Path)
     click.echo(f"report: {out}", err=True)
 
 
-
 @bench.command("prefill-waits")
 @click.argument("log_dir", type=click.Path(file_okay=False, exists=True, path_type=Path))
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
