@@ -111,6 +111,24 @@ def test_stream_with_usage(fixture: str, request: pytest.FixtureRequest) -> None
     assert whole.choices[0].message.content == text
 
 
+def test_a_requests_stream_interval_batches_its_tokens_as_vllms_does(timed: tuple[SimModel, str]) -> None:
+    """vLLM's per-request `stream_interval`: the first token at once, then a
+    chunk every N tokens, and the rest with the finish; the same text."""
+    model, url = timed
+
+    def chunk_words(extra: dict[str, Any]) -> list[str]:
+        chunks = client(url).chat.completions.create(
+            model=model.model_id, messages=MESSAGES, max_tokens=10, seed=7, stream=True,
+            extra_body=extra)
+        return [c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].delta.content]
+
+    each = chunk_words({})
+    batched = chunk_words({"stream_interval": 4})
+    assert len(each) == 10
+    assert [len(text.split()) for text in batched] == [1, 4, 4, 1]
+    assert "".join(batched) == "".join(each)
+
+
 def test_priority_is_refused_under_fcfs(instant: tuple[SimModel, str]) -> None:
     model, url = instant
     with pytest.raises(openai.BadRequestError) as info:
@@ -501,6 +519,8 @@ IMAGE_MESSAGES = [{"role": "user", "content": [
     ("/v1/embeddings", {"input": "x", "dimensions": 100_000}, "dimensions"),
     ("/v1/embeddings", {"input": ""}, "input"),
     ("/v1/embeddings", {"input": "x", "stream": True}, "stream"),
+    ("/v1/chat/completions", {"messages": MESSAGES, "stream_interval": 0}, "stream_interval"),
+    ("/v1/completions", {"prompt": "x", "stream_interval": "4"}, "stream_interval"),
 ])
 @pytest.mark.parametrize("fixture", ["instant", "timed"])
 def test_refusals_name_the_parameter(fixture: str, path: str, body: dict[str, Any], param: str,

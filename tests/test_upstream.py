@@ -15,8 +15,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from conftest import Gateway, ServerThread, free_port, sim_model_id
+from flexserve.engines.base import EngineRequest
 from flexserve.engines.sim import SimModel
 from flexserve.engines.sim.server import create_sim_app
+from flexserve.engines.upstream import UpstreamEngine
+from flexserve.scheduler.policy import SchedulerConfig
+from flexserve.scheduler.scheduler import Scheduler, Ticket
+from flexserve.tiers import ServiceTier
 from test_error_shape import assert_envelope
 
 MESSAGES = [{"role": "user", "content": "Summarise the flex tier."}]
@@ -161,8 +166,9 @@ def test_unreachable_upstream_does_not_stop_the_gateway(start_gateway: Callable[
 # --- what is asked of the upstream ------------------------------------------
 
 
-def _recording_upstream(seen: list[bool]) -> Starlette:
-    """Answers as asked (a whole completion or SSE) and records `stream`."""
+def _recording_upstream(seen: list[bool], intervals: list[int | None] | None = None) -> Starlette:
+    """Answers as asked (a whole completion or SSE) and records `stream` (and
+    `stream_interval`, into ``intervals``)."""
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "recorder", "object": "model"}]})
@@ -170,6 +176,8 @@ def _recording_upstream(seen: list[bool]) -> Starlette:
     async def chat(request: Request) -> Response:
         body = await request.json()
         seen.append(body.get("stream"))
+        if intervals is not None:
+            intervals.append(body.get("stream_interval"))
         if not body.get("stream"):
             return JSONResponse({
                 "id": "x", "object": "chat.completion", "created": 0, "model": "recorder",
@@ -211,6 +219,65 @@ def test_whole_completion_asked_only_when_not_streamed_nor_preemptible(
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "two words"
     # Default and priority: one JSON body; flex (abortable) and a client's stream: SSE.
     assert seen == [False, False, True, True]
+
+
+def test_a_stream_interval_is_asked_only_for_runs_streamed_upstream_and_read_whole(
+    start_gateway: Callable[..., Gateway],
+) -> None:
+    """upstream_stream_interval=4: flex not streamed to its client is asked in
+    chunks of four; a client's stream (flex or default) token by token; default
+    read whole is asked whole (no stream to chunk)."""
+    seen: list[bool] = []
+    intervals: list[int | None] = []
+    with ServerThread(_recording_upstream(seen, intervals)) as server:
+        gateway = start_gateway(engine="upstream", upstreams=[server.url], upstream_stream_interval=4)
+        client = gateway.client()
+        for tier, stream in (("flex", False), ("flex", True), ("default", True), ("default", False)):
+            answer = client.chat.completions.create(
+                model="recorder", messages=MESSAGES, service_tier=tier, stream=stream  # type: ignore[call-overload]
+            )
+            text = ("".join(c.choices[0].delta.content or "" for c in answer if c.choices) if stream
+                    else answer.choices[0].message.content)
+            assert text == "two words"
+    assert seen == [True, True, True, False]
+    assert intervals == [4, None, None, None]
+
+
+async def test_a_flex_run_read_whole_comes_in_chunks_and_is_counted_in_tokens(
+    sim_upstream: ServerThread,
+) -> None:
+    """The scheduler in front of a real sim server, its upstream asking chunks
+    of four for runs read whole: such a flex run of 10 tokens comes in 4
+    deltas, a streamed one in 10; flex output is counted in tokens either way
+    (the flex wait estimates' throughput), and the replica learns how many
+    tokens a chunk carries (their drain estimates)."""
+    engine = UpstreamEngine(sim_upstream.url, capacity=8, stream_interval=4)
+    await engine.start()
+    scheduler = Scheduler.from_engines([engine], SchedulerConfig(scrape_interval=0.05))
+    await scheduler.start()
+    try:
+        model = engine.models()[0].id
+        pool = scheduler.pool(model)
+
+        async def flex(request_id: str, read_whole: bool) -> list[str]:
+            request = EngineRequest.chat(request_id, model, MESSAGES, max_tokens=10, seed=7)
+            request.read_whole = read_whole
+            ticket = Ticket(request_id, model, ServiceTier.FLEX, "org-a", cost_tokens=100,
+                            stream=not read_whole)
+            return [delta.text async for delta in scheduler.stream(ticket, request) if delta.text]
+
+        whole = await flex("whole", True)
+        assert [len(text.split()) for text in whole] == [1, 4, 4, 1]
+        assert pool.flex_history.output_done == 10
+        assert pool.replicas[0].tokens_per_chunk == pytest.approx(4 + 0.1 * (10 / 4 - 4))
+        streamed = await flex("streamed", False)
+        assert [len(text.split()) for text in streamed] == [1] * 10
+        assert "".join(streamed) == "".join(whole)
+        assert pool.flex_history.output_done == 20
+        assert pool.replicas[0].tokens_per_delta == pytest.approx(1.0)
+    finally:
+        await scheduler.close()
+        await engine.close()
 
 
 def test_an_upstreams_prefix_cache_hits_reach_the_client_and_the_ledger(

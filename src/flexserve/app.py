@@ -123,6 +123,7 @@ def build_engines(settings: Settings) -> list[Engine]:
             first_token_timeout=settings.upstream_first_token_timeout,
             idle_timeout=settings.upstream_idle_timeout,
             send_priority=settings.upstream_priority_hint,
+            stream_interval=settings.upstream_stream_interval,
             step_model=step_model,
         )
         for url in settings.upstreams

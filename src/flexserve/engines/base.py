@@ -100,6 +100,10 @@ class EngineRequest:
     # never aborted), so an upstream may be asked for it in one JSON body
     # instead of SSE. Other engines ignore it.
     stream: bool = True
+    # True: streamed from the engine (the scheduler may abort it), but its
+    # client reads it whole (flex not streamed), so an upstream may send
+    # several tokens a chunk (``UpstreamEngine.stream_interval``).
+    read_whole: bool = False
 
     @classmethod
     def chat(cls, request_id: str, model: str, messages: list[dict[str, Any]], **fields: Any) -> EngineRequest:
@@ -324,6 +328,9 @@ class Engine(abc.ABC):
     supports_pause: bool = False
     #: True when the engine takes the `priority` hint.
     accepts_priority: bool = False
+    #: Tokens the engine may send in one delta of a run its client reads
+    #: whole (``EngineRequest.read_whole``); 1: every token as it comes.
+    stream_interval: int = 1
     #: What the engine honours beyond plain text generation.
     features: frozenset[Feature] = frozenset()
     #: True for a replica other gateways may send to as well (a server at a

@@ -115,7 +115,7 @@ def remaining_seconds(replica: Replica, run: Running, scale: float, now: float) 
     predicted = max(expected - (now - run.granted_at), _OVERDUE_SHARE * expected)
     if run.num_output < PROGRESS_DELTAS:
         return predicted
-    limit = (run.cost_tokens - run.prompt_tokens) / replica.tokens_per_delta
+    limit = (run.cost_tokens - run.prompt_tokens) / replica.delta_tokens(run.chunked)
     paced = max(0.0, (limit - run.num_output) * run.seconds_per_delta - (now - run.last_output_at))
     share = min(1.0, run.num_output / max(1.0, limit))
     return share * paced + (1.0 - share) * predicted
@@ -133,11 +133,11 @@ def _live_period(replica: Replica, output_tokens: float) -> float | None:
     for run in replica.running:
         if run.tier.is_preemptible and not run.preempted and run.num_output >= PROGRESS_DELTAS:
             firsts += run.first_output_at - run.granted_at
-            paces += run.seconds_per_delta
+            paces += run.seconds_per_delta / replica.delta_tokens(run.chunked)
             count += 1
     if count == 0:
         return None
-    return (firsts + paces * output_tokens / replica.tokens_per_delta) / count
+    return (firsts + paces * output_tokens) / count
 
 
 def _guessed(pool: ModelPool) -> bool:

@@ -298,8 +298,8 @@ class FlexHistory:
         # when it wants more than they have) as the tokens and seconds of
         # backlog, each decayed over ``THROUGHPUT_WINDOW`` seconds of backlog;
         # and the seconds of backlog it was measured over.
-        self.output_done = 0
-        self._output_seen = 0
+        self.output_done = 0.0
+        self._output_seen = 0.0
         self._saturated_output = 0.0
         self._saturated_time = 0.0
         # What finished runs generated of their output limit (EWMA).

@@ -59,8 +59,13 @@ class Running:
     # then predicted to hold its slot (flex: for wait estimates).
     granted_at: float = 0.0
     expected_seconds: float = 0.0
+    # True when its engine sends it several tokens a delta (its client reads
+    # it whole and the engine has a ``stream_interval``).
+    chunked: bool = False
     # Output deltas it has produced, and time.monotonic() of its first and latest.
     num_output: int = 0
+    # Output tokens counted for it as its deltas came (``Replica.delta_tokens``).
+    tokens_counted: float = 0.0
     first_output_at: float = 0.0
     last_output_at: float = 0.0
     control: SequenceControl = field(default_factory=SequenceControl)
@@ -119,8 +124,11 @@ class Replica:
     tpot_scale: float = 1.0
     # Engine's / gateway's prompt token counts (EWMA): corrects the gateway's estimate.
     prompt_scale: float = 1.0
-    # Output tokens per streamed delta (EWMA): engines may send several at once.
+    # Output tokens per streamed delta (EWMA): engines may send several at once
+    # (vLLM's --stream-interval); and per delta of chunked runs (its
+    # per-request `stream_interval`; 0 until one has ended: the engine's own).
     tokens_per_delta: float = 1.0
+    tokens_per_chunk: float = 0.0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
@@ -194,10 +202,22 @@ class Replica:
         if engine_tokens > 0 and estimated > 0:
             self.prompt_scale += weight * (engine_tokens / estimated - self.prompt_scale)
 
-    def observe_deltas(self, completion_tokens: int, num_deltas: int, weight: float = 0.1) -> None:
+    def observe_deltas(self, completion_tokens: int, num_deltas: int, chunked: bool = False,
+                       weight: float = 0.1) -> None:
         if completion_tokens > 0 and num_deltas > 0:
             per_delta = max(1.0, completion_tokens / num_deltas)
-            self.tokens_per_delta += weight * (per_delta - self.tokens_per_delta)
+            if chunked:
+                before = self.delta_tokens(chunked)
+                self.tokens_per_chunk = before + weight * (per_delta - before)
+            else:
+                self.tokens_per_delta += weight * (per_delta - self.tokens_per_delta)
+
+    def delta_tokens(self, chunked: bool) -> float:
+        """Output tokens a delta carries, for runs chunked or not, as this
+        replica's finished runs showed (before any: the engine's interval)."""
+        if not chunked:
+            return self.tokens_per_delta
+        return self.tokens_per_chunk or float(self.engine.stream_interval)
 
 
 @dataclass(eq=False)

@@ -296,6 +296,7 @@ class Scheduler:
             run = Running(ticket.served_tier or ticket.tier, ticket.org_id, ticket.cost_tokens,
                           ticket.stream, ticket.prompt_tokens)
             replica = await self._admit(pool, ticket, run, front=requeue)
+            run.chunked = request.read_whole and replica.engine.stream_interval > 1
             self._balance_decoding(replica)
             request.priority = run.tier.rank
             finished = False
@@ -326,7 +327,11 @@ class Scheduler:
                     if delta.has_output:
                         run.num_output += 1
                         if preemptible:
-                            history.output_done += 1
+                            # A chunked run's first delta is one token (an engine
+                            # sends the first at once), the rest as its kind showed.
+                            counted = replica.delta_tokens(run.chunked) if run.num_output > 1 else 1.0
+                            run.tokens_counted += counted
+                            history.output_done += counted
                         last_at = replica.last_output_at = run.last_output_at = time.monotonic()
                         if run.num_output == 1:
                             ticket.first_token_at = run.first_output_at = last_at
@@ -338,7 +343,11 @@ class Scheduler:
                     yield delta
                 if last is not None and last.usage is not None:
                     replica.observe_prompt(last.usage.prompt_tokens, ticket.prompt_tokens)
-                    replica.observe_deltas(last.usage.completion_tokens, run.num_output)
+                    replica.observe_deltas(last.usage.completion_tokens, run.num_output, run.chunked)
+                    if preemptible:
+                        # What was counted as it came, made exact.
+                        history.output_done += last.usage.completion_tokens - run.tokens_counted
+                        run.tokens_counted = last.usage.completion_tokens
                 finished = True
                 if held:
                     run.delivered = True
@@ -384,7 +393,7 @@ class Scheduler:
                     calibration = history.calibration if preemptible else history.prior_calibration
                     calibration.observe(time.monotonic() - run.granted_at, run.expected_seconds)
                 if finished and preemptible:
-                    history.observe_output(run.num_output, run.cost_tokens - run.prompt_tokens)
+                    history.observe_output(round(run.tokens_counted), run.cost_tokens - run.prompt_tokens)
 
     def _splits(self, replica: Replica, run: Running, request: EngineRequest) -> bool:
         """Whether ``run``'s prompt is warmed in pieces first (split_prefill.py):

@@ -442,6 +442,9 @@ class SimModel:
         self._num_arrivals += 1
         seq = Seq(request.request_id, (priority, self._num_arrivals), prompt_tokens,
                    output_lens, self.sim_now(), ready)
+        # As vLLM: a request's own `stream_interval` raises the server's, never lowers it.
+        asked = request.body.get("stream_interval")
+        seq.stream_interval = max(self.stream_interval, asked if isinstance(asked, int) else 1)
         heapq.heappush(self._waiting, (seq.key, seq))
         self._num_waiting += 1
         self._ensure_loop().set()
@@ -722,7 +725,7 @@ class SimModel:
                     self._finish(seq)
                     continue
                 seq.active = [j for j in seq.active if generated[j] < lengths[j]]
-            if seq.num_generated - seq.num_told >= self.stream_interval or seq.num_told == 0:
+            if seq.num_generated - seq.num_told >= seq.stream_interval or seq.num_told == 0:
                 seq.num_told = seq.num_generated
                 seq.ready.set()
 

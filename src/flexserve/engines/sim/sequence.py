@@ -20,7 +20,7 @@ class Seq:
     __slots__ = ("active", "arrival", "blocks", "error", "generated", "held_blocks", "key",
                  "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit", "num_told",
                  "output_lens", "prefill_target", "prompt_tokens", "ready", "request_id",
-                 "state")
+                 "state", "stream_interval")
 
     def __init__(self, request_id: str, key: tuple[int, int], prompt_tokens: int,
                  output_lens: list[int], arrival: float, ready: asyncio.Event) -> None:
@@ -43,8 +43,10 @@ class Seq:
         self.kv_held = 0
         # Tokens generated over all choices.
         self.num_generated = 0
-        # Of those, how many its consumer was woken for (stream_interval).
+        # Of those, how many its consumer was woken for: it is woken for the
+        # first token, then every ``stream_interval`` tokens, and at the end.
         self.num_told = 0
+        self.stream_interval = 1
         self.last_token_at = 0.0
         # Shared by the sequences of one request: their consumer waits on it.
         self.ready = ready

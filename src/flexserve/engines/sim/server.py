@@ -220,6 +220,10 @@ class _InferenceRoute:
                 "Priority scheduling is not enabled on this server (--scheduling-policy fcfs).",
                 param="priority",
             )
+        interval = _optional_int(data, "stream_interval")
+        if interval is not None and interval < 1:
+            # vLLM's per-request `stream_interval`: tokens batched into each chunk.
+            raise InvalidRequestError("'stream_interval' must be at least 1.", param="stream_interval")
         stream = data.get("stream") or False
         options = data.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):

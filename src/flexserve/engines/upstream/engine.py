@@ -9,7 +9,12 @@ token is real and an abort closes the connection, which vLLM, SGLang and
 llama.cpp honour by freeing the sequence), unless the caller wants only the
 whole result (``EngineRequest.stream`` False: not streamed to the client,
 never aborted), which is then read as one JSON body, with no SSE framing on
-either side. ``relay`` turns either into Deltas.
+either side. A run the scheduler may abort whose client reads it whole
+(``EngineRequest.read_whole``: flex not streamed) stays a stream, and with
+``stream_interval`` above 1 it is asked in chunks of that many tokens
+(vLLM's per-request `stream_interval`: the first token at once, the rest
+every N tokens and with the finish), so that neither the engine's server nor
+the gateway handles an event per token. ``relay`` turns either into Deltas.
 
 A replica that turns a request away before any output — HTTP 429 or 503, a
 connection that cannot be made or breaks, or a stream that stays silent past
@@ -97,12 +102,14 @@ class UpstreamEngine(Engine):
         first_token_timeout: float = 60.0,
         idle_timeout: float = 30.0,
         send_priority: bool = False,
+        stream_interval: int = 1,
         step_model: StepTimeModel | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.base_url = self.base_url.removesuffix("/v1")
         self.name = f"upstream:{self.base_url}"
         self.accepts_priority = send_priority
+        self.stream_interval = stream_interval
         self._capacity = capacity
         self._urls = {op: self.base_url + path for op, path in _PATHS.items()}
         self._headers = {"Content-Type": "application/json"}
@@ -184,6 +191,10 @@ class UpstreamEngine(Engine):
             if request.stream:
                 payload["stream"] = True
                 payload["stream_options"] = {"include_usage": True}
+                if request.read_whole and self.stream_interval > 1:
+                    # vLLM sends the first token at once, then one chunk every
+                    # stream_interval tokens: fewer events for both to handle.
+                    payload["stream_interval"] = self.stream_interval
             else:
                 payload["stream"] = False
         if self.accepts_priority:
