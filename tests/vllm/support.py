@@ -49,9 +49,12 @@ NUM_KV_BLOCKS = 5120
 # (and the gateway's own /metrics unanswered for as long) while it ran, and
 # the gateway ended it with a 504. The tests are about what vLLM does with
 # the gateway's requests; a silence shorter than two minutes is the machine's.
+# Flex its client reads whole is asked of vLLM in chunks of four tokens (its
+# per-request `stream_interval`), as docs/deployment.md advises a fleet:
+# test_chat_whole[flex] compares what comes that way with vLLM's own answer.
 GATEWAY: dict[str, Any] = {"engine": "upstream", "replica_silent_after": 60.0,
                            "scrape_interval": 0.5, "load_stale_after": 5.0,
-                           "upstream_idle_timeout": 120.0}
+                           "upstream_idle_timeout": 120.0, "upstream_stream_interval": 4}
 POLL_SECONDS = 0.2
 
 # Greedy, so that the same request gives the same text directly and through
