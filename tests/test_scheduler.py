@@ -681,6 +681,23 @@ async def test_default_goes_where_the_fewest_prompt_tokens_wait_for_prefill_with
         assert (first.started, second.started) == (["d2"], ["d1"])
 
 
+async def test_default_counts_the_prompts_other_gateways_have_awaiting_prefill() -> None:
+    """`first` has 500 prompt tokens of this gateway's awaiting prefill,
+    `second` none of its own but 1,500 of other gateways' (as they said
+    through Redis): a default goes to `first`, where less waits in all. Each
+    change of what this gateway has awaiting prefill is told, for the others:
+    the run put on a replica, its first output, its end."""
+    async with first_and_second(capacity=8) as (scheduler, first, second):
+        a, b = scheduler.replicas()
+        told: list[str] = []
+        scheduler.on_prefill_change = lambda replica: told.append(replica.name)
+        a.add(Running(ServiceTier.FLEX, "o", 600, stream=False, prompt_tokens=500), time.monotonic())
+        b.others_unprefilled = 1_500
+        await run(scheduler, "d1", ServiceTier.DEFAULT)
+        assert (first.started, second.started) == (["d1"], [])
+        assert told == ["first", "first", "first"]
+
+
 async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_are_free() -> None:
     """`first` runs three flex (one slot free), `second` one default (three
     free). By free slots a default would join `second`; it goes to `first`,

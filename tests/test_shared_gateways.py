@@ -386,3 +386,43 @@ def test_a_batch_created_on_one_gateway_is_run_by_both_each_line_once(batch_pair
     assert outputs[0] == outputs[1]
     assert sorted(json.loads(row)["custom_id"] for row in outputs[0].splitlines()) == sorted(
         f"l{i}" for i in range(60))
+
+
+def awaiting_prefill(gateway: Gateway) -> dict[str, float]:
+    """The gateway's `flexserve_engine_prompt_tokens_awaiting_prefill` by `sent_by`."""
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    return {sample.labels["sent_by"]: sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "flexserve_engine_prompt_tokens_awaiting_prefill"
+            for sample in family.samples}
+
+
+def test_a_prompt_awaiting_prefill_on_one_gateway_is_counted_by_the_other(
+    start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer, request: pytest.FixtureRequest,
+) -> None:
+    """A long prompt on a slow engine, sent through the first gateway: while
+    it awaits its first token the second counts it as the other gateways'
+    (and would place default elsewhere by it); once it has its output, as
+    nothing."""
+    slow = SimModel("h100-llama3-8b", speed=0.02, max_num_seqs=4)  # 2,500 tokens prefill in ~2.5 s
+    with ServerThread(create_sim_app(slow)) as engine:
+        shared = {"engine": "upstream", "upstreams": [engine.url], "upstream_capacity": 4,
+                  "db": shared_database(request, tmp_path_factory, "prefills"), "redis": redis_server.url,
+                  "redis_prefix": f"prefills-{uuid.uuid4().hex[:8]}"}
+        first, second = [start_gateway(org=f"prefills-admin-{i}", **shared) for i in range(2)]
+        answer: list[object] = []
+        sender = threading.Thread(target=lambda: answer.append(first.client().chat.completions.create(
+            model=slow.model_id, messages=[{"role": "user", "content": "word " * 2_500}], max_tokens=1,
+            service_tier="flex")))
+        sender.start()
+        try:
+            wait_for(lambda: awaiting_prefill(first)["this_gateway"] > 2_000, 10)
+            mine = awaiting_prefill(first)["this_gateway"]
+            wait_for(lambda: awaiting_prefill(second)["other_gateways"] == mine, 5)
+            assert awaiting_prefill(second)["this_gateway"] == 0
+        finally:
+            sender.join(timeout=60)
+        assert len(answer) == 1
+        wait_for(lambda: awaiting_prefill(second)["other_gateways"] == 0, 5)
+        assert awaiting_prefill(first)["this_gateway"] == 0

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from flexserve.scheduler.placement import unprefilled_tokens
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.tiers import ServiceTier
 
@@ -123,7 +124,15 @@ class _SchedulerCollector(Collector):
                 ("healthy", "1 while the replica answers its load probe."),
             )
         }
+        awaiting = GaugeMetricFamily(
+            "flexserve_engine_prompt_tokens_awaiting_prefill",
+            "Prompt tokens sent to the replica that have had no output yet: this gateway's "
+            "(sent_by=this_gateway) and, with redis, the others' as they last said (other_gateways).",
+            labels=["replica", "sent_by"],
+        )
         for replica in self._scheduler.replicas():
+            awaiting.add_metric([replica.name, "this_gateway"], unprefilled_tokens(replica))
+            awaiting.add_metric([replica.name, "other_gateways"], replica.others_unprefilled)
             load["running"].add_metric([replica.name], replica.load.num_running)
             load["waiting"].add_metric([replica.name], replica.load.num_waiting)
             if replica.load.kv_cache_usage is not None:
@@ -136,6 +145,7 @@ class _SchedulerCollector(Collector):
         yield held
         yield from events.values()
         yield from load.values()
+        yield awaiting
 
 
 class GatewayMetrics:

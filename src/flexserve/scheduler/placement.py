@@ -11,10 +11,10 @@ candidates. Then:
   requests that found no prompt being prefilled had a first token in 15 ms
   (median), those that found 1,000-3,000 prompt tokens still to prefill in
   40 ms. So: of the replicas running at most one more default or priority
-  sequence than the fewest do, the one with the fewest prompt tokens this
-  gateway sent there and has had no output for yet
-  (``unprefilled_tokens``); ties go where the fewest default and priority
-  sequences run, then by free slots.
+  sequence than the fewest do, the one with the fewest prompt tokens sent
+  there that have had no output yet (``awaiting_prefill``: this gateway's,
+  and with Redis the other gateways', as they last said); ties go where the
+  fewest default and priority sequences run, then by free slots.
 
   The spread comes first for time per output token: flex fills what default
   leaves of each replica's flex room, so a replica with few default
@@ -34,8 +34,10 @@ sequences (other gateways' included, where they share it), not to the first
 listed: every gateway of a fleet would otherwise send its work to the same
 engines first.
 
-A gateway sees only its own runs: in a fleet, the prompts other gateways are
-having prefilled on a replica are not counted.
+A gateway sees only its own runs, except for the prompts other gateways
+say they have awaiting prefill on a replica (``shared/prefills.py``): in a
+fleet of three without them, a third of the default requests went where
+another engine had less waiting.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         return max(candidates, key=lambda r: (r.free_slots, -engine_load(r)))
     fewest = min(default_runs(replica) for replica in candidates)
     spread = [replica for replica in candidates if default_runs(replica) <= fewest + DEFAULT_SPREAD]
-    return max(spread, key=lambda r: (-unprefilled_tokens(r), -default_runs(r), r.free_slots, -engine_load(r)))
+    return max(spread, key=lambda r: (-awaiting_prefill(r), -default_runs(r), r.free_slots, -engine_load(r)))
 
 
 def default_runs(replica: Replica) -> int:
@@ -71,6 +73,12 @@ def unprefilled_tokens(replica: Replica) -> int:
     """Prompt tokens of the runs this gateway has on the replica that have
     had no output yet: the prefill a prompt sent there now would queue behind."""
     return sum(run.prompt_tokens for run in replica.running if run.num_output == 0 and not run.preempted)
+
+
+def awaiting_prefill(replica: Replica) -> int:
+    """Prompt tokens sent to the replica that have had no output yet: this
+    gateway's and, as they last said, the other gateways'."""
+    return unprefilled_tokens(replica) + replica.others_unprefilled
 
 
 def engine_load(replica: Replica) -> int:

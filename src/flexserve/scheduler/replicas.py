@@ -129,6 +129,9 @@ class Replica:
     # per-request `stream_interval`; 0 until one has ended: the engine's own).
     tokens_per_delta: float = 1.0
     tokens_per_chunk: float = 0.0
+    # Prompt tokens other gateways sharing the replica have sent there and had
+    # no output for, as they last said (``shared/prefills.py``; 0 without Redis).
+    others_unprefilled: int = 0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.

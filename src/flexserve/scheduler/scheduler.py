@@ -43,7 +43,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +134,10 @@ class Scheduler:
         self._watchers: list[asyncio.Task[None]] = []
         # Per replica backing off: the timer that offers it work again.
         self._backoff_timers: dict[Replica, asyncio.TimerHandle] = {}
+        # Told when the prompts this gateway has awaiting prefill on a replica
+        # may have changed (a run put there, its first output, its end), to
+        # tell other gateways (``shared/prefills.py``).
+        self.on_prefill_change: Callable[[Replica], None] | None = None
 
     @classmethod
     def from_engines(
@@ -335,6 +339,7 @@ class Scheduler:
                         last_at = replica.last_output_at = run.last_output_at = time.monotonic()
                         if run.num_output == 1:
                             ticket.first_token_at = run.first_output_at = last_at
+                            self._prefill_changed(replica)
                     if held is not None:
                         held.append(delta)
                         continue
@@ -460,6 +465,7 @@ class Scheduler:
                 if tier is ServiceTier.FLEX and not front:
                     ticket.estimated_wait = NO_WAIT
                 replica.add(run, now)
+                self._prefill_changed(replica)
                 return self._granted(pool, ticket, replica, run)
         waiter = Waiter(
             tier, ticket.org_id, ticket.cost_tokens, arrival=ticket.enqueued_at, run=run,
@@ -507,12 +513,17 @@ class Scheduler:
             run.expected_seconds = expected_run_seconds(self.config, replica, run, backlog=backlog)
         return replica
 
+    def _prefill_changed(self, replica: Replica) -> None:
+        if self.on_prefill_change is not None:
+            self.on_prefill_change(replica)
+
     def _pick(self, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
         """The replica a request of ``tier`` goes to now (``placement.py``)."""
         return pick_replica(self.config, pool, tier, now)
 
     def _release(self, pool: ModelPool, replica: Replica, run: Running) -> None:
         replica.discard(run)
+        self._prefill_changed(replica)
         if run.preempted:
             pool.num_preempting = max(0, pool.num_preempting - 1)
         self._balance_decoding(replica)
@@ -537,6 +548,7 @@ class Scheduler:
             pool.queue.pop()
             # The slot is taken now, before the waiter's task wakes up to use it.
             replica.add(waiter.run, now)
+            self._prefill_changed(replica)
             waiter.future.set_result(replica)
 
     # --- preemption --------------------------------------------------------------

@@ -15,10 +15,12 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from flexserve.config import Settings
+from flexserve.scheduler.placement import unprefilled_tokens
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.shared.budgets import RedisBudgets
 from flexserve.shared.capacity import SharedSlots
 from flexserve.shared.changes import ChangeListener
+from flexserve.shared.prefills import SharedPrefills
 from flexserve.shared.presence import Presence
 from flexserve.shared.ratelimit import RedisRateLimits
 
@@ -77,8 +79,9 @@ class SharedState:
 
 async def open_shared(settings: Settings, stack: AsyncExitStack, scheduler: Scheduler) -> SharedState:
     """This gateway's lease in the shared Redis; its leases on the engines'
-    slots, kept up to date for ``scheduler``; the budgets and rate limits
-    kept there. All closed with ``stack`` (the leases given back)."""
+    slots, kept up to date for ``scheduler``, and the prompts it has awaiting
+    prefill on them, told to the others; the budgets and rate limits kept
+    there. All closed with ``stack`` (the leases given back)."""
     redis = await connect(settings.redis)
     stack.push_async_callback(redis.aclose)
     presence = Presence(redis, prefix=settings.redis_prefix, ttl=settings.redis_lease_ttl)
@@ -88,6 +91,12 @@ async def open_shared(settings: Settings, stack: AsyncExitStack, scheduler: Sche
                         interval=settings.redis_slots_interval)
     await slots.start()
     stack.push_async_callback(slots.close)
+    if settings.redis_share_prefills:
+        prefills = SharedPrefills(presence, scheduler.replicas(), unprefilled_tokens)
+        await prefills.start()
+        stack.push_async_callback(prefills.close)
+        scheduler.on_prefill_change = prefills.changed
+        stack.callback(setattr, scheduler, "on_prefill_change", None)
     return SharedState(presence, RedisBudgets(presence), RedisRateLimits(presence))
 
 
