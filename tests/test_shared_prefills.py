@@ -45,6 +45,21 @@ async def started(presences: Presences, count: int) -> list[Gateway]:
     return gateways
 
 
+async def _lost(counts: dict[str, int]) -> None:
+    """A publish that never reaches Redis (a gateway killed)."""
+
+
+async def test_a_gateway_that_stops_tells_the_others_it_has_nothing_awaiting(presences: Presences) -> None:
+    a, b = await started(presences, 2)
+    try:
+        a.has(0, 1_200)
+        await until(lambda: b.others() == [1_200, 0])
+        await a.prefills.close()
+        await until(lambda: b.others() == [0, 0], timeout=prefills._FRESH / 2)
+    finally:
+        await b.prefills.close()
+
+
 async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -80,7 +95,8 @@ async def test_a_silent_gateways_count_is_dropped_and_a_live_ones_kept(
         await until(lambda: b.others() == [0, 2_000])
         await asyncio.sleep(1.0)  # longer than a count is kept unheard: repeats keep it
         assert b.others() == [0, 2_000]
-        await a.prefills.close()  # as if it died: no more repeats
+        a.prefills._publish = _lost  # type: ignore[method-assign]
+        await a.prefills.close()  # as if it died: no more repeats, and no last word
         await until(lambda: b.others() == [0, 0])
     finally:
         await b.prefills.close()

@@ -156,6 +156,11 @@ class SharedPrefills:
                 self._replicas[name].others_unprefilled = sum(tokens for tokens, _ in heard.values())
 
     async def close(self) -> None:
+        """Stop, telling the others that this gateway has nothing awaiting
+        prefill any more (a gateway that dies is dropped within ``_FRESH``)."""
         tasks, self._tasks = [*self._tasks, *self._publishing], []
         for task in tasks:
             await stop(task)
+        counts = {name: 0 for name, tokens in self._published.items() if tokens}
+        if counts:
+            await self._publish(counts)
