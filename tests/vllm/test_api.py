@@ -5,8 +5,10 @@ vLLM's `/tokenize`, and its prefix cache seen through usage and metrics."""
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
+import httpx
 import pytest
 
 from conftest import Gateway, billed, usage_rows, wait_for
@@ -77,6 +79,25 @@ def test_chat_streamed(gateway: Gateway, vllm: VllmServer, tier: str) -> None:
     row = billed(gateway, request_id)
     assert (row["prompt_tokens"], row["completion_tokens"], row["served_tier"]) == (
         usage["prompt_tokens"], 12, tier)
+
+
+def test_vllm_sends_a_stream_interval_in_chunks_of_that_many_tokens(vllm: VllmServer) -> None:
+    """What `upstream_stream_interval` asks of vLLM for flex read whole (as
+    the gateways here do, with 4): the first token at once, then 4 a chunk,
+    the rest with the finish; the text its own. (Tokens are counted with
+    logprobs, one entry each. vLLM merges the chunks a slow reader has not
+    taken yet, so chunks end only where 1, 4, 4, 3 would.)"""
+    body = {"model": vllm.model, "messages": MESSAGES, "max_tokens": 12, "stream": True,
+            "stream_interval": 4, "logprobs": True, **EXACT}
+    with httpx.stream("POST", f"{vllm.url}/v1/chat/completions", json=body, timeout=300) as response:
+        assert response.status_code == 200, response.read()
+        chunks = [c for c in sse_chunks(response) if c["choices"]]
+    tokens = [len((c["choices"][0].get("logprobs") or {}).get("content") or []) for c in chunks]
+    ends = list(itertools.accumulate(n for n in tokens if n))
+    assert ends[-1] == 12 and set(ends) <= {1, 5, 9, 12}, tokens
+    mine = direct(vllm, "/v1/chat/completions", messages=MESSAGES, max_tokens=12, **EXACT)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert text == mine["choices"][0]["message"]["content"]
 
 
 def test_chat_logprobs_and_n(gateway: Gateway, vllm: VllmServer) -> None:
