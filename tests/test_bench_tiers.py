@@ -14,7 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from flexserve.bench.traffic import FLEX_LENGTHS, SHAREGPT_LENGTHS, default_schedule, flex_jobs
+from flexserve.bench.traffic import (
+    FLEX_LENGTHS,
+    SHAREGPT_LENGTHS,
+    default_schedule,
+    flex_jobs,
+    replicated_schedule,
+)
 from redis_server import RedisServer
 
 FLEXSERVE = Path(sys.executable).parent / "flexserve"
@@ -31,6 +37,24 @@ def test_traffic_is_seeded_and_shaped() -> None:
     assert all(500 <= job.prompt_tokens <= 2000 and 50 <= job.output_tokens <= 300 for job in flex)
     mean_output = SHAREGPT_LENGTHS.expected_output()
     assert 300 < mean_output < 360  # ShareGPT's 338, after clipping
+
+
+def test_a_fleet_is_sent_copies_of_one_engines_default_requests() -> None:
+    """Four engines get four copies of one engine's requests: the same
+    lengths, four times each; the first copy at its own times, the others
+    at times of their own; all in the window, in time order."""
+    one = default_schedule(7, 3.0, 20.0, SHAREGPT_LENGTHS)
+    four = replicated_schedule(one, 4, 7, 20.0)
+    assert replicated_schedule(one, 4, 7, 20.0) == four
+    assert len(four) == 4 * len(one)
+    lengths = sorted((job.prompt_tokens, job.output_tokens) for job in one)
+    assert sorted((job.prompt_tokens, job.output_tokens) for job in four) == sorted(lengths * 4)
+    assert [job.at for job in four] == sorted(job.at for job in four)
+    assert [job.index for job in four] == list(range(len(four)))
+    assert all(0 <= job.at < 20.0 for job in four)
+    assert {job.at for job in one} < {job.at for job in four}
+    assert len({job.at for job in four}) == len(four)  # the copies are not sent at once
+    assert len({job.seed for job in four}) == len(four)
 
 
 @pytest.mark.timeout(120)
@@ -150,6 +174,7 @@ def test_bench_tiers_on_a_fleet_runs_both_layouts_and_no_engine_gets_past_its_ca
     fleet = report["layouts"]["2x2"]
     assert (fleet["gateways"], fleet["engines"]) == (2, 2)
     assert fleet["flex_clients"] == 2 * report["layouts"]["1x1"]["flex_clients"]
+    assert fleet["default_requests"] == 2 * report["layouts"]["1x1"]["default_requests"]
     for layout in report["layouts"].values():
         scenarios = layout["scenarios"]
         assert set(scenarios) == {"A", "B", "D"}

@@ -8,9 +8,13 @@ slots, budgets and rate limits through one Redis (``flexserve.shared``; a
 throwaway ``redis-server`` unless ``--redis``) and one database (a SQLite
 file unless ``--db``).
 
-- Traffic per engine is the same: M times the flex clients, and default
-  arrivals at ``load`` of the layout's own D (M engines' maximum), sent in
-  turn to each gateway (D: to each engine).
+- Traffic per engine is the same: M times the flex clients, and M copies of
+  one engine's default requests (arrivals at ``load`` of its D), each copy
+  after the first at arrival times of its own (``replicated_schedule``), sent
+  in turn to each gateway (D: to each engine). (Until 2026-12-03 the fleet
+  drew its own schedule at M times the rate: its first requests were the
+  single engine's, the rest other lengths, which gave each of its engines
+  5 % less default output than the single engine had, and flex the rest.)
 - Every engine's running and waiting sequences are read every 0.25 s; the
   most one engine held is reported against its capacity (the gateways'
   ``upstream_capacity``): above it, the gateways together sent an engine more
@@ -42,7 +46,7 @@ from flexserve.bench.tiers import (
 )
 from flexserve.bench.tiers_load import Target
 from flexserve.bench.tiers_report import format_ratios, format_table, goal_ratios
-from flexserve.bench.traffic import FLEX_LENGTHS, SHAREGPT_LENGTHS, default_schedule
+from flexserve.bench.traffic import FLEX_LENGTHS, SHAREGPT_LENGTHS, default_schedule, replicated_schedule
 
 _COUNTER = "vllm:generation_tokens_total"
 # Output tokens/s of the fleet over one gateway and engine, per engine.
@@ -57,9 +61,10 @@ def run_fleet(opts: TiersOptions, log_dir: Path, stack: ExitStack) -> dict[str, 
     if opts.gateways > 1 and redis is None:
         redis = start_redis(stack, log_dir)
     layouts: dict[str, Any] = {}
+    one_engine: dict[str, Any] = {}
     for label, num_gateways, num_engines in (("1x1", 1, 1), (fleet, opts.gateways, opts.engines)):
         layouts[label] = _layout(opts, log_dir, label, num_gateways, num_engines,
-                                 redis if num_gateways > 1 else None)
+                                 redis if num_gateways > 1 else None, one_engine)
     return {
         "benchmark": "tiers-fleet",
         "command": opts.command,
@@ -90,8 +95,10 @@ def run_fleet(opts: TiersOptions, log_dir: Path, stack: ExitStack) -> dict[str, 
 
 
 def _layout(opts: TiersOptions, log_dir: Path, label: str, num_gateways: int,
-            num_engines: int, redis: str | None) -> dict[str, Any]:
-    """D, A and B on ``num_gateways`` gateways in front of ``num_engines`` engines."""
+            num_engines: int, redis: str | None, one_engine: dict[str, Any]) -> dict[str, Any]:
+    """D, A and B on ``num_gateways`` gateways in front of ``num_engines``
+    engines. The first layout run (1x1) leaves its default requests and
+    their rate in ``one_engine``; a later one sends ``num_engines`` copies."""
     default_mix, flex_mix = mixes(opts, SHAREGPT_LENGTHS, FLEX_LENGTHS)
     num_flex = opts.num_flex_clients * num_engines
     scenarios: dict[str, Any] = {}
@@ -106,7 +113,12 @@ def _layout(opts: TiersOptions, log_dir: Path, label: str, num_gateways: int,
         scenarios["D"] = run_scenario(d, opts, flex_mix, engines)
         rate_engine, rate_wall = rate_for(opts, scenarios["D"]["engine_output_tps_engine"] or 0.0,
                                           default_mix)
-        jobs = default_schedule(opts.seed, rate_wall, opts.duration, default_mix)
+        if one_engine:
+            jobs = replicated_schedule(one_engine["jobs"], num_engines, opts.seed, opts.duration)
+            rate_engine = one_engine["rate_engine"] * num_engines
+        else:
+            jobs = default_schedule(opts.seed, rate_wall, opts.duration, default_mix)
+            one_engine.update(jobs=jobs, rate_engine=rate_engine)
         homes = [log_dir / f"{label}-gateway-{i}-home" for i in range(num_gateways)]
         for home in homes:
             home.mkdir(exist_ok=True)

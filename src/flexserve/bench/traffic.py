@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import cycle, islice
 
@@ -167,6 +167,23 @@ def default_schedule(seed: int, rate: float, duration: float, lengths: LengthMix
         prompt, output = lengths.draw(length_rng)
         jobs.append(Job(index, at, prompt, output, seed=seed * 1_000_003 + index))
     return jobs
+
+
+def replicated_schedule(jobs: Sequence[Job], copies: int, seed: int, duration: float) -> list[Job]:
+    """``copies`` times the default traffic ``jobs``, merged in time order:
+    the first copy as it is, each other the same requests at arrival times
+    of its own (as many, uniform over ``[0, duration)``: Poisson arrivals
+    given their count). A fleet of M engines is sent M copies of one
+    engine's traffic, so that each engine has the same work, not a sample of
+    its own (whose lengths differ from the single engine's by chance)."""
+    merged = list(jobs)
+    for copy in range(1, copies):
+        rng = random.Random(f"{seed}-default-arrivals-copy-{copy}")
+        times = sorted(rng.uniform(0.0, duration) for _ in jobs)
+        merged += [dataclasses.replace(job, at=at, seed=job.seed + copy * 7_919_000)
+                   for job, at in zip(jobs, times, strict=True)]
+    merged.sort(key=lambda job: job.at)
+    return [dataclasses.replace(job, index=index) for index, job in enumerate(merged)]
 
 
 def flex_jobs(seed: int, client: int, lengths: LengthMix) -> Iterator[Job]:
