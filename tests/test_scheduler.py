@@ -248,6 +248,32 @@ async def test_flex_starts_only_below_the_flex_room_its_lease_gives() -> None:
     await scheduler.close()
 
 
+async def test_flex_on_a_shared_replica_stays_out_of_the_headroom_other_gateways_defaults_fill() -> None:
+    """A gateway's flex room counts its own runs only; other gateways'
+    default runs on the replica count against no room of its own. Here it
+    runs nothing on a 32-slot replica and its room is 8, but the engine
+    reports 26 sequences: past the 25 below which flex starts on the replica
+    (7 kept for default), so flex waits, and starts once the engine reports
+    24. Default is not held back."""
+    engine = ScriptedEngine(capacity=32, token_time=0.01)
+    engine.shared = True
+    scheduler = await make_scheduler(engine)
+    replica = scheduler.replicas()[0]
+    [ask] = scheduler.slot_demand()
+    scheduler.lease(ask.replica, SlotLease(10, 8, {}, set()))
+    engine.load = EngineLoad(num_running=26)
+    await until(lambda: replica.load.num_running == 26)
+    assert not can_admit(scheduler.config, replica, ServiceTier.FLEX, time.monotonic())
+    assert can_admit(scheduler.config, replica, ServiceTier.DEFAULT, time.monotonic())
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=2))
+    await asyncio.sleep(0.1)
+    assert engine.started == []
+    engine.load = EngineLoad(num_running=24)
+    await flex
+    assert engine.started == ["f"]
+    await scheduler.close()
+
+
 def test_turn_weights_hold_back_only_organizations_that_ask_on_other_gateways_too() -> None:
     from flexserve.scheduler.replicas import Replica
     from flexserve.scheduler.scheduler import turn_weights

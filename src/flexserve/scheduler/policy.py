@@ -86,6 +86,12 @@ def flex_room(config: SchedulerConfig, replica: Replica) -> int:
     return replica.capacity - headroom_slots(config, replica.capacity)
 
 
+def engine_flex_room(config: SchedulerConfig, replica: Replica) -> int:
+    """Sequences the replica's engine may run, every gateway's together, below
+    which flex may start there: its whole capacity less the headroom."""
+    return replica.full_capacity - headroom_slots(config, replica.full_capacity)
+
+
 def predicted_tpot(
     replica: Replica, num_sequences: int, tokens_held: int, *, calibrated: bool = True
 ) -> float | None:
@@ -116,6 +122,11 @@ def can_admit(
         if load.age(now) > config.load_stale_after:
             return False
         if load.num_waiting > config.flex_max_engine_waiting:
+            return False
+        if replica.flex_room is not None and load.num_running + load.num_waiting >= engine_flex_room(config, replica):
+            # Shared with other gateways: their default runs there count
+            # against no room of this gateway's, so the engine's own count
+            # keeps flex out of default's headroom on the replica as a whole.
             return False
         if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
             return False
