@@ -275,6 +275,14 @@ async def test_a_flex_run_read_whole_comes_in_chunks_and_is_counted_in_tokens(
         assert "".join(streamed) == "".join(whole)
         assert pool.flex_history.output_done == 20
         assert pool.replicas[0].tokens_per_delta == pytest.approx(1.0)
+        # Default its client reads whole comes as one JSON body, one delta of
+        # 10 tokens: it teaches neither how the engine streams nor chunks.
+        request = EngineRequest.chat("default", model, MESSAGES, max_tokens=10, seed=7, stream=False)
+        request.read_whole = True
+        ticket = Ticket("default", model, ServiceTier.DEFAULT, "org-a", cost_tokens=100, stream=False)
+        assert [delta.text async for delta in scheduler.stream(ticket, request) if delta.text] == ["".join(whole)]
+        assert pool.replicas[0].tokens_per_delta == pytest.approx(1.0)
+        assert pool.replicas[0].tokens_per_chunk == pytest.approx(4 + 0.1 * (10 / 4 - 4))
     finally:
         await scheduler.close()
         await engine.close()

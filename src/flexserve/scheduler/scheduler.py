@@ -300,7 +300,7 @@ class Scheduler:
             run = Running(ticket.served_tier or ticket.tier, ticket.org_id, ticket.cost_tokens,
                           ticket.stream, ticket.prompt_tokens)
             replica = await self._admit(pool, ticket, run, front=requeue)
-            run.chunked = request.read_whole and replica.engine.stream_interval > 1
+            run.chunked = request.stream and request.read_whole and replica.engine.stream_interval > 1
             self._balance_decoding(replica)
             request.priority = run.tier.rank
             finished = False
@@ -348,7 +348,10 @@ class Scheduler:
                     yield delta
                 if last is not None and last.usage is not None:
                     replica.observe_prompt(last.usage.prompt_tokens, ticket.prompt_tokens)
-                    replica.observe_deltas(last.usage.completion_tokens, run.num_output, run.chunked)
+                    if request.stream:
+                        # A whole answer is one delta, whatever its length: it
+                        # says nothing of how an engine streams.
+                        replica.observe_deltas(last.usage.completion_tokens, run.num_output, run.chunked)
                     if preemptible:
                         # What was counted as it came, made exact.
                         history.output_done += last.usage.completion_tokens - run.tokens_counted
