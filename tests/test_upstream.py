@@ -243,6 +243,14 @@ def test_a_stream_interval_is_asked_only_for_runs_streamed_upstream_and_read_who
     assert intervals == [4, None, None, None]
 
 
+@pytest.mark.parametrize("value", ["0", "-4", "four"])
+def test_a_stream_interval_that_is_not_a_whole_number_of_tokens_is_refused_by_name(value: str) -> None:
+    from flexserve.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="upstream_stream_interval"):
+        load_settings(environ={"FLEXSERVE_UPSTREAM_STREAM_INTERVAL": value})
+
+
 async def test_a_flex_run_read_whole_comes_in_chunks_and_is_counted_in_tokens(
     sim_upstream: ServerThread,
 ) -> None:
