@@ -88,7 +88,8 @@ def flex_room(config: SchedulerConfig, replica: Replica) -> int:
 
 def engine_flex_room(config: SchedulerConfig, replica: Replica) -> int:
     """Sequences the replica's engine may run, every gateway's together, below
-    which flex may start there: its whole capacity less the headroom."""
+    which flex may start there: its whole capacity less the headroom (what
+    the gateways' flex rooms on it are parts of, ``SlotAsk.flex_capacity``)."""
     return replica.full_capacity - headroom_slots(config, replica.full_capacity)
 
 

@@ -64,7 +64,7 @@ from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
 from flexserve.scheduler.flex_waits import FlexWaits
 from flexserve.scheduler.split_prefill import SplitPrefill
 from flexserve.scheduler.placement import pick_replica
-from flexserve.scheduler.policy import SchedulerConfig, headroom_slots, predicted_tpot
+from flexserve.scheduler.policy import SchedulerConfig, engine_flex_room, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotAsk, SlotLease
 from flexserve.tiers import ServiceTier
@@ -264,7 +264,7 @@ class Scheduler:
             full = replica.full_capacity
             by_tier = replica.num_in_flight_by_tier
             flex_in_use = by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
-            asks.append(SlotAsk(replica.name, full, full - headroom_slots(self.config, full),
+            asks.append(SlotAsk(replica.name, full, engine_flex_room(self.config, replica),
                                 replica.num_in_flight, flex_in_use, wants))
             replica.capacity = min(replica.capacity, replica.num_in_flight)
         return asks
