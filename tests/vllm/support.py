@@ -154,6 +154,11 @@ def unique_prompt(num_words: int) -> str:
     return f"{uuid.uuid4().hex} " + " ".join(_WORDS[i % len(_WORDS)] for i in range(num_words))
 
 
+# Tokens per chunk a holder is streamed in (``holders``): a write to its
+# socket every second or two, at this model's speed on two cores.
+HOLDER_STREAM_INTERVAL = 256
+
+
 @contextmanager
 def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> Iterator[None]:
     """``num_requests`` long requests sent straight to vLLM (outside the gateway)
@@ -162,12 +167,20 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
     (its completions route cancels a request whose client disconnected).
 
     Each would generate until its context is full: far longer than a test
-    takes to look at vLLM while they run. They are not streamed, and each is
-    a bare socket with its request written and nothing read: vLLM's server
-    then does no work per token for them. Streamed holders made it serialise
-    and send every token of every holder, which on two busy cores starved
-    its event loop until `/metrics` and the gateway's own streams stalled for
-    tens of seconds (a CI run saw a replica silent for 91 s).
+    takes to look at vLLM while they run. Each is a bare socket with its
+    request written and nothing read. They are streamed in chunks of
+    ``HOLDER_STREAM_INTERVAL`` tokens (vLLM's per-request `stream_interval`):
+
+    - Streamed a token at a time, holders made vLLM's server serialise and
+      send every token of every holder, which on two busy cores starved its
+      event loop until `/metrics` and the gateway's own streams stalled for
+      tens of seconds (a CI run saw a replica silent for 91 s).
+    - Not streamed at all, vLLM learns that a holder left only by hearing its
+      connection close. CI once saw four such holders run on for minutes
+      after their sockets were closed, which held a test's flex request until
+      its deadline; I could not find why. A streamed holder is also written
+      to every chunk, and a write to a closed connection fails: a second way
+      for vLLM to see it gone, within a chunk's time (a second or two here).
     """
     url = httpx.URL(vllm.url)
     sockets: list[socket.socket] = []
@@ -175,7 +188,8 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
         for _ in range(num_requests):
             body = json.dumps({"model": vllm.model, "prompt": unique_prompt(prompt_words),
                                "max_tokens": MAX_MODEL_LEN - prompt_words - 40,
-                               "ignore_eos": True}).encode()
+                               "ignore_eos": True, "stream": True,
+                               "stream_interval": HOLDER_STREAM_INTERVAL}).encode()
             head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
             sock = socket.create_connection((url.host, url.port), timeout=30)
@@ -197,12 +211,14 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
 
 
 def _early_answer(sock: socket.socket) -> bytes:
-    """What vLLM has already sent back on a holder's socket (nothing while it runs)."""
+    """What vLLM has already sent back on a holder's socket if it was not the
+    start of a stream (a refusal); nothing while the holder runs or waits."""
     sock.setblocking(False)
     try:
-        return sock.recv(4096)
+        answer = sock.recv(4096)
     except (BlockingIOError, OSError):
         return b""
+    return b"" if answer.startswith(b"HTTP/1.1 200") else answer
 
 
 def num_usage_rows(gateway: Gateway) -> int:

@@ -191,6 +191,7 @@ def test_flex_is_held_while_vllms_kv_cache_is_above_the_threshold(
         assert (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 0), flex_state(gateway, flex)
         assert load.kv_cache_usage is not None and load.kv_cache_usage >= threshold
     flex_thread.join(timeout=300)
-    assert not isinstance(flex[0], BaseException), flex[0]
+    # A refusal here most often means vLLM kept the holders: say what it runs.
+    assert flex and not isinstance(flex[0], BaseException), (flex_state(gateway, flex), vllm_view(vllm))
     assert flex[0].parse().service_tier == "flex"
     assert billed(gateway, flex[0].headers["x-request-id"])["completion_tokens"] == 4
