@@ -27,7 +27,7 @@ from flexserve.errors import ResourceUnavailableError
 from flexserve.observability.logs import REQUESTS_LOGGER
 from flexserve.scheduler.drain import build_timeline
 from flexserve.scheduler.fairness import FairQueue
-from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, headroom_slots, shared_flex_starts
 from flexserve.scheduler.prefill import PrefillBudget
 from flexserve.scheduler.replicas import Replica, Running, SlotLease
 from flexserve.scheduler.scheduler import Scheduler, Ticket
@@ -272,6 +272,42 @@ async def test_flex_on_a_shared_replica_stays_out_of_the_headroom_other_gateways
     await flex
     assert engine.started == ["f"]
     await scheduler.close()
+
+
+def test_gateways_sharing_a_replica_each_start_their_part_of_the_flex_room_a_reading_shows() -> None:
+    """The engine reports 13 of 32 sequences: 12 below the 25 flex may fill
+    (7 kept for default). Three gateways read it, with flex rooms of 8, 8 and
+    9 there. Each may start its part of the 12 (3.84, 3.84 and 4.32), rounded
+    by the reading's draw, before the next reading: together 12 on average,
+    where each taking all 12 would start 36. Its runs started before the
+    engine was asked count in the reading, not again; default is not held."""
+    config = SchedulerConfig()
+    now = time.monotonic()
+
+    def gateway(room: int, draw: float) -> Replica:
+        replica = Replica(ScriptedEngine(capacity=32), 32, flex_room=room, load_draw=draw,
+                          load=EngineLoad(num_running=13, updated_at=now), load_asked_at=now - 0.01)
+        return replica
+
+    assert [shared_flex_starts(config, gateway(8, 0.0)), shared_flex_starts(config, gateway(8, 0.9))] == [3, 4]
+    draws = [k / 1000 for k in range(1000)]
+    mean = sum(shared_flex_starts(config, gateway(room, draw)) for room in (8, 8, 9) for draw in draws) / len(draws)
+    assert mean == pytest.approx(12, abs=0.01)
+
+    replica = gateway(8, 0.0)
+    earlier = Running(ServiceTier.FLEX, "org-a", 100, stream=False)
+    replica.add(earlier, now - 0.05)  # before the engine was asked: in its 13
+    for _ in range(3):
+        assert can_admit(config, replica, ServiceTier.FLEX, now)
+        replica.add(Running(ServiceTier.FLEX, "org-a", 100, stream=False), now)
+    assert replica.flex_started_since(replica.load_asked_at) == 3
+    assert not can_admit(config, replica, ServiceTier.FLEX, now)
+    assert can_admit(config, replica, ServiceTier.DEFAULT, now)
+    # The next reading counts them: the room it shows is shared out anew.
+    replica.load = EngineLoad(num_running=17, updated_at=now + 0.1)
+    replica.load_asked_at = now + 0.09
+    assert shared_flex_starts(config, replica) == 2
+    assert can_admit(config, replica, ServiceTier.FLEX, now + 0.1)
 
 
 def test_turn_weights_hold_back_only_organizations_that_ask_on_other_gateways_too() -> None:

@@ -93,6 +93,25 @@ def engine_flex_room(config: SchedulerConfig, replica: Replica) -> int:
     return replica.full_capacity - headroom_slots(config, replica.full_capacity)
 
 
+def shared_flex_starts(config: SchedulerConfig, replica: Replica) -> int:
+    """Flex runs this gateway may start on a replica it shares with other
+    gateways between two readings of its engine: its part of the room the
+    last reading left below ``engine_flex_room``, in proportion to its own
+    flex room there (its lease), rounded up or down by the reading's draw so
+    that the gateways' parts add up, on average, to the room. Every gateway
+    reads the same engine, and each taking all the room it saw would start
+    flex there together, several times over what the room holds, until the
+    next reading: prefills bunched ahead of default's first tokens, and flex
+    in default's headroom."""
+    load = replica.load
+    room = engine_flex_room(config, replica)
+    free = room - (load.num_running + load.num_waiting)
+    if free <= 0 or room <= 0:
+        return 0
+    share = min(1.0, (replica.flex_room or 0) / room)
+    return math.floor(free * share + replica.load_draw)
+
+
 def predicted_tpot(
     replica: Replica, num_sequences: int, tokens_held: int, *, calibrated: bool = True
 ) -> float | None:
@@ -124,10 +143,13 @@ def can_admit(
             return False
         if load.num_waiting > config.flex_max_engine_waiting:
             return False
-        if replica.flex_room is not None and load.num_running + load.num_waiting >= engine_flex_room(config, replica):
+        if replica.flex_room is not None and replica.flex_started_since(replica.load_asked_at) >= shared_flex_starts(
+            config, replica
+        ):
             # Shared with other gateways: their default runs there count
             # against no room of this gateway's, so the engine's own count
-            # keeps flex out of default's headroom on the replica as a whole.
+            # keeps flex out of default's headroom on the replica as a whole,
+            # each gateway taking its part of what the count leaves free.
             return False
         if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
             return False

@@ -107,6 +107,12 @@ class Replica:
     # Expected tokens (prompt + output) of the sequences in flight.
     tokens_in_flight: int = 0
     load: EngineLoad = field(default_factory=lambda: EngineLoad(updated_at=float("-inf")))
+    # When the engine was asked for ``load``: it counts none of the runs this
+    # gateway started later. And a draw in [0, 1) made with each reading, by
+    # which this gateway rounds its part of the flex room the reading shows
+    # free on a replica it shares (``policy.shared_flex_starts``).
+    load_asked_at: float = float("-inf")
+    load_draw: float = 0.0
     # False for engines without load signals: capacity then comes from in-flight counts.
     has_signals: bool = True
     healthy: bool = True
@@ -191,6 +197,10 @@ class Replica:
 
     def backed_off(self, now: float) -> bool:
         return now < self.backoff_until
+
+    def flex_started_since(self, since: float) -> int:
+        """Flex and batch runs started here at ``since`` or later, still running."""
+        return sum(1 for run in self.running if run.tier.is_preemptible and run.granted_at >= since)
 
     def discard(self, run: Running) -> None:
         self.running.remove(run)

@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -199,8 +200,10 @@ class Scheduler:
         heard_at = time.monotonic()
         while True:
             try:
+                asked_at = time.monotonic()
                 async with asyncio.timeout(silent_after / 2):
                     replica.load = await replica.engine.read_load()
+                replica.load_asked_at, replica.load_draw = asked_at, random.random()
                 heard_at = time.monotonic()
                 replica.num_failed_reads = 0
                 if not replica.healthy:
