@@ -36,8 +36,9 @@ So the leases on a replica never sum past its capacity, the flex on it never
 past its flex room (as one gateway would hold it: a headroom per lease would
 keep one per gateway), and a gateway whose share fell gives slots back as its
 runs end. (A room counts the gateway's own runs only, so flex also waits
-while the engine itself reports its capacity less the headroom in use:
-``policy.can_admit``.) An organization that asks on
+while the engine itself reports its capacity less the headroom in use,
+each gateway starting only its part of the room a reading shows:
+``policy.shared_flex_starts``.) An organization that asks on
 other gateways too has its turns in this gateway's flex and batch queues
 weighed by its part here against the others' (``FairQueue.weights``), so it
 gets its fair part of the engine, not a part on each; organizations that
