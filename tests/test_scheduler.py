@@ -280,7 +280,8 @@ def test_gateways_sharing_a_replica_each_start_their_part_of_the_flex_room_a_rea
     9 there. Each may start its part of the 12 (3.84, 3.84 and 4.32), rounded
     by the reading's draw, before the next reading: together 12 on average,
     where each taking all 12 would start 36. Its runs started before the
-    engine was asked count in the reading, not again; default is not held."""
+    engine was asked count in the reading, not again; those of them that
+    end free room it refills alone; default is not held."""
     config = SchedulerConfig()
     now = time.monotonic()
 
@@ -303,11 +304,24 @@ def test_gateways_sharing_a_replica_each_start_their_part_of_the_flex_room_a_rea
     assert replica.flex_started_since(replica.load_asked_at) == 3
     assert not can_admit(config, replica, ServiceTier.FLEX, now)
     assert can_admit(config, replica, ServiceTier.DEFAULT, now)
+    # A run the reading counted ends: its room is this gateway's to refill.
+    replica.discard(earlier)
+    assert replica.load_ends == 1 and shared_flex_starts(config, replica) == 4
+    assert can_admit(config, replica, ServiceTier.FLEX, now)
+    replica.add(Running(ServiceTier.FLEX, "org-a", 100, stream=False), now)
+    assert not can_admit(config, replica, ServiceTier.FLEX, now)
     # The next reading counts them: the room it shows is shared out anew.
     replica.load = EngineLoad(num_running=17, updated_at=now + 0.1)
-    replica.load_asked_at = now + 0.09
+    replica.load_asked_at, replica.load_ends = now + 0.09, 0
     assert shared_flex_starts(config, replica) == 2
     assert can_admit(config, replica, ServiceTier.FLEX, now + 0.1)
+    # Over the room (other gateways' defaults): its own ends make that up first.
+    replica.load = EngineLoad(num_running=27, updated_at=now + 0.2)
+    replica.load_asked_at = now + 0.19
+    assert shared_flex_starts(config, replica) == 0
+    for run in list(replica.running)[:3]:
+        replica.discard(run)
+    assert shared_flex_starts(config, replica) == 1
 
 
 def test_turn_weights_hold_back_only_organizations_that_ask_on_other_gateways_too() -> None:

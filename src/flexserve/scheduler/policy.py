@@ -98,18 +98,20 @@ def shared_flex_starts(config: SchedulerConfig, replica: Replica) -> int:
     gateways between two readings of its engine: its part of the room the
     last reading left below ``engine_flex_room``, in proportion to its own
     flex room there (its lease), rounded up or down by the reading's draw so
-    that the gateways' parts add up, on average, to the room. Every gateway
-    reads the same engine, and each taking all the room it saw would start
-    flex there together, several times over what the room holds, until the
-    next reading: prefills bunched ahead of default's first tokens, and flex
-    in default's headroom."""
+    that the gateways' parts add up, on average, to the room; and the room
+    of its own runs the reading counted that have ended since, which no
+    other gateway knows of. Every gateway reads the same engine, and each
+    taking all the room it saw would start flex there together, several
+    times over what the room holds, until the next reading: prefills bunched
+    ahead of default's first tokens, and flex in default's headroom."""
     load = replica.load
     room = engine_flex_room(config, replica)
     free = room - (load.num_running + load.num_waiting)
     if free <= 0 or room <= 0:
-        return 0
+        # Its own ends first make up what the engine is over the room by.
+        return max(0, free + replica.load_ends)
     share = min(1.0, (replica.flex_room or 0) / room)
-    return math.floor(free * share + replica.load_draw)
+    return math.floor(free * share + replica.load_draw) + replica.load_ends
 
 
 def predicted_tpot(

@@ -108,11 +108,14 @@ class Replica:
     tokens_in_flight: int = 0
     load: EngineLoad = field(default_factory=lambda: EngineLoad(updated_at=float("-inf")))
     # When the engine was asked for ``load``: it counts none of the runs this
-    # gateway started later. And a draw in [0, 1) made with each reading, by
-    # which this gateway rounds its part of the flex room the reading shows
-    # free on a replica it shares (``policy.shared_flex_starts``).
+    # gateway started later. Then, on a replica this gateway shares
+    # (``policy.shared_flex_starts``): a draw in [0, 1) made with each
+    # reading, by which it rounds its part of the flex room the reading
+    # shows free; and how many of its runs the reading counts have ended
+    # since it came (their room is this gateway's to refill).
     load_asked_at: float = float("-inf")
     load_draw: float = 0.0
+    load_ends: int = 0
     # False for engines without load signals: capacity then comes from in-flight counts.
     has_signals: bool = True
     healthy: bool = True
@@ -203,6 +206,8 @@ class Replica:
         return sum(1 for run in self.running if run.tier.is_preemptible and run.granted_at >= since)
 
     def discard(self, run: Running) -> None:
+        if run.granted_at < self.load_asked_at:
+            self.load_ends += 1
         self.running.remove(run)
         self.num_in_flight_by_tier[run.tier] -= 1
         self.tokens_in_flight -= run.cost_tokens

@@ -203,7 +203,7 @@ class Scheduler:
                 asked_at = time.monotonic()
                 async with asyncio.timeout(silent_after / 2):
                     replica.load = await replica.engine.read_load()
-                replica.load_asked_at, replica.load_draw = asked_at, random.random()
+                replica.load_asked_at, replica.load_draw, replica.load_ends = asked_at, random.random(), 0
                 heard_at = time.monotonic()
                 replica.num_failed_reads = 0
                 if not replica.healthy:
