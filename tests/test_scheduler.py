@@ -315,12 +315,6 @@ def test_gateways_sharing_a_replica_each_start_their_part_of_the_flex_room_a_rea
     replica.load_asked_at, replica.load_ends = now + 0.09, 0
     assert shared_flex_starts(config, replica) == 2
     assert can_admit(config, replica, ServiceTier.FLEX, now + 0.1)
-    # Two defaults another gateway started since this reading, as it told:
-    # their room is gone at once (2 × 8/25 fewer), and back when they end.
-    replica.others_defaults = 2
-    assert shared_flex_starts(config, replica) == 1
-    replica.others_defaults = 0
-    assert shared_flex_starts(config, replica) == 2
     # Over the room (other gateways' defaults): its own ends make that up first.
     replica.load = EngineLoad(num_running=27, updated_at=now + 0.2)
     replica.load_asked_at = now + 0.19

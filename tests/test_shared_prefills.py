@@ -27,20 +27,15 @@ class Gateway:
     def __init__(self, presence: Presence) -> None:
         self.replicas = [Replica(UpstreamEngine(url), 8) for url in URLS]
         self.pending = {replica.name: 0 for replica in self.replicas}
-        self.defaults = {replica.name: 0 for replica in self.replicas}
-        self.prefills = SharedPrefills(presence, self.replicas, lambda replica: self.pending[replica.name],
-                                       lambda replica: self.defaults[replica.name])
+        self.prefills = SharedPrefills(presence, self.replicas, lambda replica: self.pending[replica.name])
 
-    def has(self, index: int, tokens: int, defaults: int = 0) -> None:
+    def has(self, index: int, tokens: int) -> None:
         replica = self.replicas[index]
-        self.pending[replica.name], self.defaults[replica.name] = tokens, defaults
+        self.pending[replica.name] = tokens
         self.prefills.changed(replica)
 
     def others(self) -> list[int]:
         return [replica.others_unprefilled for replica in self.replicas]
-
-    def others_defaults(self) -> list[int]:
-        return [replica.others_defaults for replica in self.replicas]
 
 
 async def started(presences: Presences, count: int) -> list[Gateway]:
@@ -84,31 +79,6 @@ async def test_each_gateway_hears_what_the_others_have_awaiting_prefill(presence
         assert a.others() == [500, 300]
     finally:
         for gateway in (a, b, c):
-            await gateway.prefills.close()
-
-
-async def test_each_gateway_hears_the_others_default_runs(presences: Presences) -> None:
-    """Default runs are told with the prompts: a default whose prompt has
-    had its first output still runs, and still counts."""
-    a, b, c = await started(presences, 3)
-    try:
-        a.has(0, 900, defaults=2)
-        b.has(1, 0, defaults=1)
-        await until(lambda: (b.others_defaults(), c.others_defaults()) == ([2, 0], [2, 1]))
-        a.has(0, 0, defaults=2)  # first output: nothing awaiting prefill, the runs go on
-        await until(lambda: c.others() == [0, 0])
-        assert c.others_defaults() == [2, 1]
-        a.has(0, 0, defaults=0)
-        await until(lambda: (b.others_defaults(), c.others_defaults()) == ([0, 0], [0, 1]))
-        await b.prefills.close()  # its last word: none
-        await until(lambda: c.others_defaults() == [0, 0])
-        # A message from a gateway of the version before counts no defaults.
-        await a.prefills._presence.redis.publish(prefills.channel(a.prefills._presence.prefix),
-                                                 f"old-gateway {c.replicas[1].name} 700")
-        await until(lambda: c.others() == [0, 700])
-        assert c.others_defaults() == [0, 0]
-    finally:
-        for gateway in (a, c):
             await gateway.prefills.close()
 
 

@@ -99,18 +99,14 @@ def shared_flex_starts(config: SchedulerConfig, replica: Replica) -> int:
     last reading left below ``engine_flex_room``, in proportion to its own
     flex room there (its lease), rounded up or down by the reading's draw so
     that the gateways' parts add up, on average, to the room; and the room
-    of its own flex runs the reading counted that have ended since, which no
+    of its own runs the reading counted that have ended since, which no
     other gateway knows of. Every gateway reads the same engine, and each
     taking all the room it saw would start flex there together, several
     times over what the room holds, until the next reading: prefills bunched
-    ahead of default's first tokens, and flex in default's headroom. The
-    default runs the gateways started or ended since the reading, as they
-    told one another (``shared/prefills.py``), change the room at once, as
-    one gateway's own defaults change its flex room."""
+    ahead of default's first tokens, and flex in default's headroom."""
     load = replica.load
     room = engine_flex_room(config, replica)
-    defaults_since = replica.fleet_defaults() - replica.load_defaults
-    free = room - (load.num_running + load.num_waiting) - defaults_since
+    free = room - (load.num_running + load.num_waiting)
     if free <= 0 or room <= 0:
         # Its own ends first make up what the engine is over the room by.
         return max(0, free + replica.load_ends)

@@ -111,14 +111,11 @@ class Replica:
     # gateway started later. Then, on a replica this gateway shares
     # (``policy.shared_flex_starts``): a draw in [0, 1) made with each
     # reading, by which it rounds its part of the flex room the reading
-    # shows free; how many of its flex and batch runs the reading counts
-    # have ended since it came (their room is this gateway's to refill);
-    # and the default and priority runs every gateway had there when it was
-    # asked (``fleet_defaults``).
+    # shows free; and how many of its runs the reading counts have ended
+    # since it came (their room is this gateway's to refill).
     load_asked_at: float = float("-inf")
     load_draw: float = 0.0
     load_ends: int = 0
-    load_defaults: int = 0
     # False for engines without load signals: capacity then comes from in-flight counts.
     has_signals: bool = True
     healthy: bool = True
@@ -144,8 +141,6 @@ class Replica:
     # Prompt tokens other gateways sharing the replica have sent there and had
     # no output for, as they last said (``shared/prefills.py``; 0 without Redis).
     others_unprefilled: int = 0
-    # ... and their default and priority runs there.
-    others_defaults: int = 0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
@@ -206,18 +201,12 @@ class Replica:
     def backed_off(self, now: float) -> bool:
         return now < self.backoff_until
 
-    def fleet_defaults(self) -> int:
-        """Default and priority runs on the replica: this gateway's, and the
-        other gateways' as they last said."""
-        by_tier = self.num_in_flight_by_tier
-        return by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY] + self.others_defaults
-
     def flex_started_since(self, since: float) -> int:
         """Flex and batch runs started here at ``since`` or later, still running."""
         return sum(1 for run in self.running if run.tier.is_preemptible and run.granted_at >= since)
 
     def discard(self, run: Running) -> None:
-        if run.tier.is_preemptible and run.granted_at < self.load_asked_at:
+        if run.granted_at < self.load_asked_at:
             self.load_ends += 1
         self.running.remove(run)
         self.num_in_flight_by_tier[run.tier] -= 1

@@ -200,11 +200,10 @@ class Scheduler:
         heard_at = time.monotonic()
         while True:
             try:
-                asked_at, defaults = time.monotonic(), replica.fleet_defaults()
+                asked_at = time.monotonic()
                 async with asyncio.timeout(silent_after / 2):
                     replica.load = await replica.engine.read_load()
                 replica.load_asked_at, replica.load_draw, replica.load_ends = asked_at, random.random(), 0
-                replica.load_defaults = defaults
                 heard_at = time.monotonic()
                 replica.num_failed_reads = 0
                 if not replica.healthy:

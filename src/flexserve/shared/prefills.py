@@ -1,5 +1,4 @@
-"""Prompts awaiting prefill and default runs on each replica, told to every
-gateway that shares it.
+"""Prompts awaiting prefill on each replica, told to every gateway that shares it.
 
 Placement sends default work where the fewest prompt tokens wait to be
 prefilled (``scheduler/placement.py``): a prompt that arrives behind others
@@ -18,17 +17,8 @@ seconds is dropped, so that a gateway that died stops counting. Messages are
 fire and forget: one lost, or Redis away, leaves a gateway knowing its own
 part until the next, as it would without Redis.
 
-The same messages carry the gateway's default and priority runs on the
-replica (``Replica.others_defaults``). Flex on a shared replica starts only
-for its part of the room the engine's last reading left
-(``policy.shared_flex_starts``); a default another gateway starts there
-takes some of that room, which the reading, up to ``scrape_interval`` old,
-does not show yet. With the counts told, the other gateways hold back their
-flex at once, as one gateway does for its own defaults.
-
-A message is ``gateway replica tokens defaults``: the gateway's id, the
-replica's name (its URL, as every gateway lists it) and two counts (a
-message without the second, from an older gateway, counts none).
+A message is ``gateway replica tokens``: the gateway's id, the replica's
+name (its URL, as every gateway lists it) and a count.
 """
 
 from __future__ import annotations
@@ -58,26 +48,23 @@ def channel(prefix: str) -> str:
 
 
 class SharedPrefills:
-    """Publishes this gateway's prompts awaiting prefill and default runs on
-    each shared replica, and keeps each replica's ``others_unprefilled`` and
-    ``others_defaults`` from what the other gateways publish. ``own`` and
-    ``own_defaults`` count this gateway's for a replica."""
+    """Publishes this gateway's prompts awaiting prefill on each shared
+    replica, and keeps each replica's ``others_unprefilled`` from what the
+    other gateways publish. ``own`` counts this gateway's for a replica."""
 
     def __init__(self, presence: Presence, replicas: list[Replica],
-                 own: Callable[[Replica], int],
-                 own_defaults: Callable[[Replica], int] = lambda replica: 0) -> None:
+                 own: Callable[[Replica], int]) -> None:
         self._presence = presence
         self._channel = channel(presence.prefix)
         self._replicas = {replica.name: replica for replica in replicas if replica.engine.shared}
         self._own = own
-        self._own_defaults = own_defaults
-        # What this gateway last published for each replica: tokens, defaults.
-        self._published: dict[str, tuple[int, int]] = {}
+        # What this gateway last published for each replica.
+        self._published: dict[str, int] = {}
         # Replicas whose count may have changed since the last publish.
         self._dirty: set[str] = set()
         self._flushing = False
-        # replica → holder → (tokens, defaults, time.monotonic() heard)
-        self._heard: dict[str, dict[str, tuple[int, int, float]]] = {}
+        # replica → holder → (tokens, time.monotonic() heard)
+        self._heard: dict[str, dict[str, tuple[int, float]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._publishing: set[asyncio.Task[None]] = set()
         self._subscribed = asyncio.Event()
@@ -89,8 +76,7 @@ class SharedPrefills:
             await asyncio.wait_for(self._subscribed.wait(), 5)
 
     def changed(self, replica: Replica) -> None:
-        """This gateway's prompts awaiting prefill or default runs on
-        ``replica`` may have changed."""
+        """This gateway's prompts awaiting prefill on ``replica`` may have changed."""
         if replica.name not in self._replicas:
             return
         self._dirty.add(replica.name)
@@ -101,24 +87,23 @@ class SharedPrefills:
     def _flush(self) -> None:
         self._flushing = False
         names, self._dirty = self._dirty, set()
-        counts: dict[str, tuple[int, int]] = {}
+        counts: dict[str, int] = {}
         for name in names:
-            replica = self._replicas[name]
-            state = (self._own(replica), self._own_defaults(replica))
-            if state != self._published.get(name, (0, 0)):
-                counts[name] = state
+            tokens = self._own(self._replicas[name])
+            if tokens != self._published.get(name, 0):
+                counts[name] = tokens
         if counts:
             self._published.update(counts)
             task = asyncio.create_task(self._publish(counts))
             self._publishing.add(task)
             task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, counts: dict[str, tuple[int, int]]) -> None:
+    async def _publish(self, counts: dict[str, int]) -> None:
         holder = self._presence.gateway_id
         try:
             async with self._presence.redis.pipeline(transaction=False) as pipe:
-                for name, (tokens, defaults) in counts.items():
-                    pipe.publish(self._channel, f"{holder} {name} {tokens} {defaults}")
+                for name, tokens in counts.items():
+                    pipe.publish(self._channel, f"{holder} {name} {tokens}")
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("publishing prompts awaiting prefill failed: %s", exc)
@@ -127,7 +112,7 @@ class SharedPrefills:
         while True:
             await asyncio.sleep(_REPEAT)
             self._expire(time.monotonic())
-            counts = {name: state for name, state in self._published.items() if any(state)}
+            counts = {name: tokens for name, tokens in self._published.items() if tokens}
             if counts:
                 await self._publish(counts)
 
@@ -150,40 +135,32 @@ class SharedPrefills:
     def _hear(self, data: bytes | str, me: str) -> None:
         text = data.decode() if isinstance(data, bytes) else data
         try:
-            holder, name, *counts = text.split(" ")
-            tokens, defaults = int(counts[0]), int(counts[1]) if len(counts) == 2 else 0
-            if len(counts) > 2:
-                raise ValueError(text)
-        except (ValueError, IndexError):
+            holder, name, count = text.rsplit(" ", 2)
+            tokens = int(count)
+        except ValueError:
             log.warning("ignored a malformed message on %s: %r", self._channel, text[:200])
             return
         replica = self._replicas.get(name)
         if holder == me or replica is None:
             return
         heard = self._heard.setdefault(name, {})
-        heard[holder] = (tokens, defaults, time.monotonic())
-        self._sum(replica, heard)
-
-    @staticmethod
-    def _sum(replica: Replica, heard: dict[str, tuple[int, int, float]]) -> None:
-        replica.others_unprefilled = sum(tokens for tokens, _, _ in heard.values())
-        replica.others_defaults = sum(defaults for _, defaults, _ in heard.values())
+        heard[holder] = (tokens, time.monotonic())
+        replica.others_unprefilled = sum(tokens for tokens, _ in heard.values())
 
     def _expire(self, now: float) -> None:
         for name, heard in self._heard.items():
-            stale = [holder for holder, (_, _, at) in heard.items() if now - at > _FRESH]
+            stale = [holder for holder, (_, at) in heard.items() if now - at > _FRESH]
             for holder in stale:
                 del heard[holder]
             if stale:
-                self._sum(self._replicas[name], heard)
+                self._replicas[name].others_unprefilled = sum(tokens for tokens, _ in heard.values())
 
     async def close(self) -> None:
         """Stop, telling the others that this gateway has nothing awaiting
-        prefill and no default runs any more (a gateway that dies is dropped
-        within ``_FRESH``)."""
+        prefill any more (a gateway that dies is dropped within ``_FRESH``)."""
         tasks, self._tasks = [*self._tasks, *self._publishing], []
         for task in tasks:
             await stop(task)
-        counts = {name: (0, 0) for name, state in self._published.items() if any(state)}
+        counts = {name: 0 for name, tokens in self._published.items() if tokens}
         if counts:
             await self._publish(counts)
