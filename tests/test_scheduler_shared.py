@@ -1,0 +1,175 @@
+"""The scheduler on replicas it shares with other gateways
+(``flexserve.shared``): the slot leases it is given, the flex room they
+leave it, its part of the room an engine reading shows free, and the work
+other gateways have there. The engine is the scripted one of
+test_scheduler.py, not a mock; the leases are handed in as the shared
+script would hand them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from flexserve.engines.base import EngineLoad
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, shared_flex_starts
+from flexserve.scheduler.replicas import Replica, Running, SlotLease
+from flexserve.tiers import ServiceTier
+from test_scheduler import ScriptedEngine, first_and_second, make_scheduler, run, until
+
+
+async def test_asking_for_a_lease_holds_admission_to_what_runs_until_the_answer() -> None:
+    """Where gateways lease a replica's slots, a lease may come back shrunk
+    to what ran when it was asked for: nothing is admitted in between."""
+    engine = ScriptedEngine(capacity=4, token_time=0.01)
+    engine.shared = True  # a replica at a URL, as other gateways see it
+    scheduler = await make_scheduler(engine)
+    running = [asyncio.create_task(run(scheduler, f"r{i}", ServiceTier.DEFAULT, tokens=200))
+               for i in range(2)]
+    await until(lambda: len(engine.started) == 2)
+    [ask] = scheduler.slot_demand()
+    assert (ask.capacity, ask.flex_capacity, ask.in_use, ask.flex_in_use, ask.wants) == (
+        4, 3, 2, 0, {"org-a": 2})
+    late = asyncio.create_task(run(scheduler, "late", ServiceTier.DEFAULT))
+    await asyncio.sleep(0.05)
+    assert engine.started == ["r0", "r1"]  # held while the lease is asked for
+    scheduler.lease(ask.replica, SlotLease(3, 2, {"org-a": 3.0}, set()))
+    await until(lambda: "late" in engine.started)
+    for task in [*running, late]:
+        task.cancel()
+    await asyncio.gather(*running, late, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_flex_starts_only_below_the_flex_room_its_lease_gives() -> None:
+    """Where gateways share a replica, the headroom kept for default is the
+    replica's, not one per lease: flex starts below the room the lease
+    gives (here 1 of a lease of 4), though one gateway alone would start 3."""
+    engine = ScriptedEngine(capacity=4, token_time=0.01)
+    engine.shared = True
+    scheduler = await make_scheduler(engine)
+    [ask] = scheduler.slot_demand()
+    scheduler.lease(ask.replica, SlotLease(4, 1, {}, set()))
+    flex = [asyncio.create_task(run(scheduler, f"f{i}", ServiceTier.FLEX, tokens=200))
+            for i in range(3)]
+    await until(lambda: len(engine.started) == 1)
+    await asyncio.sleep(0.1)
+    assert len(engine.started) == 1
+    [ask] = scheduler.slot_demand()
+    assert (ask.in_use, ask.flex_in_use) == (1, 1)
+    scheduler.lease(ask.replica, SlotLease(4, 3, {}, set()))
+    await until(lambda: len(engine.started) == 3)
+    for task in flex:
+        task.cancel()
+    await asyncio.gather(*flex, return_exceptions=True)
+    await scheduler.close()
+
+
+async def test_flex_on_a_shared_replica_stays_out_of_the_headroom_other_gateways_defaults_fill() -> None:
+    """A gateway's flex room counts its own runs only; other gateways'
+    default runs on the replica count against no room of its own. Here it
+    runs nothing on a 32-slot replica and its room is 8, but the engine
+    reports 26 sequences: past the 25 below which flex starts on the replica
+    (7 kept for default), so flex waits, and starts once the engine reports
+    24. Default is not held back."""
+    engine = ScriptedEngine(capacity=32, token_time=0.01)
+    engine.shared = True
+    scheduler = await make_scheduler(engine)
+    replica = scheduler.replicas()[0]
+    [ask] = scheduler.slot_demand()
+    scheduler.lease(ask.replica, SlotLease(10, 8, {}, set()))
+    engine.load = EngineLoad(num_running=26)
+    await until(lambda: replica.load.num_running == 26)
+    assert not can_admit(scheduler.config, replica, ServiceTier.FLEX, time.monotonic())
+    assert can_admit(scheduler.config, replica, ServiceTier.DEFAULT, time.monotonic())
+    flex = asyncio.create_task(run(scheduler, "f", ServiceTier.FLEX, tokens=2))
+    await asyncio.sleep(0.1)
+    assert engine.started == []
+    engine.load = EngineLoad(num_running=24)
+    await flex
+    assert engine.started == ["f"]
+    await scheduler.close()
+
+
+def test_gateways_sharing_a_replica_each_start_their_part_of_the_flex_room_a_reading_shows() -> None:
+    """The engine reports 13 of 32 sequences: 12 below the 25 flex may fill
+    (7 kept for default). Three gateways read it, with flex rooms of 8, 8 and
+    9 there. Each may start its part of the 12 (3.84, 3.84 and 4.32), rounded
+    by the reading's draw, before the next reading: together 12 on average,
+    where each taking all 12 would start 36. Its runs started before the
+    engine was asked count in the reading, not again; those of them that
+    end free room it refills alone; default is not held."""
+    config = SchedulerConfig()
+    now = time.monotonic()
+
+    def gateway(room: int, draw: float) -> Replica:
+        replica = Replica(ScriptedEngine(capacity=32), 32, flex_room=room, load_draw=draw,
+                          load=EngineLoad(num_running=13, updated_at=now), load_asked_at=now - 0.01)
+        return replica
+
+    assert [shared_flex_starts(config, gateway(8, 0.0)), shared_flex_starts(config, gateway(8, 0.9))] == [3, 4]
+    draws = [k / 1000 for k in range(1000)]
+    mean = sum(shared_flex_starts(config, gateway(room, draw)) for room in (8, 8, 9) for draw in draws) / len(draws)
+    assert mean == pytest.approx(12, abs=0.01)
+
+    replica = gateway(8, 0.0)
+    earlier = Running(ServiceTier.FLEX, "org-a", 100, stream=False)
+    replica.add(earlier, now - 0.05)  # before the engine was asked: in its 13
+    for _ in range(3):
+        assert can_admit(config, replica, ServiceTier.FLEX, now)
+        replica.add(Running(ServiceTier.FLEX, "org-a", 100, stream=False), now)
+    assert replica.flex_started_since(replica.load_asked_at) == 3
+    assert not can_admit(config, replica, ServiceTier.FLEX, now)
+    assert can_admit(config, replica, ServiceTier.DEFAULT, now)
+    # A run the reading counted ends: its room is this gateway's to refill.
+    replica.discard(earlier)
+    assert replica.load_ends == 1 and shared_flex_starts(config, replica) == 4
+    assert can_admit(config, replica, ServiceTier.FLEX, now)
+    replica.add(Running(ServiceTier.FLEX, "org-a", 100, stream=False), now)
+    assert not can_admit(config, replica, ServiceTier.FLEX, now)
+    # The next reading counts them: the room it shows is shared out anew.
+    replica.load = EngineLoad(num_running=17, updated_at=now + 0.1)
+    replica.load_asked_at, replica.load_ends = now + 0.09, 0
+    assert shared_flex_starts(config, replica) == 2
+    assert can_admit(config, replica, ServiceTier.FLEX, now + 0.1)
+    # Over the room (other gateways' defaults): its own ends make that up first.
+    replica.load = EngineLoad(num_running=27, updated_at=now + 0.2)
+    replica.load_asked_at = now + 0.19
+    assert shared_flex_starts(config, replica) == 0
+    for ended in list(replica.running)[:3]:
+        replica.discard(ended)
+    assert shared_flex_starts(config, replica) == 1
+
+
+def test_turn_weights_hold_back_only_organizations_that_ask_on_other_gateways_too() -> None:
+    from flexserve.scheduler.scheduler import turn_weights
+
+    replica = Replica(ScriptedEngine(capacity=8), 8)
+    # One gateway (nobody asks elsewhere): equal turns, whatever the parts.
+    replica.org_shares, replica.orgs_spread = {"small": 0.5, "big": 7.5}, set()
+    assert turn_weights([replica]) == {}
+    # "spread" also asks on another gateway: its turns here shrink to its
+    # part here over the local organizations' mean part.
+    replica.org_shares, replica.orgs_spread = {"spread": 2.0, "here": 4.0}, {"spread"}
+    assert turn_weights([replica]) == {"spread": 0.5}
+    # Where it is alone, nothing to weigh it against.
+    replica.org_shares = {"spread": 2.0}
+    assert turn_weights([replica]) == {"spread": 1.0}
+
+
+async def test_default_counts_the_prompts_other_gateways_have_awaiting_prefill() -> None:
+    """`first` has 500 prompt tokens of this gateway's awaiting prefill,
+    `second` none of its own but 1,500 of other gateways' (as they said
+    through Redis): a default goes to `first`, where less waits in all. Each
+    change of what this gateway has awaiting prefill is told, for the others:
+    the run put on a replica, its first output, its end."""
+    async with first_and_second(capacity=8) as (scheduler, first, second):
+        a, b = scheduler.replicas()
+        told: list[str] = []
+        scheduler.on_prefill_change = lambda replica: told.append(replica.name)
+        a.add(Running(ServiceTier.FLEX, "o", 600, stream=False, prompt_tokens=500), time.monotonic())
+        b.others_unprefilled = 1_500
+        await run(scheduler, "d1", ServiceTier.DEFAULT)
+        assert (first.started, second.started) == (["d1"], [])
+        assert told == ["first", "first", "first"]
