@@ -19,7 +19,7 @@ from flexserve.bench.traffic import (
     SHAREGPT_LENGTHS,
     default_schedule,
     flex_jobs,
-    replicated_schedule,
+    overlaid_schedule,
 )
 from redis_server import RedisServer
 
@@ -39,22 +39,25 @@ def test_traffic_is_seeded_and_shaped() -> None:
     assert 300 < mean_output < 360  # ShareGPT's 338, after clipping
 
 
-def test_a_fleet_is_sent_copies_of_one_engines_default_requests() -> None:
-    """Four engines get four copies of one engine's requests: the same
-    lengths, four times each; the first copy at its own times, the others
-    at times of their own; all in the window, in time order."""
-    one = default_schedule(7, 3.0, 20.0, SHAREGPT_LENGTHS)
-    four = replicated_schedule(one, 4, 7, 20.0)
-    assert replicated_schedule(one, 4, 7, 20.0) == four
-    assert len(four) == 4 * len(one)
-    lengths = sorted((job.prompt_tokens, job.output_tokens) for job in one)
-    assert sorted((job.prompt_tokens, job.output_tokens) for job in four) == sorted(lengths * 4)
+def test_a_fleet_is_sent_the_single_engines_requests_laid_over_its_window() -> None:
+    """Four engines in 20 s get the requests one engine gets in 80 s: each
+    once, at its time within its 20-s span, in time order, all in the
+    window; so both layouts rank the same requests."""
+    one = default_schedule(7, 3.0, 80.0, SHAREGPT_LENGTHS)
+    four = overlaid_schedule(one, 20.0)
+    assert overlaid_schedule(one, 20.0) == four
+    assert len(four) == len(one) > 150
+    assert sorted(job.seed for job in four) == sorted(job.seed for job in one)
+    by_seed = {job.seed: job for job in one}
+    for job in four:
+        original = by_seed[job.seed]
+        assert (job.prompt_tokens, job.output_tokens) == (original.prompt_tokens, original.output_tokens)
+        assert job.at == pytest.approx(original.at - 20.0 * (original.at // 20.0))
+        assert 0 <= job.at < 20.0
     assert [job.at for job in four] == sorted(job.at for job in four)
     assert [job.index for job in four] == list(range(len(four)))
-    assert all(0 <= job.at < 20.0 for job in four)
-    assert {job.at for job in one} < {job.at for job in four}
-    assert len({job.at for job in four}) == len(four)  # the copies are not sent at once
-    assert len({job.seed for job in four}) == len(four)
+    # Each span brings its own part: the window's first 20 s are not all of it.
+    assert sum(job.at < 20.0 for job in one) < len(one) / 2
 
 
 @pytest.mark.timeout(120)
@@ -174,7 +177,12 @@ def test_bench_tiers_on_a_fleet_runs_both_layouts_and_no_engine_gets_past_its_ca
     fleet = report["layouts"]["2x2"]
     assert (fleet["gateways"], fleet["engines"]) == (2, 2)
     assert fleet["flex_clients"] == 2 * report["layouts"]["1x1"]["flex_clients"]
-    assert fleet["default_requests"] == 2 * report["layouts"]["1x1"]["default_requests"]
+    # The same default requests, the single engine's over twice the window.
+    assert fleet["default_requests"] == report["layouts"]["1x1"]["default_requests"]
+    single = report["layouts"]["1x1"]["scenarios"]
+    window = fleet["scenarios"]["B"]["window_seconds"]
+    assert single["B"]["window_seconds"] == pytest.approx(2 * window, rel=0.1)
+    assert single["D"]["window_seconds"] == pytest.approx(window, rel=0.1)
     for layout in report["layouts"].values():
         scenarios = layout["scenarios"]
         assert set(scenarios) == {"A", "B", "D"}

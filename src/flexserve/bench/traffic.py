@@ -169,21 +169,16 @@ def default_schedule(seed: int, rate: float, duration: float, lengths: LengthMix
     return jobs
 
 
-def replicated_schedule(jobs: Sequence[Job], copies: int, seed: int, duration: float) -> list[Job]:
-    """``copies`` times the default traffic ``jobs``, merged in time order:
-    the first copy as it is, each other the same requests at arrival times
-    of its own (as many, uniform over ``[0, duration)``: Poisson arrivals
-    given their count). A fleet of M engines is sent M copies of one
-    engine's traffic, so that each engine has the same work, not a sample of
-    its own (whose lengths differ from the single engine's by chance)."""
-    merged = list(jobs)
-    for copy in range(1, copies):
-        rng = random.Random(f"{seed}-default-arrivals-copy-{copy}")
-        times = sorted(rng.uniform(0.0, duration) for _ in jobs)
-        merged += [dataclasses.replace(job, at=at, seed=job.seed + copy * 7_919_000)
-                   for job, at in zip(jobs, times, strict=True)]
-    merged.sort(key=lambda job: job.at)
-    return [dataclasses.replace(job, index=index) for index, job in enumerate(merged)]
+def overlaid_schedule(jobs: Sequence[Job], duration: float) -> list[Job]:
+    """Default traffic ``jobs`` cut into spans of ``duration`` seconds laid
+    over one another: the same requests, each once, in time order, all in
+    ``[0, duration)``. One engine's traffic over M times the window, laid
+    over the window, is what a fleet of M engines is sent: the same
+    requests as the single engine (the same lengths, as many of them: a p99
+    ranks as many values in each layout) at the same rate per engine."""
+    moved = sorted((dataclasses.replace(job, at=job.at % duration) for job in jobs),
+                   key=lambda job: job.at)
+    return [dataclasses.replace(job, index=index) for index, job in enumerate(moved)]
 
 
 def flex_jobs(seed: int, client: int, lengths: LengthMix) -> Iterator[Job]:
