@@ -280,7 +280,9 @@ def tiers(engine: str, duration: float | None, warmup: float | None, quick: bool
 
     With --gateways N or --engines M: D, A and B on one gateway in front of
     one engine, then on N gateways in front of M engines, and the fleet's
-    ratios against the single pair's.
+    ratios against the single pair's. Both serve the same default requests
+    at the same rate per engine: the single pair's A and B take M times
+    --duration.
     """
     import sys
 
