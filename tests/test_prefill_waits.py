@@ -10,7 +10,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flexserve.bench.prefill_waits import b_defaults, read_logs, run
+import pytest
+
+from flexserve.bench.prefill_waits import b_decodes, b_defaults, read_logs, run
 
 FLEXSERVE = Path(sys.executable).parent / "flexserve"
 BASE = datetime.datetime(2026, 12, 3, 20, 0, tzinfo=datetime.UTC)
@@ -60,12 +62,31 @@ def test_each_default_of_b_is_read_with_the_prompt_tokens_pending_on_its_replica
     assert rows == {"none": (1, 15), "1-999": (0, None), "1000-2999": (1, 60), "3000+": (0, None)}
 
 
+
+def test_each_default_decode_of_b_is_read_with_the_sequences_and_flex_prefill_beside_it(tmp_path: Path) -> None:
+    """r1's default decodes from 0.26 s to 1.1 s: beside the flex run until
+    1.0 s (0.74 of 0.84 s), whose 1,500 uncached prompt tokens, spread over
+    0 to 0.5 s, fall 0.24 s into it (720 tokens); A's default ended long
+    before. r2's decodes from 0.315 s to 1.0 s beside a flex run whose
+    prompt was prefilled by 0.01 s."""
+    write_fleet(tmp_path)
+    decodes = sorted(b_decodes(read_logs(sorted(tmp_path.glob("*.log")))), key=lambda d: -d.flex_prefill_tokens_per_s)
+    assert len(decodes) == 2
+    assert decodes[0].other_defaults == 0
+    assert decodes[0].flex == pytest.approx(0.74 / 0.84, abs=1e-3)
+    assert decodes[0].flex_prefill_tokens_per_s == pytest.approx(720 / 0.84, rel=1e-3)
+    assert (decodes[1].other_defaults, decodes[1].flex_prefill_tokens_per_s) == (0, 0)
+    assert decodes[1].flex == pytest.approx(1.0)
+    beside = run(tmp_path)["3x4"]["beside_decode_mean"]
+    assert beside["flex_prefill_tokens_per_s"] == pytest.approx(720 / 0.84 / 2, abs=0.01)
+
 def test_the_command_prints_each_layout_and_writes_its_report(tmp_path: Path) -> None:
     write_fleet(tmp_path)
     out = tmp_path / "waits.json"
     done = subprocess.run([str(FLEXSERVE), "bench", "prefill-waits", str(tmp_path), "--out", str(out)],
                           capture_output=True, text=True, timeout=60, check=True)
     assert "3x4: 2 default requests in B; 1 found no prompt pending" in done.stdout
+    assert "beside each of 2 decodes, on average: 0.0 other default sequences, 0.9 flex" in done.stdout
     assert json.loads(out.read_text())["layouts"]["3x4"]["another_replica_had_fewer"] == 1
 
 

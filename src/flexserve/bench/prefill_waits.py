@@ -1,4 +1,5 @@
-"""``flexserve bench prefill-waits LOG_DIR``: what default's first token waited behind.
+"""``flexserve bench prefill-waits LOG_DIR``: what default's first token waited
+behind, and what its decode ran beside.
 
 Reads the request logs a ``bench tiers --log-dir`` run leaves (one JSON line
 per request, ``observability/requests.py``: ``ts`` when it ended, with its
@@ -14,6 +15,15 @@ it prints the TTFT of B's default requests by the tokens pending at their
 arrival, how many found none, and for how many another replica had fewer.
 Scenario B is told apart from A by its flex requests: the default requests
 arriving between B's first and last flex arrival.
+
+Then, of each such request's decode (from its first output to its end), the
+mean number of other default and of flex sequences on its replica, and the
+flex prompt tokens prefilled there per second (each flex prompt spread
+evenly from its admission to its first output). A decode's time per token
+is mostly a step's fixed cost and the prefill beside it: a default that
+decodes beside more defaults has fewer flex sequences beside it (flex fills
+what default leaves of a replica's room), and fewer flex prompts
+(docs/benchmarks.md, "Tiers on a fleet").
 
 Times are those the gateway logged, to the millisecond; a request's arrival
 is its end less its total time.
@@ -45,7 +55,9 @@ class Logged:
     arrived: float
     admitted: float
     first_output: float
+    ended: float
     pending_tokens: int  # its prompt tokens not found in the engine's cache
+    output_tokens: int
     ttft_ms: float
 
 
@@ -74,7 +86,9 @@ def _logged(row: dict[str, Any]) -> Logged:
         tier=row["served_tier"], replica=row["replica"], arrived=arrived,
         admitted=arrived + (row.get("queue_time_ms") or 0) / 1000,
         first_output=arrived + row["ttft_ms"] / 1000,
+        ended=ended,
         pending_tokens=max(0, (row.get("prompt_tokens") or 0) - (row.get("cached_tokens") or 0)),
+        output_tokens=row.get("completion_tokens") or 0,
         ttft_ms=float(row["ttft_ms"]),
     )
 
@@ -88,17 +102,32 @@ class Arrival:
     pending_least: int  # the fewest on any replica of the layout
 
 
-def b_defaults(requests: list[Logged]) -> list[Arrival]:
-    """Scenario B's default requests, each with the prompt tokens pending at
-    its arrival on its replica and on the replica with the fewest."""
+@dataclass(frozen=True, slots=True)
+class Decode:
+    """What a default request of B decoded beside on its replica (means over its decode)."""
+
+    other_defaults: float
+    flex: float
+    flex_prefill_tokens_per_s: float
+
+
+def _scenario_b(requests: list[Logged]) -> tuple[list[Logged], dict[str, list[Logged]]]:
+    """Scenario B's default requests, and every request by replica."""
     flex = [r for r in requests if r.tier == "flex"]
     if not flex:
-        return []
+        return [], {}
     start, end = min(r.arrived for r in flex), max(r.arrived for r in flex)
     defaults = [r for r in requests if r.tier == "default" and start <= r.arrived <= end]
     by_replica: dict[str, list[Logged]] = defaultdict(list)
-    for request in flex + defaults:
+    for request in requests:
         by_replica[request.replica].append(request)
+    return defaults, by_replica
+
+
+def b_defaults(requests: list[Logged]) -> list[Arrival]:
+    """Scenario B's default requests, each with the prompt tokens pending at
+    its arrival on its replica and on the replica with the fewest."""
+    defaults, by_replica = _scenario_b(requests)
 
     def pending(replica: str, at: float, own: Logged) -> int:
         return sum(r.pending_tokens for r in by_replica[replica]
@@ -112,8 +141,34 @@ def b_defaults(requests: list[Logged]) -> list[Arrival]:
     return out
 
 
-def summarize(arrivals: list[Arrival]) -> dict[str, Any]:
-    """TTFT by pending tokens at arrival, and the counts the docs quote."""
+def b_decodes(requests: list[Logged]) -> list[Decode]:
+    """Of scenario B's default requests with two or more output tokens, what
+    each decoded beside on its replica."""
+    defaults, by_replica = _scenario_b(requests)
+    out = []
+    for request in defaults:
+        start, end = request.first_output, request.ended
+        if request.output_tokens < 2 or end <= start:
+            continue
+        others = [r for r in by_replica[request.replica] if r is not request]
+        beside_defaults = sum(_overlap(r.admitted, r.ended, start, end) for r in others if r.tier != "flex")
+        beside_flex = sum(_overlap(r.admitted, r.ended, start, end) for r in others if r.tier == "flex")
+        prefill = sum(r.pending_tokens * _overlap(r.admitted, r.first_output, start, end)
+                      / (r.first_output - r.admitted)
+                      for r in others if r.tier == "flex" and r.first_output > r.admitted)
+        span = end - start
+        out.append(Decode(beside_defaults / span, beside_flex / span, prefill / span))
+    return out
+
+
+def _overlap(start: float, end: float, low: float, high: float) -> float:
+    """Seconds of [start, end] within [low, high]."""
+    return max(0.0, min(end, high) - max(start, low))
+
+
+def summarize(arrivals: list[Arrival], decodes: list[Decode]) -> dict[str, Any]:
+    """TTFT by pending tokens at arrival, the counts the docs quote, and the
+    means of what the decodes ran beside."""
     rows = []
     for low, high in zip(BUCKETS, (*BUCKETS[1:], None), strict=True):
         ttfts = sorted(a.ttft_ms for a in arrivals if a.pending_here >= low and (high is None or a.pending_here < high))
@@ -130,7 +185,17 @@ def summarize(arrivals: list[Arrival]) -> dict[str, Any]:
         "found_none_pending": sum(1 for a in arrivals if a.pending_here == 0),
         "another_replica_had_fewer": sum(1 for a in arrivals if a.pending_least < a.pending_here),
         "by_pending_tokens": rows,
+        "decodes": len(decodes),
+        "beside_decode_mean": {
+            "other_defaults": _mean([d.other_defaults for d in decodes]),
+            "flex": _mean([d.flex for d in decodes]),
+            "flex_prefill_tokens_per_s": _mean([d.flex_prefill_tokens_per_s for d in decodes]),
+        },
     }
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 2) if values else None
 
 
 def run(log_dir: Path) -> dict[str, dict[str, Any]]:
@@ -138,7 +203,11 @@ def run(log_dir: Path) -> dict[str, dict[str, Any]]:
     layouts: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(log_dir.glob("*-gateway-*.log")):
         layouts[path.name.split("-gateway-")[0]].append(path)
-    return {layout: summarize(b_defaults(read_logs(paths))) for layout, paths in layouts.items()}
+    report = {}
+    for layout, paths in layouts.items():
+        requests = read_logs(paths)
+        report[layout] = summarize(b_defaults(requests), b_decodes(requests))
+    return report
 
 
 def format_report(report: dict[str, dict[str, Any]]) -> str:
@@ -152,6 +221,11 @@ def format_report(report: dict[str, dict[str, Any]]) -> str:
         for row in summary["by_pending_tokens"]:
             cells = [_ms(row[key]) for key in ("ttft_p50_ms", "ttft_p90_ms", "ttft_max_ms")]
             lines.append(f"  {row['pending_tokens']:<22}{row['requests']:>9}{cells[0]:>10}{cells[1]:>8}{cells[2]:>8}")
+        beside = summary["beside_decode_mean"]
+        if summary["decodes"]:
+            lines.append(f"  beside each of {summary['decodes']} decodes, on average: "
+                         f"{beside['other_defaults']:.1f} other default sequences, {beside['flex']:.1f} flex, "
+                         f"{beside['flex_prefill_tokens_per_s']:,.0f} flex prompt tokens prefilled a second")
     return "\n".join(lines)
 
 
