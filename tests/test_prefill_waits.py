@@ -80,6 +80,32 @@ def test_each_default_decode_of_b_is_read_with_the_sequences_and_flex_prefill_be
     beside = run(tmp_path)["3x4"]["beside_decode_mean"]
     assert beside["flex_prefill_tokens_per_s"] == pytest.approx(720 / 0.84 / 2, abs=0.01)
 
+
+def test_the_engines_own_times_give_defaults_tpot_in_a_and_b(tmp_path: Path) -> None:
+    """Each engine's default requests before its first flex one are A's,
+    after it B's; D's (priority 0), one-token outputs and other lines are
+    left out. Engine 0 has A's 5 ms and B's 8 ms, engine 1 A's 6 ms and B's
+    10 ms a token."""
+    write_fleet(tmp_path)
+
+    def sim(priority: int, output_tokens: int, decode_s: float) -> str:
+        return json.dumps({"event": "sim_request", "priority": priority, "prompt_tokens": 100,
+                           "output_tokens": output_tokens, "ttft_s": 0.02, "decode_s": decode_s})
+
+    (tmp_path / "3x4-sim-engine-0.log").write_text("\n".join([
+        "sim engine h100-llama3-8b at 1.0x", sim(0, 11, 0.3), sim(1, 11, 0.05), sim(1, 1, 0.0),
+        sim(2, 101, 1.2), sim(1, 11, 0.08)]) + "\n")
+    (tmp_path / "3x4-sim-engine-1.log").write_text("\n".join([
+        sim(1, 21, 0.12), sim(2, 51, 0.9), sim(1, 6, 0.05)]) + "\n")
+    engine = run(tmp_path)["3x4"]["engine_tpot"]
+    assert (engine["A"]["requests"], engine["B"]["requests"]) == (2, 2)
+    assert engine["A"]["p50_ms"] == pytest.approx(5.5) and engine["A"]["p99_ms"] == pytest.approx(5.99)
+    assert engine["B"]["p99_ms"] == pytest.approx(9.98)
+    assert engine["b_over_a_p99"] == pytest.approx(9.98 / 5.99, abs=1e-3)
+    done = subprocess.run([str(FLEXSERVE), "bench", "prefill-waits", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert "default TPOT on the engines' own clocks: A p50/p99 5.50/5.99 ms, B 9.00/9.98 ms" in done.stdout
+
 def test_the_command_prints_each_layout_and_writes_its_report(tmp_path: Path) -> None:
     write_fleet(tmp_path)
     out = tmp_path / "waits.json"

@@ -8,8 +8,9 @@ depend on the host's speed.
 from __future__ import annotations
 
 import asyncio
-import re
 import dataclasses
+import json
+import re
 
 import pytest
 
@@ -139,6 +140,29 @@ async def test_chunked_prefill_respects_the_budget() -> None:
     assert model.ttft.sum == pytest.approx(expected)
     await model.close()
 
+
+
+async def test_a_finished_request_is_logged_with_the_engines_own_times(capsys: pytest.CaptureFixture[str]) -> None:
+    """With log_requests, each finished generation is one JSON line on
+    stderr: its priority and sizes, its first token after the prompt's four
+    prefill steps, and its three more tokens one decode step each, in
+    simulated seconds; without it, nothing."""
+    profile = dataclasses.replace(H100, max_num_batched_tokens=256)
+    quiet = SimModel(profile, speed=FAST)
+    await collect(quiet, make_request("quiet", 994, max_tokens=4))
+    await quiet.close()
+    assert capsys.readouterr().err == ""
+    model = SimModel(profile, speed=FAST, scheduling_policy="priority", log_requests=True)
+    await collect(model, make_request("long", 994, max_tokens=4, priority=1))
+    [line] = capsys.readouterr().err.splitlines()
+    record = json.loads(line)
+    assert (record["event"], record["priority"], record["prompt_tokens"], record["output_tokens"]) == (
+        "sim_request", 1, 1000, 4)
+    prefill = sum(step_time(profile, n, kv) for n, kv in ((256, 256), (256, 512), (256, 768), (232, 1001)))
+    assert record["ttft_s"] == pytest.approx(prefill, abs=1e-5)
+    decode = sum(step_time(profile, 1, kv) for kv in (1002, 1003, 1004))
+    assert record["decode_s"] == pytest.approx(decode, abs=1e-5)
+    await model.close()
 
 async def test_a_long_prefill_is_capped_per_step_by_the_threshold() -> None:
     """vLLM V1's long_prefill_token_threshold: a 1,000-token prompt prefills

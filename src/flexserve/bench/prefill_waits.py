@@ -27,6 +27,13 @@ what default leaves of a replica's room), and fewer flex prompts
 
 Times are those the gateway logged, to the millisecond; a request's arrival
 is its end less its total time.
+
+Where the sim engines' logs hold their own times (``sim-engine
+--log-requests``, which ``bench tiers --log-dir`` turns on), it also gives
+default's time per output token in A and B as the engines' simulated clocks
+measured it (``decode_s`` over the tokens after the first): the engines'
+batches alone, without the host's or the gateways' delays. An engine's
+default requests before its first flex one are A's, those after it B's.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from typing import Any
 import orjson
 
 from flexserve.stats import percentile
+from flexserve.tiers import ServiceTier
 
 # Bounds of the pending-token buckets the table shows: [0, 1), [1, 1000), …
 BUCKETS = (0, 1, 1000, 3000)
@@ -198,8 +206,41 @@ def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 2) if values else None
 
 
+def engine_tpots(paths: Iterable[Path]) -> dict[str, list[float]]:
+    """Default's time per output token (ms, simulated clock) in A and in B,
+    from the ``sim_request`` lines of the engines' logs ``paths``."""
+    out: dict[str, list[float]] = {"A": [], "B": []}
+    for path in paths:
+        scenario = "A"
+        with path.open("rb") as lines:
+            for line in lines:
+                if b'"sim_request"' not in line:
+                    continue
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if row.get("priority") == ServiceTier.FLEX.rank:
+                    scenario = "B"
+                elif row.get("priority") == ServiceTier.DEFAULT.rank and row.get("output_tokens", 0) >= 2:
+                    out[scenario].append(row["decode_s"] / (row["output_tokens"] - 1) * 1000)
+    return out
+
+
+def summarize_engine(tpots: dict[str, list[float]]) -> dict[str, Any] | None:
+    """p50 and p99 of each scenario's engine-time TPOT, and B/A at p99."""
+    if not tpots["A"] or not tpots["B"]:
+        return None
+    out: dict[str, Any] = {name: {"requests": len(values), "p50_ms": percentile(values, 50),
+                                  "p99_ms": percentile(values, 99)}
+                           for name, values in tpots.items()}
+    out["b_over_a_p99"] = round(out["B"]["p99_ms"] / out["A"]["p99_ms"], 3)
+    return out
+
+
 def run(log_dir: Path) -> dict[str, dict[str, Any]]:
-    """Each layout's summary, from the gateway logs in ``log_dir``."""
+    """Each layout's summary, from the gateway logs in ``log_dir`` (and the
+    sim engines', where they hold the engines' own times)."""
     layouts: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(log_dir.glob("*-gateway-*.log")):
         layouts[path.name.split("-gateway-")[0]].append(path)
@@ -207,6 +248,8 @@ def run(log_dir: Path) -> dict[str, dict[str, Any]]:
     for layout, paths in layouts.items():
         requests = read_logs(paths)
         report[layout] = summarize(b_defaults(requests), b_decodes(requests))
+        report[layout]["engine_tpot"] = summarize_engine(
+            engine_tpots(sorted(log_dir.glob(f"{layout}-sim-engine-*.log"))))
     return report
 
 
@@ -226,6 +269,12 @@ def format_report(report: dict[str, dict[str, Any]]) -> str:
             lines.append(f"  beside each of {summary['decodes']} decodes, on average: "
                          f"{beside['other_defaults']:.1f} other default sequences, {beside['flex']:.1f} flex, "
                          f"{beside['flex_prefill_tokens_per_s']:,.0f} flex prompt tokens prefilled a second")
+        engine = summary.get("engine_tpot")
+        if engine:
+            lines.append(f"  default TPOT on the engines' own clocks: A p50/p99 {engine['A']['p50_ms']:.2f}/"
+                         f"{engine['A']['p99_ms']:.2f} ms, B {engine['B']['p50_ms']:.2f}/{engine['B']['p99_ms']:.2f} ms, "
+                         f"B/A p99 {engine['b_over_a_p99']:.3f} ({engine['A']['requests']} and "
+                         f"{engine['B']['requests']} requests)")
     return "\n".join(lines)
 
 

@@ -37,7 +37,9 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
+import json
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -112,6 +114,7 @@ class SimModel:
         enable_prefix_caching: bool = False,
         flex_prefill_budget: int = 0,
         stream_interval: int = 1,
+        log_requests: bool = False,
     ) -> None:
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
@@ -159,6 +162,9 @@ class SimModel:
         # vLLM's --stream-interval: a request's consumer hears of new tokens
         # every this many (and of its first and last at once); 1: each token.
         self.stream_interval = stream_interval
+        # One JSON line on stderr per finished generation, in simulated seconds
+        # (``_log_finished``): what a benchmark reads as the engine's own times.
+        self.log_requests = log_requests
         # vLLM's automatic prefix caching (engines/sim/prefix_cache.py), for
         # requests of one prompt and one choice; None: off.
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
@@ -713,6 +719,7 @@ class SimModel:
                     if count >= lengths[j]:
                         num_done += 1
             if seq.num_generated == 0:
+                seq.first_token_at = now
                 self.ttft.observe(now - seq.arrival, sampled)
                 self.num_prompt_tokens += seq.prompt_tokens
             else:
@@ -730,6 +737,8 @@ class SimModel:
                 seq.ready.set()
 
     def _finish(self, seq: Seq) -> None:
+        if self.log_requests and seq.first_token_at is not None:
+            _log_finished(seq)
         seq.state = SeqState.FINISHED
         del self._running[seq.key[1]]
         self._kv_used -= seq.kv_held
@@ -742,6 +751,19 @@ class SimModel:
         if self.prefix_cache is not None and seq.held_blocks:
             self.prefix_cache.give_back(seq.held_blocks)
             seq.held_blocks = ()
+
+
+def _log_finished(seq: Seq) -> None:
+    """A finished generation's engine-side times (simulated seconds): from
+    arrival to first token, and from first to last token, with its priority
+    and sizes. A benchmark reads these as the time the engine itself took,
+    free of the host's and the gateway's delays."""
+    first = seq.first_token_at or 0.0
+    record = {"event": "sim_request", "priority": seq.key[0], "prompt_tokens": seq.prompt_tokens,
+              "output_tokens": seq.num_generated, "ttft_s": round(first - seq.arrival, 6),
+              "decode_s": round(seq.last_token_at - first, 6)}
+    sys.stderr.write(json.dumps(record) + "\n")
+    sys.stderr.flush()
 
 
 def prompt_token_ids(request: EngineRequest) -> list[int]:

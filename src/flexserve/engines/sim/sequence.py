@@ -17,8 +17,8 @@ class SeqState(enum.Enum):
 class Seq:
     """One sequence in the engine; touched only by the step loop and its consumer."""
 
-    __slots__ = ("active", "arrival", "blocks", "error", "generated", "held_blocks", "key",
-                 "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit", "num_told",
+    __slots__ = ("active", "arrival", "blocks", "error", "first_token_at", "generated",
+                 "held_blocks", "key", "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit", "num_told",
                  "output_lens", "prefill_target", "prompt_tokens", "ready", "request_id",
                  "state", "stream_interval")
 
@@ -47,6 +47,7 @@ class Seq:
         # first token, then every ``stream_interval`` tokens, and at the end.
         self.num_told = 0
         self.stream_interval = 1
+        self.first_token_at: float | None = None
         self.last_token_at = 0.0
         # Shared by the sequences of one request: their consumer waits on it.
         self.ready = ready
