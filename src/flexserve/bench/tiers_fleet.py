@@ -14,12 +14,13 @@ file unless ``--db``).
   and B over that time and the fleet in the window, the M spans of it laid
   over one another (``overlaid_schedule``), sent in turn to each gateway (D:
   to each engine, in the window). Each layout's p99 then ranks the same
-  requests. (Until 2026-12-04 the fleet was sent M copies of the single
-  engine's requests in the window: its p99 ranked M times as many values,
-  the 4th–5th highest of 340 against the 2nd of 85, a higher point of the
-  tail than the single pair's by about a percent of TPOT. Until 2026-12-03
-  it drew a schedule of its own at M times the rate, whose lengths differed
-  from the single engine's by chance.)
+  requests. Until 2026-12-04 the fleet was sent M copies of the single
+  engine's requests in the window: its p99 ranked M times as many values
+  (the 4th–5th highest of 340 against mostly the 2nd of 85), a higher point
+  of the tail, which put its TPOT ratio 0.8 % higher in the median run
+  (docs/benchmarks.md). Until 2026-12-03 it drew a schedule of its own at
+  M times the rate, whose lengths differed from the single engine's by
+  chance.
 - Every engine's running and waiting sequences are read every 0.25 s; the
   most one engine held is reported against its capacity (the gateways'
   ``upstream_capacity``): above it, the gateways together sent an engine more
