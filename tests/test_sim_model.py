@@ -162,6 +162,26 @@ async def test_a_finished_request_is_logged_with_the_engines_own_times(capsys: p
     assert record["ttft_s"] == pytest.approx(prefill, abs=1e-5)
     decode = sum(step_time(profile, 1, kv) for kv in (1002, 1003, 1004))
     assert record["decode_s"] == pytest.approx(decode, abs=1e-5)
+    assert record["last_token_s"] - record["first_token_s"] == pytest.approx(record["decode_s"], abs=1e-5)
+    await model.close()
+
+
+async def test_each_step_is_logged_with_what_it_held(capsys: pytest.CaptureFixture[str]) -> None:
+    """With log_steps, a 1,000-token prompt of priority 2 in steps of 256
+    is four prefill steps (256, 256, 256 and 232 tokens) and then its
+    decodes, each line with its start and its length from the step-time
+    model; the steps follow one another on the simulated clock."""
+    profile = dataclasses.replace(H100, max_num_batched_tokens=256)
+    model = SimModel(profile, speed=FAST, scheduling_policy="priority", log_steps=True)
+    await collect(model, make_request("long", 994, max_tokens=3, priority=2))
+    steps = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [step["event"] for step in steps] == ["sim_step"] * 6
+    assert [step["prefill_tokens"].get("2", 0) for step in steps] == [256, 256, 256, 232, 0, 0]
+    assert all(step["sequences"] == {"2": 1} for step in steps)
+    assert steps[0]["step_s"] == pytest.approx(step_time(profile, 256, 256), abs=1e-6)
+    assert steps[4]["step_s"] == pytest.approx(step_time(profile, 1, 1002), abs=1e-6)
+    for before, after in zip(steps, steps[1:]):
+        assert after["start_s"] == pytest.approx(before["start_s"] + before["step_s"], abs=1e-5)
     await model.close()
 
 async def test_a_long_prefill_is_capped_per_step_by_the_threshold() -> None:

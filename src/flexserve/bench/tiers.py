@@ -377,8 +377,8 @@ def start_sim_engine(stack: ExitStack, log_dir: Path, opts: TiersOptions,
         *(("--max-num-batched-tokens", str(opts.max_num_batched_tokens))
           if opts.max_num_batched_tokens else ()),
         *(("--kv-tokens", str(opts.kv_tokens)) if opts.kv_tokens else ()),
-        # Its own times, read by `bench prefill-waits`, where the logs are kept.
-        *(("--log-requests",) if opts.log_dir else ()),
+        # Its own times and steps, read by `bench prefill-waits`, where the logs are kept.
+        *(("--log-requests", "--log-steps") if opts.log_dir else ()),
     )
     return start_server(stack, name, argv, port, "/health", log_dir)
 

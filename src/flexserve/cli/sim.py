@@ -46,10 +46,14 @@ from flexserve.engines.sim.profiles import COST_MODELS, PROFILES
               help="Write one JSON line per finished generation to stderr: its priority, prompt "
               "and output tokens, and its time to first token and from first to last token, "
               "in simulated seconds (the engine's own times, for benchmarks).")
+@click.option("--log-steps", is_flag=True,
+              help="Write one JSON line per step to stderr: when it started and how long it "
+              "took, in simulated seconds, and its sequences and prompt tokens by priority.")
 def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: int,
                kv_tokens: int | None, scheduling_policy: str, max_num_batched_tokens: int | None,
                model_id: str | None, cost_model: str, long_prefill_token_threshold: int,
-               enable_prefix_caching: bool, flex_prefill_budget: int, log_requests: bool) -> None:
+               enable_prefix_caching: bool, flex_prefill_budget: int, log_requests: bool,
+               log_steps: bool) -> None:
     """Serve a simulated vLLM-style engine for benchmarks, capacity planning and tests.
 
     An OpenAI-compatible server (GET /v1/models, POST /v1/chat/completions,
@@ -80,4 +84,4 @@ def sim_engine(host: str, port: int, profile: str, speed: float, max_num_seqs: i
           max_num_batched_tokens=max_num_batched_tokens, cost_model=cost_model,
           long_prefill_token_threshold=long_prefill_token_threshold,
           enable_prefix_caching=enable_prefix_caching, flex_prefill_budget=flex_prefill_budget,
-          log_requests=log_requests)
+          log_requests=log_requests, log_steps=log_steps)

@@ -37,9 +37,7 @@ import asyncio
 import contextlib
 import dataclasses
 import heapq
-import json
 import logging
-import sys
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Callable
@@ -62,6 +60,7 @@ from flexserve.engines.sim.outputs import (
     filler_words,
     plan_choices,
 )
+from flexserve.engines.sim import records
 from flexserve.engines.sim.prefix_cache import BLOCK, PrefixCache, block_hashes
 from flexserve.engines.sim.sequence import Seq, SeqState
 from flexserve.engines.step_policy import FLEX_PRIORITY, StepSequence, prefill_allowance
@@ -115,6 +114,7 @@ class SimModel:
         flex_prefill_budget: int = 0,
         stream_interval: int = 1,
         log_requests: bool = False,
+        log_steps: bool = False,
     ) -> None:
         if cost_model not in COST_MODELS:
             raise ValueError(f"cost_model must be one of {', '.join(COST_MODELS)}, got {cost_model!r}")
@@ -162,9 +162,10 @@ class SimModel:
         # vLLM's --stream-interval: a request's consumer hears of new tokens
         # every this many (and of its first and last at once); 1: each token.
         self.stream_interval = stream_interval
-        # One JSON line on stderr per finished generation, in simulated seconds
-        # (``_log_finished``): what a benchmark reads as the engine's own times.
+        # One JSON line on stderr per finished generation, and per step, in
+        # simulated seconds (engines/sim/records.py): the engine's own times.
         self.log_requests = log_requests
+        self.log_steps = log_steps
         # vLLM's automatic prefix caching (engines/sim/prefix_cache.py), for
         # requests of one prompt and one choice; None: off.
         self.prefix_cache = PrefixCache() if enable_prefix_caching else None
@@ -538,6 +539,8 @@ class SimModel:
                 continue
             t_step = self.step_model.step_time(step_tokens,
                                                sum(s.kv_held for s, _, _ in scheduled))
+            if self.log_steps:
+                records.log_step(self._clock, t_step, scheduled)
             self._clock_wall = time.monotonic()
             self._step_len = t_step
             now = self._clock_wall
@@ -738,7 +741,7 @@ class SimModel:
 
     def _finish(self, seq: Seq) -> None:
         if self.log_requests and seq.first_token_at is not None:
-            _log_finished(seq)
+            records.log_finished(seq)
         seq.state = SeqState.FINISHED
         del self._running[seq.key[1]]
         self._kv_used -= seq.kv_held
@@ -752,18 +755,6 @@ class SimModel:
             self.prefix_cache.give_back(seq.held_blocks)
             seq.held_blocks = ()
 
-
-def _log_finished(seq: Seq) -> None:
-    """A finished generation's engine-side times (simulated seconds): from
-    arrival to first token, and from first to last token, with its priority
-    and sizes. A benchmark reads these as the time the engine itself took,
-    free of the host's and the gateway's delays."""
-    first = seq.first_token_at or 0.0
-    record = {"event": "sim_request", "priority": seq.key[0], "prompt_tokens": seq.prompt_tokens,
-              "output_tokens": seq.num_generated, "ttft_s": round(first - seq.arrival, 6),
-              "decode_s": round(seq.last_token_at - first, 6)}
-    sys.stderr.write(json.dumps(record) + "\n")
-    sys.stderr.flush()
 
 
 def prompt_token_ids(request: EngineRequest) -> list[int]:
