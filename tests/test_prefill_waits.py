@@ -62,7 +62,6 @@ def test_each_default_of_b_is_read_with_the_prompt_tokens_pending_on_its_replica
     assert rows == {"none": (1, 15), "1-999": (0, None), "1000-2999": (1, 60), "3000+": (0, None)}
 
 
-
 def test_each_default_decode_of_b_is_read_with_the_sequences_and_flex_prefill_beside_it(tmp_path: Path) -> None:
     """r1's default decodes from 0.26 s to 1.1 s: beside the flex run until
     1.0 s (0.74 of 0.84 s), whose 1,500 uncached prompt tokens, spread over
@@ -105,6 +104,7 @@ def test_the_engines_own_times_give_defaults_tpot_in_a_and_b(tmp_path: Path) -> 
     done = subprocess.run([str(FLEXSERVE), "bench", "prefill-waits", str(tmp_path)],
                           capture_output=True, text=True, timeout=60, check=True)
     assert "default TPOT on the engines' own clocks: A p50/p99 5.50/5.99 ms, B 9.00/9.98 ms" in done.stdout
+
 
 def test_the_command_prints_each_layout_and_writes_its_report(tmp_path: Path) -> None:
     write_fleet(tmp_path)

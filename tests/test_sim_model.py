@@ -141,7 +141,6 @@ async def test_chunked_prefill_respects_the_budget() -> None:
     await model.close()
 
 
-
 async def test_a_finished_request_is_logged_with_the_engines_own_times(capsys: pytest.CaptureFixture[str]) -> None:
     """With log_requests, each finished generation is one JSON line on
     stderr: its priority and sizes, its first token after the prompt's four
@@ -183,6 +182,7 @@ async def test_each_step_is_logged_with_what_it_held(capsys: pytest.CaptureFixtu
     for before, after in zip(steps, steps[1:]):
         assert after["start_s"] == pytest.approx(before["start_s"] + before["step_s"], abs=1e-5)
     await model.close()
+
 
 async def test_a_long_prefill_is_capped_per_step_by_the_threshold() -> None:
     """vLLM V1's long_prefill_token_threshold: a 1,000-token prompt prefills

@@ -45,6 +45,7 @@ from operator import attrgetter
 from typing import Literal
 
 from flexserve.engines.base import Delta, EngineLoad, EngineRequest, Usage
+from flexserve.engines.sim import records
 from flexserve.engines.sim.embeddings import embedding_object, unit_vector
 from flexserve.engines.sim.inputs import EmbeddingInput, GenerationInput, read_request
 from flexserve.engines.sim.metrics import (
@@ -60,7 +61,6 @@ from flexserve.engines.sim.outputs import (
     filler_words,
     plan_choices,
 )
-from flexserve.engines.sim import records
 from flexserve.engines.sim.prefix_cache import BLOCK, PrefixCache, block_hashes
 from flexserve.engines.sim.sequence import Seq, SeqState
 from flexserve.engines.step_policy import FLEX_PRIORITY, StepSequence, prefill_allowance
@@ -740,7 +740,7 @@ class SimModel:
                 seq.ready.set()
 
     def _finish(self, seq: Seq) -> None:
-        if self.log_requests and seq.first_token_at is not None:
+        if self.log_requests:
             records.log_finished(seq)
         seq.state = SeqState.FINISHED
         del self._running[seq.key[1]]
@@ -754,7 +754,6 @@ class SimModel:
         if self.prefix_cache is not None and seq.held_blocks:
             self.prefix_cache.give_back(seq.held_blocks)
             seq.held_blocks = ()
-
 
 
 def prompt_token_ids(request: EngineRequest) -> list[int]:

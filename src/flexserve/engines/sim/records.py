@@ -21,8 +21,11 @@ from flexserve.engines.sim.sequence import Seq
 
 def log_finished(seq: Seq) -> None:
     """A finished generation: its priority, sizes, and its times from
-    arrival to first token and from first to last token."""
-    first = seq.first_token_at if seq.first_token_at is not None else seq.arrival
+    arrival to first token and from first to last token (none for a
+    sequence that never had a token: an embedding)."""
+    first = seq.first_token_at
+    if first is None:
+        return
     _write({"event": "sim_request", "priority": seq.key[0], "prompt_tokens": seq.prompt_tokens,
             "output_tokens": seq.num_generated, "ttft_s": round(first - seq.arrival, 6),
             "decode_s": round(seq.last_token_at - first, 6), "arrival_s": round(seq.arrival, 6),

@@ -18,9 +18,9 @@ class Seq:
     """One sequence in the engine; touched only by the step loop and its consumer."""
 
     __slots__ = ("active", "arrival", "blocks", "error", "first_token_at", "generated",
-                 "held_blocks", "key", "kv_held", "last_token_at", "num_cached", "num_generated", "num_hit", "num_told",
-                 "output_lens", "prefill_target", "prompt_tokens", "ready", "request_id",
-                 "state", "stream_interval")
+                 "held_blocks", "key", "kv_held", "last_token_at", "num_cached", "num_generated",
+                 "num_hit", "num_told", "output_lens", "prefill_target", "prompt_tokens", "ready",
+                 "request_id", "state", "stream_interval")
 
     def __init__(self, request_id: str, key: tuple[int, int], prompt_tokens: int,
                  output_lens: list[int], arrival: float, ready: asyncio.Event) -> None:
