@@ -241,11 +241,15 @@ def gateway(start_gateway: Callable[..., Gateway], vllm: VllmServer) -> Gateway:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test's report carries the end of vLLM's log: what vLLM saw then."""
+    """A failed test's report carries the end of vLLM's log, what vLLM saw
+    then, and last the gateways' own warnings (they run in this process, and
+    what CI prints of a failure is its beginning and its end)."""
     report = yield
     log_path = item.config.stash.get(_LOG, None)
     if report.failed and log_path is not None:
         report.sections.append(("vLLM log (last lines)", _log_tail(log_path, 60)))
+    if report.failed and report.caplog:
+        report.sections.append(("gateway log (last lines)", "\n".join(report.caplog.splitlines()[-30:])))
     return report
 
 

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import openai
 from conftest import Gateway, billed
 
 from .support import (
@@ -34,6 +35,9 @@ from .support import (
 from .test_load import gateway_queue, gateway_state, in_thread, vllm_view
 
 MESSAGES = [{"role": "user", "content": "Enrich this record."}]
+# Longest silence a stream's client waits through: the machine's, at most
+# (upstream_idle_timeout is 120 s), where the client's own default is 600 s.
+STREAM_SILENCE = 240.0
 
 
 def ran_to_length(vllm: VllmServer) -> float:
@@ -115,17 +119,29 @@ def test_client_disconnect_mid_stream_frees_the_sequence_in_vllm(
     num_holders = MAX_NUM_SEQS - 1
     with holders(vllm, num_holders):
         wait_until(lambda: vllm_view(vllm).num_running == num_holders, 60, "holders did not start")
-        stream = gateway.client().chat.completions.with_raw_response.create(
+        client = gateway.client(timeout=STREAM_SILENCE)
+        stream = client.chat.completions.with_raw_response.create(
             model=vllm.model, messages=MESSAGES, max_tokens=3000, stream=True, extra_body=EXACT,
         )
         request_id = stream.headers["x-request-id"]
         chunks = stream.parse()
         num_read = 0
-        for chunk in chunks:
-            num_read += sum(1 for choice in chunk.choices if choice.delta.content)
-            if num_read >= 10:
-                break
+        seen: list[object] = []
+        try:
+            for chunk in chunks:
+                seen.append([(choice.delta.content, choice.finish_reason) for choice in chunk.choices])
+                num_read += sum(1 for choice in chunk.choices if choice.delta.content)
+                if num_read >= 10:
+                    break
+        except openai.APITimeoutError as exc:
+            # CI once saw this stream silent for the client's whole default
+            # of 600 s after its headers, with vLLM running only the holders.
+            raise AssertionError(
+                f"the stream was silent for {STREAM_SILENCE:g} s after {len(seen)} chunks "
+                f"(the last: {seen[-3:]}); gateway: {gateway_state(gateway)}; vLLM: {vllm_view(vllm)}"
+            ) from exc
         chunks.close()
+        assert num_read >= 10, f"the stream ended after {num_read} tokens with text: {seen[-3:]}"
         # Its running count falls back to the holders', while they still run:
         # the sequence was freed, not run to its end.
         wait_until(lambda: vllm_view(vllm).num_running == num_holders, 60,
