@@ -106,6 +106,43 @@ def test_the_engines_own_times_give_defaults_tpot_in_a_and_b(tmp_path: Path) -> 
     assert "default TPOT on the engines' own clocks: A p50/p99 5.50/5.99 ms, B 9.00/9.98 ms" in done.stdout
 
 
+def test_each_default_decode_of_b_is_read_against_the_steps_its_engine_logged(tmp_path: Path) -> None:
+    """One engine: flex arrives at 1.0 s and 1.25 s. B's first default
+    decodes from 1.2 s to 1.6 s (4 tokens after its first, 100 ms each)
+    through the steps starting at 1.2, 1.3, 1.4 and 1.5 s, two of which
+    prefill flex (300 and 100 tokens), beside the flex start at 1.25 s; the
+    second from 1.8 s to 2.0 s (4 tokens, 50 ms) through two steps, one of
+    200 flex tokens, beside none. A's default (before any flex), a one-token
+    default and D's request are left out."""
+    write_fleet(tmp_path)
+
+    def sim(priority: int, arrival: float, first: float, last: float, output_tokens: int) -> str:
+        return json.dumps({"event": "sim_request", "priority": priority, "prompt_tokens": 100,
+                           "output_tokens": output_tokens, "ttft_s": round(first - arrival, 6),
+                           "decode_s": round(last - first, 6), "arrival_s": arrival,
+                           "first_token_s": first, "last_token_s": last})
+
+    def step(start: float, flex_tokens: int) -> str:
+        prefill = {"2": flex_tokens} if flex_tokens else {}
+        return json.dumps({"event": "sim_step", "start_s": start, "step_s": 0.1,
+                           "sequences": {"1": 1, "2": 1}, "prefill_tokens": prefill})
+
+    steps = [step(round(1.1 + 0.1 * i, 6), tokens) for i, tokens in enumerate((0, 0, 300, 0, 100, 0, 0, 0, 200, 0))]
+    (tmp_path / "3x4-sim-engine-0.log").write_text("\n".join([
+        "sim engine h100-llama3-8b at 1.0x", sim(0, 0.0, 0.1, 0.4, 10), sim(1, 0.5, 0.55, 0.9, 8),
+        *steps, sim(2, 1.0, 1.1, 2.2, 50), sim(1, 1.05, 1.2, 1.6, 5), sim(2, 1.25, 1.3, 2.3, 40),
+        sim(1, 1.7, 1.8, 2.0, 5), sim(1, 1.7, 1.75, 1.75, 1)]) + "\n")
+    decodes = run(tmp_path)["3x4"]["engine_decodes"]
+    assert decodes["all"] == {"decodes": 2, "tpot_ms": 75.0, "flex_starts_per_s": 1.25,
+                              "steps_with_flex_prefill": 0.5, "flex_prefill_per_token": 75.0}
+    assert decodes["slowest_1pct"] == {"decodes": 1, "tpot_ms": 100.0, "flex_starts_per_s": 2.5,
+                                       "steps_with_flex_prefill": 0.5, "flex_prefill_per_token": 100.0}
+    done = subprocess.run([str(FLEXSERVE), "bench", "prefill-waits", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert ("B's default decodes, the slowest 1 % (1): TPOT 100.00 ms; beside 2.50 flex starts a second; "
+            "50.0 % of their steps prefilled flex, 100 flex prompt tokens per output token") in done.stdout
+
+
 def test_the_command_prints_each_layout_and_writes_its_report(tmp_path: Path) -> None:
     write_fleet(tmp_path)
     out = tmp_path / "waits.json"

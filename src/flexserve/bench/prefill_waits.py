@@ -34,11 +34,21 @@ default's time per output token in A and B as the engines' simulated clocks
 measured it (``decode_s`` over the tokens after the first): the engines'
 batches alone, without the host's or the gateways' delays. An engine's
 default requests before its first flex one are A's, those after it B's.
+
+And where they hold the engines' steps too (``sim-engine --log-steps``),
+it reads each of B's default decodes against the steps it ran through (those
+that began between its first and its last token): how many flex prompts
+started prefilling on its engine a second, the share of its steps that
+prefilled flex, and the flex prompt tokens those steps prefilled per output
+token of its own; for all of them and for the slowest 1 %, whose time per
+token is the p99 the benchmark's goal reads.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime
+import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -202,8 +212,8 @@ def summarize(arrivals: list[Arrival], decodes: list[Decode]) -> dict[str, Any]:
     }
 
 
-def _mean(values: list[float]) -> float | None:
-    return round(sum(values) / len(values), 2) if values else None
+def _mean(values: list[float], digits: int = 2) -> float | None:
+    return round(sum(values) / len(values), digits) if values else None
 
 
 def engine_tpots(paths: Iterable[Path]) -> dict[str, list[float]]:
@@ -238,6 +248,73 @@ def summarize_engine(tpots: dict[str, list[float]]) -> dict[str, Any] | None:
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class EngineDecode:
+    """One default decode of B on an engine's clock, and the steps it ran through."""
+
+    tpot_ms: float
+    flex_starts_per_s: float
+    steps_with_flex_prefill: float  # a share of its steps
+    flex_prefill_per_token: float  # flex prompt tokens over its own output tokens after the first
+
+
+def engine_decodes(path: Path) -> list[EngineDecode]:
+    """B's default decodes on one engine (``sim_request`` lines from its
+    first flex arrival on), read against its ``sim_step`` lines."""
+    steps: list[tuple[float, int]] = []  # (start, flex prompt tokens prefilled)
+    requests: list[dict[str, Any]] = []
+    flex_rank, default_rank = str(ServiceTier.FLEX.rank), ServiceTier.DEFAULT.rank
+    with path.open("rb") as lines:
+        for line in lines:
+            if b'"sim_step"' not in line and b'"sim_request"' not in line:
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if row.get("event") == "sim_step":
+                steps.append((row["start_s"], row["prefill_tokens"].get(flex_rank, 0)))
+            elif row.get("event") == "sim_request" and "arrival_s" in row:
+                requests.append(row)
+    flex_arrivals = sorted(r["arrival_s"] for r in requests if r["priority"] == ServiceTier.FLEX.rank)
+    if not flex_arrivals or not steps:
+        return []
+    steps.sort()
+    starts = [start for start, _ in steps]
+    out = []
+    for request in requests:
+        first, last = request["first_token_s"], request["last_token_s"]
+        num_tokens = request["output_tokens"] - 1
+        if (request["priority"] != default_rank or request["arrival_s"] < flex_arrivals[0]
+                or num_tokens < 1 or last <= first):
+            continue
+        through = steps[bisect.bisect_left(starts, first):bisect.bisect_left(starts, last)]
+        prefilled = [tokens for _, tokens in through if tokens]
+        num_starts = bisect.bisect_right(flex_arrivals, last) - bisect.bisect_left(flex_arrivals, first)
+        out.append(EngineDecode(
+            tpot_ms=request["decode_s"] / num_tokens * 1000,
+            flex_starts_per_s=num_starts / (last - first),
+            steps_with_flex_prefill=len(prefilled) / len(through) if through else 0.0,
+            flex_prefill_per_token=sum(prefilled) / num_tokens,
+        ))
+    return out
+
+
+def summarize_decodes(decodes: list[EngineDecode]) -> dict[str, Any] | None:
+    """Means over all of B's default decodes and over the slowest 1 % (one at least)."""
+    if not decodes:
+        return None
+    slowest = sorted(decodes, key=lambda d: d.tpot_ms, reverse=True)[:max(1, math.ceil(len(decodes) / 100))]
+
+    def means(group: list[EngineDecode]) -> dict[str, Any]:
+        return {"decodes": len(group), "tpot_ms": _mean([d.tpot_ms for d in group]),
+                "flex_starts_per_s": _mean([d.flex_starts_per_s for d in group]),
+                "steps_with_flex_prefill": _mean([d.steps_with_flex_prefill for d in group], 3),
+                "flex_prefill_per_token": _mean([d.flex_prefill_per_token for d in group])}
+
+    return {"all": means(decodes), "slowest_1pct": means(slowest)}
+
+
 def run(log_dir: Path) -> dict[str, dict[str, Any]]:
     """Each layout's summary, from the gateway logs in ``log_dir`` (and the
     sim engines', where they hold the engines' own times)."""
@@ -248,8 +325,10 @@ def run(log_dir: Path) -> dict[str, dict[str, Any]]:
     for layout, paths in layouts.items():
         requests = read_logs(paths)
         report[layout] = summarize(b_defaults(requests), b_decodes(requests))
-        report[layout]["engine_tpot"] = summarize_engine(
-            engine_tpots(sorted(log_dir.glob(f"{layout}-sim-engine-*.log"))))
+        engine_logs = sorted(log_dir.glob(f"{layout}-sim-engine-*.log"))
+        report[layout]["engine_tpot"] = summarize_engine(engine_tpots(engine_logs))
+        report[layout]["engine_decodes"] = summarize_decodes(
+            [decode for path in engine_logs for decode in engine_decodes(path)])
     return report
 
 
@@ -275,6 +354,14 @@ def format_report(report: dict[str, dict[str, Any]]) -> str:
                          f"{engine['A']['p99_ms']:.2f} ms, B {engine['B']['p50_ms']:.2f}/{engine['B']['p99_ms']:.2f} ms, "
                          f"B/A p99 {engine['b_over_a_p99']:.3f} ({engine['A']['requests']} and "
                          f"{engine['B']['requests']} requests)")
+        decodes = summary.get("engine_decodes")
+        if decodes:
+            for name, label in (("all", "all"), ("slowest_1pct", "the slowest 1 %")):
+                group = decodes[name]
+                lines.append(f"  B's default decodes, {label} ({group['decodes']}): TPOT {group['tpot_ms']:.2f} ms; "
+                             f"beside {group['flex_starts_per_s']:.2f} flex starts a second; "
+                             f"{100 * group['steps_with_flex_prefill']:.1f} % of their steps prefilled flex, "
+                             f"{group['flex_prefill_per_token']:.0f} flex prompt tokens per output token")
     return "\n".join(lines)
 
 
