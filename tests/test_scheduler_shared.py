@@ -12,9 +12,12 @@ import time
 
 import pytest
 
+from flexserve.config import ConfigError, load_settings
 from flexserve.engines.base import EngineLoad
+from flexserve.engines.upstream import UpstreamEngine
+from flexserve.scheduler.placement import pick_replica
 from flexserve.scheduler.policy import SchedulerConfig, can_admit, shared_flex_starts
-from flexserve.scheduler.replicas import Replica, Running, SlotLease
+from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotLease
 from flexserve.tiers import ServiceTier
 from test_scheduler import ScriptedEngine, first_and_second, make_scheduler, run, until
 
@@ -173,3 +176,55 @@ async def test_default_counts_the_prompts_other_gateways_have_awaiting_prefill()
         await run(scheduler, "d1", ServiceTier.DEFAULT)
         assert (first.started, second.started) == (["d1"], [])
         assert told == ["first", "first", "first"]
+
+
+def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_rest() -> None:
+    """``default_placement="pack"``, while there is flex: default and
+    priority go to as few replicas as hold the fleet's default runs within
+    their flex rooms (25 of 32 slots here), the first in the order of their
+    names, every gateway's runs counted; spread evenly among those. The
+    count of such replicas rises at once and falls only with a headroom (7
+    slots) to spare."""
+    config = SchedulerConfig(default_placement="pack")
+    replicas = [Replica(UpstreamEngine(f"http://10.0.0.{i}:8000"), 32) for i in (3, 1, 4, 2)]
+    pool = ModelPool("m", replicas)
+    by_name = {replica.name: replica for replica in replicas}
+    first, second = by_name["upstream:http://10.0.0.1:8000"], by_name["upstream:http://10.0.0.2:8000"]
+    now = time.monotonic()
+
+    def pick() -> Replica | None:
+        return pick_replica(config, pool, ServiceTier.DEFAULT, now)
+
+    # No flex yet: spread (no default runs anywhere: the first listed).
+    assert pick() is replicas[0]
+    by_name["upstream:http://10.0.0.4:8000"].add(Running(ServiceTier.FLEX, "o", 600, stream=False), now)
+    assert pick() is first
+    first.others_default_runs = 24  # with this one, 25: the first's flex room holds them
+    assert pick() is first
+    first.others_default_runs = 25
+    assert pick() is second
+    assert pool.num_default_replicas == 2
+    second.others_default_runs = 4
+    # 25 + 4 + 1 = 30 runs would fit in one room of 25 only below 25 - 7 = 18.
+    assert (pick(), pool.num_default_replicas) == (second, 2)
+    first.others_default_runs, second.others_default_runs = 10, 8
+    assert (pick(), pool.num_default_replicas) == (second, 2)
+    first.others_default_runs = 9
+    assert (pick(), pool.num_default_replicas) == (first, 1)
+    # A packed replica with no slot left in this gateway's lease: the one
+    # running the fewest defaults of the others takes it.
+    first.capacity = 0
+    by_name["upstream:http://10.0.0.3:8000"].others_default_runs = 9
+    by_name["upstream:http://10.0.0.4:8000"].others_default_runs = 9
+    assert pick() is second
+    # Spread, the default: by this gateway's own default runs (none), what
+    # the others run not counted; ties to the first listed.
+    config = SchedulerConfig()
+    first.capacity = 32
+    assert pick() is replicas[0]
+
+
+def test_default_placement_is_spread_or_pack() -> None:
+    assert load_settings(overrides={"default_placement": "pack"}, environ={}).default_placement == "pack"
+    with pytest.raises(ConfigError, match="default_placement.*'packed' is not spread or pack"):
+        load_settings(overrides={"default_placement": "packed"}, environ={})

@@ -22,20 +22,23 @@ URLS = ["http://10.0.0.1:8000", "http://10.0.0.2:8000"]
 
 class Gateway:
     """Two replicas as one gateway lists them, and what it has awaiting
-    prefill on each."""
+    prefill and the default runs it has on each."""
 
     def __init__(self, presence: Presence) -> None:
         self.replicas = [Replica(UpstreamEngine(url), 8) for url in URLS]
-        self.pending = {replica.name: 0 for replica in self.replicas}
-        self.prefills = SharedPrefills(presence, self.replicas, lambda replica: self.pending[replica.name])
+        self.counts = {replica.name: (0, 0) for replica in self.replicas}
+        self.prefills = SharedPrefills(presence, self.replicas, lambda replica: self.counts[replica.name])
 
-    def has(self, index: int, tokens: int) -> None:
+    def has(self, index: int, tokens: int, defaults: int = 0) -> None:
         replica = self.replicas[index]
-        self.pending[replica.name] = tokens
+        self.counts[replica.name] = (tokens, defaults)
         self.prefills.changed(replica)
 
     def others(self) -> list[int]:
         return [replica.others_unprefilled for replica in self.replicas]
+
+    def other_defaults(self) -> list[int]:
+        return [replica.others_default_runs for replica in self.replicas]
 
 
 async def started(presences: Presences, count: int) -> list[Gateway]:
@@ -45,7 +48,7 @@ async def started(presences: Presences, count: int) -> list[Gateway]:
     return gateways
 
 
-async def _lost(counts: dict[str, int]) -> None:
+async def _lost(counts: dict[str, prefills.Counts]) -> None:
     """A publish that never reaches Redis (a gateway killed)."""
 
 
@@ -100,3 +103,29 @@ async def test_a_silent_gateways_count_is_dropped_and_a_live_ones_kept(
         await until(lambda: b.others() == [0, 0])
     finally:
         await b.prefills.close()
+
+
+async def test_each_gateway_hears_the_default_runs_the_others_have_on_each_replica(presences: Presences) -> None:
+    """What packed placement counts (``default_placement="pack"``)."""
+    a, b, c = await started(presences, 3)
+    try:
+        a.has(0, 0, defaults=5)
+        b.has(0, 700, defaults=2)
+        b.has(1, 0, defaults=1)
+        await until(lambda: (a.other_defaults(), b.other_defaults(), c.other_defaults())
+                    == ([2, 1], [5, 0], [7, 1]))
+        assert c.others() == [700, 0]
+        a.has(0, 0, defaults=0)  # its default runs ended
+        await until(lambda: c.other_defaults() == [2, 1])
+    finally:
+        for gateway in (a, b, c):
+            await gateway.prefills.close()
+
+
+def test_a_message_is_read_with_or_without_its_default_runs() -> None:
+    """A gateway of an earlier version sends prompt tokens alone."""
+    assert prefills.parse("gw-1 http://10.0.0.1:8000 1200 3") == ("gw-1", "http://10.0.0.1:8000", (1200, 3))
+    assert prefills.parse("gw-1 http://10.0.0.1:8000 1200") == ("gw-1", "http://10.0.0.1:8000", (1200, 0))
+    for malformed in ("gw-1 http://10.0.0.1:8000", "gw-1 http://10.0.0.1:8000 many", "a b 1 2 3"):
+        with pytest.raises(ValueError):
+            prefills.parse(malformed)

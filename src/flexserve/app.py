@@ -70,6 +70,7 @@ def scheduler_config(settings: Settings) -> SchedulerConfig:
         flex_kv_threshold=settings.flex_kv_threshold,
         flex_max_engine_waiting=settings.flex_max_engine_waiting,
         tpot_slo=settings.tpot_slo,
+        default_placement=settings.default_placement,
         split_prefill_tokens=settings.split_prefill_tokens,
         split_prefill_concurrency=settings.split_prefill_concurrency,
         load_stale_after=settings.load_stale_after,

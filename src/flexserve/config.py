@@ -161,6 +161,11 @@ class Settings:
     flex_max_engine_waiting: int = _opt(
         0, "Flex is not released while the engine itself has more requests waiting than this."
     )
+    default_placement: str = _opt(
+        "spread", "Where default and priority go among a model's replicas: `spread` (evenly, "
+        "where the fewest prompts await prefill) or `pack` (onto as few replicas as hold them "
+        "below their flex room, so that flex runs on the others)."
+    )
     tpot_slo: float = _opt(
         0.0, "Default-tier time per output token (seconds) flex admission must keep; 0: none."
     )
@@ -322,6 +327,8 @@ def load_settings(
         raise ConfigError(f"setting 'engine': {settings.engine!r} is not embedded, sim or upstream")
     if settings.engine == "upstream" and not settings.upstreams:
         raise ConfigError("setting 'upstreams': engine=upstream needs at least one --upstream URL")
+    if settings.default_placement not in ("spread", "pack"):
+        raise ConfigError(f"setting 'default_placement': {settings.default_placement!r} is not spread or pack")
     if settings.default_service_tier not in ("default", "flex", "priority"):
         raise ConfigError("setting 'default_service_tier' must be default, flex or priority")
     if settings.redis and not settings.redis.startswith(("redis://", "rediss://", "unix://")):

@@ -42,7 +42,9 @@ another engine had less waiting.
 
 from __future__ import annotations
 
-from flexserve.scheduler.policy import SchedulerConfig, can_admit
+import math
+
+from flexserve.scheduler.policy import SchedulerConfig, can_admit, engine_flex_room, headroom_slots
 from flexserve.scheduler.replicas import ModelPool, Replica
 from flexserve.tiers import ServiceTier
 
@@ -58,9 +60,44 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         return None
     if not config.tiers_enabled or tier.is_preemptible:
         return max(candidates, key=lambda r: (r.free_slots, -engine_load(r)))
-    fewest = min(default_runs(replica) for replica in candidates)
-    spread = [replica for replica in candidates if default_runs(replica) <= fewest + DEFAULT_SPREAD]
-    return max(spread, key=lambda r: (-awaiting_prefill(r), -default_runs(r), r.free_slots, -engine_load(r)))
+    runs = default_runs
+    if config.default_placement == "pack" and len(pool.replicas) > 1 and flex_present(pool):
+        packed = [replica for replica in candidates if replica in default_replicas(config, pool)]
+        candidates = packed or candidates
+        runs = engine_default_runs
+    fewest = min(runs(replica) for replica in candidates)
+    spread = [replica for replica in candidates if runs(replica) <= fewest + DEFAULT_SPREAD]
+    return max(spread, key=lambda r: (-awaiting_prefill(r), -runs(r), r.free_slots, -engine_load(r)))
+
+
+def flex_present(pool: ModelPool) -> bool:
+    """Whether this gateway has flex or batch work running or waiting for the
+    model: without any, default is spread (there is nothing to keep it from)."""
+    return any(pool.num_in_flight_of(tier) or pool.queue.num_waiting(tier)
+               for tier in (ServiceTier.FLEX, ServiceTier.BATCH))
+
+
+def default_replicas(config: SchedulerConfig, pool: ModelPool) -> list[Replica]:
+    """The replicas default is packed onto: the first of the pool's replicas
+    (in the order of their names, the same on every gateway) whose flex rooms
+    hold the default and priority sequences running and one more. The count
+    rises at once and falls only when one fewer would hold them with a
+    headroom to spare, so that a replica is not taken in and out of default
+    work at every arrival."""
+    ordered = sorted((r for r in pool.replicas if r.healthy), key=lambda r: r.name)
+    if not ordered:
+        return []
+    room = max(1, min(engine_flex_room(config, r) for r in ordered))
+    margin = headroom_slots(config, max(r.full_capacity for r in ordered))
+    wanted = sum(engine_default_runs(r) for r in pool.replicas) + 1
+    needed = min(len(ordered), math.ceil(wanted / room))
+    count = min(len(ordered), max(1, pool.num_default_replicas))
+    if needed > count:
+        count = needed
+    elif count > 1 and wanted <= (count - 1) * room - margin:
+        count -= 1
+    pool.num_default_replicas = count
+    return ordered[:count]
 
 
 def default_runs(replica: Replica) -> int:
@@ -73,6 +110,18 @@ def unprefilled_tokens(replica: Replica) -> int:
     """Prompt tokens of the runs this gateway has on the replica that have
     had no output yet: the prefill a prompt sent there now would queue behind."""
     return sum(run.prompt_tokens for run in replica.running if run.num_output == 0 and not run.preempted)
+
+
+def own_counts(replica: Replica) -> tuple[int, int]:
+    """What this gateway tells the others of the replica (``shared/prefills.py``):
+    its prompt tokens awaiting prefill there and its default runs."""
+    return unprefilled_tokens(replica), default_runs(replica)
+
+
+def engine_default_runs(replica: Replica) -> int:
+    """Default and priority sequences on the replica: this gateway's and, as
+    they last said, the other gateways'."""
+    return default_runs(replica) + replica.others_default_runs
 
 
 def awaiting_prefill(replica: Replica) -> int:

@@ -141,6 +141,8 @@ class Replica:
     # Prompt tokens other gateways sharing the replica have sent there and had
     # no output for, as they last said (``shared/prefills.py``; 0 without Redis).
     others_unprefilled: int = 0
+    # ... and the default and priority sequences they run there.
+    others_default_runs: int = 0
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
@@ -267,6 +269,8 @@ class ModelPool:
     num_warmups: int = 0
     num_warmup_tokens: int = 0
     num_split_misses: int = 0
+    # Replicas default is packed onto (``placement.py``, ``default_placement="pack"``).
+    num_default_replicas: int = 1
 
     @property
     def capacity(self) -> int:

@@ -15,7 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from flexserve.config import Settings
-from flexserve.scheduler.placement import unprefilled_tokens
+from flexserve.scheduler.placement import own_counts
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.shared.budgets import RedisBudgets
 from flexserve.shared.capacity import SharedSlots
@@ -92,7 +92,7 @@ async def open_shared(settings: Settings, stack: AsyncExitStack, scheduler: Sche
     await slots.start()
     stack.push_async_callback(slots.close)
     if settings.redis_share_prefills:
-        prefills = SharedPrefills(presence, scheduler.replicas(), unprefilled_tokens)
+        prefills = SharedPrefills(presence, scheduler.replicas(), own_counts)
         await prefills.start()
         stack.push_async_callback(prefills.close)
         scheduler.on_prefill_change = prefills.changed

@@ -17,8 +17,13 @@ seconds is dropped, so that a gateway that died stops counting. Messages are
 fire and forget: one lost, or Redis away, leaves a gateway knowing its own
 part until the next, as it would without Redis.
 
-A message is ``gateway replica tokens``: the gateway's id, the replica's
-name (its URL, as every gateway lists it) and a count.
+The same message carries the default and priority sequences the gateway
+runs on the replica, which packed placement counts (``default_placement =
+"pack"``): ``Replica.others_default_runs``.
+
+A message is ``gateway replica tokens defaults``: the gateway's id, the
+replica's name (its URL, as every gateway lists it) and the two counts (a
+gateway of an earlier version sends the first alone).
 """
 
 from __future__ import annotations
@@ -37,6 +42,10 @@ from flexserve.shared.tasks import stop
 
 log = logging.getLogger(__name__)
 
+# A gateway's prompt tokens awaiting prefill and default runs on one replica.
+Counts = tuple[int, int]
+NONE: Counts = (0, 0)
+
 # Seconds between repeats of a count that is not zero, and how long another
 # gateway's count is kept without being heard again.
 _REPEAT = 1.0
@@ -48,23 +57,24 @@ def channel(prefix: str) -> str:
 
 
 class SharedPrefills:
-    """Publishes this gateway's prompts awaiting prefill on each shared
-    replica, and keeps each replica's ``others_unprefilled`` from what the
-    other gateways publish. ``own`` counts this gateway's for a replica."""
+    """Publishes this gateway's prompts awaiting prefill and default runs on
+    each shared replica, and keeps each replica's ``others_unprefilled`` and
+    ``others_default_runs`` from what the other gateways publish. ``own``
+    counts this gateway's for a replica."""
 
     def __init__(self, presence: Presence, replicas: list[Replica],
-                 own: Callable[[Replica], int]) -> None:
+                 own: Callable[[Replica], Counts]) -> None:
         self._presence = presence
         self._channel = channel(presence.prefix)
         self._replicas = {replica.name: replica for replica in replicas if replica.engine.shared}
         self._own = own
         # What this gateway last published for each replica.
-        self._published: dict[str, int] = {}
+        self._published: dict[str, Counts] = {}
         # Replicas whose count may have changed since the last publish.
         self._dirty: set[str] = set()
         self._flushing = False
-        # replica → holder → (tokens, time.monotonic() heard)
-        self._heard: dict[str, dict[str, tuple[int, float]]] = {}
+        # replica → holder → (counts, time.monotonic() heard)
+        self._heard: dict[str, dict[str, tuple[Counts, float]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._publishing: set[asyncio.Task[None]] = set()
         self._subscribed = asyncio.Event()
@@ -87,23 +97,23 @@ class SharedPrefills:
     def _flush(self) -> None:
         self._flushing = False
         names, self._dirty = self._dirty, set()
-        counts: dict[str, int] = {}
+        counts: dict[str, Counts] = {}
         for name in names:
-            tokens = self._own(self._replicas[name])
-            if tokens != self._published.get(name, 0):
-                counts[name] = tokens
+            own = self._own(self._replicas[name])
+            if own != self._published.get(name, NONE):
+                counts[name] = own
         if counts:
             self._published.update(counts)
             task = asyncio.create_task(self._publish(counts))
             self._publishing.add(task)
             task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, counts: dict[str, int]) -> None:
+    async def _publish(self, counts: dict[str, Counts]) -> None:
         holder = self._presence.gateway_id
         try:
             async with self._presence.redis.pipeline(transaction=False) as pipe:
-                for name, tokens in counts.items():
-                    pipe.publish(self._channel, f"{holder} {name} {tokens}")
+                for name, (tokens, defaults) in counts.items():
+                    pipe.publish(self._channel, f"{holder} {name} {tokens} {defaults}")
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             log.debug("publishing prompts awaiting prefill failed: %s", exc)
@@ -112,7 +122,7 @@ class SharedPrefills:
         while True:
             await asyncio.sleep(_REPEAT)
             self._expire(time.monotonic())
-            counts = {name: tokens for name, tokens in self._published.items() if tokens}
+            counts = {name: own for name, own in self._published.items() if own != NONE}
             if counts:
                 await self._publish(counts)
 
@@ -135,17 +145,17 @@ class SharedPrefills:
     def _hear(self, data: bytes | str, me: str) -> None:
         text = data.decode() if isinstance(data, bytes) else data
         try:
-            holder, name, count = text.rsplit(" ", 2)
-            tokens = int(count)
+            counts = parse(text)
         except ValueError:
             log.warning("ignored a malformed message on %s: %r", self._channel, text[:200])
             return
+        holder, name, own = counts
         replica = self._replicas.get(name)
         if holder == me or replica is None:
             return
         heard = self._heard.setdefault(name, {})
-        heard[holder] = (tokens, time.monotonic())
-        replica.others_unprefilled = sum(tokens for tokens, _ in heard.values())
+        heard[holder] = (own, time.monotonic())
+        _sum_into(replica, heard)
 
     def _expire(self, now: float) -> None:
         for name, heard in self._heard.items():
@@ -153,7 +163,7 @@ class SharedPrefills:
             for holder in stale:
                 del heard[holder]
             if stale:
-                self._replicas[name].others_unprefilled = sum(tokens for tokens, _ in heard.values())
+                _sum_into(self._replicas[name], heard)
 
     async def close(self) -> None:
         """Stop, telling the others that this gateway has nothing awaiting
@@ -161,6 +171,23 @@ class SharedPrefills:
         tasks, self._tasks = [*self._tasks, *self._publishing], []
         for task in tasks:
             await stop(task)
-        counts = {name: 0 for name, tokens in self._published.items() if tokens}
+        counts = {name: NONE for name, own in self._published.items() if own != NONE}
         if counts:
             await self._publish(counts)
+
+
+def parse(text: str) -> tuple[str, str, Counts]:
+    """A message's gateway, replica and counts (ValueError if malformed)."""
+    parts = text.split(" ")
+    if len(parts) == 3:
+        holder, name, tokens = parts
+        return holder, name, (int(tokens), 0)
+    if len(parts) == 4:
+        holder, name, tokens, defaults = parts
+        return holder, name, (int(tokens), int(defaults))
+    raise ValueError(text)
+
+
+def _sum_into(replica: Replica, heard: dict[str, tuple[Counts, float]]) -> None:
+    replica.others_unprefilled = sum(own[0] for own, _ in heard.values())
+    replica.others_default_runs = sum(own[1] for own, _ in heard.values())
