@@ -426,3 +426,70 @@ def test_a_prompt_awaiting_prefill_on_one_gateway_is_counted_by_the_other(
         assert len(answer) == 1
         wait_for(lambda: awaiting_prefill(second)["other_gateways"] == 0, 5)
         assert awaiting_prefill(first)["this_gateway"] == 0
+
+
+def default_runs(gateway: Gateway) -> dict[tuple[str, str], float]:
+    """The gateway's `flexserve_engine_default_runs` by replica and `sent_by`."""
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    return {(sample.labels["replica"], sample.labels["sent_by"]): sample.value
+            for family in text_string_to_metric_families(text)
+            if family.name == "flexserve_engine_default_runs"
+            for sample in family.samples}
+
+
+def test_packed_gateways_send_default_to_the_same_replica_while_flex_runs(
+    start_gateway: Callable[..., Gateway], tmp_path_factory: pytest.TempPathFactory,
+    redis_server: RedisServer, request: pytest.FixtureRequest,
+) -> None:
+    """Two gateways with `default_placement = "pack"` in front of two slow
+    engines, each running a flex request: the two default requests sent to
+    the first gateway, then the two sent to the second, all run on the
+    replica first by name (a flex room of 6 holds them), and the second
+    gateway counts the first's there, as told through Redis. Spread, the
+    first gateway's two would have gone one to each replica."""
+    engines = [SimModel("h100-llama3-8b", speed=0.2, max_num_seqs=8) for _ in range(2)]  # ~30 ms a step
+    with ServerThread(create_sim_app(engines[0])) as one, ServerThread(create_sim_app(engines[1])) as two:
+        shared = {"engine": "upstream", "upstreams": [one.url, two.url], "upstream_capacity": 8,
+                  "default_placement": "pack", "redis": redis_server.url,
+                  "db": shared_database(request, tmp_path_factory, "packed"),
+                  "redis_prefix": f"packed-{uuid.uuid4().hex[:8]}"}
+        gateways = [start_gateway(org=f"packed-admin-{i}", **shared) for i in range(2)]
+        model = engines[0].model_id
+        first_replica = min(f"upstream:{url}" for url in (one.url, two.url))
+        answers: list[object] = []
+
+        def ask(gateway: Gateway, tier: str, max_tokens: int) -> threading.Thread:
+            def send() -> None:
+                try:
+                    answers.append(gateway.client().chat.completions.create(
+                        model=model, messages=[{"role": "user", "content": "Enrich this record."}],
+                        max_tokens=max_tokens, service_tier=tier))  # type: ignore[arg-type]
+                except openai.APIError as exc:
+                    answers.append(exc)
+            thread = threading.Thread(target=send, daemon=True)
+            thread.start()
+            return thread
+
+        def runs(gateway: Gateway, sent_by: str) -> list[float]:
+            values = default_runs(gateway)
+            return [values[(replica, sent_by)] for replica in sorted({r for r, _ in values})]
+
+        threads = [ask(gateway, "flex", 200) for gateway in gateways]
+        wait_for(lambda: all(scrape_in_flight(gateway, "flex") == 1 for gateway in gateways), 10)
+        threads += [ask(gateways[0], "default", 60) for _ in range(2)]
+        wait_for(lambda: runs(gateways[0], "this_gateway") == [2, 0], 10)
+        wait_for(lambda: runs(gateways[1], "other_gateways") == [2, 0], 5)
+        threads += [ask(gateways[1], "default", 60) for _ in range(2)]
+        wait_for(lambda: runs(gateways[1], "this_gateway") == [2, 0], 10)
+        assert sorted({r for r, _ in default_runs(gateways[1])})[0] == first_replica
+        for thread in threads:
+            thread.join(timeout=60)
+        assert len(answers) == 6
+        assert not any(isinstance(answer, BaseException) for answer in answers), answers
+
+
+def scrape_in_flight(gateway: Gateway, tier: str) -> float:
+    text = httpx.get(gateway.url + "/metrics", timeout=5).text
+    return sum(sample.value for family in text_string_to_metric_families(text)
+               if family.name == "flexserve_in_flight" for sample in family.samples
+               if sample.labels.get("tier") == tier)

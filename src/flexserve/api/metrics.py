@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from flexserve.scheduler.placement import unprefilled_tokens
+from flexserve.scheduler.placement import default_runs, unprefilled_tokens
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.tiers import ServiceTier
 
@@ -130,9 +130,17 @@ class _SchedulerCollector(Collector):
             "(sent_by=this_gateway) and, with redis, the others' as they last said (other_gateways).",
             labels=["replica", "sent_by"],
         )
+        defaults = GaugeMetricFamily(
+            "flexserve_engine_default_runs",
+            "Default and priority sequences on the replica: this gateway's (sent_by=this_gateway) "
+            "and, with redis, the others' as they last said (other_gateways).",
+            labels=["replica", "sent_by"],
+        )
         for replica in self._scheduler.replicas():
             awaiting.add_metric([replica.name, "this_gateway"], unprefilled_tokens(replica))
             awaiting.add_metric([replica.name, "other_gateways"], replica.others_unprefilled)
+            defaults.add_metric([replica.name, "this_gateway"], default_runs(replica))
+            defaults.add_metric([replica.name, "other_gateways"], replica.others_default_runs)
             load["running"].add_metric([replica.name], replica.load.num_running)
             load["waiting"].add_metric([replica.name], replica.load.num_waiting)
             if replica.load.kv_cache_usage is not None:
@@ -146,6 +154,7 @@ class _SchedulerCollector(Collector):
         yield from events.values()
         yield from load.values()
         yield awaiting
+        yield defaults
 
 
 class GatewayMetrics:
