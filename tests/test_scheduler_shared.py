@@ -211,11 +211,9 @@ def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_
     assert (pick(), pool.num_default_replicas) == (second, 2)
     first.others_default_runs = 9
     assert (pick(), pool.num_default_replicas) == (first, 1)
-    # A packed replica with no slot left in this gateway's lease: the one
-    # running the fewest defaults of the others takes it.
+    # A packed replica with no slot left in this gateway's lease: the next in
+    # the same order takes it, where the other gateways' go too.
     first.capacity = 0
-    by_name["upstream:http://10.0.0.3:8000"].others_default_runs = 9
-    by_name["upstream:http://10.0.0.4:8000"].others_default_runs = 9
     assert pick() is second
     # Spread, the default: by this gateway's own default runs (none), what
     # the others run not counted; ties to the first listed.
@@ -228,3 +226,24 @@ def test_default_placement_is_spread_or_pack() -> None:
     assert load_settings(overrides={"default_placement": "pack"}, environ={}).default_placement == "pack"
     with pytest.raises(ConfigError, match="default_placement.*'packed' is not spread or pack"):
         load_settings(overrides={"default_placement": "packed"}, environ={})
+
+
+def test_packed_flex_leaves_half_its_room_to_default_where_default_is_packed_or_runs() -> None:
+    """Flex starts on a replica default is packed onto, or where default
+    runs, only while the engine runs fewer flex sequences than half the
+    flex room (12 of 25 here): so that when default ebbs, the flex refilling
+    the room is not prefilled beside the defaults still decoding there. On
+    a replica with no default, flex takes the whole room."""
+    config = SchedulerConfig(default_placement="pack")
+    now = time.monotonic()
+    packed, hosting, alone = (Replica(UpstreamEngine(f"http://10.0.0.{i}:8000"), 32) for i in (1, 2, 3))
+    packed.default_packed = True
+    hosting.others_default_runs = 1
+    for replica in (packed, hosting, alone):
+        # The engine runs 11 flex sequences of other gateways' (and the one default).
+        replica.load = EngineLoad(11 + replica.others_default_runs, 0, 0.1, updated_at=now)
+        assert can_admit(config, replica, ServiceTier.FLEX, now)
+        replica.add(Running(ServiceTier.FLEX, "o", 600, stream=False), now)
+    assert [can_admit(config, r, ServiceTier.FLEX, now) for r in (packed, hosting, alone)] == [False, False, True]
+    # Spread, the default: no such reserve.
+    assert can_admit(SchedulerConfig(), packed, ServiceTier.FLEX, now)

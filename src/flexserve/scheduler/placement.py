@@ -60,10 +60,14 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         return None
     if not config.tiers_enabled or tier.is_preemptible:
         return max(candidates, key=lambda r: (r.free_slots, -engine_load(r)))
+    if config.default_placement == "pack":
+        mark_default_replicas(config, pool)
     runs = default_runs
     if config.default_placement == "pack" and len(pool.replicas) > 1 and flex_present(pool):
-        packed = [replica for replica in candidates if replica in default_replicas(config, pool)]
-        candidates = packed or candidates
+        packed = [replica for replica in candidates if replica.default_packed]
+        # None has a slot for it: the next in the same order, where the
+        # other gateways' overflow goes too.
+        candidates = packed or [min(candidates, key=lambda r: r.name)]
         runs = engine_default_runs
     fewest = min(runs(replica) for replica in candidates)
     spread = [replica for replica in candidates if runs(replica) <= fewest + DEFAULT_SPREAD]
@@ -75,6 +79,13 @@ def flex_present(pool: ModelPool) -> bool:
     model: without any, default is spread (there is nothing to keep it from)."""
     return any(pool.num_in_flight_of(tier) or pool.queue.num_waiting(tier)
                for tier in (ServiceTier.FLEX, ServiceTier.BATCH))
+
+
+def mark_default_replicas(config: SchedulerConfig, pool: ModelPool) -> None:
+    """Mark the replicas default is packed onto (``Replica.default_packed``)."""
+    packed = default_replicas(config, pool)
+    for replica in pool.replicas:
+        replica.default_packed = replica in packed
 
 
 def default_replicas(config: SchedulerConfig, pool: ModelPool) -> list[Replica]:

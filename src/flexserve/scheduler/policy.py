@@ -116,6 +116,36 @@ def shared_flex_starts(config: SchedulerConfig, replica: Replica) -> int:
     return math.floor(free * share + replica.load_draw) + replica.load_ends
 
 
+def pack_reserve(config: SchedulerConfig, replica: Replica) -> int:
+    """With default packed (``default_placement="pack"``): the part of the
+    replica's flex room flex leaves to default where default is packed or
+    runs, half of it. Flex fills what default leaves of a room, and where
+    default runs, every flex start is a prompt prefilled in the steps its
+    decodes wait through: without it, when default traffic ebbs the flex
+    that refills a packed replica's room is prefilled beside the defaults
+    still decoding there (docs/scheduler.md)."""
+    if config.default_placement != "pack":
+        return 0
+    by_tier = replica.num_in_flight_by_tier
+    hosting = by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY] + replica.others_default_runs
+    if not replica.default_packed and not hosting:
+        return 0
+    return math.ceil(engine_flex_room(config, replica) / 2)
+
+
+def engine_flex_runs(replica: Replica) -> int:
+    """Flex and batch sequences on the replica's engine: this gateway's, and
+    what its last reading counted beyond this gateway's runs then (those
+    still running and those ended since) and the other gateways' default
+    runs."""
+    by_tier = replica.num_in_flight_by_tier
+    own = by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
+    load = replica.load
+    counted = sum(1 for run in replica.running if run.granted_at < replica.load_asked_at) + replica.load_ends
+    others = load.num_running + load.num_waiting - counted - replica.others_default_runs
+    return own + max(0, others)
+
+
 def predicted_tpot(
     replica: Replica, num_sequences: int, tokens_held: int, *, calibrated: bool = True
 ) -> float | None:
@@ -156,6 +186,9 @@ def can_admit(
             # each gateway taking its part of what the count leaves free.
             return False
         if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
+            return False
+        reserve = pack_reserve(config, replica)
+        if reserve and engine_flex_runs(replica) >= engine_flex_room(config, replica) - reserve:
             return False
     if config.tpot_slo > 0:
         step = predicted_tpot(

@@ -143,6 +143,8 @@ class Replica:
     others_unprefilled: int = 0
     # ... and the default and priority sequences they run there.
     others_default_runs: int = 0
+    # One of the replicas default is packed onto (``placement.default_replicas``).
+    default_packed: bool = False
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.
