@@ -240,10 +240,13 @@ def test_packed_flex_leaves_half_its_room_to_default_where_default_is_packed_or_
     packed.default_packed = True
     hosting.others_default_runs = 1
     for replica in (packed, hosting, alone):
+        replica.packs_default = True  # in a pool of several
         # The engine runs 11 flex sequences of other gateways' (and the one default).
         replica.load = EngineLoad(11 + replica.others_default_runs, 0, 0.1, updated_at=now)
         assert can_admit(config, replica, ServiceTier.FLEX, now)
         replica.add(Running(ServiceTier.FLEX, "o", 600, stream=False), now)
     assert [can_admit(config, r, ServiceTier.FLEX, now) for r in (packed, hosting, alone)] == [False, False, True]
-    # Spread, the default: no such reserve.
+    # Spread, the default: no such reserve; nor in a pool of one replica.
     assert can_admit(SchedulerConfig(), packed, ServiceTier.FLEX, now)
+    hosting.packs_default = False
+    assert can_admit(config, hosting, ServiceTier.FLEX, now)

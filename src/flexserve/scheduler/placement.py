@@ -82,9 +82,12 @@ def flex_present(pool: ModelPool) -> bool:
 
 
 def mark_default_replicas(config: SchedulerConfig, pool: ModelPool) -> None:
-    """Mark the replicas default is packed onto (``Replica.default_packed``)."""
-    packed = default_replicas(config, pool)
+    """Mark the replicas default is packed onto (``Replica.default_packed``),
+    in a pool of several (one replica has nowhere else to put flex)."""
+    several = len(pool.replicas) > 1
+    packed = default_replicas(config, pool) if several else []
     for replica in pool.replicas:
+        replica.packs_default = several
         replica.default_packed = replica in packed
 
 

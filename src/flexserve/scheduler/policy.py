@@ -123,8 +123,9 @@ def pack_reserve(config: SchedulerConfig, replica: Replica) -> int:
     default runs, every flex start is a prompt prefilled in the steps its
     decodes wait through: without it, when default traffic ebbs the flex
     that refills a packed replica's room is prefilled beside the defaults
-    still decoding there (docs/scheduler.md)."""
-    if config.default_placement != "pack":
+    still decoding there (docs/scheduler.md). None where the pool has one
+    replica: flex has nowhere else to run."""
+    if config.default_placement != "pack" or not replica.packs_default:
         return 0
     by_tier = replica.num_in_flight_by_tier
     hosting = by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY] + replica.others_default_runs

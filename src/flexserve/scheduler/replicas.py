@@ -143,7 +143,9 @@ class Replica:
     others_unprefilled: int = 0
     # ... and the default and priority sequences they run there.
     others_default_runs: int = 0
-    # One of the replicas default is packed onto (``placement.default_replicas``).
+    # In a pool of several replicas whose default is packed, and one of the
+    # replicas it is packed onto (``placement.mark_default_replicas``).
+    packs_default: bool = False
     default_packed: bool = False
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
