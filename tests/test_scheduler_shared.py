@@ -215,10 +215,19 @@ def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_
     # the same order takes it, where the other gateways' go too.
     first.capacity = 0
     assert pick() is second
+    # Every packed replica (the first) with more than 2,048 prompt tokens
+    # awaiting prefill: the next takes it if half as many or fewer await there.
+    first.capacity = 32
+    first.others_unprefilled, second.others_unprefilled = 3_000, 1_600
+    assert pick() is first
+    second.others_unprefilled = 1_500
+    assert pick() is second
+    first.others_unprefilled = 2_000
+    assert pick() is first
     # Spread, the default: by this gateway's own default runs (none), what
     # the others run not counted; ties to the first listed.
     config = SchedulerConfig()
-    first.capacity = 32
+    first.others_unprefilled = second.others_unprefilled = 0
     assert pick() is replicas[0]
 
 

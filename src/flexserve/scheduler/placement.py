@@ -51,6 +51,11 @@ from flexserve.tiers import ServiceTier
 # Default and priority sequences a replica may run beyond the fewest any
 # candidate runs and still be chosen for where a first token comes soonest.
 DEFAULT_SPREAD = 1
+# Packed default: prompt tokens awaiting prefill on every packed replica
+# past which a default goes to the next replica instead, if half as many or
+# fewer await there (2,048 tokens: 44 ms of an H100's prefill; one engine's
+# defaults behind 3,000 or more had a TTFT of 72-100 ms, docs/benchmarks.md).
+PACKED_PREFILL_AHEAD = 2048
 
 
 def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, now: float) -> Replica | None:
@@ -65,9 +70,15 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
     runs = default_runs
     if config.default_placement == "pack" and len(pool.replicas) > 1 and flex_present(pool):
         packed = [replica for replica in candidates if replica.default_packed]
-        # None has a slot for it: the next in the same order, where the
-        # other gateways' overflow goes too.
-        candidates = packed or [min(candidates, key=lambda r: r.name)]
+        others = [replica for replica in candidates if not replica.default_packed]
+        # None has a slot for it, or every one has a long prefill ahead of
+        # it and the next has far less: the next in the same order, where
+        # the other gateways' overflow goes too.
+        ahead = min((awaiting_prefill(replica) for replica in packed), default=0)
+        if not packed or (ahead > PACKED_PREFILL_AHEAD and others
+                          and awaiting_prefill(min(others, key=lambda r: r.name)) * 2 <= ahead):
+            packed = [min(others, key=lambda r: r.name)]
+        candidates = packed
         runs = engine_default_runs
     fewest = min(runs(replica) for replica in candidates)
     spread = [replica for replica in candidates if runs(replica) <= fewest + DEFAULT_SPREAD]
