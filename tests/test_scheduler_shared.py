@@ -45,6 +45,31 @@ async def test_asking_for_a_lease_holds_admission_to_what_runs_until_the_answer(
     await scheduler.close()
 
 
+async def test_default_arriving_while_a_lease_is_renewed_waits_for_it_and_preempts_nothing() -> None:
+    """A full replica's lease being renewed holds admission; a default
+    arriving then waits for the answer rather than abort flex for a slot
+    the answer may give it."""
+    engine = ScriptedEngine(capacity=2, token_time=0.01)
+    engine.shared = True
+    scheduler = await make_scheduler(engine)
+    [ask] = scheduler.slot_demand()
+    scheduler.lease(ask.replica, SlotLease(1, 1, {}, set()))
+    flex = asyncio.create_task(run(scheduler, "f0", ServiceTier.FLEX, tokens=400))
+    await until(lambda: engine.started == ["f0"])
+    [ask] = scheduler.slot_demand()
+    default = asyncio.create_task(run(scheduler, "d0", ServiceTier.DEFAULT, tokens=5))
+    await asyncio.sleep(0.05)
+    [pool] = scheduler._pools.values()
+    assert (engine.started, pool.num_preemptions) == (["f0"], 0)
+    scheduler.lease(ask.replica, SlotLease(2, 1, {}, set()))
+    await until(lambda: "d0" in engine.started)
+    assert pool.num_preemptions == 0
+    for task in (flex, default):
+        task.cancel()
+    await asyncio.gather(flex, default, return_exceptions=True)
+    await scheduler.close()
+
+
 async def test_flex_starts_only_below_the_flex_room_its_lease_gives() -> None:
     """Where gateways share a replica, the headroom kept for default is the
     replica's, not one per lease: flex starts below the room the lease
@@ -214,6 +239,9 @@ def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_
     # A packed replica with no slot left in this gateway's lease: the next in
     # the same order takes it, where the other gateways' go too.
     first.capacity = 0
+    first.lease_pending = True  # held while its lease is renewed: wait for the answer
+    assert pick() is None
+    first.lease_pending = False
     assert pick() is second
     # Every packed replica (the first) with more than 2,048 prompt tokens
     # awaiting prefill: the next takes it if half as many or fewer await there.

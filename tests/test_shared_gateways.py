@@ -474,13 +474,13 @@ def test_packed_gateways_send_default_to_the_same_replica_while_flex_runs(
             values = default_runs(gateway)
             return [values[(replica, sent_by)] for replica in sorted({r for r, _ in values})]
 
-        threads = [ask(gateway, "flex", 200) for gateway in gateways]
-        wait_for(lambda: all(scrape_in_flight(gateway, "flex") == 1 for gateway in gateways), 10)
-        threads += [ask(gateways[0], "default", 60) for _ in range(2)]
-        wait_for(lambda: runs(gateways[0], "this_gateway") == [2, 0], 10)
+        threads = [ask(gateway, "flex", 400) for gateway in gateways]
+        wait_for(lambda: all(scrape_in_flight(gateway, "flex") == 1 for gateway in gateways), 20)
+        threads += [ask(gateways[0], "default", 150) for _ in range(2)]
+        wait_for(lambda: runs(gateways[0], "this_gateway") == [2, 0], 20)
         wait_for(lambda: runs(gateways[1], "other_gateways") == [2, 0], 5)
-        threads += [ask(gateways[1], "default", 60) for _ in range(2)]
-        wait_for(lambda: runs(gateways[1], "this_gateway") == [2, 0], 10)
+        threads += [ask(gateways[1], "default", 150) for _ in range(2)]
+        wait_for(lambda: runs(gateways[1], "this_gateway") == [2, 0], 20)
         assert sorted({r for r, _ in default_runs(gateways[1])})[0] == first_replica
         for thread in threads:
             thread.join(timeout=60)

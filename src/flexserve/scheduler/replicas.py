@@ -147,6 +147,9 @@ class Replica:
     # replicas it is packed onto (``placement.mark_default_replicas``).
     packs_default: bool = False
     default_packed: bool = False
+    # Its lease is being renewed (shared replicas): admission is held to
+    # what runs until the answer (``Scheduler.slot_demand``).
+    lease_pending: bool = False
     # Engine time prompts may still take without pushing default's TPOT past the SLO.
     prefill: PrefillBudget = field(default_factory=PrefillBudget)
     # Slots flex holds here, smoothed (scheduler/drain.py), and when last looked at.

@@ -270,6 +270,7 @@ class Scheduler:
             asks.append(SlotAsk(replica.name, full, engine_flex_room(self.config, replica),
                                 replica.num_in_flight, flex_in_use, wants))
             replica.capacity = min(replica.capacity, replica.num_in_flight)
+            replica.lease_pending = True
         return asks
 
     def lease(self, name: str, lease: SlotLease) -> None:
@@ -286,6 +287,7 @@ class Scheduler:
             replica.orgs_spread = lease.spread
             replica.capacity = min(lease.slots, replica.full_capacity)
             replica.flex_room = lease.flex_room
+            replica.lease_pending = False
             for pool in self._pools_of(replica):
                 pool.queue.set_weights(turn_weights(pool.replicas))
                 self._dispatch(pool)
@@ -548,7 +550,11 @@ class Scheduler:
                 continue
             replica = self._pick(pool, waiter.tier, now)
             if replica is None:
-                if self.config.tiers_enabled and not waiter.tier.is_preemptible:
+                # Not while a lease is being renewed: its answer, in
+                # milliseconds, dispatches again (slot_demand holds admission
+                # to what runs until then).
+                if (self.config.tiers_enabled and not waiter.tier.is_preemptible
+                        and not any(r.lease_pending for r in pool.replicas)):
                     self._preempt_for(pool, now)
                 return
             pool.queue.pop()
