@@ -46,7 +46,7 @@ class Settings:
         0.2, "Seconds between a gateway's updates of its leases on each replica's slots (with redis)."
     )
     redis_share_prefills: bool = _opt(
-        True, "Tell the other gateways (with redis) the prompt tokens this one has awaiting prefill on each replica, and place default work by theirs too."
+        True, "Tell the other gateways (with redis) the prompt tokens this one has awaiting prefill and the default runs it has on each replica, and place default work by theirs too."
     )
     files_dir: str = _opt(
         "", "Directory of uploaded files and batch output; empty: HOME/files. Gateways sharing a database share one (a shared volume)."

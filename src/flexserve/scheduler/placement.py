@@ -29,6 +29,15 @@ candidates. Then:
 
 * **Flex** goes where the most slots are free.
 
+* **Packed default** (``default_placement = "pack"``, with several
+  replicas, while there is flex): default and priority go only to the
+  first replicas in name order that hold them within their flex rooms
+  (``default_replicas``), counting every gateway's, and are spread among
+  those as above; flex fills the others, and where default is packed or
+  runs it keeps to half its room (``policy.pack_reserve``). Spread evenly,
+  each default decodes beside the most flex: a replica's room less the
+  defaults there (docs/scheduler.md, "Packed default").
+
 Ties left go to the replica whose engine says it runs and queues the fewest
 sequences (other gateways' included, where they share it), not to the first
 listed: every gateway of a fleet would otherwise send its work to the same
