@@ -388,13 +388,19 @@ def test_a_batch_created_on_one_gateway_is_run_by_both_each_line_once(batch_pair
         f"l{i}" for i in range(60))
 
 
-def awaiting_prefill(gateway: Gateway) -> dict[str, float]:
-    """The gateway's `flexserve_engine_prompt_tokens_awaiting_prefill` by `sent_by`."""
+def by_sender(gateway: Gateway, name: str) -> dict[tuple[str, str], float]:
+    """The gateway's gauge ``name`` by replica and `sent_by`."""
     text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    return {sample.labels["sent_by"]: sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "flexserve_engine_prompt_tokens_awaiting_prefill"
+    return {(sample.labels["replica"], sample.labels["sent_by"]): sample.value
+            for family in text_string_to_metric_families(text) if family.name == name
             for sample in family.samples}
+
+
+def awaiting_prefill(gateway: Gateway) -> dict[str, float]:
+    """The gateway's `flexserve_engine_prompt_tokens_awaiting_prefill` by
+    `sent_by` (one replica)."""
+    return {sent_by: value for (_, sent_by), value in
+            by_sender(gateway, "flexserve_engine_prompt_tokens_awaiting_prefill").items()}
 
 
 def test_a_prompt_awaiting_prefill_on_one_gateway_is_counted_by_the_other(
@@ -426,15 +432,6 @@ def test_a_prompt_awaiting_prefill_on_one_gateway_is_counted_by_the_other(
         assert len(answer) == 1
         wait_for(lambda: awaiting_prefill(second)["other_gateways"] == 0, 5)
         assert awaiting_prefill(first)["this_gateway"] == 0
-
-
-def default_runs(gateway: Gateway) -> dict[tuple[str, str], float]:
-    """The gateway's `flexserve_engine_default_runs` by replica and `sent_by`."""
-    text = httpx.get(gateway.url + "/metrics", timeout=5).text
-    return {(sample.labels["replica"], sample.labels["sent_by"]): sample.value
-            for family in text_string_to_metric_families(text)
-            if family.name == "flexserve_engine_default_runs"
-            for sample in family.samples}
 
 
 def test_packed_gateways_send_default_to_the_same_replica_while_flex_runs(
@@ -471,7 +468,7 @@ def test_packed_gateways_send_default_to_the_same_replica_while_flex_runs(
             return thread
 
         def runs(gateway: Gateway, sent_by: str) -> list[float]:
-            values = default_runs(gateway)
+            values = by_sender(gateway, "flexserve_engine_default_runs")
             return [values[(replica, sent_by)] for replica in sorted({r for r, _ in values})]
 
         threads = [ask(gateway, "flex", 400) for gateway in gateways]
@@ -481,7 +478,7 @@ def test_packed_gateways_send_default_to_the_same_replica_while_flex_runs(
         wait_for(lambda: runs(gateways[1], "other_gateways") == [2, 0], 5)
         threads += [ask(gateways[1], "default", 150) for _ in range(2)]
         wait_for(lambda: runs(gateways[1], "this_gateway") == [2, 0], 20)
-        assert sorted({r for r, _ in default_runs(gateways[1])})[0] == first_replica
+        assert sorted({r for r, _ in by_sender(gateways[1], "flexserve_engine_default_runs")})[0] == first_replica
         for thread in threads:
             thread.join(timeout=60)
         assert len(answers) == 6

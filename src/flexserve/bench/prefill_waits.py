@@ -50,7 +50,7 @@ import bisect
 import datetime
 import math
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,21 +79,29 @@ class Logged:
     ttft_ms: float
 
 
+def json_lines(path: Path, *markers: bytes) -> Iterator[dict[str, Any]]:
+    """The JSON objects of the lines of ``path`` holding any of ``markers``
+    (other lines, and lines that are not JSON, skipped)."""
+    with path.open("rb") as lines:
+        for line in lines:
+            if not any(marker in line for marker in markers):
+                continue
+            try:
+                row = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # not a log record (a stray line of the process's stderr)
+            if isinstance(row, dict):
+                yield row
+
+
 def read_logs(paths: Iterable[Path]) -> list[Logged]:
     """The ``request`` lines of ``paths`` that had a first token."""
     out = []
     for path in paths:
-        with path.open("rb") as lines:
-            for line in lines:
-                if b'"event": "request"' not in line and b'"event":"request"' not in line:
-                    continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue  # not a log record (a stray line of the process's stderr)
-                if not isinstance(row, dict) or row.get("event") != "request" or row.get("ttft_ms") is None or not row.get("replica"):
-                    continue
-                out.append(_logged(row))
+        for row in json_lines(path, b'"event": "request"', b'"event":"request"'):
+            if row.get("event") != "request" or row.get("ttft_ms") is None or not row.get("replica"):
+                continue
+            out.append(_logged(row))
     return out
 
 
@@ -222,18 +230,11 @@ def engine_tpots(paths: Iterable[Path]) -> dict[str, list[float]]:
     out: dict[str, list[float]] = {"A": [], "B": []}
     for path in paths:
         scenario = "A"
-        with path.open("rb") as lines:
-            for line in lines:
-                if b'"sim_request"' not in line:
-                    continue
-                try:
-                    row = orjson.loads(line)
-                except orjson.JSONDecodeError:
-                    continue
-                if row.get("priority") == ServiceTier.FLEX.rank:
-                    scenario = "B"
-                elif row.get("priority") == ServiceTier.DEFAULT.rank and row.get("output_tokens", 0) >= 2:
-                    out[scenario].append(row["decode_s"] / (row["output_tokens"] - 1) * 1000)
+        for row in json_lines(path, b'"sim_request"'):
+            if row.get("priority") == ServiceTier.FLEX.rank:
+                scenario = "B"
+            elif row.get("priority") == ServiceTier.DEFAULT.rank and row.get("output_tokens", 0) >= 2:
+                out[scenario].append(row["decode_s"] / (row["output_tokens"] - 1) * 1000)
     return out
 
 
@@ -264,18 +265,11 @@ def engine_decodes(path: Path) -> list[EngineDecode]:
     steps: list[tuple[float, int]] = []  # (start, flex prompt tokens prefilled)
     requests: list[dict[str, Any]] = []
     flex_rank, default_rank = str(ServiceTier.FLEX.rank), ServiceTier.DEFAULT.rank
-    with path.open("rb") as lines:
-        for line in lines:
-            if b'"sim_step"' not in line and b'"sim_request"' not in line:
-                continue
-            try:
-                row = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if row.get("event") == "sim_step":
-                steps.append((row["start_s"], row["prefill_tokens"].get(flex_rank, 0)))
-            elif row.get("event") == "sim_request" and "arrival_s" in row:
-                requests.append(row)
+    for row in json_lines(path, b'"sim_step"', b'"sim_request"'):
+        if row.get("event") == "sim_step":
+            steps.append((row["start_s"], row["prefill_tokens"].get(flex_rank, 0)))
+        elif row.get("event") == "sim_request" and "arrival_s" in row:
+            requests.append(row)
     flex_arrivals = sorted(r["arrival_s"] for r in requests if r["priority"] == ServiceTier.FLEX.rank)
     if not flex_arrivals or not steps:
         return []
