@@ -80,14 +80,14 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
     if config.default_placement == "pack" and len(pool.replicas) > 1 and flex_present(pool):
         packed = [replica for replica in candidates if replica.default_packed]
         others = [replica for replica in candidates if not replica.default_packed]
-        # None has a slot for it, or every one has a long prefill ahead of
-        # it and the next has far less: the next in the same order, where
-        # the other gateways' overflow goes too.
         if not packed and any(r.default_packed and r.lease_pending for r in pool.replicas):
             # A packed replica's lease is being renewed: the answer, in
             # milliseconds, dispatches it there. Answers come replica by
             # replica, and the first to come would otherwise take it.
             return None
+        # None has a slot for it, or every one has a long prefill ahead of
+        # it and the next has far less: the next in the same order, where
+        # the other gateways' overflow goes too.
         ahead = min((awaiting_prefill(replica) for replica in packed), default=0)
         if not packed or (ahead > PACKED_PREFILL_AHEAD and others
                           and awaiting_prefill(min(others, key=lambda r: r.name)) * 2 <= ahead):
