@@ -15,7 +15,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from flexserve.scheduler.placement import default_runs, unprefilled_tokens
+from flexserve.scheduler.placement import unprefilled_tokens
+from flexserve.scheduler.policy import default_runs
 from flexserve.scheduler.scheduler import Scheduler
 from flexserve.tiers import ServiceTier
 

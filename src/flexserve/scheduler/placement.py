@@ -53,7 +53,14 @@ from __future__ import annotations
 
 import math
 
-from flexserve.scheduler.policy import SchedulerConfig, can_admit, engine_flex_room, headroom_slots
+from flexserve.scheduler.policy import (
+    SchedulerConfig,
+    can_admit,
+    default_runs,
+    engine_default_runs,
+    engine_flex_room,
+    headroom_slots,
+)
 from flexserve.scheduler.replicas import ModelPool, Replica
 from flexserve.tiers import ServiceTier
 
@@ -139,12 +146,6 @@ def default_replicas(config: SchedulerConfig, pool: ModelPool) -> list[Replica]:
     return ordered[:count]
 
 
-def default_runs(replica: Replica) -> int:
-    """Default and priority sequences this gateway runs on the replica."""
-    by_tier = replica.num_in_flight_by_tier
-    return by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY]
-
-
 def unprefilled_tokens(replica: Replica) -> int:
     """Prompt tokens of the runs this gateway has on the replica that have
     had no output yet: the prefill a prompt sent there now would queue behind."""
@@ -155,12 +156,6 @@ def own_counts(replica: Replica) -> tuple[int, int]:
     """What this gateway tells the others of the replica (``shared/prefills.py``):
     its prompt tokens awaiting prefill there and its default runs."""
     return unprefilled_tokens(replica), default_runs(replica)
-
-
-def engine_default_runs(replica: Replica) -> int:
-    """Default and priority sequences on the replica: this gateway's and, as
-    they last said, the other gateways'."""
-    return default_runs(replica) + replica.others_default_runs
 
 
 def awaiting_prefill(replica: Replica) -> int:

@@ -116,6 +116,24 @@ def shared_flex_starts(config: SchedulerConfig, replica: Replica) -> int:
     return math.floor(free * share + replica.load_draw) + replica.load_ends
 
 
+def default_runs(replica: Replica) -> int:
+    """Default and priority sequences this gateway runs on the replica."""
+    by_tier = replica.num_in_flight_by_tier
+    return by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY]
+
+
+def engine_default_runs(replica: Replica) -> int:
+    """Default and priority sequences on the replica: this gateway's and, as
+    they last said, the other gateways'."""
+    return default_runs(replica) + replica.others_default_runs
+
+
+def flex_runs(replica: Replica) -> int:
+    """Flex and batch sequences this gateway runs on the replica."""
+    by_tier = replica.num_in_flight_by_tier
+    return by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
+
+
 def pack_reserve(config: SchedulerConfig, replica: Replica) -> int:
     """With default packed (``default_placement="pack"``): the part of the
     replica's flex room flex leaves to default where default is packed or
@@ -127,9 +145,7 @@ def pack_reserve(config: SchedulerConfig, replica: Replica) -> int:
     replica: flex has nowhere else to run."""
     if config.default_placement != "pack" or not replica.packs_default:
         return 0
-    by_tier = replica.num_in_flight_by_tier
-    hosting = by_tier[ServiceTier.DEFAULT] + by_tier[ServiceTier.PRIORITY] + replica.others_default_runs
-    if not replica.default_packed and not hosting:
+    if not replica.default_packed and not engine_default_runs(replica):
         return 0
     return math.ceil(engine_flex_room(config, replica) / 2)
 
@@ -139,12 +155,10 @@ def engine_flex_runs(replica: Replica) -> int:
     what its last reading counted beyond this gateway's runs then (those
     still running and those ended since) and the other gateways' default
     runs."""
-    by_tier = replica.num_in_flight_by_tier
-    own = by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
     load = replica.load
     counted = sum(1 for run in replica.running if run.granted_at < replica.load_asked_at) + replica.load_ends
     others = load.num_running + load.num_waiting - counted - replica.others_default_runs
-    return own + max(0, others)
+    return flex_runs(replica) + max(0, others)
 
 
 def predicted_tpot(

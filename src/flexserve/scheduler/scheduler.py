@@ -65,7 +65,7 @@ from flexserve.scheduler.estimates import NO_WAIT, WaitEstimate
 from flexserve.scheduler.flex_waits import FlexWaits
 from flexserve.scheduler.split_prefill import SplitPrefill
 from flexserve.scheduler.placement import pick_replica
-from flexserve.scheduler.policy import SchedulerConfig, engine_flex_room, predicted_tpot
+from flexserve.scheduler.policy import SchedulerConfig, engine_flex_room, flex_runs, predicted_tpot
 from flexserve.scheduler.queue import TierQueue, Waiter
 from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotAsk, SlotLease
 from flexserve.tiers import ServiceTier
@@ -265,10 +265,8 @@ class Scheduler:
                 for org, count in waiting[pool.model].items():
                     wants[org] = wants.get(org, 0) + math.ceil(count / len(pool.replicas))
             full = replica.full_capacity
-            by_tier = replica.num_in_flight_by_tier
-            flex_in_use = by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
             asks.append(SlotAsk(replica.name, full, engine_flex_room(self.config, replica),
-                                replica.num_in_flight, flex_in_use, wants))
+                                replica.num_in_flight, flex_runs(replica), wants))
             replica.capacity = min(replica.capacity, replica.num_in_flight)
             replica.lease_pending = True
         return asks
