@@ -207,7 +207,8 @@ def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_
     """``default_placement="pack"``, while there is flex: default and
     priority go to as few replicas as hold the fleet's default runs within
     their flex rooms (25 of 32 slots here), the first in the order of their
-    names, every gateway's runs counted; spread evenly among those. The
+    names, every gateway's runs counted; among those, where the least prefill
+    awaits, and spread evenly where none awaits. The
     count of such replicas rises at once and falls only with a headroom (7
     slots) to spare."""
     config = SchedulerConfig(default_placement="pack")
@@ -234,6 +235,11 @@ def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_
     assert (pick(), pool.num_default_replicas) == (second, 2)
     first.others_default_runs, second.others_default_runs = 10, 8
     assert (pick(), pool.num_default_replicas) == (second, 2)
+    # Among the packed, where the least prefill awaits, however many more
+    # defaults run there (spread would keep to one more than the fewest).
+    second.others_unprefilled = 600
+    assert pick() is first
+    second.others_unprefilled = 0
     first.others_default_runs = 9
     assert (pick(), pool.num_default_replicas) == (first, 1)
     # A packed replica with no slot left in this gateway's lease: the next in

@@ -32,8 +32,10 @@ candidates. Then:
 * **Packed default** (``default_placement = "pack"``, with several
   replicas, while there is flex): default and priority go only to the
   first replicas in name order that hold them within their flex rooms
-  (``default_replicas``), counting every gateway's, and are spread among
-  those as above; flex fills the others, and where default is packed or
+  (``default_replicas``), counting every gateway's; among those, where the
+  fewest prompt tokens await prefill, without the spread's bound (under it,
+  a default went where 5,351 tokens awaited beside a packed replica with
+  none, for a first token of 121 ms); flex fills the others, and where default is packed or
   runs it keeps to half its room (``policy.pack_reserve``). Spread evenly,
   each default decodes beside the most flex: a replica's room less the
   defaults there (docs/scheduler.md, "Packed default").
@@ -83,7 +85,6 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         return max(candidates, key=lambda r: (r.free_slots, -engine_load(r)))
     if config.default_placement == "pack":
         mark_default_replicas(config, pool)
-    runs = default_runs
     if config.default_placement == "pack" and len(pool.replicas) > 1 and flex_present(pool):
         packed = [replica for replica in candidates if replica.default_packed]
         others = [replica for replica in candidates if not replica.default_packed]
@@ -99,11 +100,14 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         if not packed or (ahead > PACKED_PREFILL_AHEAD and others
                           and awaiting_prefill(min(others, key=lambda r: r.name)) * 2 <= ahead):
             packed = [min(others, key=lambda r: r.name)]
-        candidates = packed
-        runs = engine_default_runs
-    fewest = min(runs(replica) for replica in candidates)
-    spread = [replica for replica in candidates if runs(replica) <= fewest + DEFAULT_SPREAD]
-    return max(spread, key=lambda r: (-awaiting_prefill(r), -runs(r), r.free_slots, -engine_load(r)))
+        # Among the packed, where its first token comes soonest, however
+        # the defaults fall: the reserve keeps flex to half of each room, so
+        # the one with fewer defaults cannot fill with flex and draw none.
+        return max(packed, key=lambda r: (-awaiting_prefill(r), -engine_default_runs(r),
+                                          r.free_slots, -engine_load(r)))
+    fewest = min(default_runs(replica) for replica in candidates)
+    spread = [replica for replica in candidates if default_runs(replica) <= fewest + DEFAULT_SPREAD]
+    return max(spread, key=lambda r: (-awaiting_prefill(r), -default_runs(r), r.free_slots, -engine_load(r)))
 
 
 def flex_present(pool: ModelPool) -> bool:
