@@ -638,10 +638,12 @@ async def test_default_goes_where_the_fewest_defaults_run_flex_where_most_slots_
 @contextlib.asynccontextmanager
 async def first_and_second(capacity: int) -> AsyncIterator[tuple[Scheduler, ScriptedEngine, ScriptedEngine]]:
     """A started scheduler over two scripted engines named `first` and
-    `second`, with no flex headroom; closed on leaving."""
+    `second`, with no flex headroom and default spread over both (packed
+    placement: test_scheduler_shared.py); closed on leaving."""
     first, second = ScriptedEngine(capacity=capacity), ScriptedEngine(capacity=capacity)
     first.name, second.name = "first", "second"
-    scheduler = Scheduler.from_engines([first, second], SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0))
+    config = SchedulerConfig(scrape_interval=0.01, flex_headroom=0.0, default_placement="spread")
+    scheduler = Scheduler.from_engines([first, second], config)
     await scheduler.start()
     try:
         await asyncio.sleep(0.03)

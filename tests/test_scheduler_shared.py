@@ -258,15 +258,16 @@ def test_packed_default_fills_the_first_replicas_flex_rooms_and_leaves_flex_the_
     assert pick() is second
     first.others_unprefilled = 2_000
     assert pick() is first
-    # Spread, the default: by this gateway's own default runs (none), what
-    # the others run not counted; ties to the first listed.
-    config = SchedulerConfig()
+    # Spread: by this gateway's own default runs (none), what the others
+    # run not counted; ties to the first listed.
+    config = SchedulerConfig(default_placement="spread")
     first.others_unprefilled = second.others_unprefilled = 0
     assert pick() is replicas[0]
 
 
-def test_default_placement_is_spread_or_pack() -> None:
-    assert load_settings(overrides={"default_placement": "pack"}, environ={}).default_placement == "pack"
+def test_default_placement_is_pack_unless_set_to_spread() -> None:
+    assert load_settings(environ={}).default_placement == SchedulerConfig().default_placement == "pack"
+    assert load_settings(overrides={"default_placement": "spread"}, environ={}).default_placement == "spread"
     with pytest.raises(ConfigError, match="default_placement.*'packed' is not spread or pack"):
         load_settings(overrides={"default_placement": "packed"}, environ={})
 
@@ -289,7 +290,7 @@ def test_packed_flex_leaves_half_its_room_to_default_where_default_is_packed_or_
         assert can_admit(config, replica, ServiceTier.FLEX, now)
         replica.add(Running(ServiceTier.FLEX, "o", 600, stream=False), now)
     assert [can_admit(config, r, ServiceTier.FLEX, now) for r in (packed, hosting, alone)] == [False, False, True]
-    # Spread, the default: no such reserve; nor in a pool of one replica.
-    assert can_admit(SchedulerConfig(), packed, ServiceTier.FLEX, now)
+    # Spread: no such reserve; nor pack in a pool of one replica.
+    assert can_admit(SchedulerConfig(default_placement="spread"), packed, ServiceTier.FLEX, now)
     hosting.packs_default = False
     assert can_admit(config, hosting, ServiceTier.FLEX, now)

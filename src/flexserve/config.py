@@ -162,9 +162,10 @@ class Settings:
         0, "Flex is not released while the engine itself has more requests waiting than this."
     )
     default_placement: str = _opt(
-        "spread", "Where default and priority go among a model's replicas: `spread` (evenly, "
-        "where the fewest prompts await prefill) or `pack` (onto as few replicas as hold them "
-        "below their flex room, so that flex runs on the others)."
+        "pack", "Where default and priority go among a model's replicas while flex runs: `pack` "
+        "(onto as few replicas as hold them below their flex room, so that flex runs on the "
+        "others) or `spread` (evenly, where the fewest prompts await prefill). Without flex, "
+        "or with one replica, both spread."
     )
     tpot_slo: float = _opt(
         0.0, "Default-tier time per output token (seconds) flex admission must keep; 0: none."

@@ -42,7 +42,7 @@ class SchedulerConfig:
     # Predicted default TPOT (seconds) that flex admission must keep; 0: no SLO.
     tpot_slo: float = 0.0
     # "spread" or "pack" (scheduler/placement.py).
-    default_placement: str = "spread"
+    default_placement: str = "pack"
     # Flex prompts are warmed into the engine's prefix cache in pieces of
     # this many tokens before the request itself (scheduler/split_prefill.py); 0: off.
     split_prefill_tokens: int = 0
