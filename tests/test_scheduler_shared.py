@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -16,7 +17,7 @@ from flexserve.config import ConfigError, load_settings
 from flexserve.engines.base import EngineLoad
 from flexserve.engines.upstream import UpstreamEngine
 from flexserve.scheduler.placement import pick_replica
-from flexserve.scheduler.policy import SchedulerConfig, can_admit, shared_flex_starts
+from flexserve.scheduler.policy import PACK_RESERVE_HOLD, SchedulerConfig, can_admit, shared_flex_starts
 from flexserve.scheduler.replicas import ModelPool, Replica, Running, SlotLease
 from flexserve.tiers import ServiceTier
 from test_scheduler import ScriptedEngine, first_and_second, make_scheduler, run, until
@@ -281,7 +282,7 @@ def test_packed_flex_leaves_half_its_room_to_default_where_default_is_packed_or_
     config = SchedulerConfig(default_placement="pack")
     now = time.monotonic()
     packed, hosting, alone = (Replica(UpstreamEngine(f"http://10.0.0.{i}:8000"), 32) for i in (1, 2, 3))
-    packed.default_packed = True
+    packed.default_packed, packed.default_packed_at = True, now
     hosting.others_default_runs = 1
     for replica in (packed, hosting, alone):
         replica.packs_default = True  # in a pool of several
@@ -290,6 +291,17 @@ def test_packed_flex_leaves_half_its_room_to_default_where_default_is_packed_or_
         assert can_admit(config, replica, ServiceTier.FLEX, now)
         replica.add(Running(ServiceTier.FLEX, "o", 600, stream=False), now)
     assert [can_admit(config, r, ServiceTier.FLEX, now) for r in (packed, hosting, alone)] == [False, False, True]
+    # No default placed for PACK_RESERVE_HOLD seconds: where none runs, flex
+    # takes the whole room again (the readings kept fresh).
+    later = now + PACK_RESERVE_HOLD
+    for replica in (packed, hosting, alone):
+        replica.load = replace(replica.load, updated_at=later)
+    assert [can_admit(config, r, ServiceTier.FLEX, later) for r in (packed, hosting, alone)] == [True, False, True]
+    # A default placed anew marks the first replica packed again, as of then.
+    pool = ModelPool("m", [packed, hosting, alone])
+    pool.replicas[0].add(Running(ServiceTier.FLEX, "o", 600, stream=False), later)
+    assert pick_replica(config, pool, ServiceTier.DEFAULT, later) is not None
+    assert (packed.default_packed, packed.default_packed_at) == (True, later)
     # Spread: no such reserve; nor pack in a pool of one replica.
     assert can_admit(SchedulerConfig(default_placement="spread"), packed, ServiceTier.FLEX, now)
     hosting.packs_default = False

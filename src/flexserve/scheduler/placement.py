@@ -35,8 +35,9 @@ candidates. Then:
   (``default_replicas``), counting every gateway's; among those, where the
   fewest prompt tokens await prefill, without the spread's bound (under it,
   a default went where 5,351 tokens awaited beside a packed replica with
-  none, for a first token of 121 ms); flex fills the others, and where default is packed or
-  runs it keeps to half its room (``policy.pack_reserve``). Spread evenly,
+  none, for a first token of 121 ms); flex fills the others, and where
+  default is packed or runs it keeps to half its room
+  (``policy.pack_reserve``). Spread evenly,
   each default decodes beside the most flex: a replica's room less the
   defaults there (docs/scheduler.md, "Packed default").
 
@@ -84,7 +85,7 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
     if not config.tiers_enabled or tier.is_preemptible:
         return max(candidates, key=lambda r: (r.free_slots, -engine_load(r)))
     if config.default_placement == "pack":
-        mark_default_replicas(config, pool)
+        mark_default_replicas(config, pool, now)
     if config.default_placement == "pack" and len(pool.replicas) > 1 and flex_present(pool):
         packed = [replica for replica in candidates if replica.default_packed]
         others = [replica for replica in candidates if not replica.default_packed]
@@ -117,14 +118,17 @@ def flex_present(pool: ModelPool) -> bool:
                for tier in (ServiceTier.FLEX, ServiceTier.BATCH))
 
 
-def mark_default_replicas(config: SchedulerConfig, pool: ModelPool) -> None:
-    """Mark the replicas default is packed onto (``Replica.default_packed``),
-    in a pool of several (one replica has nowhere else to put flex)."""
+def mark_default_replicas(config: SchedulerConfig, pool: ModelPool, now: float) -> None:
+    """Mark the replicas default is packed onto (``Replica.default_packed``,
+    as of ``now``), in a pool of several (one replica has nowhere else to
+    put flex)."""
     several = len(pool.replicas) > 1
     packed = default_replicas(config, pool) if several else []
     for replica in pool.replicas:
         replica.packs_default = several
         replica.default_packed = replica in packed
+        if replica.default_packed:
+            replica.default_packed_at = now
 
 
 def default_replicas(config: SchedulerConfig, pool: ModelPool) -> list[Replica]:

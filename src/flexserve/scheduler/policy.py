@@ -26,6 +26,13 @@ from dataclasses import dataclass
 from flexserve.scheduler.replicas import Replica
 from flexserve.tiers import ServiceTier
 
+# Seconds the flex reserve on a replica default is packed onto outlasts this
+# gateway's last default placed while it was packed, where no default runs:
+# long enough to span the gaps between arrivals (a fleet's gateways each
+# place a few defaults a second), short enough that flex alone soon gets
+# every room back.
+PACK_RESERVE_HOLD = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
@@ -134,7 +141,7 @@ def flex_runs(replica: Replica) -> int:
     return by_tier[ServiceTier.FLEX] + by_tier[ServiceTier.BATCH]
 
 
-def pack_reserve(config: SchedulerConfig, replica: Replica) -> int:
+def pack_reserve(config: SchedulerConfig, replica: Replica, now: float) -> int:
     """With default packed (``default_placement="pack"``): the part of the
     replica's flex room flex leaves to default where default is packed or
     runs, half of it. Flex fills what default leaves of a room, and where
@@ -142,10 +149,13 @@ def pack_reserve(config: SchedulerConfig, replica: Replica) -> int:
     decodes wait through: without it, when default traffic ebbs the flex
     that refills a packed replica's room is prefilled beside the defaults
     still decoding there (docs/scheduler.md). None where the pool has one
-    replica: flex has nowhere else to run."""
+    replica: flex has nowhere else to run; nor, where no default runs, once
+    this gateway has placed none for ``PACK_RESERVE_HOLD`` seconds: a fleet
+    that turned to flex alone gets every room back."""
     if config.default_placement != "pack" or not replica.packs_default:
         return 0
-    if not replica.default_packed and not engine_default_runs(replica):
+    packed = replica.default_packed and now - replica.default_packed_at < PACK_RESERVE_HOLD
+    if not packed and not engine_default_runs(replica):
         return 0
     return math.ceil(engine_flex_room(config, replica) / 2)
 
@@ -202,7 +212,7 @@ def can_admit(
             return False
         if load.kv_cache_usage is not None and load.kv_cache_usage >= config.flex_kv_threshold:
             return False
-        reserve = pack_reserve(config, replica)
+        reserve = pack_reserve(config, replica, now)
         if reserve and engine_flex_runs(replica) >= engine_flex_room(config, replica) - reserve:
             return False
     if config.tpot_slo > 0:

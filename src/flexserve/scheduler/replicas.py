@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -147,6 +148,9 @@ class Replica:
     # replicas it is packed onto (``placement.mark_default_replicas``).
     packs_default: bool = False
     default_packed: bool = False
+    # When this gateway last placed a default with the replica so marked
+    # (monotonic seconds): ``policy.pack_reserve`` lapses some time after.
+    default_packed_at: float = -math.inf
     # Its lease is being renewed (shared replicas): admission is held to
     # what runs until the answer (``Scheduler.slot_demand``).
     lease_pending: bool = False
