@@ -97,10 +97,11 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         # None has a slot for it, or every one has a long prefill ahead of
         # it and the next has far less: the next in the same order, where
         # the other gateways' overflow goes too.
+        following = min(others, key=lambda r: r.name, default=None)
         ahead = min((awaiting_prefill(replica) for replica in packed), default=0)
-        if not packed or (ahead > PACKED_PREFILL_AHEAD and others
-                          and awaiting_prefill(min(others, key=lambda r: r.name)) * 2 <= ahead):
-            packed = [min(others, key=lambda r: r.name)]
+        if following is not None and (not packed or (ahead > PACKED_PREFILL_AHEAD
+                                                      and awaiting_prefill(following) * 2 <= ahead)):
+            packed = [following]
         # Among the packed, where its first token comes soonest, however
         # the defaults fall: the reserve keeps flex to half of each room, so
         # the one with fewer defaults cannot fill with flex and draw none.
