@@ -163,8 +163,16 @@ HOLDER_STREAM_INTERVAL = 256
 def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> Iterator[None]:
     """``num_requests`` long requests sent straight to vLLM (outside the gateway)
     that hold their sequences — running, or waiting once vLLM's batch is full —
-    until the block is left, when their connections close and vLLM aborts them
-    (its completions route cancels a request whose client disconnected).
+    until the block is left, when they are aborted by name (vLLM's
+    ``/inference/v1/abort_requests``, each holder having sent its own
+    ``X-Request-Id``) and their connections closed.
+
+    Closing alone left it to vLLM to notice the client gone: CI saw holders
+    run on for minutes after their sockets were closed (below); and a later
+    CI run saw a test's requests unanswered until their clients' 600 s
+    timeouts and pytest's 900 s, which holders left running would explain.
+    An abort by name idled vLLM 3.2 s after it was sent, with four holders
+    running, two waiting and every socket still open.
 
     Each would generate until its context is full: far longer than a test
     takes to look at vLLM while they run. Each is a bare socket with its
@@ -184,16 +192,20 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
     """
     url = httpx.URL(vllm.url)
     sockets: list[socket.socket] = []
+    names: list[str] = []
     try:
         for _ in range(num_requests):
             body = json.dumps({"model": vllm.model, "prompt": unique_prompt(prompt_words),
                                "max_tokens": MAX_MODEL_LEN - prompt_words - 40,
                                "ignore_eos": True, "stream": True,
                                "stream_interval": HOLDER_STREAM_INTERVAL}).encode()
+            name = f"holder-{uuid.uuid4().hex}"
             head = (f"POST /v1/completions HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+                    f"X-Request-Id: {name}\r\n"
                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
             sock = socket.create_connection((url.host, url.port), timeout=30)
             sockets.append(sock)
+            names.append(name)
             sock.sendall(head.encode() + body)
         yield
     except BaseException as exc:
@@ -204,10 +216,22 @@ def holders(vllm: VllmServer, num_requests: int, *, prompt_words: int = 20) -> I
             raise AssertionError(f"{exc}; and vLLM answered a holder: {answered[0][:500]!r}") from exc
         raise
     finally:
+        abort(vllm, names)
         for sock in sockets:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
+
+
+def abort(vllm: VllmServer, names: list[str]) -> None:
+    """Abort the completions requests sent with these ``X-Request-Id``s: vLLM
+    names a completions request ``cmpl-{X-Request-Id}``, and its one prompt's
+    sequence that and ``-0``. A name vLLM no longer runs is ignored there."""
+    if not names:
+        return
+    ids = [f"cmpl-{name}-0" for name in names]
+    response = httpx.post(f"{vllm.url}/inference/v1/abort_requests", json={"request_ids": ids}, timeout=60)
+    assert response.status_code == 200, f"vLLM refused the abort of {len(ids)} holders: {response.text}"
 
 
 def _early_answer(sock: socket.socket) -> bytes:

@@ -79,7 +79,14 @@ def test_preempted_flex_is_freed_in_vllm_requeued_and_billed_once(
                    state)
         wait_until(lambda: vllm_view(vllm).num_running == num_holders + 1, 60,
                    "flex did not run in vLLM", state)
-        defaults += [in_thread(lambda: ask("default", default_tokens)) for _ in range(2)]
+        # One default takes the free slot; the second, sent once the first
+        # runs, needs flex's. (Sent together, CI once saw one finish with
+        # nothing preempted and no default queued: the second had not been
+        # queued at the gateway while the first ran.)
+        defaults.append(in_thread(lambda: ask("default", default_tokens)))
+        wait_until(lambda: gateway_queue(gateway, "default") == (0, 1), 60,
+                   "the first default did not start", state)
+        defaults.append(in_thread(lambda: ask("default", default_tokens)))
         # The gateway aborts flex and puts it back in its queue; vLLM runs
         # the two defaults beside the holders, and nothing of flex.
         wait_until(lambda: gateway_queue(gateway, "flex") == (1, 0), 60, "flex was not requeued",
@@ -195,8 +202,14 @@ def test_priority_hint_schedules_default_before_flex_inside_vllm(
         load = vllm_view(vllm)
         assert (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 2 * MAX_NUM_SEQS), load
     # The holders gone, vLLM's batch has room for one tier's requests.
+    # (Within a deadline for them all: CI once saw them wait, and the test
+    # end at pytest's timeout with nothing to say.)
+    deadline = time.monotonic() + 300
     for thread in threads:
-        thread.join(timeout=300)
+        thread.join(timeout=max(0.0, deadline - time.monotonic()))
+    assert not any(thread.is_alive() for thread in threads), (
+        f"requests still unanswered after 300 s: first tokens {first_token}; "
+        f"gateway: {gateway_state(gateway)}; vLLM: {vllm_view(vllm)}")
     assert len(first_token["default"]) == len(first_token["flex"]) == MAX_NUM_SEQS
     assert max(first_token["default"]) < min(first_token["flex"])
 
