@@ -55,6 +55,7 @@ another engine had less waiting.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from flexserve.scheduler.policy import (
     SchedulerConfig,
@@ -105,11 +106,17 @@ def pick_replica(config: SchedulerConfig, pool: ModelPool, tier: ServiceTier, no
         # Among the packed, where its first token comes soonest, however
         # the defaults fall: the reserve keeps flex to half of each room, so
         # the one with fewer defaults cannot fill with flex and draw none.
-        return max(packed, key=lambda r: (-awaiting_prefill(r), -engine_default_runs(r),
-                                          r.free_slots, -engine_load(r)))
+        return soonest_first_token(packed, engine_default_runs)
     fewest = min(default_runs(replica) for replica in candidates)
     spread = [replica for replica in candidates if default_runs(replica) <= fewest + DEFAULT_SPREAD]
-    return max(spread, key=lambda r: (-awaiting_prefill(r), -default_runs(r), r.free_slots, -engine_load(r)))
+    return soonest_first_token(spread, default_runs)
+
+
+def soonest_first_token(replicas: list[Replica], runs: Callable[[Replica], int]) -> Replica:
+    """Of ``replicas``, where a default's first token comes soonest: the
+    fewest prompt tokens awaiting prefill; then the fewest default runs as
+    ``runs`` counts them, the most free slots, the least engine load."""
+    return max(replicas, key=lambda r: (-awaiting_prefill(r), -runs(r), r.free_slots, -engine_load(r)))
 
 
 def flex_present(pool: ModelPool) -> bool:
