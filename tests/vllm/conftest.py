@@ -22,16 +22,22 @@ fails in its teardown.
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
-from conftest import Gateway, free_port
+from conftest import Gateway, cli_admin_key, free_port, serve_process
+
+from flexserve.config import load_settings
 
 from .support import GATEWAY, MAX_MODEL_LEN, MAX_NUM_SEQS, MODEL_ID, NUM_KV_BLOCKS, VllmServer, wait_until
 
@@ -41,9 +47,13 @@ DEFAULT_VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 # vLLM on two CPU cores takes under a minute; a slow or busy machine more.
 START_TIMEOUT = 600.0
 IDLE_TIMEOUT = 120.0
+# Before pytest-timeout's 900 s (`make test-vllm`): see `stacks_if_stalled`.
+STALL_DUMP_AFTER = 840.0
 
 _TIMINGS = pytest.StashKey[dict[str, float]]()
 _LOG = pytest.StashKey[Path]()
+_GATEWAY_LOGS = pytest.StashKey[list[Path]]()
+_STACKS = pytest.StashKey[Path]()
 
 
 def server_command(python: str, model_dir: Path, port: int) -> list[str]:
@@ -234,26 +244,101 @@ def vllm_falls_idle(vllm: VllmServer) -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
+def start_gateway(
+    tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Gateway]]:
+    """Start gateways on demand, each a `flexserve serve` process of its own
+    with its settings in FLEXSERVE_* variables, as an operator runs one in
+    front of vLLM; all are stopped at the end of the module.
+
+    Not in this process, as the rest of the suite has them: a CI run saw
+    this process stall for minutes while vLLM ran on the same two cores (a
+    test's thread never started in 14 minutes), and every request a test
+    made then waited on it; a gateway of its own goes on, or fails, apart.
+    """
+    logs = request.config.stash.setdefault(_GATEWAY_LOGS, [])
+    with contextlib.ExitStack() as running:
+
+        def start(*, org: str = "test-org", **overrides: Any) -> Gateway:
+            home = tmp_path_factory.mktemp("flexserve-home")
+            overrides.setdefault("usage_flush_interval", 0.02)
+            settings = load_settings(overrides={**overrides, "home": str(home)}, environ={})
+            key = cli_admin_key(settings.database_url, home, org)
+            env = {f"FLEXSERVE_{name.upper()}": ",".join(value) if isinstance(value, list) else str(value)
+                   for name, value in overrides.items()}
+            _, url, log = running.enter_context(serve_process(home, "--db", settings.database_url, env=env))
+            logs.append(log)
+            return Gateway(url, key, settings, settings.database_url)
+
+        yield start
+    logs.clear()
+
+
+@pytest.fixture(scope="module")
 def gateway(start_gateway: Callable[..., Gateway], vllm: VllmServer) -> Gateway:
     """A FlexServe gateway in front of the vLLM server, with default settings
     (one a module, as every gateway the tests start: the session's vLLM stays)."""
     return start_gateway(**GATEWAY, upstreams=[vllm.url])
 
 
+@pytest.fixture(autouse=True)
+def stacks_if_stalled(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
+    """Every thread's stack, written by faulthandler if the test is still
+    running after ``STALL_DUMP_AFTER`` seconds, for its failure report.
+
+    pytest-timeout's own dump, at the timeout, is made by Python code that
+    waits for the interpreter first: a CI run's showed a thread already past
+    the point the test's main thread still waited for. faulthandler writes
+    from a thread of its own without waiting, so what it shows is where each
+    thread was at that moment."""
+    path = tmp_path / "stacks.txt"
+    request.node.stash[_STACKS] = path
+    with path.open("w") as out:
+        faulthandler.dump_traceback_later(STALL_DUMP_AFTER, file=out)
+        try:
+            yield
+        finally:
+            faulthandler.cancel_dump_traceback_later()
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    """A failed test's report carries the end of vLLM's log, what vLLM saw
-    then, and last the gateways' own warnings (they run in this process, and
-    what CI prints of a failure is its beginning and its end)."""
+    """A failed test's report carries the end of vLLM's log and of the
+    module's gateways' logs, and last, if the test stalled, where this
+    process's threads were (what CI prints of a failure is its beginning and
+    its end)."""
     report = yield
+    if not report.failed:
+        return report
     log_path = item.config.stash.get(_LOG, None)
-    if report.failed and log_path is not None:
+    if log_path is not None:
         report.sections.append(("vLLM log (last lines)", _log_tail(log_path, 60)))
-    if report.failed and report.caplog:
-        report.sections.append(("gateway log (last lines)", "\n".join(report.caplog.splitlines()[-30:])))
+    for gateway_log in item.config.stash.get(_GATEWAY_LOGS, []):
+        report.sections.append((f"gateway log {gateway_log.name} (last lines)", _log_tail(gateway_log, 30)))
+    stacks = item.stash.get(_STACKS, None)
+    if stacks is not None and stacks.exists() and stacks.stat().st_size:
+        report.sections.append((f"this process's threads after {STALL_DUMP_AFTER:.0f} s (faulthandler)",
+                                stacks.read_text(errors="replace")))
+        report.sections.append(("its threads' states now (/proc)", _thread_states()))
     return report
+
+
+def _thread_states() -> str:
+    """Each thread of this process: its name, and the kernel's state of it (R
+    runnable, S sleeping) with where it sleeps: whether a stalled thread
+    waits for a CPU or on a lock."""
+    names = {thread.native_id: thread.name for thread in threading.enumerate()}
+    lines = []
+    for task in sorted(Path("/proc/self/task").iterdir(), key=lambda entry: int(entry.name)):
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            wchan = (task / "wchan").read_text()
+        except OSError:
+            continue
+        lines.append(f"{task.name} {names.get(int(task.name), '(not Python)')}: {state} {wchan}")
+    return "\n".join(lines) + f"\nload average: {Path('/proc/loadavg').read_text().strip()}"
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
