@@ -342,6 +342,15 @@ def _thread_states() -> str:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The failures that were run again (``make test-vllm`` reruns a failed
+    test once: pytest-rerunfailures), whole, as pytest prints only a second
+    attempt's failure; and how long vLLM took to set up."""
+    for report in terminalreporter.stats.get("rerun", []):
+        terminalreporter.write_sep("-", f"failed, then run again: {report.nodeid}")
+        terminalreporter.write_line(report.longreprtext)
+        for title, text in report.sections:
+            terminalreporter.write_sep("-", title)
+            terminalreporter.write_line(text)
     timings = terminalreporter.config.stash.get(_TIMINGS, None)
     if timings:
         line = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
