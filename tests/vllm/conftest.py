@@ -10,7 +10,8 @@ the vLLM environment's Python: it needs torch and transformers, which the
 suite's own environment does not have) into a temporary directory, starts
 vLLM's OpenAI server on it, and at the end stops the server together with the
 engine processes it spawned. The tests speak to vLLM over HTTP only, directly
-or through a FlexServe gateway (``engine="upstream"``).
+or through a FlexServe gateway (``engine="upstream"``), a `flexserve serve`
+process of its own.
 
 ``FLEXSERVE_VLLM_URL`` points the suite at a vLLM already running with
 ``server_command``'s arguments instead: no build, no start-up.
