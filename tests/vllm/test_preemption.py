@@ -32,7 +32,7 @@ from .support import (
     scrape,
     wait_until,
 )
-from .test_load import gateway_queue, gateway_state, in_thread, vllm_view
+from .test_load import gateway_queue, gateway_state, in_thread, join_all, vllm_view
 
 MESSAGES = [{"role": "user", "content": "Enrich this record."}]
 # Longest silence a stream's client waits through: the machine's, at most
@@ -96,9 +96,7 @@ def test_preempted_flex_is_freed_in_vllm_requeued_and_billed_once(
                    "defaults did not start", state)
         wait_until(lambda: (vllm_view(vllm).num_running, vllm_view(vllm).num_waiting)
                    == (num_holders + 2, 0), 60, "vLLM did not run the defaults", state)
-    for thread, _ in defaults:
-        thread.join(timeout=600)
-    flex_thread.join(timeout=600)
+    join_all([flex_thread, *(thread for thread, _ in defaults)], 600, state)
 
     answers = [flex[0]] + [out[0] for _, out in defaults]
     for answer in answers:
@@ -202,14 +200,8 @@ def test_priority_hint_schedules_default_before_flex_inside_vllm(
         load = vllm_view(vllm)
         assert (load.num_running, load.num_waiting) == (MAX_NUM_SEQS, 2 * MAX_NUM_SEQS), load
     # The holders gone, vLLM's batch has room for one tier's requests.
-    # (Within a deadline for them all: CI once saw them wait, and the test
-    # end at pytest's timeout with nothing to say.)
-    deadline = time.monotonic() + 300
-    for thread in threads:
-        thread.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert not any(thread.is_alive() for thread in threads), (
-        f"requests still unanswered after 300 s: first tokens {first_token}; "
-        f"gateway: {gateway_state(gateway)}; vLLM: {vllm_view(vllm)}")
+    join_all(threads, 300, lambda: f"first tokens {first_token}; gateway: {gateway_state(gateway)}; "
+                                   f"vLLM: {vllm_view(vllm)}")
     assert len(first_token["default"]) == len(first_token["flex"]) == MAX_NUM_SEQS
     assert max(first_token["default"]) < min(first_token["flex"])
 
